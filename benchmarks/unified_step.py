@@ -1,0 +1,147 @@
+"""Time the unified step against a classifier-only step on the same trunk, batch and input.
+
+Both steps run interleaved in one process (alternating blocks, so drift in machine load hits both),
+and each is timed per step; the medians are compared. Peak memory of each step is measured on its
+own: on CUDA with ``max_memory_allocated``, on the CPU as the peak RSS of a child process that runs
+only that step.
+
+    python benchmarks/unified_step.py [--preset tiny] [--batch-size 32] [--steps 40]
+
+Ends with the line ``unified/classifier step time ratio: R``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.model import build_model, model_preset  # noqa: E402
+from common.train import LocalTrainer, TrainConfig  # noqa: E402
+from common.train.augment import diff_augment  # noqa: E402
+
+
+class ClassifierOnly:
+    """The same trunk and head trained as a plain classifier (no GAN), same optimisers and input."""
+
+    def __init__(self, preset: str, num_classes: int, device: torch.device) -> None:
+        self.model = build_model(model_preset(preset), num_classes, seed=0).to(device)
+        self.cfg = TrainConfig()
+        o = self.cfg.optim
+        self.opt_trunk = torch.optim.Adam(self.model.discriminator.parameters(), lr=o.lr_discriminator, betas=o.gan_betas)
+        self.opt_head = torch.optim.AdamW(self.model.classifier.parameters(), lr=o.lr_classifier)
+        self.rng = torch.Generator().manual_seed(0)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = self.model.classify(diff_augment(images, self.cfg.augment, self.rng))
+        loss = F.cross_entropy(logits, labels)
+        self.opt_trunk.zero_grad(set_to_none=True)
+        self.opt_head.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_trunk.step()
+        self.opt_head.step()
+
+
+def _make(kind: str, preset: str, num_classes: int, device: torch.device):
+    if kind == "classifier":
+        return ClassifierOnly(preset, num_classes, device).step
+    model = build_model(model_preset(preset), num_classes, seed=0)
+    trainer = LocalTrainer(model, TrainConfig(), seed=0, device=device)
+    trainer.global_step = trainer.cfg.selection.warmup_steps  # time the full step, selection active
+    return trainer.unified_step
+
+
+def _batch(preset: str, batch: int, num_classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    size = model_preset(preset).image_size
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device)
+    return images, (torch.arange(batch) % num_classes).to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_rss_child(kind: str, preset: str, batch: int, num_classes: int, steps: int, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device("cpu")
+    step = _make(kind, preset, num_classes, device)
+    images, labels = _batch(preset, batch, num_classes, device)
+    for _ in range(steps):
+        step(images, labels)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)  # KiB -> MiB on Linux
+
+
+def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step = _make(kind, preset, num_classes, device)
+        images, labels = _batch(preset, batch, num_classes, device)
+        for _ in range(3):
+            step(images, labels)
+        _sync(device)
+        return torch.cuda.max_memory_allocated() / 2**20
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_rss_child, args=(kind, preset, batch, num_classes, 3, queue))
+    proc.start()
+    value = queue.get(timeout=600)
+    proc.join()
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="model preset in conf/model (default: tiny)")
+    parser.add_argument("--batch-size", type=int, default=32, help="real images per step (default: 32)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind (default: 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first (default: 5)")
+    parser.add_argument("--block", type=int, default=5, help="steps per alternating block (default: 5)")
+    parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    steps = {kind: _make(kind, args.preset, args.num_classes, device) for kind in ("unified", "classifier")}
+    images, labels = _batch(args.preset, args.batch_size, args.num_classes, device)
+    for kind, step in steps.items():
+        for _ in range(args.warmup):
+            step(images, labels)
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+    while min(len(t) for t in times.values()) < args.steps:
+        for kind, step in steps.items():
+            for _ in range(args.block):
+                _sync(device)
+                start = time.perf_counter()
+                step(images, labels)
+                _sync(device)
+                times[kind].append(time.perf_counter() - start)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}")
+    medians = {}
+    for kind in ("classifier", "unified"):
+        median = statistics.median(times[kind][: args.steps])
+        medians[kind] = median
+        memory = peak_memory_mib(kind, args.preset, args.batch_size, args.num_classes, device)
+        label = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (own process)"
+        print(f"{kind:>10} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s, "
+              f"{label}: {memory:.0f}")
+    print(f"unified/classifier step time ratio: {medians['unified'] / medians['classifier']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

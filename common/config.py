@@ -1,0 +1,83 @@
+"""Where the configuration lives, and typed views of its sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import conf
+from omegaconf import DictConfig, OmegaConf
+
+#: Root of the Hydra configuration tree (``conf/`` in the source tree and in an installed copy).
+CONF_DIR: Path = Path(conf.__file__).resolve().parent
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+def to_plain(section: Any) -> Any:
+    """OmegaConf containers -> plain dicts and lists (other values pass through)."""
+    if isinstance(section, DictConfig) or OmegaConf.is_config(section):
+        return OmegaConf.to_container(section, resolve=True)
+    return section
+
+
+def dataclass_from_mapping(cls: type[T], mapping: Mapping[str, Any] | Any, where: str) -> T:
+    """Build dataclass ``cls`` from ``mapping``; nested dataclass fields are built recursively.
+
+    Unknown and missing keys raise ``ConfigError`` naming ``where`` (the config section) and the key.
+    """
+    values = to_plain(mapping)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name not in values:
+            no_default = (
+                field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING  # type: ignore[misc]
+            )
+            if no_default:
+                raise ConfigError(f"{where}: missing required key {name!r}")
+            continue
+        value = values[name]
+        field_type = field.type if isinstance(field.type, type) else None
+        nested = _nested_dataclass(cls, name) if field_type is None else field_type
+        if nested is not None and dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
+            value = dataclass_from_mapping(nested, value, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def _nested_dataclass(cls: type, name: str) -> type | None:
+    """Resolve a string annotation of field ``name`` to a dataclass type, if it is one."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    hint = hints.get(name)
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML file of the config tree as a plain dict, naming the file on failure."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as error:  # OmegaConf raises several YAML error types
+        raise ConfigError(f"cannot parse {path}: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded

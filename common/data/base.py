@@ -1,0 +1,83 @@
+"""The one interface every patch data set implements, and its tensor conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+#: Label of a patch whose class is not given to the training (the few-labels regime).
+UNLABELLED = -1
+
+
+def uint8_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 RGB -> CHW float32 in [-1, 1] (the generator's tanh range)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) or (3, H, W) floats in [-1, 1] -> HWC uint8 (batched as NHWC)."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return array.movedim(-3, -1).numpy()
+
+
+class PatchDataset(Dataset):
+    """A labelled set of RGB patches at one square size.
+
+    Subclasses set ``labels`` (int64, ``UNLABELLED`` where the label is withheld), ``class_names``
+    and ``image_size``, and implement ``load_uint8``. Items are ``(CHW float tensor in [-1, 1],
+    label)``.
+    """
+
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    image_size: int
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        """The patch at ``index`` as an (image_size, image_size, 3) uint8 array."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return uint8_to_tensor(self.load_uint8(int(index))), int(self.labels[index])
+
+    def class_counts(self) -> dict[str, int]:
+        """Patches per class name (unlabelled ones under ``"unlabelled"`` when present)."""
+        counts = {name: int((self.labels == k).sum()) for k, name in enumerate(self.class_names)}
+        unlabelled = int((self.labels == UNLABELLED).sum())
+        if unlabelled:
+            counts["unlabelled"] = unlabelled
+        return counts
+
+
+class PatchSubset(PatchDataset):
+    """The patches of ``base`` at ``indices``, optionally with some labels withheld."""
+
+    def __init__(
+        self,
+        base: PatchDataset,
+        indices: Sequence[int] | np.ndarray,
+        labels: np.ndarray | None = None,
+    ) -> None:
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = (
+            base.labels[self.indices].copy() if labels is None else np.asarray(labels, np.int64)
+        )
+        if len(self.labels) != len(self.indices):
+            raise ValueError("labels and indices differ in length")
+        self.class_names = base.class_names
+        self.image_size = base.image_size
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        return self.base.load_uint8(int(self.indices[index]))

@@ -1,0 +1,67 @@
+"""Model hyper-parameters, and the presets in ``conf/model/*.yaml``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import CONF_DIR, ConfigError, dataclass_from_mapping, load_yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the unified ViT cGAN-classifier (see ``conf/model/`` for the presets).
+
+    The discriminator trunk is a ViT of ``depth`` blocks of width ``embed_dim`` over
+    ``patch_size``-pixel patches with a CLS token; ``classifier_depth`` extra blocks (0: none) sit
+    between the trunk and the classification head. The generator is a ViTGAN-style transformer of
+    ``generator_depth`` self-modulated blocks whose style comes from ``z_dim`` noise and a
+    ``class_embed_dim`` class embedding through ``mapping_layers`` MLP layers.
+    """
+
+    name: str = "custom"
+    image_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 64
+    depth: int = 3
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    classifier_depth: int = 0
+    generator_embed_dim: int = 64
+    generator_depth: int = 2
+    generator_num_heads: int = 4
+    z_dim: int = 64
+    class_embed_dim: int = 32
+    style_dim: int = 64
+    mapping_layers: int = 2
+    qkv_bias: bool = True
+    spectral_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        for name in ("embed_dim", "generator_embed_dim"):
+            heads = self.num_heads if name == "embed_dim" else self.generator_num_heads
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name} {getattr(self, name)} is not divisible by {heads} heads")
+        if min(self.depth, self.generator_depth, self.mapping_layers) < 1 or self.classifier_depth < 0:
+            raise ValueError("depth, generator_depth and mapping_layers must be >= 1")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The preset ``conf/model/<name>.yaml``."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"unknown model preset {name!r} (no {path}); presets: {known}")
+    return dataclass_from_mapping(ModelConfig, load_yaml(path), f"model ({path})")
+
+
+def preset_names() -> list[str]:
+    """Names of all model presets shipped in ``conf/model``."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

@@ -1,0 +1,91 @@
+"""Discriminator trunk phi(x), adversarial head with class projection, and classification head.
+
+The trunk is a ViT (timm patch embedding and blocks) with a CLS token; ``phi(x)`` is the normalised
+CLS feature. The adversarial score follows the projection discriminator (Miyato & Koyama 2018):
+``D(x, y) = psi(phi(x)) + <E[y], phi(x)>``. The classification head ``C`` reads the trunk (through
+optional dedicated blocks) and is the classifier a hospital deploys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from common.model.config import ModelConfig
+
+
+@dataclass
+class TrunkOutput:
+    """What one trunk pass yields: all tokens (for extra classifier blocks) and phi(x)."""
+
+    tokens: torch.Tensor  # (B, 1 + N, D), before the final norm
+    features: torch.Tensor  # (B, D), normalised CLS token
+
+
+class ViTTrunk(nn.Module):
+    """ViT encoder with a CLS token."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, dim))
+        self.blocks = nn.Sequential(
+            *(Block(dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias) for _ in range(cfg.depth))
+        )
+        self.norm = nn.LayerNorm(dim)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> TrunkOutput:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        tokens = self.blocks(x)
+        return TrunkOutput(tokens, self.norm(tokens[:, 0]))
+
+
+class ProjectionDiscriminator(nn.Module):
+    """Trunk + adversarial head psi + class projection embedding E."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.trunk = ViTTrunk(cfg)
+        self.adv_head = nn.Linear(cfg.embed_dim, 1)
+        self.class_embed = nn.Embedding(num_classes, cfg.embed_dim)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+        if cfg.spectral_norm:
+            for module in list(self.modules()):
+                if isinstance(module, nn.Linear):
+                    nn.utils.parametrizations.spectral_norm(module)
+
+    def score(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Adversarial score D(x, y), shape (B,). Labels < 0 (unlabelled) get psi alone."""
+        unconditional = self.adv_head(features).squeeze(-1)
+        known = labels >= 0
+        projection = (self.class_embed(labels.clamp(min=0)) * features).sum(dim=-1)
+        return unconditional + projection * known.to(features.dtype)
+
+
+class ClassifierHead(nn.Module):
+    """Optional dedicated transformer blocks, then a linear head over the classes."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.blocks = nn.Sequential(
+            *(Block(dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias) for _ in range(cfg.classifier_depth))
+        )
+        self.norm = nn.LayerNorm(dim) if cfg.classifier_depth else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, trunk: TrunkOutput) -> torch.Tensor:
+        if len(self.blocks) == 0:
+            return self.head(trunk.features)
+        return self.head(self.norm(self.blocks(trunk.tokens)[:, 0]))

@@ -1,0 +1,96 @@
+"""The unified ViT cGAN-classifier and its three parameter groups.
+
+State-dict keys start with the group they belong to: ``generator.``, ``discriminator.`` (trunk,
+adversarial head, projection embedding) or ``classifier.`` (classification head). The server
+aggregates each group on its own; every entry, buffers included, is in exactly one group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.model.config import ModelConfig
+from common.model.discriminator import ClassifierHead, ProjectionDiscriminator, TrunkOutput
+from common.model.generator import ViTGenerator
+
+GROUPS: tuple[str, ...] = ("generator", "discriminator", "classifier")
+
+
+@dataclass
+class DiscriminatorOutput:
+    """One pass of images through the trunk and both heads."""
+
+    score: torch.Tensor  # (B,) adversarial score with class projection
+    logits: torch.Tensor  # (B, num_classes) classification head
+    features: torch.Tensor  # (B, D) phi(x)
+
+
+class UnifiedViTGAN(nn.Module):
+    """Generator, projection discriminator and classification head in one module."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.generator = ViTGenerator(cfg, num_classes)
+        self.discriminator = ProjectionDiscriminator(cfg, num_classes)
+        self.classifier = ClassifierHead(cfg, num_classes)
+
+    def trunk(self, images: torch.Tensor) -> TrunkOutput:
+        return self.discriminator.trunk(images)
+
+    def discriminate(self, images: torch.Tensor, labels: torch.Tensor) -> DiscriminatorOutput:
+        """Adversarial score D(x, y), class logits C(phi(x)) and phi(x) from one trunk pass."""
+        trunk = self.trunk(images)
+        return DiscriminatorOutput(
+            self.discriminator.score(trunk.features, labels), self.classifier(trunk), trunk.features
+        )
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits of the deployed classifier C(phi(x))."""
+        return self.classifier(self.trunk(images))
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images of the given classes in [-1, 1], with noise drawn from ``generator``."""
+        z = torch.randn(len(labels), self.cfg.z_dim, generator=generator).to(labels.device)
+        return self.generator(z, labels)
+
+    def group_of(self, key: str) -> str:
+        """The group of a state-dict key; raises KeyError for a key outside every group."""
+        group = key.split(".", 1)[0]
+        if group not in GROUPS:
+            raise KeyError(f"state-dict key {key!r} belongs to no group {GROUPS}")
+        return group
+
+    def group_keys(self) -> dict[str, list[str]]:
+        """State-dict keys of each group, in state-dict order."""
+        keys: dict[str, list[str]] = {g: [] for g in GROUPS}
+        for key in self.state_dict():
+            keys[self.group_of(key)].append(key)
+        return keys
+
+    def group_state_dict(self, group: str) -> dict[str, torch.Tensor]:
+        """The entries of one group, keys unchanged (still prefixed by the group)."""
+        if group not in GROUPS:
+            raise KeyError(f"unknown group {group!r}; groups: {GROUPS}")
+        return {k: v for k, v in self.state_dict().items() if k.startswith(group + ".")}
+
+    def group_module(self, group: str) -> nn.Module:
+        if group not in GROUPS:
+            raise KeyError(f"unknown group {group!r}; groups: {GROUPS}")
+        return getattr(self, group)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, seed: int | None = None) -> UnifiedViTGAN:
+    """A freshly initialised model; with ``seed`` the initial weights are reproducible."""
+    if seed is None:
+        return UnifiedViTGAN(cfg, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UnifiedViTGAN(cfg, num_classes)

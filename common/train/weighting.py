@@ -1,0 +1,73 @@
+"""Dynamic multi-loss weighting by homoscedastic uncertainty (Kendall, Gal & Cipolla 2018).
+
+``L = sum_i exp(-s_i) * L_i + s_i`` with one learnable ``s_i = log sigma_i^2`` per balanced loss.
+At its optimum ``s_i = log L_i``, so a loss that runs 100 times larger gets a 100 times smaller
+weight. The ``s_i`` are a hospital's own state: they are never part of the model that is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """``conf/train/*.yaml``: ``weighting``."""
+
+    enabled: bool = True
+    include_adversarial: bool = False  # also balance D's adversarial loss
+    init_log_variance: float = 0.0
+    log_variance_bounds: tuple[float, float] = (0.0, 6.0)  # weight exp(-s) in [e^-6, 1]: finite as a loss -> 0
+    fixed_weights: dict[str, float] = field(default_factory=dict)  # used when disabled (default 1)
+
+    def __post_init__(self) -> None:
+        low, high = self.log_variance_bounds
+        if not low < high:
+            raise ValueError(f"log_variance_bounds must be (low, high) with low < high, got {self.log_variance_bounds}")
+
+
+class DynamicLossWeighting(nn.Module):
+    """Learnable log-variances for the named losses, combined into one objective."""
+
+    def __init__(self, names: Sequence[str], cfg: WeightingConfig) -> None:
+        super().__init__()
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"loss names must be distinct and non-empty, got {list(names)}")
+        self.names = tuple(names)
+        self.cfg = cfg
+        self.log_vars = nn.Parameter(torch.full((len(names),), float(cfg.init_log_variance)))
+
+    def _index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"loss {name!r} is not weighted; weighted losses: {self.names}") from None
+
+    def clamped(self) -> torch.Tensor:
+        low, high = self.cfg.log_variance_bounds
+        return self.log_vars.clamp(low, high)
+
+    def weights(self) -> dict[str, float]:
+        """Current multiplier of each loss: exp(-s_i), or the fixed weight when disabled."""
+        if not self.cfg.enabled:
+            return {n: float(self.cfg.fixed_weights.get(n, 1.0)) for n in self.names}
+        return {n: float(w) for n, w in zip(self.names, torch.exp(-self.clamped()).tolist())}
+
+    def combine(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of the given losses (a subset of ``names``; absent ones are skipped)."""
+        total: torch.Tensor | None = None
+        s = self.clamped()
+        for name, loss in losses.items():
+            i = self._index(name)
+            if self.cfg.enabled:
+                term = torch.exp(-s[i]) * loss + s[i]
+            else:
+                term = self.cfg.fixed_weights.get(name, 1.0) * loss
+            total = term if total is None else total + term
+        if total is None:
+            raise ValueError("combine() needs at least one loss")
+        return total

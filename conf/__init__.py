@@ -1,0 +1,1 @@
+"""Hydra configuration tree of fedvitgan (YAML files; this file only makes the folder importable)."""

@@ -1,0 +1,43 @@
+"""Dynamic multi-loss weighting (uncertainty weighting) learns to down-weight large losses."""
+
+from __future__ import annotations
+
+import torch
+
+from common.train.weighting import DynamicLossWeighting, WeightingConfig
+
+
+def test_log_variances_move_and_a_100x_loss_gets_a_smaller_weight() -> None:
+    weighting = DynamicLossWeighting(["small", "large"], WeightingConfig())
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    before = weighting.log_vars.detach().clone()
+    for _ in range(400):
+        base = torch.tensor(0.7)
+        loss = weighting.combine({"small": base, "large": 100.0 * base})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.allclose(weighting.log_vars.detach(), before)
+    weights = weighting.weights()
+    assert weights["large"] < weights["small"]
+    # At the optimum exp(-s_i) = 1 / L_i, so the ratio approaches 100.
+    assert 50.0 < weights["small"] / weights["large"] < 150.0
+
+
+def test_disabled_weighting_uses_fixed_weights() -> None:
+    weighting = DynamicLossWeighting(["a", "b"], WeightingConfig(enabled=False, fixed_weights={"b": 0.5}))
+    total = weighting.combine({"a": torch.tensor(2.0), "b": torch.tensor(4.0)})
+    assert float(total) == 4.0
+    assert weighting.weights() == {"a": 1.0, "b": 0.5}
+
+
+def test_weights_stay_finite_when_a_loss_vanishes() -> None:
+    cfg = WeightingConfig(log_variance_bounds=(-3.0, 3.0))
+    weighting = DynamicLossWeighting(["x"], cfg)
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.5)
+    for _ in range(200):
+        loss = weighting.combine({"x": torch.tensor(1e-9)})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(weighting.weights()["x"] - float(torch.exp(torch.tensor(3.0)))) < 1e-3
