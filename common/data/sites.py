@@ -1,0 +1,78 @@
+"""One hospital's data: its training partition (some labels maybe withheld) and held-out split.
+
+``load_site_data`` is what a ClientApp calls, in simulation and in deployment alike. For the
+synthetic set every hospital draws its own patches, with its own stain profile, in the class
+proportions its partition gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.config import ConfigError, to_plain
+from common.data.base import PatchDataset, PatchSubset
+from common.data.labels import withhold_labels
+from common.data.synthetic import CLASS_NAMES, SyntheticHistology
+
+
+@dataclass
+class SiteData:
+    """What one hospital trains and evaluates on."""
+
+    name: str
+    train: PatchDataset
+    test: PatchDataset
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+    def report(self) -> dict[str, Any]:
+        """Per-split class counts (the partition report's row for this hospital)."""
+        return {"site": self.name, "train": self.train.class_counts(), "test": self.test.class_counts()}
+
+
+def synthetic_class_weights(partition: Mapping[str, Any], site: int, num_sites: int, seed: int) -> np.ndarray:
+    """Class proportions of a synthetic hospital under the partition (iid or dirichlet)."""
+    name = partition.get("name", "iid")
+    k = len(CLASS_NAMES)
+    if name == "iid":
+        return np.ones(k) / k
+    if name == "dirichlet":
+        alpha = float(partition.get("alpha", 0.5))
+        if alpha <= 0:
+            raise ConfigError(f"partition.alpha must be > 0, got {alpha}")
+        weights = np.random.default_rng([seed, 31, site]).dirichlet(np.full(k, alpha))
+        return np.maximum(weights, 1e-3) / np.maximum(weights, 1e-3).sum()
+    raise ConfigError(f"partition {name!r} is not available for the synthetic data set; use iid or dirichlet")
+
+
+def load_site_data(
+    data: Mapping[str, Any],
+    partition: Mapping[str, Any],
+    site: int,
+    num_sites: int,
+    image_size: int,
+    seed: int,
+) -> SiteData:
+    """The data of hospital ``site`` (0-based) out of ``num_sites``, at ``image_size`` pixels."""
+    data, partition = to_plain(data), to_plain(partition)
+    if not 0 <= site < num_sites:
+        raise ConfigError(f"site {site} is outside 0..{num_sites - 1}")
+    name = data.get("name")
+    if name != "synthetic":
+        from common.data.registry import load_real_site_data  # real layouts (issue: data sets)
+
+        return load_real_site_data(data, partition, site, num_sites, image_size, seed)
+    weights = synthetic_class_weights(partition, site, num_sites, seed)
+    stain = float(data.get("stain_shift", 1.0))
+    train = SyntheticHistology(int(data["train_per_site"]), image_size, site, "train", seed, stain, tuple(weights))
+    test = SyntheticHistology(int(data["test_per_site"]), image_size, site, "test", seed, stain, tuple(weights))
+    labels = withhold_labels(train.labels, seed=seed * 1000 + site,
+                             fraction=float(data.get("labeled_fraction", 1.0)),
+                             per_class=data.get("labeled_per_class"))
+    return SiteData(f"site-{site}", PatchSubset(train, np.arange(len(train)), labels), test)
