@@ -81,3 +81,32 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return loaded
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The full config (``conf/config.yaml`` + overrides), as Hydra composes it, without a Hydra app.
+
+    Used where Flower, not Hydra, starts the process (``flwr run``: the run config's
+    ``overrides`` string carries the same overrides the simulation CLI takes).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except Exception as error:  # Hydra raises several override/config error types
+        raise ConfigError(f"cannot compose the configuration with overrides {list(overrides)}: {error}") from error
+    return cfg
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, without Hydra's own section (what a run records)."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    assert isinstance(resolved, dict)
+    return resolved

@@ -76,3 +76,19 @@ def load_site_data(
                              fraction=float(data.get("labeled_fraction", 1.0)),
                              per_class=data.get("labeled_per_class"))
     return SiteData(f"site-{site}", PatchSubset(train, np.arange(len(train)), labels), test)
+
+
+def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """Class names the federation's model is built for, known before any hospital's data is read.
+
+    The synthetic set's are fixed; a real data set's come from ``data.class_names`` in its config
+    (the loaders check each hospital's data against them).
+    """
+    data = to_plain(data)
+    if data.get("name") == "synthetic":
+        return CLASS_NAMES
+    names = data.get("class_names")
+    if not names:
+        raise ConfigError(f"data.class_names is not set for data set {data.get('name')!r}; list the classes "
+                          "(in label order) in its conf/data file or on the command line")
+    return tuple(str(n) for n in names)

@@ -1,0 +1,61 @@
+"""The hospital's Flower ClientApp: local unified training and evaluation on its own data.
+
+A train message carries the global groups and the run's config; the reply carries the updated
+groups and metrics. Loss weights, optimiser moments, selection statistics, the random state and any
+group configured as local stay here: in ``context.state`` across rounds and in the hospital's state
+folder across process restarts and resumed runs. They are never put in a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from client.local_run import LocalRun  # noqa: E402
+from common import protocol  # noqa: E402
+from common.config import ConfigError  # noqa: E402
+from common.data.errors import DataError  # noqa: E402
+
+logger = logging.getLogger("fedvitgan.client")
+
+app = ClientApp()
+
+
+def _status_reply(msg: Message, site_name: str, status: str, message: str) -> Message:
+    record = ConfigRecord({protocol.SITE_NAME: site_name, protocol.STATUS: status, protocol.STATUS_MESSAGE: message})
+    return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
+
+
+def _handle(msg: Message, context: Context, action: str) -> Message:
+    site_name = str(context.node_config.get("site-name", f"site-{context.node_config.get('partition-id', '?')}"))
+    try:
+        run = LocalRun.from_message(msg, context)
+        site_name = run.site.name
+        content = run.train() if action == "train" else run.evaluate()
+        return Message(content, reply_to=msg)
+    except (DataError, ConfigError) as error:
+        logger.error("%s: cannot %s: %s", site_name, action, error)
+        return _status_reply(msg, site_name, "data_error", str(error))
+    except Exception as error:  # report, don't crash the hospital's process
+        logger.error("%s: %s failed:\n%s", site_name, action, traceback.format_exc())
+        return _status_reply(msg, site_name, "error", f"{type(error).__name__}: {error}")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global groups, run the local unified training, reply with groups and metrics."""
+    return _handle(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Classifier metrics of the global model on this hospital's held-out split."""
+    return _handle(msg, context, "evaluate")
+
+

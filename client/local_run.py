@@ -1,0 +1,166 @@
+"""One message's worth of hospital work: rebuild model and local state, train or evaluate, reply."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch.utils.data import DataLoader
+
+from client.site import SiteIdentity
+from client.site_state import SiteStateStore
+from common import protocol
+from common.config import ConfigError, dataclass_from_mapping
+from common.data.sites import SiteData, load_site_data
+from common.evaluation import evaluate_classifier
+from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
+from common.records import arrayrecord_to_tensors, from_arrayrecord, tensors_to_arrayrecord, to_arrayrecord
+from common.train import LocalTrainer, train_config
+
+logger = logging.getLogger("fedvitgan.client")
+
+LOCAL_STATE = "local-state"  # context.state key: the trainer's state (ArrayRecord)
+LOCAL_GROUPS = "local-groups"  # context.state key: groups kept at the hospital (ArrayRecord)
+LOCAL_META = "local-meta"  # context.state key: round of the saved state (ConfigRecord)
+
+
+@lru_cache(maxsize=8)
+def _cached_site_data(key: str) -> SiteData:
+    args = json.loads(key)
+    return load_site_data(args["data"], args["partition"], args["site"], args["num_sites"],
+                          args["image_size"], args["seed"])
+
+
+def site_data(run: dict[str, Any], site: SiteIdentity) -> SiteData:
+    """The hospital's data, loaded once per process for the same configuration."""
+    key = json.dumps({"data": site.data, "partition": run["partition"], "site": site.site_id,
+                      "num_sites": site.num_sites, "image_size": run["model"]["image_size"],
+                      "seed": run["seed"]}, sort_keys=True)
+    return _cached_site_data(key)
+
+
+@dataclass
+class LocalRun:
+    """What one instruction needs: the run's config, the site, the round and the message."""
+
+    msg: Message
+    context: Context
+    run: dict[str, Any]
+    site: SiteIdentity
+    server_round: int
+    transport: str
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> LocalRun:
+        config = msg.content.config_records.get(protocol.CONFIG)
+        if config is None or protocol.RUN_CONFIG_JSON not in config:
+            raise ConfigError("instruction carries no run configuration (record 'config' / 'run-config-json')")
+        run = json.loads(str(config[protocol.RUN_CONFIG_JSON]))
+        site = SiteIdentity.from_node_config(context.node_config, run, run.get("output_dir"))
+        return cls(msg, context, run, site, int(config[protocol.SERVER_ROUND]), str(config[protocol.TRANSPORT_DTYPE]))
+
+    # ------------------------------------------------------------- building blocks
+    @property
+    def local_groups(self) -> list[str]:
+        return [g for g in GROUPS if self.run["federation"]["aggregation"][g]["local"]]
+
+    def _model(self, num_classes: int, inclusive: bool = False) -> UnifiedViTGAN:
+        """The model with the received global groups and this hospital's local groups loaded."""
+        cfg = dataclass_from_mapping(ModelConfig, self.run["model"], "model")
+        model = build_model(cfg, num_classes, seed=int(self.run["seed"]))
+        state = model.state_dict()
+        for group in GROUPS:
+            if group in self.msg.content.array_records:
+                reference = {k: v for k, v in state.items() if k.startswith(group + ".")}
+                state.update(from_arrayrecord(self.msg.content.array_records[group], reference, self.transport))
+        local = self._saved_local(inclusive) if self.local_groups else None
+        if local is not None:
+            _, _, groups = local
+            state.update({k: v for k, v in groups.items() if k.split(".", 1)[0] in self.local_groups})
+        model.load_state_dict(state)
+        return model
+
+    def _store(self) -> SiteStateStore:
+        return SiteStateStore(self.site.state_dir)
+
+    def _saved_local(self, inclusive: bool = False) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """(round, trainer state, local groups) saved before this round (``inclusive``: or in it),
+        from context.state, else from the hospital's state folder."""
+        state = self.context.state
+        limit = self.server_round + 1 if inclusive else self.server_round
+        if LOCAL_META in state.config_records:
+            saved_round = int(state.config_records[LOCAL_META]["round"])
+            if saved_round < limit:
+                trainer = arrayrecord_to_tensors(state.array_records[LOCAL_STATE])
+                groups = arrayrecord_to_tensors(state.array_records[LOCAL_GROUPS]) if LOCAL_GROUPS in state.array_records else {}
+                return saved_round, trainer, groups
+        loaded = self._store().load_before(limit)
+        if loaded is None:
+            return None
+        saved_round, tensors, _ = loaded
+        trainer = {k[len("trainer/"):]: v for k, v in tensors.items() if k.startswith("trainer/")}
+        groups = {k[len("group/"):]: v for k, v in tensors.items() if k.startswith("group/")}
+        return saved_round, trainer, groups
+
+    def _save_local(self, trainer: LocalTrainer, model: UnifiedViTGAN) -> None:
+        trainer_state = trainer.state_dict()
+        groups = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in self.local_groups}
+        self.context.state[LOCAL_STATE] = tensors_to_arrayrecord(trainer_state)
+        self.context.state[LOCAL_GROUPS] = tensors_to_arrayrecord(groups)
+        self.context.state[LOCAL_META] = ConfigRecord({"round": self.server_round})
+        tensors = {f"trainer/{k}": v for k, v in trainer_state.items()}
+        tensors.update({f"group/{k}": v for k, v in groups.items()})
+        self._store().save(self.server_round, tensors, {"site": self.site.name, "round": self.server_round})
+
+    def _site_record(self, data: SiteData | None = None) -> ConfigRecord:
+        record = ConfigRecord({protocol.SITE_NAME: self.site.name, protocol.STATUS: "ok"})
+        if data is not None:
+            record[protocol.CLASS_COUNTS_JSON] = json.dumps(data.report())
+        return record
+
+    # ------------------------------------------------------------- actions
+    def train(self) -> RecordDict:
+        data = site_data(self.run, self.site)
+        model = self._model(data.train.num_classes)
+        tcfg = train_config(self.run["train"])
+        trainer = LocalTrainer(model, tcfg, seed=int(self.run["seed"]) * 1000 + self.site.site_id,
+                               class_names=data.class_names, device=self.site.device)
+        saved = self._saved_local()
+        if saved is not None:
+            trainer.load_state_dict(saved[1])
+        if len(data.train) < 2:
+            raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
+        batch = min(tcfg.batch_size, len(data.train))
+        loader = DataLoader(
+            data.train, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+            generator=torch.Generator().manual_seed(int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round),
+        )
+        metrics = trainer.train_round(loader, tcfg.local_steps)
+        self._save_local(trainer, model)
+        labelled = int((data.train.labels >= 0).sum())
+        flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
+        flat.update({protocol.REAL_EXAMPLES: len(data.train), protocol.LABELLED_EXAMPLES: labelled,
+                     protocol.GENERATOR_STEPS: metrics.steps})
+        content = RecordDict({protocol.METRICS: MetricRecord(flat), protocol.SITE: self._site_record(data)})
+        state = model.state_dict()
+        for group in GROUPS:
+            if group not in self.local_groups:
+                content[group] = to_arrayrecord({k: v for k, v in state.items() if k.startswith(group + ".")},
+                                                self.transport)
+        logger.info("%s round %d: %d steps, %.1f images/s", self.site.name, self.server_round, metrics.steps,
+                    metrics.images_per_second)
+        return content
+
+    def evaluate(self) -> RecordDict:
+        data = site_data(self.run, self.site)
+        model = self._model(data.test.num_classes, inclusive=True).to(self.site.device)
+        loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=0)
+        result = evaluate_classifier(model, loader, self.site.device)
+        metrics = {k: float(v) for k, v in result.items() if k != "examples"}
+        metrics[protocol.REAL_EXAMPLES] = int(result["examples"])
+        return RecordDict({protocol.METRICS: MetricRecord(metrics), protocol.SITE: self._site_record()})

@@ -1,0 +1,58 @@
+"""The run's ``summary.json``: the resolved config and one entry per round, appended as rounds end.
+
+A resumed run appends to the same file. NaN metrics are written as ``null`` (strict JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunSummary:
+    """Reads, extends and atomically rewrites ``<run>/summary.json``."""
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = Path(run_dir) / "summary.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def start(self, config: dict[str, Any], transport: dict[str, Any], resumed_from: int | None) -> None:
+        if not self.data:
+            self.data = {"config": config, "transport": transport, "rounds": [], "sessions": []}
+        self.data.setdefault("sessions", []).append(
+            {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_after_round": resumed_from}
+        )
+        # A resumed run may extend federation.rounds; keep the latest resolved config.
+        self.data["config"] = config
+        self.data["transport"] = transport
+        self.write()
+
+    def add_round(self, entry: dict[str, Any]) -> None:
+        rounds = [r for r in self.data.setdefault("rounds", []) if r.get("round") != entry.get("round")]
+        rounds.append(entry)
+        self.data["rounds"] = sorted(rounds, key=lambda r: r["round"])
+        self.write()
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_clean(self.data), indent=2, allow_nan=False))
+        os.replace(tmp, self.path)

@@ -1,0 +1,36 @@
+"""The ``fedvitgan`` command: one entry point, one subcommand per job.
+
+    fedvitgan simulate [hydra overrides]   federated training of N hospitals on this machine
+    fedvitgan data check ROOT --dataset N  validate a hospital's copy of a data set
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__ or ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.strip())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "simulate":
+        from simulations.simulate import main as simulate
+
+        return simulate(rest)
+    if command == "data":
+        if not rest or rest[0] != "check":
+            print("usage: fedvitgan data check ROOT --dataset NAME", file=sys.stderr)
+            return 2
+        from simulations.data_check import main as data_check
+
+        return data_check(rest[1:])
+    print(f"fedvitgan: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
