@@ -42,8 +42,9 @@ def _to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def _progress(text: str) -> None:
+    """Progress for the person running the federation (stdout reaches `flwr log` too)."""
     print(text, flush=True)
-    logger.info(text)
+    logger.debug(text)
 
 
 def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path:
@@ -76,7 +77,7 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     rules = {g: dataclass_from_mapping(GroupRule, fed["aggregation"][g], f"federation.aggregation.{g}") for g in GROUPS}
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     strategy = GroupedFedAvg(reference, rules, transport, json.dumps(run), int(fed["num_sites"]),
-                             int(fed.get("min_sites", 1)), float(fed.get("wait_for_sites_s", 600)))
+                             int(fed.get("min_sites", 1)), float(fed.get("wait_for_sites_s", 300)))
     group_bytes = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, transport)
                    for g in GROUPS}
     group_bytes_f32 = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, "float32")

@@ -22,12 +22,14 @@ from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
+from common.data.errors import DataError  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.simulate")
 
@@ -62,6 +64,7 @@ def run_simulation_from_config(run: dict[str, Any]) -> Path:
     from client.app import app as client_app
     from server.app import make_server_app
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     fed = run["federation"]
     backend = fed.get("backend", {})
     backend_config = {
@@ -75,6 +78,14 @@ def run_simulation_from_config(run: dict[str, Any]) -> Path:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        _simulate(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"fedvitgan simulate: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _simulate(cfg: DictConfig) -> None:
     run = plain_config(cfg)
     overrides = list(HydraConfig.get().overrides.task)
     if run.get("resume"):
@@ -98,7 +109,9 @@ def main(argv: list[str]) -> int:
     sys.argv = ["fedvitgan simulate", *argv]
     try:
         _hydra_entry()
-    except ConfigError as error:
-        print(f"fedvitgan simulate: {error}", file=sys.stderr)
-        return 2
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 1
+        return int(stop.code or 0)
     return 0

@@ -36,6 +36,12 @@ class PatchDataset(Dataset):
     labels: np.ndarray
     class_names: tuple[str, ...]
     image_size: int
+    #: Caveats a data check or a partition report should print (e.g. patient leakage).
+    warnings: tuple[str, ...] = ()
+    #: Hospital id per patch where the data set records one (natural partition), else None.
+    hospitals: np.ndarray | None = None
+    #: Patient or slide id per patch where the data set records one (group partitions), else None.
+    groups: np.ndarray | None = None
 
     def load_uint8(self, index: int) -> np.ndarray:
         """The patch at ``index`` as an (image_size, image_size, 3) uint8 array."""
@@ -78,6 +84,15 @@ class PatchSubset(PatchDataset):
             raise ValueError("labels and indices differ in length")
         self.class_names = base.class_names
         self.image_size = base.image_size
+        self.warnings = base.warnings
+
+    @property  # type: ignore[override]
+    def hospitals(self) -> np.ndarray | None:
+        return None if self.base.hospitals is None else self.base.hospitals[self.indices]
+
+    @property  # type: ignore[override]
+    def groups(self) -> np.ndarray | None:
+        return None if self.base.groups is None else self.base.groups[self.indices]
 
     def load_uint8(self, index: int) -> np.ndarray:
         return self.base.load_uint8(int(self.indices[index]))
