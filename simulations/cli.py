@@ -1,14 +1,24 @@
 """The ``fedvitgan`` command: one entry point, one subcommand per job.
 
-    fedvitgan simulate [hydra overrides]   federated training of N hospitals on this machine
-    fedvitgan data check ROOT --dataset N  validate a hospital's copy of a data set
+    fedvitgan simulate [hydra overrides]     federated training of N hospitals on this machine
+    fedvitgan data check ROOT --dataset N    validate a hospital's copy of a data set
+    fedvitgan certs [options]                TLS certificates and hospital keys for a deployment
+
+Run ``fedvitgan <command> --help`` for a command's options.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 USAGE = __doc__ or ""
+
+#: subcommand -> (module, function taking argv and returning an exit code)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("simulations.simulate", "main"),
+    "certs": ("simulations.certs", "main"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,10 +27,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.strip())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "simulate":
-        from simulations.simulate import main as simulate
-
-        return simulate(rest)
     if command == "data":
         if not rest or rest[0] != "check":
             print("usage: fedvitgan data check ROOT --dataset NAME", file=sys.stderr)
@@ -28,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.data_check import main as data_check
 
         return data_check(rest[1:])
-    print(f"fedvitgan: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"fedvitgan: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
+        return 2
+    module, function = COMMANDS[command]
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
 
 
 if __name__ == "__main__":

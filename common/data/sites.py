@@ -16,6 +16,7 @@ import numpy as np
 from common.config import ConfigError, to_plain
 from common.data.base import PatchDataset, PatchSubset
 from common.data.labels import withhold_labels
+from common.data.partition import quantity_shares, split_by_shares
 from common.data.synthetic import CLASS_NAMES, SyntheticHistology
 
 
@@ -37,10 +38,14 @@ class SiteData:
 
 
 def synthetic_class_weights(partition: Mapping[str, Any], site: int, num_sites: int, seed: int) -> np.ndarray:
-    """Class proportions of a synthetic hospital under the partition (iid or dirichlet)."""
+    """Class proportions of a synthetic hospital under the partition (iid or dirichlet).
+
+    The quantity-skew and natural partitions keep the class mix uniform (every synthetic hospital
+    already differs from the others in stain, ``data.stain_shift``).
+    """
     name = partition.get("name", "iid")
     k = len(CLASS_NAMES)
-    if name == "iid":
+    if name in ("iid", "quantity", "natural"):
         return np.ones(k) / k
     if name == "dirichlet":
         alpha = float(partition.get("alpha", 0.5))
@@ -48,7 +53,26 @@ def synthetic_class_weights(partition: Mapping[str, Any], site: int, num_sites: 
             raise ConfigError(f"partition.alpha must be > 0, got {alpha}")
         weights = np.random.default_rng([seed, 31, site]).dirichlet(np.full(k, alpha))
         return np.maximum(weights, 1e-3) / np.maximum(weights, 1e-3).sum()
-    raise ConfigError(f"partition {name!r} is not available for the synthetic data set; use iid or dirichlet")
+    raise ConfigError(f"partition {name!r} is not available for the synthetic data set; "
+                      "use iid, dirichlet, quantity or natural")
+
+
+def synthetic_site_sizes(data: Mapping[str, Any], partition: Mapping[str, Any], site: int,
+                         num_sites: int, seed: int) -> tuple[int, int]:
+    """(train, test) patches of a synthetic hospital: ``data.train_per_site`` / ``test_per_site``,
+    or under the quantity partition those totals over all hospitals shared out in Dirichlet(alpha)
+    shares (at least ``partition.min_size`` each)."""
+    train, test = int(data["train_per_site"]), int(data["test_per_site"])
+    if partition.get("name", "iid") != "quantity":
+        return train, test
+    try:
+        shares = quantity_shares(num_sites, float(partition.get("alpha", 0.5)), seed)
+        min_size = int(partition.get("min_size", 1))
+        train_sizes = [len(p) for p in split_by_shares(train * num_sites, shares, seed, min_size)]
+        test_sizes = [len(p) for p in split_by_shares(test * num_sites, shares, seed + 1, 1)]
+    except ValueError as error:
+        raise ConfigError(f"partition quantity: {error}") from error
+    return train_sizes[site], test_sizes[site]
 
 
 def load_site_data(
@@ -70,8 +94,9 @@ def load_site_data(
         return load_real_site_data(data, partition, site, num_sites, image_size, seed)
     weights = synthetic_class_weights(partition, site, num_sites, seed)
     stain = float(data.get("stain_shift", 1.0))
-    train = SyntheticHistology(int(data["train_per_site"]), image_size, site, "train", seed, stain, tuple(weights))
-    test = SyntheticHistology(int(data["test_per_site"]), image_size, site, "test", seed, stain, tuple(weights))
+    num_train, num_test = synthetic_site_sizes(data, partition, site, num_sites, seed)
+    train = SyntheticHistology(num_train, image_size, site, "train", seed, stain, tuple(weights))
+    test = SyntheticHistology(num_test, image_size, site, "test", seed, stain, tuple(weights))
     labels = withhold_labels(train.labels, seed=seed * 1000 + site,
                              fraction=float(data.get("labeled_fraction", 1.0)),
                              per_class=data.get("labeled_per_class"))

@@ -1,0 +1,162 @@
+"""Data set names -> loaders, and one hospital's data from a real data set and a partition.
+
+``data.name`` picks the loader (``conf/data/<name>.yaml`` holds its options); every loader is
+``load(root, cfg, split, image_size) -> PatchDataset`` and ``splits(cfg) -> {split: on-disk name}``.
+A hospital trains on its partition of ``data.train_split`` (labels withheld per
+``data.labeled_fraction`` / ``data.labeled_per_class``) and evaluates on its part of
+``data.test_split``: its own patches under the natural partition, otherwise the test split
+partitioned the same way (same class proportions or size shares as its training part).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from common.config import ConfigError, to_plain
+import common.data.partition as partitioning
+from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam
+from common.data.base import PatchDataset, PatchSubset
+from common.data.errors import DataError
+from common.data.labels import withhold_labels
+from common.data.options import data_root
+from common.data.sites import SiteData
+
+logger = logging.getLogger("fedvitgan.data")
+
+LOADERS: dict[str, ModuleType] = {
+    "pcam": pcam,
+    "nct_crc": nct_crc,
+    "pathmnist": pathmnist,
+    "camelyon17": camelyon17,
+    "breakhis": breakhis,
+    "imagefolder": imagefolder,
+}
+#: Split each hospital trains on and evaluates on, unless ``data.train_split`` / ``data.test_split``.
+DEFAULT_SITE_SPLITS: dict[str, tuple[str, str]] = {"camelyon17": ("train", "id_val")}
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural", "none")
+
+
+def _loader(cfg: Mapping[str, Any]) -> ModuleType:
+    name = cfg.get("name")
+    if name not in LOADERS:
+        raise ConfigError(f"data.name {name!r} is not a known data set; choose one of "
+                          f"{sorted(LOADERS) + ['synthetic']}")
+    return LOADERS[str(name)]
+
+
+def dataset_splits(data_cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The split names the configured data set offers (e.g. train, val, test)."""
+    return tuple(_loader(to_plain(data_cfg)).splits(to_plain(data_cfg)))
+
+
+def load_dataset(data_cfg: Mapping[str, Any], split: str, image_size: int) -> PatchDataset:
+    """Split ``split`` of the data set ``data_cfg`` describes, with patches of ``image_size`` pixels.
+
+    Raises ``DataError`` (root, file, key, shape, dtype, label or image unusable) or ``ConfigError``
+    (unknown ``data.name``).
+    """
+    cfg = to_plain(data_cfg)
+    loader = _loader(cfg)
+    if int(image_size) < 1:
+        raise ConfigError(f"image size must be >= 1, got {image_size}")
+    dataset = loader.load(data_root(cfg), cfg, split, int(image_size))
+    for warning in dataset.warnings:
+        logger.warning("%s (%s split %s)", warning, cfg.get("name"), split)
+    return dataset
+
+
+def site_splits(data_cfg: Mapping[str, Any]) -> tuple[str, str]:
+    """The (train, test) split names hospitals use."""
+    cfg = to_plain(data_cfg)
+    train, test = DEFAULT_SITE_SPLITS.get(str(cfg.get("name")), ("train", "test"))
+    return str(cfg.get("train_split") or train), str(cfg.get("test_split") or test)
+
+
+def _natural(train: PatchDataset, test: PatchDataset, num_sites: int, seed: int, where: str
+             ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if train.hospitals is not None and test.hospitals is not None:
+        ids = [int(h) for h in np.unique(train.hospitals)]
+        if len(ids) != num_sites:
+            raise DataError(f"{where}: the natural partition has {len(ids)} hospitals {ids} in the training "
+                            f"split, so it needs federation.num_sites={len(ids)} (got {num_sites}); for "
+                            f"Camelyon17-WILDS, data.val_center=null data.test_center=null federates all five")
+        train_parts = partitioning.hospital_partition(train.hospitals, ids)
+        test_parts = partitioning.hospital_partition(test.hospitals, ids)
+        empty = [ids[k] for k, p in enumerate(test_parts) if len(p) == 0]
+        if empty:
+            raise DataError(f"{where}: hospital(s) {empty} have no held-out patches in the test split; expected "
+                            f"some for each hospital (set data.test_split to a split that has them)")
+        return train_parts, test_parts
+    if train.groups is not None and test.groups is not None:
+        return (partitioning.group_partition(train.groups, num_sites, seed),
+                partitioning.group_partition(test.groups, num_sites, seed + 1))
+    raise DataError(f"{where}: the natural partition needs hospital or patient ids, and this data set records "
+                    f"neither; use partition=iid, dirichlet or quantity")
+
+
+def site_partitions(train: PatchDataset, test: PatchDataset, spec: Mapping[str, Any], num_sites: int,
+                    seed: int, where: str = "data") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Index arrays per site into ``train`` and ``test`` under partition ``spec`` (its config section)."""
+    name = str(spec.get("name", "iid"))
+    alpha = float(spec.get("alpha", 0.5))
+    min_size = int(spec.get("min_size", 1))
+    try:
+        if name == "iid":
+            return (partitioning.iid_partition(train.labels, num_sites, seed),
+                    partitioning.iid_partition(test.labels, num_sites, seed + 1))
+        if name == "dirichlet":
+            proportions = partitioning.dirichlet_proportions(train.labels, num_sites, alpha, seed, min_size)
+            rows = max(len(proportions), int(test.labels.max()) + 1 if len(test) else 0)
+            if rows > len(proportions):  # a class only the test split has: spread it evenly
+                proportions = np.vstack([proportions, np.full((rows - len(proportions), num_sites), 1 / num_sites)])
+            return (partitioning.split_by_proportions(train.labels, proportions, seed),
+                    partitioning.split_by_proportions(test.labels, proportions, seed + 1))
+        if name == "quantity":
+            shares = partitioning.quantity_shares(num_sites, alpha, seed)
+            return (partitioning.split_by_shares(len(train), shares, seed, min_size),
+                    partitioning.split_by_shares(len(test), shares, seed + 1, 1))
+        if name == "natural":
+            return _natural(train, test, num_sites, seed, where)
+        if name == "none":
+            return [np.arange(len(train))] * num_sites, [np.arange(len(test))] * num_sites
+    except ValueError as error:
+        raise DataError(f"{where}: partition {name!r} over {num_sites} sites is impossible: {error}") from error
+    raise ConfigError(f"partition.name {name!r} is not known; choose one of {list(PARTITIONS)}")
+
+
+def load_real_site_data(
+    data: Mapping[str, Any],
+    partition: Mapping[str, Any],
+    site: int,
+    num_sites: int,
+    image_size: int,
+    seed: int,
+) -> SiteData:
+    """Hospital ``site``'s ``SiteData`` from a real data set: its training part (labels withheld as
+    configured) and its held-out part."""
+    cfg, spec = to_plain(data), to_plain(partition)
+    train_split, test_split = site_splits(cfg)
+    train = load_dataset(cfg, train_split, image_size)
+    test = load_dataset(cfg, test_split, image_size)
+    where = f"data set {cfg.get('name')!r} at {Path(str(cfg.get('root')))}"
+    if train.class_names != test.class_names:
+        raise DataError(f"{where}: split {train_split!r} has classes {list(train.class_names)} but split "
+                        f"{test_split!r} has {list(test.class_names)}; expected the same classes (set "
+                        f"data.class_names to fix the order)")
+    train_parts, test_parts = site_partitions(train, test, spec, num_sites, seed, where)
+    train_idx, test_idx = train_parts[site], test_parts[site]
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise DataError(f"{where}: site {site} of {num_sites} gets {len(train_idx)} training and "
+                        f"{len(test_idx)} test patches under partition {spec.get('name', 'iid')!r}; expected "
+                        f"some of each (use fewer sites or another partition)")
+    labels = withhold_labels(train.labels[train_idx], seed=seed * 1000 + site,
+                             fraction=float(cfg.get("labeled_fraction", 1.0)),
+                             per_class=cfg.get("labeled_per_class"))
+    return SiteData(f"site-{site}", PatchSubset(train, train_idx, labels), PatchSubset(test, test_idx))
+
