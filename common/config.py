@@ -50,9 +50,8 @@ def dataclass_from_mapping(cls: type[T], mapping: Mapping[str, Any] | Any, where
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = values[name]
-        field_type = field.type if isinstance(field.type, type) else None
-        nested = _nested_dataclass(cls, name) if field_type is None else field_type
-        if nested is not None and dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
+        nested = _nested_dataclass(cls, name)
+        if nested is not None and isinstance(value, Mapping):
             value = dataclass_from_mapping(nested, value, f"{where}.{name}")
         kwargs[name] = value
     try:

@@ -23,6 +23,11 @@ class OptimConfig:
     gan_betas: tuple[float, float] = (0.0, 0.99)
     classifier_weight_decay: float = 1e-4
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gan_betas", tuple(float(b) for b in self.gan_betas))
+        if len(self.gan_betas) != 2:
+            raise ValueError(f"gan_betas needs two values, got {self.gan_betas}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -49,13 +54,4 @@ class TrainConfig:
 
 def train_config(section: Any) -> TrainConfig:
     """Build a TrainConfig from the ``train`` config section (a mapping or DictConfig)."""
-    cfg = dataclass_from_mapping(TrainConfig, section, "train")
-    # YAML lists -> tuples for the frozen fields that are pairs.
-    optim = cfg.optim
-    weighting = cfg.weighting
-    return TrainConfig(
-        **{**cfg.__dict__,
-           "optim": OptimConfig(**{**optim.__dict__, "gan_betas": tuple(optim.gan_betas)}),
-           "weighting": WeightingConfig(**{**weighting.__dict__,
-                                           "log_variance_bounds": tuple(weighting.log_variance_bounds)})}
-    )
+    return dataclass_from_mapping(TrainConfig, section, "train")

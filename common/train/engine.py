@@ -160,6 +160,7 @@ class LocalTrainer:
         self.opt_classifier.step()
         if cfg.weighting.enabled:
             self.opt_weights.step()
+            self.weighting.project_()
 
         # (2) G update against the just-updated D and C.
         frozen = (model.discriminator, model.classifier)

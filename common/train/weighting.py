@@ -25,6 +25,8 @@ class WeightingConfig:
     fixed_weights: dict[str, float] = field(default_factory=dict)  # used when disabled (default 1)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "log_variance_bounds", tuple(float(b) for b in self.log_variance_bounds))
+        object.__setattr__(self, "fixed_weights", dict(self.fixed_weights))
         low, high = self.log_variance_bounds
         if not low < high:
             raise ValueError(f"log_variance_bounds must be (low, high) with low < high, got {self.log_variance_bounds}")
@@ -40,6 +42,7 @@ class DynamicLossWeighting(nn.Module):
         self.names = tuple(names)
         self.cfg = cfg
         self.log_vars = nn.Parameter(torch.full((len(names),), float(cfg.init_log_variance)))
+        self.project_()
 
     def _index(self, name: str) -> int:
         try:
@@ -48,8 +51,18 @@ class DynamicLossWeighting(nn.Module):
             raise KeyError(f"loss {name!r} is not weighted; weighted losses: {self.names}") from None
 
     def clamped(self) -> torch.Tensor:
+        """The log-variances (kept inside the bounds by ``project_``)."""
+        return self.log_vars
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put the log-variances back inside ``log_variance_bounds``; call after each optimiser step.
+
+        Projection, not a clamp in the forward pass: a clamped value has zero gradient at the bound,
+        so a log-variance that starts there would never move.
+        """
         low, high = self.cfg.log_variance_bounds
-        return self.log_vars.clamp(low, high)
+        self.log_vars.clamp_(low, high)
 
     def weights(self) -> dict[str, float]:
         """Current multiplier of each loss: exp(-s_i), or the fixed weight when disabled."""
