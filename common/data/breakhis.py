@@ -58,8 +58,7 @@ def patient_id(folder_name: str) -> str:
     return folder_name.rsplit("_", 1)[-1]
 
 
-def scan(breast: Path, mags: tuple[str, ...], label_kind: str
-         ) -> tuple[list[Path], list[str], list[str], list[str]]:
+def scan(breast: Path, mags: tuple[str, ...]) -> tuple[list[Path], list[str], list[str], list[str]]:
     """All images at ``mags``: paths, class folder, tumour type and patient of each."""
     classes = list_subfolders(breast)
     if not classes:
@@ -108,7 +107,7 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> Ima
     label_kind = str(cfg.get("label", "binary"))
     if label_kind not in ("binary", "subtype"):
         raise DataError(f"data.label is {label_kind!r}; expected 'binary' (benign/malignant) or 'subtype'")
-    paths, kinds, types, patients = scan(breast, magnifications(cfg.get("magnification", "40X")), label_kind)
+    paths, kinds, types, patients = scan(breast, magnifications(cfg.get("magnification", "40X")))
     values = kinds if label_kind == "binary" else types
     class_names = _names(values, class_names_option(cfg), "class folders" if label_kind == "binary"
                          else "tumour types", breast)
@@ -132,6 +131,6 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> Ima
 
 
 def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """Split names: train/val/test by patient (val only with data.val_fraction > 0), and ``all``."""
+    """Split names: train/val/test by patient (val only with data.val_fraction > 0; ``all`` loads too)."""
     names = ["train", "test"] if float(cfg.get("val_fraction", 0.0)) <= 0 else ["train", "val", "test"]
-    return {s: s for s in (*names, "all")}
+    return {s: s for s in names}

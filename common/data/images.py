@@ -54,6 +54,6 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """An (H, W, 3) uint8 patch as (size, size, 3) uint8: centre-cropped to a square, then resized."""
     square = center_crop_square(image)
     if square.shape[0] == size and square.shape[1] == size:
-        return np.ascontiguousarray(square)
+        return np.array(square, dtype=np.uint8)  # a writable copy (the source may be a read-only map)
     resized = Image.fromarray(np.ascontiguousarray(square)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    return np.array(resized, dtype=np.uint8)
