@@ -15,7 +15,8 @@ class ModelConfig:
     ``patch_size``-pixel patches with a CLS token; ``classifier_depth`` extra blocks (0: none) sit
     between the trunk and the classification head. The generator is a ViTGAN-style transformer of
     ``generator_depth`` self-modulated blocks whose style comes from ``z_dim`` noise and a
-    ``class_embed_dim`` class embedding through ``mapping_layers`` MLP layers.
+    ``class_embed_dim`` class embedding through ``mapping_layers`` MLP layers; ``z`` also seeds each
+    token through a ``token_noise_dim``-wide map (0: position tokens only).
     """
 
     name: str = "custom"
@@ -33,6 +34,7 @@ class ModelConfig:
     class_embed_dim: int = 32
     style_dim: int = 64
     mapping_layers: int = 2
+    token_noise_dim: int = 8
     qkv_bias: bool = True
     spectral_norm: bool = False
 

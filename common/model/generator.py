@@ -76,6 +76,12 @@ class ViTGenerator(nn.Module):
         dim = cfg.generator_embed_dim
         self.mapping = StyleMapping(cfg.z_dim, num_classes, cfg.class_embed_dim, cfg.style_dim, cfg.mapping_layers)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, dim))
+        # z also seeds each token (a low-rank map), so images of one class differ in layout, not
+        # only in the global style; 0 disables it (pure ViTGAN input of position tokens).
+        self.token_noise_dim = cfg.token_noise_dim
+        if cfg.token_noise_dim > 0:
+            self.noise_to_tokens = nn.Linear(cfg.z_dim, self.grid * self.grid * cfg.token_noise_dim)
+            self.noise_proj = nn.Linear(cfg.token_noise_dim, dim)
         self.blocks = nn.ModuleList(
             ModulatedBlock(dim, cfg.generator_num_heads, cfg.mlp_ratio, cfg.style_dim, cfg.qkv_bias)
             for _ in range(cfg.generator_depth)
@@ -87,6 +93,9 @@ class ViTGenerator(nn.Module):
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         style = self.mapping(z, y)
         x = self.pos_embed.expand(z.shape[0], -1, -1)
+        if self.token_noise_dim > 0:
+            noise = self.noise_to_tokens(z).view(z.shape[0], self.grid * self.grid, self.token_noise_dim)
+            x = x + self.noise_proj(noise)
         for block in self.blocks:
             x = block(x, style)
         patches = self.to_patch(self.norm(x, style))  # (B, g*g, p*p*3)
