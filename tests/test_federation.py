@@ -142,3 +142,22 @@ def test_half_precision_transport_halves_the_bytes(tmp_path: Path) -> None:
     wire = grid16.replies[0].content.array_records["generator"]
     assert {str(wire[k].dtype) for k in wire.keys()} == {"float16"}
     assert np.isfinite(s16["rounds"][0]["global"]["accuracy"])
+
+
+def test_a_hospital_whose_data_fails_validation_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    contexts = {
+        1: Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {}),
+        2: Context(1, 2, {"partition-id": 1, "num-partitions": 2, "site-name": "hospital-b",
+                          "dataset": "pcam", "data-root": str(tmp_path / "missing")}, RecordDict(), {}),
+    }
+    grid = InProcessGrid(client_app, 2, contexts=contexts)
+    _, summary = _run(tmp_path / "run", ["federation.num_sites=2", "federation.rounds=2"], grid=grid)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for entry in summary["rounds"]:
+        assert entry["aggregated"] is True and list(entry["sites"]) == ["site-0"]
+        reasons = {(e["site"], e.get("phase", "train")): e["reason"] for e in entry["excluded"]}
+        assert set(reasons) == {("hospital-b", "train"), ("hospital-b", "evaluate")}
+        assert "data_error" in reasons[("hospital-b", "train")]
+        assert str(tmp_path / "missing") in reasons[("hospital-b", "train")]

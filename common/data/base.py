@@ -16,7 +16,7 @@ def uint8_to_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC uint8 RGB -> CHW float32 in [-1, 1] (the generator's tanh range)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -125,8 +125,8 @@ class ImageFilesDataset(PatchDataset):
             self.hospitals = None if self.hospitals is None else self.hospitals[keep]
             self.groups = None if self.groups is None else self.groups[keep]
             shown = ", ".join(self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
-            self.warnings = (*self.warnings, f"skipped {len(self.skipped)} unreadable image file(s) "
-                             f"(data.skip_corrupt=true): {shown}")
+            note = f"skipped {len(self.skipped)} unreadable image file(s) (data.skip_corrupt=true): {shown}"
+            self.warnings = (*self.warnings, note)
 
     def path(self, index: int) -> Path:
         """The file of patch ``index``."""

@@ -75,7 +75,7 @@ def npz_array(path: Path, key: str, cache_dir: str | None = None) -> np.ndarray:
                     return np.empty(shape, dtype, order=order)
                 if info.compress_type == zipfile.ZIP_STORED:
                     return np.memmap(path, dtype, "r", _data_offset(path, info) + header_len, shape, order)
-                spool = tempfile.TemporaryFile(dir=cache_dir)
+                spool = tempfile.TemporaryFile(dir=cache_dir)  # noqa: SIM115 (the map keeps it alive)
                 while chunk := member.read(CHUNK_BYTES):
                     spool.write(chunk)
                 spool.flush()

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, to_plain
 import common.data.partition as partitioning
+from common.config import ConfigError, to_plain
 from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam
 from common.data.base import PatchDataset, PatchSubset
 from common.data.errors import DataError
@@ -45,8 +45,8 @@ PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural", "none"
 def _loader(cfg: Mapping[str, Any]) -> ModuleType:
     name = cfg.get("name")
     if name not in LOADERS:
-        raise ConfigError(f"data.name {name!r} is not a known data set; choose one of "
-                          f"{sorted(LOADERS) + ['synthetic']}")
+        raise ConfigError(f"data.name {name!r} is not a known data set; choose one of {sorted(LOADERS)} "
+                          f"(files under data.root) or 'synthetic' (generated, no files)")
     return LOADERS[str(name)]
 
 
