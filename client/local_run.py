@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,11 @@ from common.data.sites import SiteData, load_site_data
 from common.evaluation import evaluate_classifier
 from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
 from common.records import arrayrecord_to_tensors, from_arrayrecord, tensors_to_arrayrecord, to_arrayrecord
+from common.privacy.accounting import build_plan
+from common.privacy.budget import HospitalPrivacy, private_train_config, shared_train_metrics
+from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
+from common.privacy.wiring import DPTraining
 from common.train import LocalTrainer, train_config
 
 logger = logging.getLogger("fedvitgan.client")
@@ -126,27 +132,53 @@ class LocalRun:
     # ------------------------------------------------------------- actions
     def train(self) -> RecordDict:
         data = site_data(self.run, self.site)
+        pcfg = privacy_config(self.run.get("privacy"))
+        tcfg = private_train_config(train_config(self.run["train"]), pcfg)
+        if len(data.train) < 2:
+            raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
+        labelled = int((data.train.labels >= 0).sum())
+        batch = min(tcfg.batch_size, len(data.train))
+        privacy = self._privacy(pcfg, data, labelled, batch, tcfg.local_steps) if pcfg.enabled else None
         model = self._model(data.train.num_classes)
-        tcfg = train_config(self.run["train"])
+        dp = DPTraining(model, privacy.plan, pcfg.seed) if privacy is not None else None
         trainer = LocalTrainer(model, tcfg, seed=int(self.run["seed"]) * 1000 + self.site.site_id,
-                               class_names=data.class_names, device=self.site.device)
+                               class_names=data.class_names, device=self.site.device, privacy=dp)
         saved = self._saved_local()
         if saved is not None:
             trainer.load_state_dict(saved[1])
-        if len(data.train) < 2:
-            raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
-        batch = min(tcfg.batch_size, len(data.train))
-        loader = DataLoader(
-            data.train, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
-            generator=torch.Generator().manual_seed(int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round),
-        )
+        check = None
+        if privacy is not None and dp is not None:
+            # This run's history: the larger of the local state's and the ledger's (never fewer steps).
+            privacy = HospitalPrivacy.open(privacy.plan, privacy.ledger, privacy.dataset, privacy.description,
+                                           privacy.run_id, self.server_round, dp.history)
+            dp.history = list(privacy.run)
+            check = privacy.check_budget()  # BEFORE any training: history copy + planned steps
+            if check.exhausted:
+                logger.warning("%s round %d: %s", self.site.name, self.server_round, check.message)
+                record = ConfigRecord({protocol.SITE_NAME: self.site.name,
+                                       protocol.STATUS: protocol.STATUS_BUDGET_EXHAUSTED,
+                                       protocol.STATUS_MESSAGE: check.message})
+                return RecordDict({protocol.METRICS: MetricRecord(privacy.metrics(0, check)), protocol.SITE: record})
+            loader = dp.poisson_loader(data.train, tcfg.local_steps)
+        else:
+            loader = DataLoader(
+                data.train, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                generator=torch.Generator().manual_seed(int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round),
+            )
         metrics = trainer.train_round(loader, tcfg.local_steps)
-        self._save_local(trainer, model)
-        labelled = int((data.train.labels >= 0).sum())
         flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
+        if privacy is not None and dp is not None:
+            # Into the ledger before anything trained this round can leave the hospital.
+            privacy.record_round(dp.history, dp.round_steps)
+            flat = shared_train_metrics(flat, pcfg)
+            flat.update(privacy.metrics(dp.round_steps, check))
+        self._save_local(trainer, model)
         flat.update({protocol.REAL_EXAMPLES: len(data.train), protocol.LABELLED_EXAMPLES: labelled,
                      protocol.GENERATOR_STEPS: metrics.steps})
-        content = RecordDict({protocol.METRICS: MetricRecord(flat), protocol.SITE: self._site_record(data)})
+        # scope=discriminator: class counts are real-data statistics outside the DP-SGD; not sent.
+        share_counts = not (pcfg.enabled and pcfg.scope == "discriminator")
+        content = RecordDict({protocol.METRICS: MetricRecord(flat),
+                              protocol.SITE: self._site_record(data if share_counts else None)})
         state = model.state_dict()
         for group in GROUPS:
             if group not in self.local_groups:
@@ -155,6 +187,14 @@ class LocalRun:
         logger.info("%s round %d: %d steps, %.1f images/s", self.site.name, self.server_round, metrics.steps,
                     metrics.images_per_second)
         return content
+
+    def _privacy(self, pcfg: PrivacyConfig, data: SiteData, labelled: int, batch: int, steps: int) -> HospitalPrivacy:
+        """The hospital's DP plan and ledger for this round (its history is restored in ``train``)."""
+        plan = build_plan(pcfg, len(data.train), labelled, batch, steps, int(self.run["federation"]["rounds"]))
+        folder = Path(pcfg.ledger_dir).expanduser() / self.site.name if pcfg.ledger_dir else self.site.state_dir
+        dataset, description = dataset_fingerprint(self.site.data, self.site.site_id, int(self.run["seed"]))
+        run_id = str(self.run.get("output_dir") or "run")
+        return HospitalPrivacy(plan, PrivacyLedger.in_folder(folder), dataset, description, run_id, self.server_round)
 
     def evaluate(self) -> RecordDict:
         data = site_data(self.run, self.site)

@@ -29,6 +29,30 @@ WEIGHT_KEYS = {
 
 #: Site ConfigRecord entries.
 SITE_NAME = "name"
-STATUS = "status"  # "ok" | "data_error" | "error"
+STATUS = "status"  # "ok" | "data_error" | "error" | "budget_exhausted"
 STATUS_MESSAGE = "message"
 CLASS_COUNTS_JSON = "class-counts-json"
+
+#: Site status of a hospital whose privacy budget would be exceeded by the coming round.
+STATUS_BUDGET_EXHAUSTED = "budget_exhausted"
+
+#: Differential-privacy entries of a train reply's MetricRecord (privacy.enabled=true). Epsilons are
+#: at dp/delta by the configured accountant; "epsilon" and "steps_total" are this run's (cumulative
+#: over its rounds), "lifetime" adds every earlier run on the same data set (the hospital's ledger).
+DP_EPSILON = "dp/epsilon"
+DP_EPSILON_LIFETIME = "dp/epsilon_lifetime"
+DP_DELTA = "dp/delta"
+DP_NOISE_MULTIPLIER = "dp/noise_multiplier"
+DP_SAMPLE_RATE = "dp/sample_rate"
+DP_MAX_GRAD_NORM = "dp/max_grad_norm"
+DP_EXPECTED_BATCH = "dp/expected_batch"
+DP_STEPS_ROUND = "dp/steps_round"
+DP_STEPS_TOTAL = "dp/steps_total"
+DP_STEPS_LIFETIME = "dp/steps_lifetime"
+DP_MAX_EPSILON = "dp/max_epsilon"
+DP_WOULD_BE_EPSILON = "dp/would_be_epsilon"
+DP_BUDGET_EXHAUSTED = "dp/budget_exhausted"
+#: This run's accountant history as three parallel lists (noise multiplier, sample rate, steps).
+DP_HISTORY_NOISE = "dp/history_noise_multiplier"
+DP_HISTORY_RATE = "dp/history_sample_rate"
+DP_HISTORY_STEPS = "dp/history_steps"

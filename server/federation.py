@@ -47,6 +47,19 @@ def _progress(text: str) -> None:
     logger.debug(text)
 
 
+def _privacy_report(run_dir: Path) -> None:
+    """The privacy-budget report of a run with DP on (privacy/ in the run folder)."""
+    from common.privacy.report import write_privacy_report
+
+    try:
+        paths = write_privacy_report(run_dir)
+    except Exception:  # the run itself is done and saved; say why the report is missing
+        logger.exception("could not write the privacy report")
+        _progress(f"privacy report FAILED (see the log); retry with: fedvitgan privacy-report {run_dir}")
+        return
+    _progress(f"privacy report: {paths['md']}")
+
+
 def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path:
     """Run (or resume) ``run['federation']['rounds']`` rounds; returns the run folder."""
     run_dir = Path(run_dir)
@@ -130,6 +143,7 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
             "sites": sites,
             "aggregated": train.aggregated,
             "excluded": train.excluded + ([{**e, "phase": "evaluate"} for e in evaluate.excluded] if evaluate else []),
+            "budget_exhausted": train.budget_exhausted,
             "bytes": {
                 "train_to_sites": train.bytes_to_sites,
                 "train_from_sites": train.bytes_from_sites,
@@ -141,8 +155,11 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
         shown = "  ".join(f"{k} {global_metrics[k]:.3f}" for k in METRIC_NAMES
                           if k in global_metrics and np.isfinite(global_metrics[k]))
         excluded = len(summary.data["rounds"][-1]["excluded"])
-        _progress(f"[round {rnd}/{total_rounds}] {len(train.sites)} hospitals aggregated, {excluded} left out, "
+        stopped = f" ({len(train.budget_exhausted)} at their privacy budget)" if train.budget_exhausted else ""
+        _progress(f"[round {rnd}/{total_rounds}] {len(train.sites)} hospitals aggregated, {excluded} left out{stopped}, "
                   f"{seconds:.1f} s  |  global: {shown or 'no evaluation'}")
     summary.set("completed_rounds", max([r["round"] for r in summary.data.get("rounds", [])], default=0))
+    if (run.get("privacy") or {}).get("enabled"):
+        _privacy_report(run_dir)
     _progress(f"run folder: {run_dir}")
     return run_dir

@@ -48,7 +48,7 @@ def site_name(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _finite_metrics(msg: Message, required: Sequence[str]) -> dict[str, float]:
+def _finite_metrics(msg: Message, required: Sequence[str]) -> dict[str, Any]:
     if protocol.METRICS not in msg.content.metric_records:
         raise ReplyError("no metrics record")
     metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
@@ -58,7 +58,25 @@ def _finite_metrics(msg: Message, required: Sequence[str]) -> dict[str, float]:
         value = float(metrics[key])  # type: ignore[arg-type]
         if not math.isfinite(value) or value < 0:
             raise ReplyError(f"metric {key!r} is {value}; expected a finite number >= 0")
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    kept: dict[str, Any] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    # Lists of numbers (e.g. a hospital's privacy accountant history) are kept as lists of floats.
+    kept.update({k: [float(x) for x in v] for k, v in metrics.items()
+                 if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)})
+    return kept
+
+
+def budget_exhausted_metrics(msg: Message) -> dict[str, Any] | None:
+    """A reply whose hospital stopped for its privacy budget: its metrics (else None)."""
+    if msg.has_error():
+        return None
+    site = msg.content.config_records.get(protocol.SITE)
+    if site is None or str(site.get(protocol.STATUS, "")) != protocol.STATUS_BUDGET_EXHAUSTED:
+        return None
+    try:
+        metrics = _finite_metrics(msg, [])
+    except ReplyError:
+        metrics = {}
+    return {"site": site_name(msg), "message": str(site.get(protocol.STATUS_MESSAGE, "")), **metrics}
 
 
 def check_status(msg: Message) -> None:

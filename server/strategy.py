@@ -26,7 +26,14 @@ from common.aggregate import aggregate_groups
 from common.evaluation import METRIC_NAMES
 from common.model import GROUPS
 from common.records import payload_bytes, to_arrayrecord
-from server.replies import ReplyError, SiteReply, check_evaluate_reply, check_train_reply, site_name
+from server.replies import (
+    ReplyError,
+    SiteReply,
+    budget_exhausted_metrics,
+    check_evaluate_reply,
+    check_train_reply,
+    site_name,
+)
 
 logger = logging.getLogger("fedvitgan.server")
 
@@ -53,6 +60,9 @@ class RoundRecord:
     bytes_from_sites: int = 0
     class_counts: dict[str, Any] = field(default_factory=dict)
     aggregated: bool = False
+    #: Hospitals that did not train because the round would exceed their privacy budget (their
+    #: reply's site name, message and DP metrics); they are also in ``excluded``.
+    budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
 
 
 class GroupedFedAvg(Strategy):
@@ -138,6 +148,9 @@ class GroupedFedAvg(Strategy):
         sent_reference = {g: self.reference[g] for g in self.sent_groups}
         valid: list[SiteReply] = []
         for msg in replies:
+            stopped = budget_exhausted_metrics(msg)
+            if stopped is not None:
+                record.budget_exhausted.append(stopped)
             try:
                 reply = check_train_reply(msg, sent_reference, self.transport, weight_keys)
             except (ReplyError, ValueError, KeyError, TypeError) as error:

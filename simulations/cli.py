@@ -18,6 +18,7 @@ USAGE = __doc__ or ""
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "main"),
     "certs": ("simulations.certs", "main"),
+    "privacy-report": ("simulations.privacy_report", "main"),
 }
 
 

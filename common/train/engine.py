@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
 from common.train.selection import SampleSelector
 from common.train.weighting import DynamicLossWeighting
+
+if TYPE_CHECKING:
+    from common.privacy.wiring import DPTraining
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -90,6 +94,7 @@ class LocalTrainer:
         seed: int = 0,
         class_names: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
+        privacy: DPTraining | None = None,
     ) -> None:
         self.model = model.to(device)
         self.cfg = cfg
@@ -112,6 +117,8 @@ class LocalTrainer:
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
         self.rng = torch.Generator().manual_seed(int(seed))
         self.global_step = 0
+        # DP-SGD on the covered parameters (common/privacy/wiring.py); None: no DP.
+        self.privacy = privacy
 
     # ----------------------------------------------------------------- one step
     def _balanced_labels(self, n: int) -> torch.Tensor:
@@ -123,8 +130,31 @@ class LocalTrainer:
             for p in module.parameters():
                 p.requires_grad_(flag)
 
+    def _generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's update against the current D and C (adversarial + AC-GAN loss); returns both losses."""
+        model, cfg = self.model, self.cfg
+        frozen = (model.discriminator, model.classifier)
+        self._set_requires_grad(frozen, False)
+        try:
+            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), fake_labels)
+            adv_g = generator_loss(out_fake.score, cfg.adversarial_loss)
+            aux = F.cross_entropy(out_fake.logits, fake_labels)
+            loss_g = adv_g + cfg.aux_generated_weight * aux
+            self.opt_generator.zero_grad(set_to_none=True)
+            loss_g.backward()
+            if cfg.grad_clip_norm:
+                nn.utils.clip_grad_norm_(model.generator.parameters(), cfg.grad_clip_norm)
+            self.opt_generator.step()
+        finally:
+            self._set_requires_grad(frozen, True)
+        return adv_g, aux
+
     def unified_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One unified step on a real batch; returns this step's losses and selection counts."""
+        if self.privacy is not None:
+            from common.privacy.step import dp_unified_step  # DP-SGD variant (common/privacy)
+
+            return dp_unified_step(self, real, labels)
         model, cfg = self.model, self.cfg
         real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         b = real.shape[0]
@@ -163,20 +193,7 @@ class LocalTrainer:
             self.weighting.project_()
 
         # (2) G update against the just-updated D and C.
-        frozen = (model.discriminator, model.classifier)
-        self._set_requires_grad(frozen, False)
-        try:
-            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), fake_labels)
-            adv_g = generator_loss(out_fake.score, cfg.adversarial_loss)
-            aux = F.cross_entropy(out_fake.logits, fake_labels)
-            loss_g = adv_g + cfg.aux_generated_weight * aux
-            self.opt_generator.zero_grad(set_to_none=True)
-            loss_g.backward()
-            if cfg.grad_clip_norm:
-                nn.utils.clip_grad_norm_(model.generator.parameters(), cfg.grad_clip_norm)
-            self.opt_generator.step()
-        finally:
-            self._set_requires_grad(frozen, True)
+        adv_g, aux = self._generator_step(fake, fake_labels)
 
         self.global_step += 1
         step = {
@@ -237,6 +254,8 @@ class LocalTrainer:
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
         state["rng"] = self.rng.get_state().clone()
         state["global_step"] = torch.tensor(self.global_step, dtype=torch.long)
+        if self.privacy is not None:
+            state.update({f"privacy.{k}": v for k, v in self.privacy.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -260,3 +279,5 @@ class LocalTrainer:
         )
         self.rng.set_state(state["rng"].clone().to(torch.uint8))
         self.global_step = int(state["global_step"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict({k[len("privacy."):]: v for k, v in state.items() if k.startswith("privacy.")})
