@@ -20,12 +20,17 @@ from common.config import ConfigError, dataclass_from_mapping
 from common.data.sites import SiteData, load_site_data
 from common.evaluation import evaluate_classifier
 from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
-from common.records import arrayrecord_to_tensors, from_arrayrecord, tensors_to_arrayrecord, to_arrayrecord
-from common.privacy.accounting import build_plan
+from common.privacy.accounting import History, PrivacyPlan, build_plan
 from common.privacy.budget import HospitalPrivacy, private_train_config, shared_train_metrics
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import DPTraining
+from common.records import (
+    arrayrecord_to_tensors,
+    from_arrayrecord,
+    tensors_to_arrayrecord,
+    to_arrayrecord,
+)
 from common.train import LocalTrainer, train_config
 
 logger = logging.getLogger("fedvitgan.client")
@@ -138,20 +143,24 @@ class LocalRun:
             raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
         labelled = int((data.train.labels >= 0).sum())
         batch = min(tcfg.batch_size, len(data.train))
-        privacy = self._privacy(pcfg, data, labelled, batch, tcfg.local_steps) if pcfg.enabled else None
+        plan = None
+        if pcfg.enabled:
+            plan = build_plan(pcfg, len(data.train), labelled, batch, tcfg.local_steps,
+                              int(self.run["federation"]["rounds"]))
         model = self._model(data.train.num_classes)
-        dp = DPTraining(model, privacy.plan, pcfg.seed) if privacy is not None else None
+        dp = None
+        if plan is not None:
+            seed = None if pcfg.seed is None else int(pcfg.seed) * 1000 + self.site.site_id  # tests only
+            dp = DPTraining(model, plan, seed)
         trainer = LocalTrainer(model, tcfg, seed=int(self.run["seed"]) * 1000 + self.site.site_id,
                                class_names=data.class_names, device=self.site.device, privacy=dp)
         saved = self._saved_local()
         if saved is not None:
-            trainer.load_state_dict(saved[1])
-        check = None
-        if privacy is not None and dp is not None:
-            # This run's history: the larger of the local state's and the ledger's (never fewer steps).
-            privacy = HospitalPrivacy.open(privacy.plan, privacy.ledger, privacy.dataset, privacy.description,
-                                           privacy.run_id, self.server_round, dp.history)
-            dp.history = list(privacy.run)
+            trainer.load_state_dict(saved[1])  # with DP: this run's accountant history and RNG states
+        check, privacy = None, None
+        if plan is not None and dp is not None:
+            privacy = self._privacy(pcfg, plan, dp.history)
+            dp.history = list(privacy.run)  # the larger of the local state's and the ledger's history
             check = privacy.check_budget()  # BEFORE any training: history copy + planned steps
             if check.exhausted:
                 logger.warning("%s round %d: %s", self.site.name, self.server_round, check.message)
@@ -188,13 +197,13 @@ class LocalRun:
                     metrics.images_per_second)
         return content
 
-    def _privacy(self, pcfg: PrivacyConfig, data: SiteData, labelled: int, batch: int, steps: int) -> HospitalPrivacy:
-        """The hospital's DP plan and ledger for this round (its history is restored in ``train``)."""
-        plan = build_plan(pcfg, len(data.train), labelled, batch, steps, int(self.run["federation"]["rounds"]))
+    def _privacy(self, pcfg: PrivacyConfig, plan: PrivacyPlan, state_history: History) -> HospitalPrivacy:
+        """The hospital's ledger (its state folder, or privacy.ledger_dir/<site>) and this run's
+        history restored from the local state and the ledger."""
         folder = Path(pcfg.ledger_dir).expanduser() / self.site.name if pcfg.ledger_dir else self.site.state_dir
         dataset, description = dataset_fingerprint(self.site.data, self.site.site_id, int(self.run["seed"]))
-        run_id = str(self.run.get("output_dir") or "run")
-        return HospitalPrivacy(plan, PrivacyLedger.in_folder(folder), dataset, description, run_id, self.server_round)
+        return HospitalPrivacy.open(plan, PrivacyLedger.in_folder(folder), dataset, description,
+                                    str(self.run.get("output_dir") or "run"), self.server_round, state_history)
 
     def evaluate(self) -> RecordDict:
         data = site_data(self.run, self.site)

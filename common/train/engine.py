@@ -6,6 +6,8 @@ One unified step, on a real batch and a class-balanced generated batch:
      are balanced by the dynamic loss weighting. One backward serves D, C and the log-variances.
   2. G update: adversarial loss plus the AC-GAN cross-entropy of C on G's images.
 G runs forward once per step; its images are detached for step 1 and re-scored for step 2.
+With ``privacy`` (DP-SGD, privacy.enabled=true) the step is ``common.privacy.step.dp_unified_step``:
+Poisson real batches, per-sample clipping and noise on the covered parameters, every step counted.
 """
 
 from __future__ import annotations

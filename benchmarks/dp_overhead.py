@@ -1,0 +1,98 @@
+"""DP-SGD overhead of the unified step: no DP vs DP on the classifier head vs DP on the discriminator.
+
+All three run interleaved in one process (alternating blocks, so drift in machine load hits each),
+on the same preset, batch and input, and each is timed per step; the medians are compared. The DP
+steps use the real mechanism (``common/privacy``: per-sample gradients with torch.func, clipping,
+Gaussian noise, accounting); the real batch has the expected size B on every step, so the three
+do the same amount of work per step (Poisson batches only vary around B).
+
+    python benchmarks/dp_overhead.py [--preset tiny] [--batch-size 32] [--steps 40]
+
+Ends with the line ``dp-head/no-dp step time ratio: R`` (target: <= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.model import build_model, model_preset  # noqa: E402
+from common.privacy.accounting import build_plan  # noqa: E402
+from common.privacy.budget import private_train_config  # noqa: E402
+from common.privacy.config import PrivacyConfig  # noqa: E402
+from common.privacy.wiring import DPTraining  # noqa: E402
+from common.train import LocalTrainer, TrainConfig  # noqa: E402
+
+KINDS = {"no-dp": None, "dp-head": "classifier", "dp-discriminator": "discriminator"}
+
+
+def _make(scope: str | None, preset: str, batch: int, num_classes: int, device: torch.device):
+    model = build_model(model_preset(preset), num_classes, seed=0)
+    cfg = TrainConfig(batch_size=batch)
+    dp = None
+    if scope is not None:
+        pcfg = PrivacyConfig(enabled=True, scope=scope)
+        cfg = private_train_config(cfg, pcfg)
+        plan = build_plan(pcfg, num_examples=100 * batch, num_labelled=100 * batch, batch_size=batch,
+                          steps_per_round=cfg.local_steps, planned_rounds=1)
+        dp = DPTraining(model, plan, seed=0)
+    trainer = LocalTrainer(model, cfg, seed=0, device=device, privacy=dp)
+    trainer.global_step = trainer.cfg.selection.warmup_steps  # time the full step, selection active
+    return trainer.unified_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="model preset in conf/model (default: tiny)")
+    parser.add_argument("--batch-size", type=int, default=32, help="real images per step (default: 32)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind (default: 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first (default: 5)")
+    parser.add_argument("--block", type=int, default=5, help="steps per alternating block (default: 5)")
+    parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    steps = {kind: _make(scope, args.preset, args.batch_size, args.num_classes, device) for kind, scope in KINDS.items()}
+    gen = torch.Generator().manual_seed(0)
+    size = model_preset(args.preset).image_size
+    images = (torch.rand(args.batch_size, 3, size, size, generator=gen) * 2 - 1).to(device)
+    labels = (torch.arange(args.batch_size) % args.num_classes).to(device)
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step(images, labels)
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+    while min(len(t) for t in times.values()) < args.steps:
+        for kind, step in steps.items():
+            for _ in range(args.block):
+                _sync(device)
+                start = time.perf_counter()
+                step(images, labels)
+                _sync(device)
+                times[kind].append(time.perf_counter() - start)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, blocks of {args.block}")
+    medians = {kind: statistics.median(t[: args.steps]) for kind, t in times.items()}
+    for kind, median in medians.items():
+        print(f"{kind:>16} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s")
+    print(f"dp-discriminator/no-dp step time ratio: {medians['dp-discriminator'] / medians['no-dp']:.2f}")
+    print(f"dp-head/no-dp step time ratio: {medians['dp-head'] / medians['no-dp']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""``conf/privacy/default.yaml`` as a typed, validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import ConfigError, dataclass_from_mapping
+
+SCOPES = ("classifier", "discriminator")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD at each hospital; every key is documented in ``conf/privacy/default.yaml``."""
+
+    enabled: bool = False
+    scope: str = "classifier"
+    noise_multiplier: float | None = 1.0
+    target_epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    max_epsilon: float | None = None
+    ledger_dir: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.delta is not None and not 0.0 < float(self.delta) < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.max_epsilon is not None and not float(self.max_epsilon) > 0:
+            raise ValueError(f"max_epsilon must be > 0 or null, got {self.max_epsilon}")
+        if self.noise_multiplier is not None and not float(self.noise_multiplier) > 0:
+            raise ValueError(f"noise_multiplier must be > 0 (or null with target_epsilon), got {self.noise_multiplier}")
+        if self.target_epsilon is not None and not float(self.target_epsilon) > 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.enabled:
+            if self.noise_multiplier is None and self.target_epsilon is None:
+                raise ValueError("set noise_multiplier, or noise_multiplier=null and target_epsilon")
+            if self.noise_multiplier is not None and self.target_epsilon is not None:
+                raise ValueError("noise_multiplier and target_epsilon are both set: set noise_multiplier=null "
+                                 "to derive the noise from target_epsilon, or target_epsilon=null")
+
+    @property
+    def covered_groups(self) -> tuple[str, ...]:
+        """Parameter groups whose real-image gradients get per-sample clipping and noise."""
+        return ("classifier",) if self.scope == "classifier" else ("discriminator", "classifier")
+
+
+def privacy_config(section: Any) -> PrivacyConfig:
+    """Build a PrivacyConfig from the ``privacy`` config section (absent: DP off)."""
+    if section is None:
+        return PrivacyConfig()
+    cfg = dataclass_from_mapping(PrivacyConfig, section, "privacy")
+    floats = {k: (None if getattr(cfg, k) is None else float(getattr(cfg, k)))
+              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon")}
+    try:
+        return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm)})
+    except ValueError as error:
+        raise ConfigError(f"privacy: {error}") from error

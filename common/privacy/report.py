@@ -1,0 +1,330 @@
+"""The privacy-budget report of a run: ``privacy/report.md``, ``report.json`` and ``epsilon.png``.
+
+Everything comes from the run folder: ``summary.json`` (each hospital's DP metrics per round,
+including its accountant history, and the budget stops), and, where the hospitals' state folders
+are reachable (a simulation), their privacy ledgers for the lifetime figures. Epsilons are per
+hospital: they are never added up across hospitals (each bounds what one hospital's own patches
+reveal; the hospitals' data sets are disjoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common import protocol
+from common.privacy.accounting import (
+    MECHANISM,
+    NEIGHBOURING,
+    SAMPLING,
+    compact,
+    epsilon,
+    epsilons,
+    total_steps,
+)
+from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.ledger import FILENAME, LedgerError, PrivacyLedger
+
+NO_END_TO_END = (
+    "No end-to-end guarantee. The epsilon bounds only what the classifier head's DP-SGD updates reveal, "
+    "given the discriminator trunk and the generator. Those are trained on the same real patches without "
+    "differential privacy and are shared as well, so the released model as a whole has no formal "
+    "differential-privacy guarantee: do not describe this run as private. For a guarantee that covers "
+    "every shared group, run with privacy.scope=discriminator."
+)
+DISCRIMINATOR_GUARANTEE = (
+    "(epsilon, delta)-DP at the level of one training patch for everything this hospital shares through its "
+    "model updates: every discriminator and classifier parameter that a real patch's gradient reaches is "
+    "trained with DP-SGD, and the generator, which sees real patches only through the discriminator, is "
+    "private by post-processing. The real-data side channels are closed as listed below."
+)
+
+COVERAGE: dict[str, dict[str, Any]] = {
+    "classifier": {
+        "covered_groups": ["classifier"],
+        "covered": {
+            "classifier": "DP-SGD on the classifier head's real-patch gradients (per-sample clipping, Gaussian noise), "
+                          "with the trunk's features taken as given",
+        },
+        "not_covered_groups": ["generator", "discriminator"],
+        "not_covered": {
+            "discriminator": "trained on this hospital's real patches with ordinary, non-private gradients and sent "
+                             "to the server every round: its weights can reveal training patches directly, and the "
+                             "head's epsilon is conditional on it",
+            "generator": "trained against that non-private discriminator and sent every round: what it learns "
+                         "about the real patches is not bounded",
+        },
+        "side_channels": {
+            "loss weights": "learned from real-patch losses without DP (local state, steers the head's training): "
+                            "not covered",
+            "class centroids": "real-feature centroids steer which generated images teach the classifier, without "
+                               "DP: not covered",
+            "train metrics and class counts": "real-image losses, realised batch sizes and per-class counts are "
+                                              "sent without DP: not covered",
+        },
+        "end_to_end_guarantee": False,
+        "statement": NO_END_TO_END,
+    },
+    "discriminator": {
+        "covered_groups": ["discriminator", "classifier", "generator"],
+        "covered": {
+            "discriminator": "DP-SGD on every parameter (trunk, adversarial head, class projection) for the real "
+                             "patches' gradients",
+            "classifier": "DP-SGD on every parameter for the real patches' gradients",
+            "generator": "private by post-processing: it never sees a real patch, only the private discriminator "
+                         "and classifier",
+        },
+        "not_covered_groups": [],
+        "not_covered": {},
+        "side_channels": {
+            "loss weights": "disabled: fixed weights (learned ones would be fitted to real-patch losses)",
+            "class centroids": "disabled: generated images are selected by the private classifier's confidence "
+                               "alone",
+            "train metrics": "real-image losses and realised batch sizes are left out of the reply",
+            "class counts": "not sent",
+            "assumed public": "the number of training patches n and of labelled ones (aggregation weights; n sets "
+                              "the sampling rate), the configuration, and the wall-clock time of a round",
+            "evaluation": "metrics on the held-out split are computed on other patches than the training split "
+                          "this guarantee is about",
+        },
+        "end_to_end_guarantee": True,
+        "statement": DISCRIMINATOR_GUARANTEE,
+    },
+}
+
+
+RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded once from the "
+              "OS's CSPRNG and kept secret at the hospital (its local state); this is not Opacus' secure_mode, so "
+              "floating-point and generator-state attacks on the noise are not mitigated")
+SEEDED = ("privacy.seed is set: the noise is reproducible by anyone who knows the seed (it is in the run "
+          "configuration), so this run has NO privacy guarantee; privacy.seed is for tests only")
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _history(metrics: dict[str, Any]) -> list[tuple[float, float, int]]:
+    noise = metrics.get(protocol.DP_HISTORY_NOISE) or []
+    rate = metrics.get(protocol.DP_HISTORY_RATE) or []
+    steps = metrics.get(protocol.DP_HISTORY_STEPS) or []
+    return compact(zip(noise, rate, (round(float(s)) for s in steps)))
+
+
+def _ledger_folder(config: dict[str, Any], run_dir: Path, site: str) -> Path:
+    """Where a simulated hospital kept its ledger (as ``client.site`` resolves its state folder)."""
+    ledger_dir = (config.get("privacy") or {}).get("ledger_dir")
+    if ledger_dir:
+        return Path(str(ledger_dir)).expanduser() / site
+    state_root = (config.get("federation") or {}).get("state_dir")
+    return (Path(str(state_root)).expanduser() if state_root else run_dir / "sites") / site
+
+
+def _lifetime_from_ledger(path: Path, run_id: str, delta: float, kind: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = PrivacyLedger(path).load()
+    except LedgerError:
+        return None
+    for key, record in data["datasets"].items():
+        entries = record.get("entries", [])
+        if any(e.get("run") == run_id for e in entries):
+            history = PrivacyLedger(path).history(key)
+            runs = sorted({str(e.get("run")) for e in entries})
+            return {"steps_total": total_steps(history), "epsilon": epsilon(history, delta, kind),
+                    "source": str(path), "dataset": key, "description": record.get("description", {}),
+                    "runs": len(runs)}
+    return None
+
+
+def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: list[tuple[int, dict[str, Any]]],
+                cfg: PrivacyConfig, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One hospital's entry of report.json."""
+    latest = max([*trained, *stopped], key=lambda item: item[0])[1]
+    history = _history(latest)
+    delta = _finite(latest.get(protocol.DP_DELTA)) or 0.0
+    both = epsilons(history, delta) if history else {"rdp": 0.0, "prv": 0.0}
+    reported = max([_finite(m.get(protocol.DP_EPSILON)) or 0.0 for _, m in [*trained, *stopped]], default=0.0)
+    configured = max(both[cfg.accountant], reported)  # never report less than the hospital did
+    lifetime_reported = {
+        "steps_total": int(_finite(latest.get(protocol.DP_STEPS_LIFETIME)) or 0),
+        "epsilon": max(_finite(m.get(protocol.DP_EPSILON_LIFETIME)) or 0.0 for _, m in [*trained, *stopped]),
+        "source": "the hospital's replies",
+    }
+    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name) / FILENAME, str(config.get("output_dir")),
+                                   delta, cfg.accountant) if delta > 0 else None
+    lifetime = lifetime_reported
+    if ledger is not None:
+        lifetime = {**ledger, "epsilon": max(ledger["epsilon"], lifetime_reported["epsilon"]),
+                    "steps_total": max(ledger["steps_total"], lifetime_reported["steps_total"])}
+    coverage = COVERAGE[cfg.scope]
+    max_epsilon = _finite(latest.get(protocol.DP_MAX_EPSILON))
+    return {
+        "mechanism": MECHANISM,
+        "scope": cfg.scope,
+        "noise_multiplier": _finite(latest.get(protocol.DP_NOISE_MULTIPLIER)),
+        "max_grad_norm": _finite(latest.get(protocol.DP_MAX_GRAD_NORM)),
+        "sample_rate": _finite(latest.get(protocol.DP_SAMPLE_RATE)),
+        "expected_batch": _finite(latest.get(protocol.DP_EXPECTED_BATCH)),
+        "delta": delta,
+        "accountant": cfg.accountant,
+        "steps_per_round": int((config.get("train") or {}).get("local_steps", 0)),
+        "steps_total": total_steps(history),
+        "epsilon": configured,
+        "epsilon_rdp": both["rdp"],
+        "epsilon_prv": both["prv"],
+        "history": [list(e) for e in history],
+        "neighbouring_relation": NEIGHBOURING,
+        "sampling": SAMPLING,
+        "covered_groups": list(coverage["covered_groups"]),
+        "covered": dict(coverage["covered"]),
+        "not_covered_groups": list(coverage["not_covered_groups"]),
+        "not_covered": dict(coverage["not_covered"]),
+        "side_channels": {**coverage["side_channels"], "randomness": SEEDED if cfg.seed is not None else RANDOMNESS},
+        "end_to_end_guarantee": coverage["end_to_end_guarantee"] and cfg.seed is None,
+        "max_epsilon": max_epsilon,
+        "budget_exhausted": bool(stopped),
+        "budget_exhausted_rounds": [r for r, _ in stopped],
+        "budget_message": str(stopped[0][1].get("message", "")) if stopped else "",
+        "rounds": [{"round": r, "steps": int(_finite(m.get(protocol.DP_STEPS_ROUND)) or 0),
+                    "epsilon": _finite(m.get(protocol.DP_EPSILON)),
+                    "epsilon_lifetime": _finite(m.get(protocol.DP_EPSILON_LIFETIME))} for r, m in trained],
+        "lifetime": lifetime,
+    }
+
+
+def build_report(run_dir: Path | str) -> dict[str, Any]:
+    """report.json's content for the run in ``run_dir``."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found: is {run_dir} a fedvitgan run folder?")
+    summary = json.loads(summary_path.read_text())
+    config = summary.get("config", {})
+    cfg = privacy_config(config.get("privacy"))
+    report: dict[str, Any] = {"run": str(run_dir), "enabled": cfg.enabled, "scope": cfg.scope,
+                              "accountant": cfg.accountant, "max_epsilon": cfg.max_epsilon,
+                              "rounds": len(summary.get("rounds", [])), "sites": {}}
+    if not cfg.enabled:
+        return report
+    coverage = COVERAGE[cfg.scope]
+    statement = coverage["statement"] if cfg.seed is None else f"{SEEDED}. {coverage['statement']}"
+    report.update({"end_to_end_guarantee": coverage["end_to_end_guarantee"] and cfg.seed is None,
+                   "statement": statement,
+                   "composition_across_hospitals": "none: epsilons are per hospital and are never summed"})
+    trained: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    stopped: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for entry in summary.get("rounds", []):
+        rnd = int(entry["round"])
+        for name, site in (entry.get("sites") or {}).items():
+            metrics = (site or {}).get("train") or {}
+            if protocol.DP_EPSILON in metrics:
+                trained.setdefault(name, []).append((rnd, metrics))
+        for stop in entry.get("budget_exhausted") or []:
+            stopped.setdefault(str(stop.get("site")), []).append((rnd, stop))
+    for name in sorted(set(trained) | set(stopped)):
+        report["sites"][name] = site_report(name, trained.get(name, []), stopped.get(name, []), cfg, config, run_dir)
+    return report
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Privacy-budget report: {report['run']}", ""]
+    if not report["enabled"]:
+        lines += [("Differential privacy was **off** in this run (privacy.enabled=false): no epsilon is defined, "
+                   "and nothing about the hospitals' data is bounded."), ""]
+        return "\n".join(lines)
+    lines += [f"**Scope: `{report['scope']}`.** {report['statement']}", "",
+              ("Epsilons are per hospital and are **never added up across hospitals**: each concerns one "
+               "hospital's own training patches (the scope above says which of its updates it covers). \"This "
+               "run\" counts every DP step of this run folder (resumed sessions included); \"lifetime\" adds every "
+               "earlier run on the same data set recorded in the hospital's privacy ledger, at this run's delta."),
+              ""]
+    if report["max_epsilon"] is not None:
+        lines += [f"Lifetime budget per hospital and data set: privacy.max_epsilon = {report['max_epsilon']:g}.", ""]
+    for name, site in report["sites"].items():
+        lines += [f"## {name}", "",
+                  "| | |", "|---|---|",
+                  f"| mechanism | {site['mechanism']} |",
+                  f"| noise multiplier sigma | {_fmt(site['noise_multiplier'])} |",
+                  f"| clipping norm C | {_fmt(site['max_grad_norm'])} |",
+                  f"| sampling rate q | {_fmt(site['sample_rate'])} (expected batch {_fmt(site['expected_batch'], '.0f')}) |",
+                  f"| DP steps per round | {site['steps_per_round']} |",
+                  f"| DP steps, this run | {site['steps_total']} |",
+                  f"| delta | {_fmt(site['delta'], '.3g')} |",
+                  f"| epsilon, this run ({site['accountant']}, configured) | {_fmt(site['epsilon'])} |",
+                  f"| epsilon, this run: rdp / prv | {_fmt(site['epsilon_rdp'])} / {_fmt(site['epsilon_prv'])} |",
+                  (f"| lifetime (all runs on this data set) | epsilon {_fmt(site['lifetime']['epsilon'])} after "
+                   f"{site['lifetime']['steps_total']} DP steps ({site['lifetime']['source']}) |"),
+                  f"| neighbouring relation | {site['neighbouring_relation']} |",
+                  f"| sampling | {site['sampling']} |",
+                  f"| budget stop triggered | {'yes, rounds ' + ', '.join(map(str, site['budget_exhausted_rounds'])) if site['budget_exhausted'] else 'no'} |",
+                  ""]
+        lines += ["Covered by the guarantee:", ""]
+        lines += [f"- **{g}**: {site['covered'][g]}" for g in site["covered_groups"]]
+        lines += ["", "Not covered:" if site["not_covered_groups"] else "Not covered: no shared parameter group.", ""]
+        lines += [f"- **{g}**: {site['not_covered'][g]}" for g in site["not_covered_groups"]]
+        lines += ["", "Other channels:", ""]
+        lines += [f"- {k}: {v}" for k, v in site["side_channels"].items()]
+        if site["budget_exhausted"]:
+            lines += ["", f"Budget stop: {site['budget_message']}"]
+        lines += ["", "| round | DP steps | epsilon (this run) | epsilon (lifetime) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['round']} | {r['steps']} | {_fmt(r['epsilon'])} | {_fmt(r['epsilon_lifetime'])} |"
+                  for r in site["rounds"]]
+        lines.append("")
+    lines += ["![epsilon per round per hospital](epsilon.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_epsilon(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, site in report["sites"].items():
+        rounds = [r["round"] for r in site["rounds"]]
+        line = ax.plot(rounds, [r["epsilon"] for r in site["rounds"]], marker="o", label=f"{name} (this run)")
+        lifetime = [r["epsilon_lifetime"] for r in site["rounds"]]
+        if any(a is not None and b is not None and abs(a - b) > 1e-9
+               for a, b in zip(lifetime, (r["epsilon"] for r in site["rounds"]))):
+            ax.plot(rounds, lifetime, linestyle="--", color=line[0].get_color(), label=f"{name} (lifetime)")
+        for stop in site["budget_exhausted_rounds"]:
+            ax.axvline(stop, color=line[0].get_color(), linestyle=":", alpha=0.6)
+    if report.get("max_epsilon") is not None:
+        ax.axhline(report["max_epsilon"], color="black", linestyle="-.", linewidth=1, label="max_epsilon")
+    if not report["enabled"]:
+        ax.text(0.5, 0.5, "differential privacy off: epsilon undefined", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"epsilon ({report.get('accountant')}, per hospital)")
+    ax.set_title("cumulative epsilon per hospital (never summed across hospitals)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if report["sites"] or report.get("max_epsilon") is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_privacy_report(run_dir: Path | str) -> dict[str, Path]:
+    """Write privacy/report.md, report.json and epsilon.png into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    folder = run_dir / "privacy"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "epsilon.png"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["md"].write_text(render_markdown(report))
+    plot_epsilon(report, paths["png"])
+    return paths

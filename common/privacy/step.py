@@ -1,0 +1,182 @@
+"""The unified step with DP-SGD (``LocalTrainer.unified_step`` when ``trainer.privacy`` is set).
+
+Differences from the plain step (``common/train/engine.py``), all needed for the guarantee:
+
+- the real batch is a Poisson sample (its size varies and may be 0); the generated batch has the
+  fixed, public size B (the expected real batch), and real patches are augmented with the DP
+  generator's randomness, so nothing the trainer's own generator drives depends on the realised size;
+- real-image losses are summed per example and divided by B, not averaged over the realised batch;
+- the covered parameters receive ``(sum_i clip_C(g_i) + N(0, sigma^2 C^2)) / B`` for the real patches'
+  gradients ``g_i`` (``common/privacy/wiring.py``) plus the ordinary gradient of the generated
+  images' losses, which depend on the data only through earlier private outputs;
+- scope=classifier: the head's real-image gradient is the private one; the trunk still learns from the
+  real images without DP through a copy of the head with frozen weights (declared: no end-to-end
+  guarantee);
+- scope=discriminator: D and C learn from real images only through the private gradient. The two
+  real-data side channels are disabled here: the loss weights are fixed (the trainer is built with
+  ``weighting.enabled=false``, see ``common/privacy/budget.py``), and selective augmentation keeps a
+  generated image by the (private) classifier's confidence alone, without real class centroids.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from common.model.discriminator import TrunkOutput
+from common.privacy.wiring import (
+    fake_adversarial_loss,
+    labelled_cross_entropy,
+    real_adversarial_terms,
+)
+from common.train.augment import diff_augment
+from common.train.losses import masked_cross_entropy
+
+if TYPE_CHECKING:
+    from common.train.engine import LocalTrainer
+
+
+def select_by_confidence(trainer: LocalTrainer, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Selective augmentation without real-data statistics: keep a generated image of class y when
+    the classifier's confidence in y reaches the threshold (after the warm-up); counts as ``select``."""
+    selector, cfg = trainer.selector, trainer.selector.cfg
+    probs, labels = probs.detach().float().cpu(), labels.cpu()
+    selector.proposed += torch.bincount(labels, minlength=selector.num_classes)
+    if not cfg.enabled or trainer.global_step < cfg.warmup_steps:
+        return torch.zeros(len(labels), dtype=torch.bool)
+    keep = probs.gather(1, labels.view(-1, 1)).squeeze(1) >= cfg.confidence_threshold
+    selector.accepted += torch.bincount(labels[keep], minlength=selector.num_classes)
+    return keep
+
+
+def _augment_real(trainer: LocalTrainer, real: torch.Tensor) -> torch.Tensor:
+    """DiffAugment of the real batch from the DP generator (its draws depend on the batch size,
+    which must not leak into the trainer's generator); an empty batch passes through."""
+    assert trainer.privacy is not None
+    if real.shape[0] == 0:
+        return real
+    return diff_augment(real, trainer.cfg.augment, trainer.privacy.augment_rng)
+
+
+def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -> None:
+    for name, p in module.named_parameters():
+        extra = grads.get(f"{prefix}.{name}")
+        if extra is None:
+            continue
+        p.grad = extra.clone() if p.grad is None else p.grad + extra
+
+
+def _classifier_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor,
+                      fake_labels: torch.Tensor) -> dict[str, float]:
+    model, cfg, dp = trainer.model, trainer.cfg, trainer.privacy
+    assert dp is not None
+    b, big_b = real.shape[0], dp.plan.expected_batch
+    both = torch.cat([_augment_real(trainer, real), diff_augment(fake.detach(), cfg.augment, trainer.rng)])
+    all_labels = torch.cat([labels, fake_labels])
+    trunk = model.trunk(both)
+    score = model.discriminator.score(trunk.features, all_labels)
+    adv_d = real_adversarial_terms(score[:b], cfg.adversarial_loss).sum() / big_b \
+        + fake_adversarial_loss(score[b:], cfg.adversarial_loss)
+    labelled = labels >= 0
+    real_trunk = TrunkOutput(trunk.tokens[:b], trunk.features[:b])
+    fake_trunk = TrunkOutput(trunk.tokens[b:], trunk.features[b:])
+    # The trunk learns from the real labels (no DP: not covered) through a frozen copy of the head;
+    # the head itself learns from them only through the private gradient below.
+    frozen = {n: p.detach() for n, p in model.classifier.named_parameters()}
+    logits_real = functional_call(model.classifier, frozen, (real_trunk,))
+    cls_real = None
+    if bool(labelled.any()):
+        cls_real = labelled_cross_entropy(logits_real, labels).sum() / (big_b * dp.plan.labelled_fraction)
+    logits_fake = model.classifier(fake_trunk)
+    # Class centroids of real features steer selection here without DP (declared, not covered).
+    trainer.selector.update_real(trunk.features[:b][labelled], labels[labelled])
+    keep = trainer.selector.select(trunk.features[b:], F.softmax(logits_fake.detach(), dim=1), fake_labels.cpu(),
+                                   trainer.global_step).to(trainer.device)
+    cls_syn = masked_cross_entropy(logits_fake, fake_labels, keep)
+    balanced = {k: v for k, v in (("cls_real", cls_real), ("cls_synthetic", cls_syn)) if v is not None}
+    if cfg.weighting.include_adversarial:
+        balanced["adv_discriminator"] = adv_d
+        loss_d = trainer.weighting.combine(balanced)
+    else:
+        loss_d = adv_d + (trainer.weighting.combine(balanced) if balanced else 0.0)
+    for opt in (trainer.opt_discriminator, trainer.opt_classifier, trainer.opt_weights):
+        opt.zero_grad(set_to_none=True)
+    loss_d.backward()
+    # Private head gradient of the real patches, with the same weight the trunk's term has.
+    weight = trainer.weighting.weights()["cls_real"]
+    noisy, _ = dp.head_gradient(trunk.tokens[:b], trunk.features[:b], labels, weight)
+    _add_grads(model.classifier, noisy, "classifier")
+    _step_dc(trainer, weights_learned=cfg.weighting.enabled)
+    step = {"adv_discriminator": float(adv_d.detach()), "selected": float(keep.sum())}
+    if cls_real is not None:
+        step["cls_real"] = float(cls_real.detach())
+    if cls_syn is not None:
+        step["cls_synthetic"] = float(cls_syn.detach())
+    return step
+
+
+def _discriminator_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor,
+                         fake_labels: torch.Tensor) -> dict[str, float]:
+    model, cfg, dp = trainer.model, trainer.cfg, trainer.privacy
+    assert dp is not None
+    weights = trainer.weighting.weights()  # fixed in this scope (weighting.enabled is false)
+    w_adv = weights.get("adv_discriminator", 1.0) if cfg.weighting.include_adversarial else 1.0
+    w_real, w_syn = weights["cls_real"], weights["cls_synthetic"]
+    aug_real = _augment_real(trainer, real)
+    aug_fake = diff_augment(fake.detach(), cfg.augment, trainer.rng)
+    # Generated half: ordinary gradient (a function of the private D, C and G only).
+    out = model.discriminate(aug_fake, fake_labels)
+    adv_fake = fake_adversarial_loss(out.score, cfg.adversarial_loss)
+    keep = select_by_confidence(trainer, F.softmax(out.logits.detach(), dim=1), fake_labels).to(trainer.device)
+    cls_syn = masked_cross_entropy(out.logits, fake_labels, keep)
+    loss_fake = w_adv * adv_fake + (w_syn * cls_syn if cls_syn is not None else 0.0)
+    for opt in (trainer.opt_discriminator, trainer.opt_classifier, trainer.opt_weights):
+        opt.zero_grad(set_to_none=True)
+    loss_fake.backward()
+    # Real half: per-sample clipped, noised gradient of every D and C parameter it reaches.
+    noisy, losses = dp.discriminator_gradient(aug_real, labels, cfg.adversarial_loss, w_adv, w_real)
+    _add_grads(model.discriminator, noisy, "discriminator")
+    _add_grads(model.classifier, noisy, "classifier")
+    _step_dc(trainer, weights_learned=False)
+    # "real_loss" (the real patches' summed losses / B) is a local diagnostic only: real-image losses
+    # are left out of the reply in this scope (see REAL_DATA_METRICS in common/privacy/budget.py).
+    step = {"adv_discriminator_generated": float(adv_fake.detach()),
+            "real_loss": float(losses.sum()) / dp.plan.expected_batch, "selected": float(keep.sum())}
+    if cls_syn is not None:
+        step["cls_synthetic"] = float(cls_syn.detach())
+    return step
+
+
+def _step_dc(trainer: LocalTrainer, weights_learned: bool) -> None:
+    model, cfg = trainer.model, trainer.cfg
+    if cfg.grad_clip_norm:  # post-processing of the noisy gradient: allowed
+        nn.utils.clip_grad_norm_(list(model.discriminator.parameters()) + list(model.classifier.parameters()),
+                                 cfg.grad_clip_norm)
+    trainer.opt_discriminator.step()
+    trainer.opt_classifier.step()
+    if weights_learned:
+        trainer.opt_weights.step()
+        trainer.weighting.project_()
+
+
+def dp_unified_step(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """One unified step with DP-SGD on the covered parameters; counts one DP step."""
+    model, dp = trainer.model, trainer.privacy
+    assert dp is not None
+    real, labels = real.to(trainer.device), labels.to(trainer.device)
+    m = dp.plan.expected_batch  # public, fixed: the realised real batch size is not revealed
+    fake_labels = trainer._balanced_labels(m)
+    z = torch.randn(m, model.cfg.z_dim, generator=trainer.rng).to(trainer.device)
+    fake = model.generator(z, fake_labels)
+    if dp.plan.scope == "classifier":
+        step = _classifier_scope(trainer, real, labels, fake, fake_labels)
+    else:
+        step = _discriminator_scope(trainer, real, labels, fake, fake_labels)
+    adv_g, aux = trainer._generator_step(fake, fake_labels)
+    trainer.global_step += 1
+    step.update({"adv_generator": float(adv_g.detach()), "aux_generated": float(aux.detach())})
+    return step

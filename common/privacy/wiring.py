@@ -1,0 +1,267 @@
+"""DP-SGD on the covered parameters, without wrapping or renaming any module.
+
+Per-sample gradients of the *real* patches' losses are computed with ``torch.func`` (``vmap`` of
+``grad`` over ``functional_call``) for the covered parameters only, through small adapter modules
+that hold the model's own sub-modules under their own names (``classifier.*``,
+``discriminator.*``), so nothing is hooked into the model and its state-dict keys never change
+(no ``_module.`` prefix can reach the server). Each per-sample gradient is clipped to an L2 norm
+of at most ``max_grad_norm`` (over all covered parameters together, Opacus' flat clipping), the
+clipped gradients are summed, Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added
+and the sum is divided by the expected batch size: Opacus' ``DPOptimizer`` arithmetic. Every call
+of :meth:`DPTraining.privatize` is one noisy step and is recorded in the accountant history, an
+empty Poisson batch included (it releases pure noise, and is counted like any other step).
+
+Covered parameters per scope (``COVERED``):
+
+- ``classifier``: the classifier head (``classifier.*``), on features of the discriminator trunk
+  that are treated as given (detached);
+- ``discriminator``: every discriminator parameter (trunk, adversarial head, class projection
+  embedding) and every classifier parameter: all that a real patch's gradient reaches. The
+  generator never sees a real patch, only the discriminator's outputs, so it is private by
+  post-processing.
+
+The real-data loader samples with Opacus' ``UniformWithReplacementSampler`` (Poisson sampling with
+rate q = B / n), driven by a generator seeded from a secret (see ``secret_seed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import ConfigError
+from common.model import UnifiedViTGAN
+from common.model.discriminator import TrunkOutput
+from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
+
+COVERED: dict[str, tuple[str, ...]] = {"classifier": ("classifier",), "discriminator": ("discriminator", "classifier")}
+
+
+def secret_seed() -> int:
+    """A 63-bit seed from the OS's CSPRNG: unknown to the server and the other hospitals."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+class HeadAdapter(nn.Module):
+    """The classifier head alone, as a function of detached trunk outputs."""
+
+    def __init__(self, model: UnifiedViTGAN) -> None:
+        super().__init__()
+        self.classifier = model.classifier
+
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(TrunkOutput(tokens, features))
+
+
+class DiscriminatorAdapter(nn.Module):
+    """Trunk, adversarial head with class projection, and classifier head: all a real patch reaches."""
+
+    def __init__(self, model: UnifiedViTGAN) -> None:
+        super().__init__()
+        self.discriminator = model.discriminator
+        self.classifier = model.classifier
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk = self.discriminator.trunk(images)
+        return self.discriminator.score(trunk.features, labels), self.classifier(trunk)
+
+
+def real_adversarial_terms(score: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example real-image part of the discriminator loss (hinge or non-saturating)."""
+    return F.relu(1.0 - score) if kind == "hinge" else F.softplus(-score)
+
+
+def fake_adversarial_loss(score: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean generated-image part of the discriminator loss."""
+    return (F.relu(1.0 + score) if kind == "hinge" else F.softplus(score)).mean()
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy, 0 for unlabelled patches (label < 0)."""
+    known = labels >= 0
+    return F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * known.to(logits.dtype)
+
+
+@contextlib.contextmanager
+def _unfused_attention(module: nn.Module) -> Iterator[None]:
+    """timm's fused attention has no vmap batching rule on the CPU; the explicit one is the same math."""
+    changed = [m for m in module.modules() if getattr(m, "fused_attn", False)]
+    for m in changed:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.fused_attn = True
+
+
+def per_sample_gradients(adapter: nn.Module, names: list[str], example_loss: Callable[..., torch.Tensor],
+                         inputs: tuple[torch.Tensor, ...], extras: tuple[torch.Tensor, ...] = ()
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-example gradients of ``example_loss(adapter(*inputs_i), *inputs_i, *extras_i)``.
+
+    Every tensor in ``inputs`` and ``extras`` has the examples along dim 0; each example is run as
+    a batch of one. Returns ({name: (b, *shape)}, per-example losses (b,)). Only the parameters
+    ``names`` of ``adapter`` are differentiated; all others are constants.
+    """
+    batch = (*inputs, *extras)
+    n_inputs = len(inputs)
+    params = {n: p.detach() for n, p in adapter.named_parameters() if n in names}
+
+    def loss(p: dict[str, torch.Tensor], *example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [e.unsqueeze(0) for e in example]
+        value = example_loss(functional_call(adapter, p, tuple(rows[:n_inputs])), *rows).sum()
+        return value, value.detach()
+
+    with _unfused_attention(adapter):
+        grads, values = vmap(grad(loss, has_aux=True), in_dims=(None, *[0] * len(batch)))(params, *batch)
+    return grads, values
+
+
+def clip_and_sum(per_sample: dict[str, torch.Tensor], max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Opacus' flat clipping: scale each example's gradient (all tensors together) to norm <= C, sum.
+
+    Returns (summed clipped gradients, per-example norms before clipping).
+    """
+    first = next(iter(per_sample.values()))
+    b = first.shape[0]
+    if b == 0:
+        return {n: torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for n, g in per_sample.items()}, first.new_zeros(0)
+    norms = torch.stack([g.reshape(b, -1).norm(2, dim=1) for g in per_sample.values()], dim=1).norm(2, dim=1)
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("i,i...->...", factor.to(g.dtype), g) for n, g in per_sample.items()}, norms
+
+
+def _collate_or_empty(shape: tuple[int, ...]) -> Callable[[list[Any]], tuple[torch.Tensor, torch.Tensor]]:
+    def collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not items:
+            return torch.zeros((0, *shape)), torch.zeros((0,), dtype=torch.long)
+        images = torch.stack([item[0] for item in items])
+        labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        return images, labels
+
+    return collate
+
+
+class DPTraining:
+    """One hospital's DP-SGD for the covered parameters: clipping, noise, history, Poisson batches.
+
+    ``history`` holds this run's accountant history (Opacus' (noise, rate, steps) entries); it is
+    saved with the trainer's local state, so it survives rounds, restarts and resumed runs.
+    """
+
+    def __init__(self, model: UnifiedViTGAN, plan: PrivacyPlan, seed: int | None = None) -> None:
+        self.plan = plan
+        self.groups = COVERED[plan.scope]
+        if plan.scope == "discriminator" and model.cfg.spectral_norm:
+            raise ConfigError("privacy.scope=discriminator does not support model.spectral_norm=true (its power "
+                              "iteration updates buffers inside the per-sample gradient computation)")
+        self.adapter: nn.Module = HeadAdapter(model) if plan.scope == "classifier" else DiscriminatorAdapter(model)
+        self.names = [n for n, p in self.adapter.named_parameters() if p.requires_grad]
+        self.history: History = []
+        self.round_steps = 0
+        base = secret_seed() if seed is None else int(seed)
+        self.sampler_rng = torch.Generator().manual_seed(base)
+        self.noise_rng = torch.Generator().manual_seed(base ^ 0x5DEECE66D)
+        # Augmentation of real patches draws from its own generator, so the trainer's generator
+        # (fake images, their augmentation) never depends on the realised Poisson batch size.
+        self.augment_rng = torch.Generator().manual_seed(base ^ 0x2545F4914F6CDD1D)
+
+    @property
+    def steps_total(self) -> int:
+        return total_steps(self.history)
+
+    # -------------------------------------------------------------- the mechanism
+    def record_step(self) -> None:
+        """One noisy optimizer step on the covered parameters happened: account for it."""
+        self.history = compact([*self.history, (self.plan.noise_multiplier, self.plan.sample_rate, 1)])
+        self.round_steps += 1
+
+    def privatize(self, per_sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B; counts one DP step."""
+        plan = self.plan
+        summed, _ = clip_and_sum(per_sample, plan.max_grad_norm)
+        std = plan.noise_multiplier * plan.max_grad_norm
+        out: dict[str, torch.Tensor] = {}
+        for name, total in summed.items():
+            noise = torch.normal(0.0, std, size=tuple(total.shape), generator=self.noise_rng, dtype=torch.float32)
+            out[name] = (total + noise.to(device=total.device, dtype=total.dtype)) / plan.expected_batch
+        self.record_step()
+        return out
+
+    def _empty_per_sample(self, device: torch.device) -> dict[str, torch.Tensor]:
+        params = dict(self.adapter.named_parameters())
+        return {n: torch.zeros((0, *params[n].shape), device=device, dtype=params[n].dtype) for n in self.names}
+
+    def head_gradient(self, tokens: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                      weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """scope=classifier: the noisy head gradient of the real patches' weighted cross-entropy.
+
+        Example i's loss is ``weight * CE_i / labelled_fraction`` (0 if unlabelled) on detached trunk
+        outputs. Returns (noisy gradient by parameter name, per-example losses).
+        """
+        scale = weight / self.plan.labelled_fraction
+
+        def example_loss(logits: torch.Tensor, _tokens: torch.Tensor, _features: torch.Tensor,
+                         label: torch.Tensor) -> torch.Tensor:
+            return scale * labelled_cross_entropy(logits, label)
+
+        if labels.shape[0] == 0:
+            per_sample, losses = self._empty_per_sample(features.device), features.new_zeros(0)
+        else:
+            per_sample, losses = per_sample_gradients(self.adapter, self.names, example_loss,
+                                                      (tokens.detach(), features.detach()), (labels,))
+        return self.privatize(per_sample), losses
+
+    def discriminator_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
+                               weight_adv: float, weight_cls: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """scope=discriminator: the noisy D/C gradient of the real patches' losses.
+
+        Example i's loss is ``weight_adv * adv_i + weight_cls * CE_i / labelled_fraction`` (the real
+        half of the discriminator loss plus the real classification loss, fixed weights).
+        """
+        scale = weight_cls / self.plan.labelled_fraction
+
+        def example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Tensor,
+                         label: torch.Tensor) -> torch.Tensor:
+            score, logits = outputs
+            return weight_adv * real_adversarial_terms(score, adversarial_loss) + scale * labelled_cross_entropy(logits, label)
+
+        if labels.shape[0] == 0:
+            per_sample, losses = self._empty_per_sample(images.device), images.new_zeros(0)
+        else:
+            per_sample, losses = per_sample_gradients(self.adapter, self.names, example_loss, (images, labels))
+        return self.privatize(per_sample), losses
+
+    # -------------------------------------------------------------- data
+    def poisson_loader(self, dataset: Dataset, steps: int) -> DataLoader:
+        """``steps`` Poisson batches (rate q, possibly empty) of ``dataset``, secretly seeded."""
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != self.plan.num_examples:
+            raise ValueError(f"the plan is for {self.plan.num_examples} patches, the data set has {n}")
+        shape = tuple(dataset[0][0].shape)
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=self.plan.sample_rate,
+                                                generator=self.sampler_rng, steps=steps)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_empty(shape), num_workers=0)
+
+    # -------------------------------------------------------------- local state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        history = torch.tensor(self.history, dtype=torch.float64).reshape(-1, 3)
+        return {"history": history, "sampler_rng": self.sampler_rng.get_state().clone(),
+                "noise_rng": self.noise_rng.get_state().clone(), "augment_rng": self.augment_rng.get_state().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "history" in state:
+            self.history = compact(tuple(row) for row in state["history"].reshape(-1, 3).tolist())
+        for name in ("sampler_rng", "noise_rng", "augment_rng"):
+            if name in state:
+                getattr(self, name).set_state(state[name].clone().to(torch.uint8))

@@ -1,0 +1,211 @@
+"""DP-SGD mechanics at one hospital: per-sample clipping (checked by hand), noise, step counting,
+Poisson batches, unchanged state-dict keys, and the real-data side channels of each scope."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.config import ConfigError
+from common.data.synthetic import SyntheticHistology
+from common.model import ModelConfig, build_model
+from common.model.discriminator import TrunkOutput
+from common.privacy.accounting import PrivacyPlan, build_plan, compact, epsilon
+from common.privacy.budget import REAL_DATA_METRICS, private_train_config, shared_train_metrics
+from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.wiring import DPTraining, clip_and_sum, per_sample_gradients
+from common.train import LocalTrainer, TrainConfig
+from common.train.selection import SelectionConfig
+
+
+def _plan(scope: str, sigma: float = 0.0, clip: float = 0.05, batch: int = 6, n: int = 30,
+          labelled_fraction: float = 1.0) -> PrivacyPlan:
+    return PrivacyPlan(scope=scope, accountant="rdp", noise_multiplier=sigma, max_grad_norm=clip,
+                       expected_batch=batch, sample_rate=batch / n, delta=1e-5, steps_per_round=3,
+                       planned_rounds=2, num_examples=n, labelled_fraction=labelled_fraction, max_epsilon=None)
+
+
+def _flat_norm(grads: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
+
+
+def test_head_gradients_are_clipped_per_sample_exactly_as_by_hand(tiny_cfg: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg, 5, seed=0)
+    clip, big_b = 0.05, 6
+    dp = DPTraining(model, _plan("classifier", sigma=0.0, clip=clip, batch=big_b), seed=1)
+    assert dp.names == ["classifier.head.weight", "classifier.head.bias"]
+    b = 5
+    features = torch.randn(b, tiny_cfg.embed_dim) * 3
+    tokens = torch.randn(b, 1 + tiny_cfg.num_patches, tiny_cfg.embed_dim)
+    labels = torch.tensor([0, 1, 2, -1, 4])  # one unlabelled patch: zero gradient
+    weight = 0.7
+
+    # By hand: one example at a time, ordinary autograd, flat clipping over weight and bias.
+    head = model.classifier
+    expected = [torch.zeros_like(p) for p in head.parameters()]
+    norms = []
+    for i in range(b):
+        logits = head(TrunkOutput(tokens[i:i + 1], features[i:i + 1]))
+        loss = weight * F.cross_entropy(logits, labels[i:i + 1].clamp(min=0)) * float(labels[i] >= 0)
+        grads = torch.autograd.grad(loss, list(head.parameters()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, head.parameters())]
+        norm = _flat_norm(grads)
+        norms.append(norm)
+        factor = min(1.0, clip / (norm + 1e-6))
+        clipped = [g * factor for g in grads]
+        assert _flat_norm(clipped) <= clip * (1 + 1e-6)
+        expected = [e + c for e, c in zip(expected, clipped)]
+    expected = [e / big_b for e in expected]
+    assert sum(n > clip for n in norms) >= 3, norms  # the bound really binds
+    assert norms[3] == 0.0
+
+    noisy, _ = dp.head_gradient(tokens, features, labels, weight)
+    for (name, _), want in zip(head.named_parameters(), expected):
+        torch.testing.assert_close(noisy[f"classifier.{name}"], want, rtol=1e-5, atol=1e-7)
+    assert dp.history == [(0.0, big_b / 30, 1)] and dp.round_steps == 1
+
+    # The per-sample gradients themselves, and their norms after clipping.
+    per_sample, _ = per_sample_gradients(
+        dp.adapter, dp.names, lambda logits, _t, _f, y: weight * F.cross_entropy(logits, y.clamp(min=0), reduction="none") * (y >= 0),
+        (tokens, features), (labels,))
+    _, before = clip_and_sum(per_sample, clip)
+    torch.testing.assert_close(before, torch.tensor(norms), rtol=1e-5, atol=1e-6)
+    factor = (clip / (before + 1e-6)).clamp(max=1.0)
+    after = torch.stack([g.reshape(b, -1).norm(dim=1) for g in per_sample.values()], 1).norm(dim=1) * factor
+    assert bool((after <= clip * (1 + 1e-5)).all())
+
+
+def test_discriminator_scope_clips_every_discriminator_and_classifier_parameter_by_hand(tiny_cfg: ModelConfig) -> None:
+    model = build_model(tiny_cfg, 5, seed=0)
+    clip, big_b = 0.5, 4
+    dp = DPTraining(model, _plan("discriminator", sigma=0.0, clip=clip, batch=big_b), seed=1)
+    params = dict(model.named_parameters())
+    assert set(dp.names) == {n for n in params if n.startswith(("discriminator.", "classifier."))}
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([1, -1, 3])
+    covered = [params[n] for n in dp.names]
+    expected = [torch.zeros_like(p) for p in covered]
+    for i in range(3):
+        score = model.discriminator.score(model.trunk(images[i:i + 1]).features, labels[i:i + 1])
+        logits = model.classify(images[i:i + 1])
+        loss = F.relu(1 - score).sum() + 0.5 * F.cross_entropy(logits, labels[i:i + 1].clamp(min=0)) * float(labels[i] >= 0)
+        grads = torch.autograd.grad(loss, covered, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, covered)]
+        factor = min(1.0, clip / (_flat_norm(grads) + 1e-6))
+        expected = [e + g * factor for e, g in zip(expected, grads)]
+    noisy, _ = dp.discriminator_gradient(images, labels, "hinge", weight_adv=1.0, weight_cls=0.5)
+    for name, want in zip(dp.names, expected):
+        torch.testing.assert_close(noisy[name], want / big_b, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(n.startswith("generator.") for n in noisy)
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_an_empty_poisson_batch_is_a_noisy_step_and_is_counted(tiny_cfg: ModelConfig, scope: str) -> None:
+    model = build_model(tiny_cfg, 5, seed=0)
+    plan = _plan(scope, sigma=2.0, clip=1.5, batch=1)
+    dp = DPTraining(model, plan, seed=3)
+    if scope == "classifier":
+        noisy, _ = dp.head_gradient(torch.zeros(0, 65, 64), torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), 1.0)
+    else:
+        noisy, _ = dp.discriminator_gradient(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), "hinge", 1.0, 1.0)
+    values = torch.cat([v.reshape(-1) for v in noisy.values()])
+    assert values.numel() > 300
+    assert abs(float(values.std()) / (2.0 * 1.5) - 1.0) < 0.15  # pure N(0, (sigma C)^2) / B, B = 1
+    assert dp.history == [(2.0, plan.sample_rate, 1)]
+
+    # Through the trainer: an empty real batch still takes (and counts) one DP step.
+    cfg = private_train_config(TrainConfig(batch_size=4), PrivacyConfig(enabled=True, scope=scope))
+    trainer = LocalTrainer(model, cfg, seed=0, privacy=dp)
+    head_before = model.classifier.head.weight.detach().clone()
+    trainer.unified_step(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    assert dp.steps_total == 2
+    assert not torch.equal(head_before, model.classifier.head.weight)
+
+
+def test_poisson_batches_vary_in_size_and_resume_from_the_saved_generator(tiny_cfg: ModelConfig) -> None:
+    data = SyntheticHistology(20, 32, seed=2)
+    model = build_model(tiny_cfg, 5, seed=0)
+    dp = DPTraining(model, _plan("classifier", sigma=1.0, batch=2, n=20), seed=5)
+    sizes = [len(labels) for _, labels in dp.poisson_loader(data, 40)]
+    assert len(sizes) == 40 and len(set(sizes)) > 2 and 0 in sizes  # q = 0.1: empty batches happen
+    state = dp.state_dict()
+    first = [labels.tolist() for _, labels in dp.poisson_loader(data, 5)]
+    again = DPTraining(model, _plan("classifier", sigma=1.0, batch=2, n=20), seed=999)
+    again.load_state_dict(state)
+    assert [labels.tolist() for _, labels in again.poisson_loader(data, 5)] == first
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_state_dict_keys_with_dp_equal_those_without(tiny_cfg: ModelConfig, scope: str) -> None:
+    data = SyntheticHistology(24, 32, seed=4)
+    plain = build_model(tiny_cfg, 5, seed=0)
+    private = build_model(tiny_cfg, 5, seed=0)
+    cfg = TrainConfig(batch_size=6, local_steps=2)
+    LocalTrainer(plain, cfg, seed=0).train_round(torch.utils.data.DataLoader(data, batch_size=6), 2)
+    dp = DPTraining(private, _plan(scope, sigma=1.0, batch=6, n=24), seed=0)
+    trainer = LocalTrainer(private, private_train_config(cfg, PrivacyConfig(enabled=True, scope=scope)), seed=0, privacy=dp)
+    trainer.train_round(dp.poisson_loader(data, 2), 2)
+    assert list(private.state_dict()) == list(plain.state_dict())
+    assert not any("_module" in k for k in private.state_dict())
+    assert dp.steps_total == 2
+    local = trainer.state_dict()
+    assert {"privacy.history", "privacy.sampler_rng", "privacy.noise_rng"} <= set(local)
+    assert not any(k.startswith(("generator.", "discriminator.", "classifier.")) for k in local)
+
+
+def test_discriminator_scope_closes_the_real_data_side_channels(tiny_cfg: ModelConfig) -> None:
+    pcfg = PrivacyConfig(enabled=True, scope="discriminator")
+    cfg = private_train_config(TrainConfig(batch_size=6, selection=SelectionConfig(warmup_steps=0, min_history=1,
+                                                                                 confidence_threshold=0.0)), pcfg)
+    assert cfg.weighting.enabled is False  # learned loss weights: off
+    data = SyntheticHistology(24, 32, seed=4)
+    model = build_model(tiny_cfg, 5, seed=0)
+    dp = DPTraining(model, _plan("discriminator", sigma=1.0, batch=6, n=24), seed=0)
+    trainer = LocalTrainer(model, cfg, seed=0, privacy=dp)
+    log_vars = trainer.weighting.log_vars.detach().clone()
+    metrics = trainer.train_round(dp.poisson_loader(data, 3), 3)
+    assert not bool(trainer.selector.initialised.any())  # no real class centroids were formed
+    assert float(trainer.selector.filled.sum()) == 0
+    assert metrics.selected_images > 0  # selection still runs, by the private classifier's confidence
+    torch.testing.assert_close(trainer.weighting.log_vars, log_vars, rtol=0, atol=0)
+    shared = shared_train_metrics(metrics.as_flat_dict(), pcfg)
+    assert not set(REAL_DATA_METRICS) & set(shared)
+    assert "loss/cls_synthetic" in shared or "loss/adv_generator" in shared
+    # scope=classifier keeps them (declared as not covered in the report).
+    assert shared_train_metrics(metrics.as_flat_dict(), PrivacyConfig(enabled=True)) == metrics.as_flat_dict()
+
+
+def test_the_config_is_validated_and_the_plan_derives_noise_and_delta() -> None:
+    assert privacy_config(None).enabled is False
+    with pytest.raises(ConfigError, match="scope"):
+        privacy_config({"enabled": True, "scope": "everything"})
+    with pytest.raises(ConfigError, match="both set"):
+        privacy_config({"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 3.0})
+    with pytest.raises(ConfigError, match="accountant"):
+        privacy_config({"accountant": "gdp"})
+    cfg = privacy_config({"enabled": True, "noise_multiplier": None, "target_epsilon": 8.0})
+    plan = build_plan(cfg, num_examples=50, num_labelled=50, batch_size=10, steps_per_round=4, planned_rounds=3)
+    assert plan.delta == 1e-5 < 1 / 50 and plan.sample_rate == 0.2
+    reached = epsilon([(plan.noise_multiplier, 0.2, 12)], plan.delta, "rdp")
+    assert 7.9 <= reached <= 8.0  # the derived noise spends the target over the planned steps
+    with pytest.raises(ConfigError, match="not below 1/n"):
+        build_plan(dataclasses.replace(cfg, delta=0.05), 50, 50, 10, 4, 3)
+    assert compact([(1.0, 0.1, 2), (1.0, 0.1, 3), (2.0, 0.1, 1)]) == [(1.0, 0.1, 5), (2.0, 0.1, 1)]
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_the_realised_batch_size_does_not_steer_the_trainers_own_randomness(tiny_cfg: ModelConfig, scope: str) -> None:
+    """Generated images and their augmentation must not depend on how many patches Poisson drew."""
+    states = []
+    for b in (2, 5):
+        model = build_model(tiny_cfg, 5, seed=0)
+        dp = DPTraining(model, _plan(scope, sigma=1.0, batch=4, n=20), seed=0)
+        cfg = private_train_config(TrainConfig(batch_size=4), PrivacyConfig(enabled=True, scope=scope))
+        trainer = LocalTrainer(model, cfg, seed=0, privacy=dp)
+        trainer.unified_step(torch.rand(b, 3, 32, 32) * 2 - 1, torch.arange(b) % 5)
+        states.append(trainer.rng.get_state())
+    assert torch.equal(states[0], states[1])
