@@ -7,7 +7,8 @@ Deployment (``flower-supernode --node-config``) keys, all optional except where 
 - ``site-name`` (str): name in logs and reports (default ``site-<id>``);
 - ``dataset`` (str): data set name, overrides the run's ``data.name``;
 - ``data-root`` (str): this hospital's data folder, overrides the run's ``data.root``;
-- ``state-dir`` (str): the hospital's local state folder (default ``~/.fedvitgan/sites``);
+- ``state-dir`` (str): the hospital's local state folder (default ``~/.fedvitgan/sites``; in a
+  simulation ``<run folder>/sites``);
 - ``device`` (str): ``cpu``, ``cuda`` or ``cuda:N`` (default: the run's ``device``).
 
 In simulation Flower fills ``partition-id`` and ``num-partitions``, which stand in for the first two.
@@ -58,7 +59,10 @@ class SiteIdentity:
             data["root"] = str(node_config["data-root"])
         state_root = node_config.get("state-dir") or run["federation"].get("state_dir")
         if not state_root:
-            state_root = Path(run_dir) / "sites" if run_dir else Path.home() / ".fedvitgan" / "sites"
+            # Only a simulated hospital shares the coordinator's disk; a deployed one keeps its
+            # state on its own machine (the run folder path is the coordinator's).
+            simulated = "partition-id" in node_config and run_dir
+            state_root = Path(run_dir) / "sites" if simulated else Path.home() / ".fedvitgan" / "sites"
         device = str(node_config.get("device", run.get("device", "auto")))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

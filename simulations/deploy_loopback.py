@@ -1,0 +1,328 @@
+"""A real Flower deployment on this machine: SuperLink + one SuperNode per hospital on 127.0.0.1.
+
+    python -m simulations.deploy_loopback --rounds 2 --out /tmp/fedvitgan-loopback
+    python -m simulations.deploy_loopback --rounds 2 --out /tmp/lb --with-intruders
+
+Unlike ``fedvitgan simulate`` this runs the processes a real federation runs, with TLS and SuperNode
+authentication: ``fedvitgan certs`` material, ``flower-superlink`` (persistent database, no runtime
+dependency installation), ``flwr supernode register`` for each hospital key, one
+``flower-supernode`` per hospital, ``flwr run`` of this project with the tiny preset on synthetic
+data, then it waits for the run to finish and checks the run folder. ``--with-intruders`` also
+starts a SuperNode whose key was never registered and one that trusts another CA; both must be
+refused while the run completes with the registered hospitals.
+
+Everything lands under ``--out``::
+
+    certs/                 CA, SuperLink certificate, hospital keys (private keys 0600)
+    coordinator/           the SuperLink's database and FLWR_HOME (config.toml for the flwr CLI),
+                           app/ (the staged app that `flwr run` packs into a FAB)
+    hospitals/<site>/      each hospital's FLWR_HOME and local state (state-dir)
+    logs/                  one log per process, plus flwr-cli.log (every flwr command and its answer)
+    run/                   the run folder: summary.json, checkpoints/, samples/, flwr-log.txt
+    deployment.json        run id, status, ports, process ids and exit codes
+
+Every process started here is stopped when the script ends, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import socket
+import ssl
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from simulations.certs import CA_CERT, SITES_DIR, write_bundle
+from simulations.deployment import (
+    FINISHED_COMPLETED,
+    DeploymentError,
+    FlwrCli,
+    flower_env,
+    stage_app,
+    superlink_command,
+    supernode_command,
+    write_connection,
+)
+from simulations.processes import ManagedProcess, ProcessGroup, free_ports, still_running
+
+CONNECTION = "loopback"
+INTRUDER = "intruder"  # a SuperNode whose key is never registered
+FOREIGN = "foreign-ca"  # a SuperNode with a registered key that trusts another CA
+
+
+@dataclass
+class LoopbackOptions:
+    """What the loopback deployment runs (CLI flags of the same names)."""
+
+    out: Path
+    rounds: int = 2
+    sites: int = 2
+    local_steps: int = 5
+    train_per_site: int = 64
+    test_per_site: int = 32
+    overrides: list[str] = field(default_factory=list)
+    with_intruders: bool = False
+    threads: int = 1
+    timeout_s: float = 900.0
+    poll_s: float = 1.0
+    status_every_s: float = 30.0
+
+
+@dataclass
+class ProcessReport:
+    """A started process: pid, command line (as last seen running), log, exit code, how it ended."""
+
+    name: str
+    pid: int
+    command: list[str]
+    log: str
+    exit_code: int | None
+    exited_by_itself: bool
+
+
+@dataclass
+class LoopbackResult:
+    """Outcome of a loopback deployment."""
+
+    out: str
+    run_dir: str
+    superlink_port: int
+    run_id: int | None = None
+    status: str | None = None
+    node_ids: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, ProcessReport] = field(default_factory=dict)
+    pids_left_running: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+# ----------------------------------------------------------------------------- steps
+def run_overrides(options: LoopbackOptions, run_dir: Path) -> list[str]:
+    """The Hydra overrides the ServerApp receives: tiny model, synthetic data, small and CPU-only."""
+    return [
+        "model=tiny", "data=synthetic", "seed=0", "device=cpu",
+        f"train.local_steps={options.local_steps}",
+        f"data.train_per_site={options.train_per_site}", f"data.test_per_site={options.test_per_site}",
+        f"federation.num_sites={options.sites}", f"federation.rounds={options.rounds}",
+        f"output_dir={shlex.quote(str(run_dir))}",
+        *options.overrides,
+    ]
+
+
+def wait_for_tls(process: ManagedProcess, port: int, ca_cert: Path, timeout_s: float = 90.0) -> None:
+    """Wait until the SuperLink answers a TLS handshake on 127.0.0.1:port verified against ``ca_cert``."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DeploymentError(f"{process.name} (pid {process.pid}) exited with code {process.popen.returncode} "
+                                  f"before listening on 127.0.0.1:{port}; see {process.log_path}:\n"
+                                  f"{process.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock, \
+                    context.wrap_socket(sock, server_hostname="127.0.0.1"):
+                return
+        except (OSError, ssl.SSLError) as error:
+            last = error
+            time.sleep(0.5)
+    raise DeploymentError(f"{process.name} (pid {process.pid}) did not accept TLS connections on 127.0.0.1:{port} "
+                          f"within {timeout_s:.0f} s (last error: {last}); see {process.log_path}")
+
+
+def _check_alive(processes: list[ManagedProcess]) -> None:
+    for process in processes:
+        code = process.poll()
+        if code is not None:
+            raise DeploymentError(f"{process.name} (pid {process.pid}) exited with code {code} during the run; "
+                                  f"see {process.log_path}:\n{process.log_tail()}")
+
+
+def _completed_rounds(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text()).get("completed_rounds", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_for_run(cli: FlwrCli, run_id: int, run_dir: Path, rounds: int, must_live: list[ManagedProcess],
+                 others: list[ManagedProcess], options: LoopbackOptions) -> str:
+    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes."""
+    deadline = time.monotonic() + options.timeout_s
+    next_status = time.monotonic() + options.status_every_s
+    status = "pending"
+    while time.monotonic() < deadline:
+        _check_alive(must_live)
+        for process in others:
+            process.poll()
+        done = _completed_rounds(run_dir) >= rounds
+        if done or time.monotonic() >= next_status:
+            status = cli.run_status(run_id)
+            next_status = time.monotonic() + (2.0 if done else options.status_every_s)
+            if status.startswith("finished"):
+                return status
+        time.sleep(options.poll_s)
+    raise DeploymentError(f"run {run_id} did not finish within {options.timeout_s:.0f} s (last status {status!r}, "
+                          f"{_completed_rounds(run_dir)}/{rounds} rounds in {run_dir / 'summary.json'})")
+
+
+def check_run_folder(run_dir: Path, rounds: int) -> None:
+    """The run folder holds what a simulation's does: summary, one checkpoint and sample grid per round."""
+    missing = [p for p in [run_dir / "summary.json",
+                           *(run_dir / "checkpoints" / f"round-{r:04d}.safetensors" for r in range(1, rounds + 1)),
+                           *(run_dir / "samples" / f"round-{r:03d}.png" for r in range(1, rounds + 1))]
+               if not p.is_file()]
+    if missing:
+        raise DeploymentError(f"the run folder {run_dir} lacks " + ", ".join(str(p) for p in missing))
+    if _completed_rounds(run_dir) != rounds:
+        raise DeploymentError(f"{run_dir / 'summary.json'} reports {_completed_rounds(run_dir)} completed rounds, "
+                              f"expected {rounds}")
+
+
+# ----------------------------------------------------------------------------- the deployment
+def run_loopback(options: LoopbackOptions) -> LoopbackResult:
+    """Run the whole loopback deployment; every process is stopped before returning or raising.
+
+    Raises DeploymentError (after stopping everything) when a step fails; the partial result is in
+    ``<out>/deployment.json``.
+    """
+    if options.rounds < 1 or options.sites < 1:
+        raise DeploymentError(f"need at least 1 round and 1 site (got --rounds {options.rounds}, "
+                              f"--sites {options.sites})")
+    out = options.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise DeploymentError(f"--out {out} is not empty; choose a new folder (certificates and the run folder "
+                              f"are never overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    certs, logs, run_dir = out / "certs", out / "logs", out / "run"
+    coordinator_home = out / "coordinator" / "flwr-home"
+    sites = [f"site-{i}" for i in range(options.sites)]
+    extra_keys = [INTRUDER, FOREIGN] if options.with_intruders else []
+    write_bundle(certs, ["localhost"], sites + extra_keys)
+    if options.with_intruders:
+        write_bundle(out / "foreign-ca", ["localhost"], [])
+    ca_cert = certs / CA_CERT
+    superlink_port, *node_ports = free_ports(1 + len(sites) + len(extra_keys))
+    address = f"127.0.0.1:{superlink_port}"
+    result = LoopbackResult(str(out), str(run_dir), superlink_port)
+    group = ProcessGroup()
+    cli = FlwrCli(coordinator_home, CONNECTION, log_path=logs / "flwr-cli.log")
+    must_live: list[ManagedProcess] = []
+    others: list[ManagedProcess] = []
+    try:
+        # Coordinator: SuperLink with TLS + node auth, then the flwr CLI's connection and the keys.
+        superlink = group.start(
+            "SuperLink",
+            superlink_command(certs, out / "coordinator", host="127.0.0.1", port=superlink_port),
+            logs / "superlink.log", flower_env(coordinator_home, options.threads), cwd=out / "coordinator")
+        must_live.append(superlink)
+        write_connection(coordinator_home, CONNECTION, address, ca_cert)
+        wait_for_tls(superlink, superlink_port, ca_cert)
+        registered = [*sites, *([FOREIGN] if options.with_intruders else [])]
+        with ThreadPoolExecutor(max_workers=len(registered)) as pool:  # independent CLI calls
+            node_ids = pool.map(lambda name: cli.register(certs / SITES_DIR / f"{name}.pub"), registered)
+            result.node_ids = dict(zip(registered, node_ids))
+        # Hospitals: one SuperNode each, with its CA certificate, private key and node config.
+        for site_id, (name, port) in enumerate(zip(sites, node_ports)):
+            home = out / "hospitals" / name
+            node_config = {"site-id": site_id, "num-sites": len(sites), "site-name": name,
+                           "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
+            must_live.append(group.start(
+                f"SuperNode {name}",
+                supernode_command(address, ca_cert, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
+                logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home))
+        if options.with_intruders:
+            bad = {INTRUDER: (ca_cert, node_ports[-2]), FOREIGN: (out / "foreign-ca" / CA_CERT, node_ports[-1])}
+            for name, (trusted_ca, port) in bad.items():
+                home = out / "hospitals" / name
+                node_config = {"site-id": 0, "num-sites": len(sites), "site-name": name,
+                               "state-dir": str(home / "state")}
+                others.append(group.start(
+                    f"SuperNode {name}",
+                    supernode_command(address, trusted_ca, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
+                    logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home))
+        # The run: the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
+        result.run_id = cli.run(run_overrides(options, run_dir), app=stage_app(out / "coordinator" / "app"))
+        result.write(out / "deployment.json")
+        result.status = wait_for_run(cli, result.run_id, run_dir, options.rounds, must_live, others, options)
+        try:
+            (run_dir / "flwr-log.txt").write_text(cli.log(result.run_id))
+        except (DeploymentError, OSError) as error:
+            print(f"warning: could not fetch `flwr log {result.run_id}`: {error}", file=sys.stderr)
+        if result.status != FINISHED_COMPLETED:
+            raise DeploymentError(f"run {result.run_id} ended with status {result.status!r}; "
+                                  f"see {run_dir / 'flwr-log.txt'} and {logs}")
+        check_run_folder(run_dir, options.rounds)
+    except BaseException as error:
+        result.error = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        for process in group.processes:
+            process.poll()
+        ended = {p.name: p.popen.returncode for p in group.processes}
+        handled = group.stop()
+        result.pids_left_running = still_running(handled)
+        result.processes = {p.name: ProcessReport(p.name, p.pid, p.running_command or p.command, str(p.log_path),
+                                                  p.popen.returncode, ended[p.name] is not None)
+                            for p in group.processes}
+        result.write(out / "deployment.json")
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.deploy_loopback",
+        description="Run a real Flower deployment on 127.0.0.1: SuperLink with TLS and SuperNode "
+                    "authentication, one SuperNode per hospital, the tiny preset on synthetic data.",
+        epilog="Results: <out>/run (summary.json, checkpoints/, samples/, flwr-log.txt); process logs: <out>/logs.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="an empty or new folder for everything")
+    parser.add_argument("--rounds", type=int, default=2, help="federated rounds (default 2)")
+    parser.add_argument("--sites", type=int, default=2, help="hospitals, one SuperNode each (default 2)")
+    parser.add_argument("--local-steps", type=int, default=5, help="train.local_steps (default 5)")
+    parser.add_argument("--train-per-site", type=int, default=64, help="data.train_per_site (default 64)")
+    parser.add_argument("--test-per-site", type=int, default=32, help="data.test_per_site (default 32)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra Hydra override for the run (repeatable)")
+    parser.add_argument("--with-intruders", action="store_true",
+                        help="also start a SuperNode with an unregistered key and one trusting another CA "
+                             "(both must be refused)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP/MKL threads per Flower process (default 1: the ClientApps share the CPU)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks on `kill PID`
+    options = LoopbackOptions(args.out, args.rounds, args.sites, args.local_steps, args.train_per_site,
+                              args.test_per_site, args.override, args.with_intruders, args.threads, args.timeout)
+    started = time.monotonic()
+    try:
+        result = run_loopback(options)
+    except (DeploymentError, OSError) as error:
+        print(f"deploy_loopback: {error}", file=sys.stderr)
+        return 1
+    print(f"run {result.run_id}: {result.status} in {time.monotonic() - started:.0f} s over TLS with "
+          f"SuperNode authentication on 127.0.0.1:{result.superlink_port}")
+    for report in result.processes.values():
+        how = f"exited by itself with code {report.exit_code}" if report.exited_by_itself else "stopped"
+        print(f"  {report.name:<22} pid {report.pid:<7} {how:<32} log {report.log}")
+    if result.pids_left_running:
+        print(f"warning: processes still running: {result.pids_left_running}", file=sys.stderr)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
