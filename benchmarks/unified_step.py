@@ -1,9 +1,9 @@
 """Time the unified step against a classifier-only step on the same trunk, batch and input.
 
 Both steps run interleaved in one process (alternating blocks, so drift in machine load hits both),
-and each is timed per step; the medians are compared. Peak memory of each step is measured on its
-own: on CUDA with ``max_memory_allocated``, on the CPU as the peak RSS of a child process that runs
-only that step.
+and each is timed per step; the medians are compared. Memory of each step is measured on its
+own: on CUDA with ``max_memory_allocated``; on the CPU in a child process that runs only that step,
+as its peak RSS (dominated by importing torch) and the growth of its RSS over the steps.
 
     python benchmarks/unified_step.py [--preset tiny] [--batch-size 32] [--steps 40]
 
@@ -78,21 +78,34 @@ def _peak_rss_child(kind: str, preset: str, batch: int, num_classes: int, steps:
     device = torch.device("cpu")
     step = _make(kind, preset, num_classes, device)
     images, labels = _batch(preset, batch, num_classes, device)
+    before = _current_rss_mib()
+    highest = before
     for _ in range(steps):
         step(images, labels)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)  # KiB -> MiB on Linux
+        highest = max(highest, _current_rss_mib())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB on Linux
+    queue.put((peak, highest - before))
 
 
-def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device: torch.device) -> float:
+def _current_rss_mib() -> float:
+    """Resident set size now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device: torch.device) -> tuple[float, float]:
+    """(peak, growth during the steps) in MiB: CUDA allocations, or a fresh process's peak RSS."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         step = _make(kind, preset, num_classes, device)
         images, labels = _batch(preset, batch, num_classes, device)
+        before = torch.cuda.memory_allocated() / 2**20
         for _ in range(3):
             step(images, labels)
         _sync(device)
-        return torch.cuda.max_memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return peak, peak - before
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child, args=(kind, preset, batch, num_classes, 3, queue))
@@ -116,7 +129,7 @@ def main() -> None:
 
     steps = {kind: _make(kind, args.preset, args.num_classes, device) for kind in ("unified", "classifier")}
     images, labels = _batch(args.preset, args.batch_size, args.num_classes, device)
-    for kind, step in steps.items():
+    for step in steps.values():
         for _ in range(args.warmup):
             step(images, labels)
     times: dict[str, list[float]] = {kind: [] for kind in steps}
@@ -136,10 +149,10 @@ def main() -> None:
     for kind in ("classifier", "unified"):
         median = statistics.median(times[kind][: args.steps])
         medians[kind] = median
-        memory = peak_memory_mib(kind, args.preset, args.batch_size, args.num_classes, device)
+        peak, growth = peak_memory_mib(kind, args.preset, args.batch_size, args.num_classes, device)
         label = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (own process)"
         print(f"{kind:>10} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s, "
-              f"{label}: {memory:.0f}")
+              f"{label}: {peak:.0f}, growth over the steps: {growth:.1f}")
     print(f"unified/classifier step time ratio: {medians['unified'] / medians['classifier']:.2f}")
 
 

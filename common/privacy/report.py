@@ -268,7 +268,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                    f"{site['lifetime']['steps_total']} DP steps ({site['lifetime']['source']}) |"),
                   f"| neighbouring relation | {site['neighbouring_relation']} |",
                   f"| sampling | {site['sampling']} |",
-                  f"| budget stop triggered | {'yes, rounds ' + ', '.join(map(str, site['budget_exhausted_rounds'])) if site['budget_exhausted'] else 'no'} |",
+                  f"| budget stop triggered | {_budget_stop_text(site)} |",
                   ""]
         lines += ["Covered by the guarantee:", ""]
         lines += [f"- **{g}**: {site['covered'][g]}" for g in site["covered_groups"]]
@@ -328,3 +328,10 @@ def write_privacy_report(run_dir: Path | str) -> dict[str, Path]:
     paths["md"].write_text(render_markdown(report))
     plot_epsilon(report, paths["png"])
     return paths
+
+
+def _budget_stop_text(site: dict[str, Any]) -> str:
+    """'no', or the rounds in which the hospital stopped at its budget."""
+    if not site["budget_exhausted"]:
+        return "no"
+    return "yes, rounds " + ", ".join(map(str, site["budget_exhausted_rounds"]))
