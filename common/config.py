@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import conf
 from omegaconf import DictConfig, OmegaConf
+
+import conf
 
 #: Root of the Hydra configuration tree (``conf/`` in the source tree and in an installed copy).
 CONF_DIR: Path = Path(conf.__file__).resolve().parent
