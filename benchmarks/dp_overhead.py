@@ -14,16 +14,14 @@ Ends with the line ``dp-head/no-dp step time ratio: R`` (target: <= 1.3).
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import describe_device, interleaved_medians  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.privacy.accounting import build_plan  # noqa: E402
 from common.privacy.budget import private_train_config  # noqa: E402
@@ -49,11 +47,6 @@ def _make(scope: str | None, preset: str, batch: int, num_classes: int, device: 
     return trainer.unified_step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="model preset in conf/model (default: tiny)")
@@ -71,23 +64,10 @@ def main() -> None:
     size = model_preset(args.preset).image_size
     images = (torch.rand(args.batch_size, 3, size, size, generator=gen) * 2 - 1).to(device)
     labels = (torch.arange(args.batch_size) % args.num_classes).to(device)
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step(images, labels)
-    times: dict[str, list[float]] = {kind: [] for kind in steps}
-    while min(len(t) for t in times.values()) < args.steps:
-        for kind, step in steps.items():
-            for _ in range(args.block):
-                _sync(device)
-                start = time.perf_counter()
-                step(images, labels)
-                _sync(device)
-                times[kind].append(time.perf_counter() - start)
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    medians = interleaved_medians(steps, images, labels, warmup=args.warmup, timed=args.steps, block=args.block,
+                                  device=device)
+    print(describe_device(device))
     print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, blocks of {args.block}")
-    medians = {kind: statistics.median(t[: args.steps]) for kind, t in times.items()}
     for kind, median in medians.items():
         print(f"{kind:>16} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s")
     print(f"dp-discriminator/no-dp step time ratio: {medians['dp-discriminator'] / medians['no-dp']:.2f}")

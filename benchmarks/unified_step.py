@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import platform
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import describe_device, interleaved_medians, sync  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.train import LocalTrainer, TrainConfig  # noqa: E402
 from common.train.augment import diff_augment  # noqa: E402
@@ -68,11 +66,6 @@ def _batch(preset: str, batch: int, num_classes: int, device: torch.device) -> t
     return images, (torch.arange(batch) % num_classes).to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _peak_rss_child(kind: str, preset: str, batch: int, num_classes: int, steps: int, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
     device = torch.device("cpu")
@@ -103,7 +96,7 @@ def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device
         before = torch.cuda.memory_allocated() / 2**20
         for _ in range(3):
             step(images, labels)
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated() / 2**20
         return peak, peak - before
     ctx = mp.get_context("spawn")
@@ -129,25 +122,13 @@ def main() -> None:
 
     steps = {kind: _make(kind, args.preset, args.num_classes, device) for kind in ("unified", "classifier")}
     images, labels = _batch(args.preset, args.batch_size, args.num_classes, device)
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step(images, labels)
-    times: dict[str, list[float]] = {kind: [] for kind in steps}
-    while min(len(t) for t in times.values()) < args.steps:
-        for kind, step in steps.items():
-            for _ in range(args.block):
-                _sync(device)
-                start = time.perf_counter()
-                step(images, labels)
-                _sync(device)
-                times[kind].append(time.perf_counter() - start)
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    timed = interleaved_medians(steps, images, labels, warmup=args.warmup, timed=args.steps, block=args.block,
+                                device=device)
+    print(describe_device(device))
     print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}")
     medians = {}
     for kind in ("classifier", "unified"):
-        median = statistics.median(times[kind][: args.steps])
+        median = timed[kind]
         medians[kind] = median
         peak, growth = peak_memory_mib(kind, args.preset, args.batch_size, args.num_classes, device)
         label = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (own process)"

@@ -97,20 +97,14 @@ def _classifier_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torch.T
     keep = trainer.selector.select(trunk.features[b:], F.softmax(logits_fake.detach(), dim=1), fake_labels.cpu(),
                                    trainer.global_step).to(trainer.device)
     cls_syn = masked_cross_entropy(logits_fake, fake_labels, keep)
-    balanced = {k: v for k, v in (("cls_real", cls_real), ("cls_synthetic", cls_syn)) if v is not None}
-    if cfg.weighting.include_adversarial:
-        balanced["adv_discriminator"] = adv_d
-        loss_d = trainer.weighting.combine(balanced)
-    else:
-        loss_d = adv_d + (trainer.weighting.combine(balanced) if balanced else 0.0)
-    for opt in (trainer.opt_discriminator, trainer.opt_classifier, trainer.opt_weights):
-        opt.zero_grad(set_to_none=True)
+    loss_d = trainer.discriminator_objective(adv_d, cls_real, cls_syn)
+    trainer.zero_discriminator_grads()
     loss_d.backward()
     # Private head gradient of the real patches, with the same weight the trunk's term has.
     weight = trainer.weighting.weights()["cls_real"]
     noisy, _ = dp.head_gradient(trunk.tokens[:b], trunk.features[:b], labels, weight)
     _add_grads(model.classifier, noisy, "classifier")
-    _step_dc(trainer, weights_learned=cfg.weighting.enabled)
+    trainer.step_discriminator(weights_learned=cfg.weighting.enabled)
     step = {"adv_discriminator": float(adv_d.detach()), "selected": float(keep.sum())}
     if cls_real is not None:
         step["cls_real"] = float(cls_real.detach())
@@ -134,14 +128,13 @@ def _discriminator_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torc
     keep = select_by_confidence(trainer, F.softmax(out.logits.detach(), dim=1), fake_labels).to(trainer.device)
     cls_syn = masked_cross_entropy(out.logits, fake_labels, keep)
     loss_fake = w_adv * adv_fake + (w_syn * cls_syn if cls_syn is not None else 0.0)
-    for opt in (trainer.opt_discriminator, trainer.opt_classifier, trainer.opt_weights):
-        opt.zero_grad(set_to_none=True)
+    trainer.zero_discriminator_grads()
     loss_fake.backward()
     # Real half: per-sample clipped, noised gradient of every D and C parameter it reaches.
     noisy, losses = dp.discriminator_gradient(aug_real, labels, cfg.adversarial_loss, w_adv, w_real)
     _add_grads(model.discriminator, noisy, "discriminator")
     _add_grads(model.classifier, noisy, "classifier")
-    _step_dc(trainer, weights_learned=False)
+    trainer.step_discriminator(weights_learned=False)
     # "real_loss" (the real patches' summed losses / B) is a local diagnostic only: real-image losses
     # are left out of the reply in this scope (see REAL_DATA_METRICS in common/privacy/budget.py).
     step = {"adv_discriminator_generated": float(adv_fake.detach()),
@@ -149,18 +142,6 @@ def _discriminator_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torc
     if cls_syn is not None:
         step["cls_synthetic"] = float(cls_syn.detach())
     return step
-
-
-def _step_dc(trainer: LocalTrainer, weights_learned: bool) -> None:
-    model, cfg = trainer.model, trainer.cfg
-    if cfg.grad_clip_norm:  # post-processing of the noisy gradient: allowed
-        nn.utils.clip_grad_norm_(list(model.discriminator.parameters()) + list(model.classifier.parameters()),
-                                 cfg.grad_clip_norm)
-    trainer.opt_discriminator.step()
-    trainer.opt_classifier.step()
-    if weights_learned:
-        trainer.opt_weights.step()
-        trainer.weighting.project_()
 
 
 def dp_unified_step(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

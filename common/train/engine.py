@@ -151,6 +151,33 @@ class LocalTrainer:
             self._set_requires_grad(frozen, True)
         return adv_g, aux
 
+    def discriminator_objective(
+        self, adv_d: torch.Tensor, cls_real: torch.Tensor | None, cls_syn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """D/C loss: adversarial term plus the weighted classification losses (absent ones skipped)."""
+        balanced = {k: v for k, v in (("cls_real", cls_real), ("cls_synthetic", cls_syn)) if v is not None}
+        if self.cfg.weighting.include_adversarial:
+            balanced["adv_discriminator"] = adv_d
+            return self.weighting.combine(balanced)
+        return adv_d + (self.weighting.combine(balanced) if balanced else 0.0)
+
+    def zero_discriminator_grads(self) -> None:
+        for opt in (self.opt_discriminator, self.opt_classifier, self.opt_weights):
+            opt.zero_grad(set_to_none=True)
+
+    def step_discriminator(self, weights_learned: bool) -> None:
+        """Optimiser steps of D and C (after optional clipping) and, if learned, the loss weights."""
+        if self.cfg.grad_clip_norm:
+            nn.utils.clip_grad_norm_(
+                list(self.model.discriminator.parameters()) + list(self.model.classifier.parameters()),
+                self.cfg.grad_clip_norm,
+            )
+        self.opt_discriminator.step()
+        self.opt_classifier.step()
+        if weights_learned:
+            self.opt_weights.step()
+            self.weighting.project_()
+
     def unified_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One unified step on a real batch; returns this step's losses and selection counts."""
         if self.privacy is not None:
@@ -175,24 +202,10 @@ class LocalTrainer:
             out.features[b:], F.softmax(out.logits[b:].detach(), dim=1), fake_labels.cpu(), self.global_step
         ).to(self.device)
         cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
-        balanced = {k: v for k, v in (("cls_real", cls_real), ("cls_synthetic", cls_syn)) if v is not None}
-        if cfg.weighting.include_adversarial:
-            balanced["adv_discriminator"] = adv_d
-            loss_d = self.weighting.combine(balanced)
-        else:
-            loss_d = adv_d + (self.weighting.combine(balanced) if balanced else 0.0)
-        for opt in (self.opt_discriminator, self.opt_classifier, self.opt_weights):
-            opt.zero_grad(set_to_none=True)
+        loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn)
+        self.zero_discriminator_grads()
         loss_d.backward()
-        if cfg.grad_clip_norm:
-            nn.utils.clip_grad_norm_(
-                list(model.discriminator.parameters()) + list(model.classifier.parameters()), cfg.grad_clip_norm
-            )
-        self.opt_discriminator.step()
-        self.opt_classifier.step()
-        if cfg.weighting.enabled:
-            self.opt_weights.step()
-            self.weighting.project_()
+        self.step_discriminator(weights_learned=cfg.weighting.enabled)
 
         # (2) G update against the just-updated D and C.
         adv_g, aux = self._generator_step(fake, fake_labels)
