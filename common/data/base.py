@@ -96,3 +96,44 @@ class PatchSubset(PatchDataset):
 
     def load_uint8(self, index: int) -> np.ndarray:
         return self.base.load_uint8(int(self.indices[index]))
+
+
+class ConcatPatches(PatchDataset):
+    """Several patch data sets of the same classes and size, one after another."""
+
+    def __init__(self, parts: Sequence[PatchDataset]) -> None:
+        if not parts:
+            raise ValueError("ConcatPatches needs at least one data set")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.class_names != first.class_names or part.image_size != first.image_size:
+                raise ValueError(f"cannot concatenate data sets with classes {list(part.class_names)} at "
+                                 f"{part.image_size} px and {list(first.class_names)} at {first.image_size} px")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.labels = np.concatenate([np.asarray(p.labels, np.int64) for p in parts])
+        self.class_names = first.class_names
+        self.image_size = first.image_size
+        self.warnings = tuple(dict.fromkeys(w for p in parts for w in p.warnings))
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part].load_uint8(int(index - self.offsets[part]))
+
+
+class ArrayPatches(PatchDataset):
+    """Patches held in memory as an (N, H, W, 3) uint8 array (e.g. generated images)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+            raise ValueError(f"expected (N, S, S, 3) uint8 images, got {images.dtype} {images.shape}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = tuple(class_names)
+        self.image_size = int(images.shape[1])
+
+    def load_uint8(self, index: int) -> np.ndarray:
+        return self.images[index]

@@ -36,3 +36,24 @@ def withhold_labels(
         chosen = rng.choice(rows, size=keep, replace=False)
         out[chosen] = c
     return out
+
+
+def carve_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into (train, validation), stratified by class and seeded.
+
+    Each class gives ``round(fraction * n_class)`` rows to validation (none when ``fraction`` is 0);
+    both index arrays come back sorted. Used to tune on a split carved from a hospital's training
+    patches, never on its test split.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng([seed, 7919])
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        take = int(round(fraction * len(rows)))
+        val.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train_rows = np.setdiff1d(np.arange(len(labels)), val_rows)
+    return train_rows, val_rows

@@ -23,9 +23,8 @@ from common.config import ConfigError, to_plain
 from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam
 from common.data.base import PatchDataset, PatchSubset
 from common.data.errors import DataError
-from common.data.labels import withhold_labels
 from common.data.options import data_root
-from common.data.sites import SiteData
+from common.data.sites import SiteData, finish_site
 
 logger = logging.getLogger("fedvitgan.data")
 
@@ -155,8 +154,5 @@ def load_real_site_data(
         raise DataError(f"{where}: site {site} of {num_sites} gets {len(train_idx)} training and "
                         f"{len(test_idx)} test patches under partition {spec.get('name', 'iid')!r}; expected "
                         f"some of each (use fewer sites or another partition)")
-    labels = withhold_labels(train.labels[train_idx], seed=seed * 1000 + site,
-                             fraction=float(cfg.get("labeled_fraction", 1.0)),
-                             per_class=cfg.get("labeled_per_class"))
-    return SiteData(f"site-{site}", PatchSubset(train, train_idx, labels), PatchSubset(test, test_idx))
+    return finish_site(f"site-{site}", train, train_idx, PatchSubset(test, test_idx), cfg, seed * 1000 + site)
 

@@ -7,26 +7,28 @@ proportions its partition gives it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from common.config import ConfigError, to_plain
-from common.data.base import PatchDataset, PatchSubset
-from common.data.labels import withhold_labels
+from common.data.base import ConcatPatches, PatchDataset, PatchSubset
+from common.data.labels import carve_validation, withhold_labels
 from common.data.partition import quantity_shares, split_by_shares
 from common.data.synthetic import CLASS_NAMES, SyntheticHistology
 
 
 @dataclass
 class SiteData:
-    """What one hospital trains and evaluates on."""
+    """What one hospital trains and evaluates on; ``val`` is carved from its training patches
+    (``data.val_fraction``) for tuning, and is None when not asked for."""
 
     name: str
     train: PatchDataset
     test: PatchDataset
+    val: PatchDataset | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -34,7 +36,41 @@ class SiteData:
 
     def report(self) -> dict[str, Any]:
         """Per-split class counts (the partition report's row for this hospital)."""
-        return {"site": self.name, "train": self.train.class_counts(), "test": self.test.class_counts()}
+        row = {"site": self.name, "train": self.train.class_counts(), "test": self.test.class_counts()}
+        if self.val is not None:
+            row["val"] = self.val.class_counts()
+        return row
+
+
+def pool_sites(sites: Sequence[SiteData], name: str = "pooled") -> SiteData:
+    """One hospital holding every given hospital's patches (the centralized setting)."""
+    vals = [s.val for s in sites if s.val is not None]
+    return SiteData(name, ConcatPatches([s.train for s in sites]), ConcatPatches([s.test for s in sites]),
+                    ConcatPatches(vals) if vals else None)
+
+
+def finish_site(name: str, train: PatchDataset, train_rows: np.ndarray, test: PatchDataset,
+                data: Mapping[str, Any], seed: int) -> SiteData:
+    """A hospital's ``SiteData`` from its training rows of ``train`` and its held-out ``test``.
+
+    In order: a labelled validation split is carved from the training rows (``data.val_fraction``,
+    stratified), labels of the rest are withheld (``data.labeled_fraction`` /
+    ``data.labeled_per_class``), and with ``data.drop_unlabelled`` the unlabelled patches are left
+    out altogether. The same function serves the synthetic and every real data set.
+    """
+    train_rows = np.asarray(train_rows, dtype=np.int64)
+    try:
+        keep, val_part = carve_validation(train.labels[train_rows], float(data.get("val_fraction") or 0.0), seed)
+        labels = withhold_labels(train.labels[train_rows[keep]], seed=seed,
+                                 fraction=float(data.get("labeled_fraction", 1.0)),
+                                 per_class=data.get("labeled_per_class"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    rows = train_rows[keep]
+    if data.get("drop_unlabelled"):
+        rows, labels = rows[labels >= 0], labels[labels >= 0]
+    val = PatchSubset(train, train_rows[val_part]) if len(val_part) else None
+    return SiteData(name, PatchSubset(train, rows, labels), test, val)
 
 
 def synthetic_class_weights(partition: Mapping[str, Any], site: int, num_sites: int, seed: int) -> np.ndarray:
@@ -97,10 +133,7 @@ def load_site_data(
     num_train, num_test = synthetic_site_sizes(data, partition, site, num_sites, seed)
     train = SyntheticHistology(num_train, image_size, site, "train", seed, stain, tuple(weights))
     test = SyntheticHistology(num_test, image_size, site, "test", seed, stain, tuple(weights))
-    labels = withhold_labels(train.labels, seed=seed * 1000 + site,
-                             fraction=float(data.get("labeled_fraction", 1.0)),
-                             per_class=data.get("labeled_per_class"))
-    return SiteData(f"site-{site}", PatchSubset(train, np.arange(len(train)), labels), test)
+    return finish_site(f"site-{site}", train, np.arange(len(train)), test, data, seed * 1000 + site)
 
 
 def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
