@@ -32,6 +32,7 @@ from common.records import (
     to_arrayrecord,
 )
 from common.train import LocalTrainer, train_config
+from common.train.streams import training_batches
 
 logger = logging.getLogger("fedvitgan.client")
 
@@ -170,10 +171,8 @@ class LocalRun:
                 return RecordDict({protocol.METRICS: MetricRecord(privacy.metrics(0, check)), protocol.SITE: record})
             loader = dp.poisson_loader(data.train, tcfg.local_steps)
         else:
-            loader = DataLoader(
-                data.train, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
-                generator=torch.Generator().manual_seed(int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round),
-            )
+            loader = training_batches(
+                data.train, tcfg, seed=int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round)
         metrics = trainer.train_round(loader, tcfg.local_steps)
         flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
         if privacy is not None and dp is not None:

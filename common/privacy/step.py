@@ -49,6 +49,8 @@ def select_by_confidence(trainer: LocalTrainer, probs: torch.Tensor, labels: tor
     if not cfg.enabled or trainer.global_step < cfg.warmup_steps:
         return torch.zeros(len(labels), dtype=torch.bool)
     keep = probs.gather(1, labels.view(-1, 1)).squeeze(1) >= cfg.confidence_threshold
+    if cfg.mode == "all":
+        keep = torch.ones(len(labels), dtype=torch.bool)
     selector.accepted += torch.bincount(labels[keep], minlength=selector.num_classes)
     return keep
 

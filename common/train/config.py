@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,16 @@ from common.train.augment import AugmentConfig
 from common.train.losses import ADVERSARIAL_LOSSES
 from common.train.selection import SelectionConfig
 from common.train.weighting import WeightingConfig
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_factor(cfg: OptimConfig, step: int) -> float:
+    """Multiplier of every base learning rate at local step ``step`` (0-based) under ``cfg.schedule``."""
+    if cfg.schedule == "constant":
+        return 1.0
+    total = int(cfg.schedule_steps or 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 @dataclass(frozen=True)
@@ -21,35 +32,98 @@ class OptimConfig:
     lr_classifier: float = 1e-3
     lr_loss_weights: float = 1e-2
     gan_betas: tuple[float, float] = (0.0, 0.99)
+    discriminator_betas: tuple[float, float] | None = None  # null: gan_betas (the trunk learns with D)
+    discriminator_weight_decay: float = 0.0
     classifier_weight_decay: float = 1e-4
+    schedule: str = "constant"  # constant | cosine (every learning rate decays to 0 over schedule_steps)
+    schedule_steps: int | None = None  # the run's total local steps per hospital (needed by cosine)
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "cosine" and (self.schedule_steps is None or self.schedule_steps < 1):
+            raise ValueError("schedule cosine needs schedule_steps (the run's total local steps) >= 1")
         object.__setattr__(self, "gan_betas", tuple(float(b) for b in self.gan_betas))
         if len(self.gan_betas) != 2:
             raise ValueError(f"gan_betas needs two values, got {self.gan_betas}")
+        if self.discriminator_betas is not None:
+            object.__setattr__(self, "discriminator_betas", tuple(float(b) for b in self.discriminator_betas))
+            if len(self.discriminator_betas) != 2:
+                raise ValueError(f"discriminator_betas needs two values, got {self.discriminator_betas}")
+
+    @property
+    def trunk_betas(self) -> tuple[float, float]:
+        """Adam betas of the discriminator group (trunk, adversarial head, projection)."""
+        return self.discriminator_betas if self.discriminator_betas is not None else self.gan_betas  # type: ignore[return-value]
+
+
+#: What a hospital's local step trains (see common/train/engine.py).
+METHODS = ("unified", "supervised", "semi_supervised")
+#: How real patches are drawn: a labelled and an unlabelled batch each step, or one mixed batch.
+STREAMS = ("separate", "mixed")
+
+
+@dataclass(frozen=True)
+class SemiSupervisedConfig:
+    """``method: semi_supervised``: FixMatch (Sohn et al. 2020) on the same trunk, no generator.
+
+    An unlabelled patch's weak view (``classifier_augment``) gives a pseudo-label when the
+    classifier's confidence reaches ``confidence_threshold``; its strong view (``augment``) learns
+    it with weight ``unlabelled_weight``.
+    """
+
+    confidence_threshold: float = 0.95
+    unlabelled_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One hospital's unified training: batch, steps per round, losses and their parts."""
+    """One hospital's local training: method, batches, steps per round, losses and their parts."""
 
-    batch_size: int = 32
+    method: str = "unified"
+    batch_size: int = 32  # real patches per step: the labelled batch with separate streams
+    unlabelled_batch_size: int = 32  # unlabelled real patches per step (separate streams)
+    generated_batch_size: int | None = None  # generated images per step; null: as many as real ones
+    streams: str = "separate"
     local_steps: int = 50
     adversarial_loss: str = "hinge"
+    class_projection: bool = True  # D(x, y) = psi(phi(x)) + <E[y], phi(x)>; false: psi(phi(x)) alone
     aux_generated_weight: float = 1.0  # AC-GAN term that makes G's images class-faithful
+    pseudo_condition_discriminator: bool = False  # kept pseudo-labels also condition D's projection
     grad_clip_norm: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    classifier_augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(color=False, translation=0.0, cutout=0.0))
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    pseudo_label: SelectionConfig = field(default_factory=lambda: SelectionConfig(mode="none", confidence_threshold=0.95))
+    semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.streams not in STREAMS:
+            raise ValueError(f"streams must be one of {STREAMS}, got {self.streams!r}")
         if self.adversarial_loss not in ADVERSARIAL_LOSSES:
             raise ValueError(f"adversarial_loss must be one of {ADVERSARIAL_LOSSES}, got {self.adversarial_loss!r}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.unlabelled_batch_size < 0:
+            raise ValueError(f"unlabelled_batch_size must be >= 0, got {self.unlabelled_batch_size}")
+        if self.generated_batch_size is not None and self.generated_batch_size < 1:
+            raise ValueError(f"generated_batch_size must be >= 1 or null, got {self.generated_batch_size}")
         if self.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
+
+    @property
+    def uses_generator(self) -> bool:
+        """Whether this method trains (and so ever calls) the generator."""
+        return self.method == "unified"
 
 
 def train_config(section: Any) -> TrainConfig:

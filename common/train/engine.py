@@ -1,20 +1,28 @@
-"""The unified local training step and ``LocalTrainer.train_round``.
+"""A hospital's local training: the unified step (and the baselines' steps) and ``train_round``.
 
-One unified step, on a real batch and a class-balanced generated batch:
+One unified step, on a real batch (labelled rows first, then unlabelled ones labelled -1; see
+``common/train/streams.py``) and a class-balanced generated batch:
+  0. (``pseudo_label.mode`` not none) unlabelled real patches get pseudo-labels from a weak view:
+     the same selection rule as generated images, with the predicted class as the candidate's class.
   1. D/C update: the trunk scores real and generated images (adversarial loss with class
-     projection) and classifies them; C's loss on real labels and on the *selected* generated images
-     are balanced by the dynamic loss weighting. One backward serves D, C and the log-variances.
+     projection) and classifies them; C's losses on real labels, on the *selected* generated images
+     and on the kept pseudo-labels are balanced by the dynamic loss weighting. One backward serves
+     D, C and the log-variances.
   2. G update: adversarial loss plus the AC-GAN cross-entropy of C on G's images.
 G runs forward once per step; its images are detached for step 1 and re-scored for step 2.
 With ``privacy`` (DP-SGD, privacy.enabled=true) the step is ``common.privacy.step.dp_unified_step``:
 Poisson real batches, per-sample clipping and noise on the covered parameters, every step counted.
+
+``train.method`` picks what a step trains: ``unified`` (the above), ``supervised`` (the same trunk and
+head on labelled patches only: the plain baseline) or ``semi_supervised`` (FixMatch on the same trunk
+and head, no generator). Every method keeps the same local state layout.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,7 +32,7 @@ from torch import nn
 
 from common.model import UnifiedViTGAN
 from common.train.augment import diff_augment
-from common.train.config import TrainConfig
+from common.train.config import TrainConfig, learning_rate_factor
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
 from common.train.selection import SampleSelector
@@ -49,7 +57,8 @@ class RoundMetrics:
     acceptance: dict[str, float]
     selected_images: int
     global_step: int
-    extra: dict[str, float] = field(default_factory=dict)
+    pseudo_acceptance: dict[str, float] = field(default_factory=dict)
+    pseudo_labelled: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -67,13 +76,21 @@ class RoundMetrics:
             "global_step": float(self.global_step),
         }
         for prefix, values in (("loss", self.losses), ("weight", self.loss_weights),
-                               ("log_var", self.log_variances), ("acceptance", self.acceptance)):
+                               ("log_var", self.log_variances), ("acceptance", self.acceptance),
+                               ("pseudo_acceptance", self.pseudo_acceptance)):
             flat.update({f"{prefix}/{k}": float(v) for k, v in values.items()})
-        flat.update(self.extra)
+        if self.pseudo_acceptance:
+            flat["pseudo_labelled"] = float(self.pseudo_labelled)
         return flat
 
 
 def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
+    if isinstance(batches, Iterator):  # an endless stream (common/train/streams.py): keep its position
+        while True:  # next(), not ``yield from``: closing this generator must not close the stream
+            batch = next(batches, None)
+            if batch is None:
+                raise ValueError("the training batch stream ended")
+            yield batch
     while True:
         produced = False
         for batch in batches:
@@ -83,8 +100,18 @@ def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
             raise ValueError("the training data loader yielded no batch (empty local data set?)")
 
 
+def weighted_loss_names(cfg: TrainConfig) -> list[str]:
+    """The classification losses the dynamic weighting balances under ``cfg``."""
+    names = ["cls_real", "cls_synthetic"]
+    if cfg.pseudo_label.enabled:
+        names.append("cls_pseudo")
+    if cfg.weighting.include_adversarial:
+        names.append("adv_discriminator")
+    return names
+
+
 class LocalTrainer:
-    """A hospital's optimisers, loss weighting, sample selector and random state around a model.
+    """A hospital's optimisers, loss weighting, sample selectors and random state around a model.
 
     Everything here except ``model`` is local state (``state_dict``) that never leaves the site.
     """
@@ -105,24 +132,30 @@ class LocalTrainer:
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a {self.num_classes}-class model")
+        if privacy is not None and cfg.method != "unified":
+            raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method=unified, not {cfg.method!r}")
         o = cfg.optim
         self.opt_generator = torch.optim.Adam(model.generator.parameters(), lr=o.lr_generator, betas=o.gan_betas)
-        self.opt_discriminator = torch.optim.Adam(
-            model.discriminator.parameters(), lr=o.lr_discriminator, betas=o.gan_betas
+        trunk_optimizer = torch.optim.AdamW if o.discriminator_weight_decay else torch.optim.Adam
+        self.opt_discriminator = trunk_optimizer(
+            model.discriminator.parameters(), lr=o.lr_discriminator, betas=o.trunk_betas,
+            weight_decay=o.discriminator_weight_decay,
         )
         self.opt_classifier = torch.optim.AdamW(
             model.classifier.parameters(), lr=o.lr_classifier, weight_decay=o.classifier_weight_decay
         )
-        names = ["cls_real", "cls_synthetic"] + (["adv_discriminator"] if cfg.weighting.include_adversarial else [])
-        self.weighting = DynamicLossWeighting(names, cfg.weighting).to(self.device)
+        self.weighting = DynamicLossWeighting(weighted_loss_names(cfg), cfg.weighting).to(self.device)
         self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights)
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
+        self.pseudo = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.pseudo_label)
         self.rng = torch.Generator().manual_seed(int(seed))
         self.global_step = 0
+        self._optimizers = (self.opt_generator, self.opt_discriminator, self.opt_classifier)
+        self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self._optimizers]
         # DP-SGD on the covered parameters (common/privacy/wiring.py); None: no DP.
         self.privacy = privacy
 
-    # ----------------------------------------------------------------- one step
+    # ----------------------------------------------------------------- shared pieces
     def _balanced_labels(self, n: int) -> torch.Tensor:
         labels = torch.arange(n) % self.num_classes
         return labels[torch.randperm(n, generator=self.rng)].to(self.device)
@@ -132,13 +165,17 @@ class LocalTrainer:
             for p in module.parameters():
                 p.requires_grad_(flag)
 
+    def _projected(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels D's class projection sees: all -1 (psi alone) when ``class_projection`` is off."""
+        return labels if self.cfg.class_projection else torch.full_like(labels, -1)
+
     def _generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """G's update against the current D and C (adversarial + AC-GAN loss); returns both losses."""
         model, cfg = self.model, self.cfg
         frozen = (model.discriminator, model.classifier)
         self._set_requires_grad(frozen, False)
         try:
-            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), fake_labels)
+            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), self._projected(fake_labels))
             adv_g = generator_loss(out_fake.score, cfg.adversarial_loss)
             aux = F.cross_entropy(out_fake.logits, fake_labels)
             loss_g = adv_g + cfg.aux_generated_weight * aux
@@ -152,10 +189,12 @@ class LocalTrainer:
         return adv_g, aux
 
     def discriminator_objective(
-        self, adv_d: torch.Tensor, cls_real: torch.Tensor | None, cls_syn: torch.Tensor | None
+        self, adv_d: torch.Tensor, cls_real: torch.Tensor | None, cls_syn: torch.Tensor | None,
+        cls_pseudo: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """D/C loss: adversarial term plus the weighted classification losses (absent ones skipped)."""
-        balanced = {k: v for k, v in (("cls_real", cls_real), ("cls_synthetic", cls_syn)) if v is not None}
+        balanced = {k: v for k, v in (("cls_real", cls_real), ("cls_synthetic", cls_syn), ("cls_pseudo", cls_pseudo))
+                    if v is not None}
         if self.cfg.weighting.include_adversarial:
             balanced["adv_discriminator"] = adv_d
             return self.weighting.combine(balanced)
@@ -178,6 +217,78 @@ class LocalTrainer:
             self.opt_weights.step()
             self.weighting.project_()
 
+    @torch.no_grad()
+    def _pseudo_labels(self, unlabelled: torch.Tensor) -> torch.Tensor:
+        """Pseudo-labels of unlabelled patches from a weak view (-1 where the rule rejects them)."""
+        trunk = self.model.trunk(diff_augment(unlabelled, self.cfg.classifier_augment, self.rng))
+        probs = F.softmax(self.model.classifier(trunk), dim=1)
+        predicted = probs.argmax(dim=1)
+        keep = self.pseudo.select(trunk.features, probs, predicted.cpu(), self.global_step).to(self.device)
+        return torch.where(keep, predicted, torch.full_like(predicted, -1))
+
+    # ----------------------------------------------------------------- the steps
+    def _schedule_learning_rates(self) -> None:
+        """Set G's, D's and C's learning rates for ``global_step`` (a pure function of it, so a
+        restored trainer continues the schedule exactly)."""
+        factor = learning_rate_factor(self.cfg.optim, self.global_step)
+        for opt, bases in zip(self._optimizers, self._base_lrs):
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = base * factor
+
+    def step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One local step of ``cfg.method`` on a real batch; returns the step's losses and counts."""
+        self._schedule_learning_rates()
+        if self.privacy is not None or self.cfg.method == "unified":
+            return self.unified_step(real, labels)
+        real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        result = self.supervised_step(real, labels) if self.cfg.method == "supervised" \
+            else self.semi_supervised_step(real, labels)
+        self.global_step += 1
+        return result
+
+    def supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """The plain baseline: trunk + head on the labelled rows, label-safe augmentation, no generator."""
+        labelled = labels >= 0
+        if not bool(labelled.any()):
+            raise ValueError("a supervised step got a batch without labelled patches")
+        images = diff_augment(real[labelled], self.cfg.classifier_augment, self.rng)
+        loss = F.cross_entropy(self.model.classify(images), labels[labelled])
+        self.zero_discriminator_grads()
+        loss.backward()
+        self.step_discriminator(weights_learned=False)
+        return {"cls_real": float(loss.detach()), "selected": 0.0}
+
+    def semi_supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """FixMatch: labelled weak views, plus unlabelled strong views learning confident weak-view labels."""
+        cfg = self.cfg.semi_supervised
+        labelled = labels >= 0
+        weak = diff_augment(real[labelled], self.cfg.classifier_augment, self.rng)
+        unlabelled = real[~labelled]
+        n = weak.shape[0]
+        step: dict[str, float] = {"selected": 0.0}
+        if unlabelled.shape[0] == 0:
+            logits = self.model.classify(weak)
+            loss = F.cross_entropy(logits, labels[labelled])
+            step["cls_real"] = float(loss.detach())
+        else:
+            with torch.no_grad():
+                probs = F.softmax(self.model.classify(diff_augment(unlabelled, self.cfg.classifier_augment, self.rng)), 1)
+                confidence, pseudo = probs.max(dim=1)
+                mask = (confidence >= cfg.confidence_threshold).float()
+                self.pseudo.proposed += torch.bincount(pseudo.cpu(), minlength=self.num_classes)
+                self.pseudo.accepted += torch.bincount(pseudo[mask > 0].cpu(), minlength=self.num_classes)
+            strong = diff_augment(unlabelled, self.cfg.augment, self.rng)
+            logits = self.model.classify(torch.cat([weak, strong]))
+            cls_real = F.cross_entropy(logits[:n], labels[labelled])
+            cls_pseudo = (F.cross_entropy(logits[n:], pseudo, reduction="none") * mask).mean()
+            loss = cls_real + cfg.unlabelled_weight * cls_pseudo
+            step.update(cls_real=float(cls_real.detach()), cls_pseudo=float(cls_pseudo.detach()),
+                        pseudo_selected=float(mask.sum()))
+        self.zero_discriminator_grads()
+        loss.backward()
+        self.step_discriminator(weights_learned=False)
+        return step
+
     def unified_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One unified step on a real batch; returns this step's losses and selection counts."""
         if self.privacy is not None:
@@ -187,22 +298,33 @@ class LocalTrainer:
         model, cfg = self.model, self.cfg
         real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         b = real.shape[0]
-        fake_labels = self._balanced_labels(b)
-        z = torch.randn(b, model.cfg.z_dim, generator=self.rng).to(self.device)
+        labelled, unlabelled = labels >= 0, labels < 0
+        m = cfg.generated_batch_size or b
+        fake_labels = self._balanced_labels(m)
+        z = torch.randn(m, model.cfg.z_dim, generator=self.rng).to(self.device)
         fake = model.generator(z, fake_labels)
+
+        # (0) pseudo-labels of the unlabelled rows (weak view, no gradient).
+        pseudo_labels = torch.full_like(labels, -1)
+        if cfg.pseudo_label.enabled and bool(unlabelled.any()):
+            pseudo_labels[unlabelled] = self._pseudo_labels(real[unlabelled])
+        kept_pseudo = pseudo_labels >= 0
+        conditioning = torch.where(kept_pseudo, pseudo_labels, labels) if cfg.pseudo_condition_discriminator else labels
 
         # (1) D/C update on real + detached fake, selection from the same pass.
         both = diff_augment(torch.cat([real, fake.detach()]), cfg.augment, self.rng)
-        out = model.discriminate(both, torch.cat([labels, fake_labels]))
+        out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])))
         adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
-        labelled = labels >= 0
         cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
         self.selector.update_real(out.features[:b][labelled], labels[labelled])
+        if cfg.pseudo_label.enabled:
+            self.pseudo.update_real(out.features[:b][labelled], labels[labelled])
         keep = self.selector.select(
             out.features[b:], F.softmax(out.logits[b:].detach(), dim=1), fake_labels.cpu(), self.global_step
         ).to(self.device)
         cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
-        loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn)
+        cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
+        loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
         self.zero_discriminator_grads()
         loss_d.backward()
         self.step_discriminator(weights_learned=cfg.weighting.enabled)
@@ -217,35 +339,47 @@ class LocalTrainer:
             "aux_generated": float(aux.detach()),
             "selected": float(keep.sum()),
         }
-        if cls_real is not None:
-            step["cls_real"] = float(cls_real.detach())
-        if cls_syn is not None:
-            step["cls_synthetic"] = float(cls_syn.detach())
+        for name, value in (("cls_real", cls_real), ("cls_synthetic", cls_syn), ("cls_pseudo", cls_pseudo)):
+            if value is not None:
+                step[name] = float(value.detach())
+        if cfg.pseudo_label.enabled:
+            step["pseudo_selected"] = float(kept_pseudo.sum())
         return step
 
     # ----------------------------------------------------------------- a round
-    def train_round(self, batches: Iterable[Batch], steps: int | None = None) -> RoundMetrics:
-        """Run ``steps`` unified steps (default ``cfg.local_steps``), cycling ``batches``."""
+    def train_round(
+        self,
+        batches: Iterable[Batch],
+        steps: int | None = None,
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> RoundMetrics:
+        """Run ``steps`` local steps (default ``cfg.local_steps``), cycling ``batches``.
+
+        ``progress(step, steps, losses)`` is called after each step when given.
+        """
         steps = self.cfg.local_steps if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.model.train()
         self.selector.reset_counters()
+        self.pseudo.reset_counters()
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        real_images, selected = 0, 0
+        real_images, selected, pseudo_labelled = 0, 0, 0
         start = time.perf_counter()
         data = _cycle(batches)
-        for _ in range(steps):
+        for index in range(steps):
             images, labels = next(data)
-            result = self.unified_step(images, labels)
+            result = self.step(images, labels)
             real_images += images.shape[0]
             selected += int(result.pop("selected"))
+            pseudo_labelled += int(result.pop("pseudo_selected", 0))
             for key, value in result.items():
                 sums[key] += value
                 counts[key] += 1
+            if progress is not None:
+                progress(index + 1, steps, result)
         seconds = time.perf_counter() - start
-        acceptance = dict(zip(self.class_names, self.selector.acceptance()))
         return RoundMetrics(
             steps=steps,
             real_images=real_images,
@@ -253,11 +387,13 @@ class LocalTrainer:
             losses={k: sums[k] / counts[k] for k in sums},
             loss_weights=self.weighting.weights(),
             log_variances=dict(zip(self.weighting.names, self.weighting.clamped().tolist())),
-            acceptance=acceptance,
+            acceptance=dict(zip(self.class_names, self.selector.acceptance())) if self.cfg.uses_generator else {},
             selected_images=selected,
             global_step=self.global_step,
+            pseudo_acceptance=(dict(zip(self.class_names, self.pseudo.acceptance()))
+                               if self.cfg.pseudo_label.enabled or self.cfg.method == "semi_supervised" else {}),
+            pseudo_labelled=pseudo_labelled,
         )
-
     # ----------------------------------------------------------------- local state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All local state as named CPU tensors (never includes the model's weights)."""
@@ -267,6 +403,7 @@ class LocalTrainer:
             state.update(flatten_optimizer(prefix, opt))
         state["weighting.log_vars"] = self.weighting.log_vars.detach().cpu().clone()
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
+        state.update({f"pseudo.{k}": v for k, v in self.pseudo.state_dict().items()})
         state["rng"] = self.rng.get_state().clone()
         state["global_step"] = torch.tensor(self.global_step, dtype=torch.long)
         if self.privacy is not None:
@@ -292,6 +429,7 @@ class LocalTrainer:
         self.selector.load_state_dict(
             {k[len("selection."):]: v for k, v in state.items() if k.startswith("selection.")}
         )
+        self.pseudo.load_state_dict({k[len("pseudo."):]: v for k, v in state.items() if k.startswith("pseudo.")})
         self.rng.set_state(state["rng"].clone().to(torch.uint8))
         self.global_step = int(state["global_step"])
         if self.privacy is not None:
