@@ -83,8 +83,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The full config (``conf/config.yaml`` + overrides), as Hydra composes it, without a Hydra app.
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+    """The full config (``conf/<config_name>.yaml`` + overrides), as Hydra composes it, without a Hydra app.
 
     Used where Flower, not Hydra, starts the process (``flwr run``: the run config's
     ``overrides`` string carries the same overrides the simulation CLI takes).
@@ -96,7 +96,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=list(overrides))
     except Exception as error:  # Hydra raises several override/config error types
         raise ConfigError(f"cannot compose the configuration with overrides {list(overrides)}: {error}") from error
     return cfg

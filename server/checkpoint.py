@@ -63,6 +63,14 @@ class CheckpointStore:
                 old.unlink(missing_ok=True)
         return path
 
+    def load_round(self, server_round: int) -> dict[str, torch.Tensor]:
+        """The global model saved after ``server_round``; ``CheckpointError`` naming the file."""
+        path = self.folder / f"round-{server_round:04d}.safetensors"
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read checkpoint {path} (round {server_round}): {error}") from error
+
     def latest(self) -> tuple[ServerState, dict[str, torch.Tensor]] | None:
         """The last complete round's state and weights, or None if the run has no checkpoint."""
         state_path = self.folder / STATE_FILE

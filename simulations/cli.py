@@ -1,6 +1,7 @@
 """The ``fedvitgan`` command: one entry point, one subcommand per job.
 
     fedvitgan simulate [hydra overrides]     federated training of N hospitals on this machine
+    fedvitgan experiment [hydra overrides]   variants x settings x seeds, with baselines (results.md)
     fedvitgan data check ROOT --dataset N    validate a hospital's copy of a data set
     fedvitgan certs [options]                TLS certificates and hospital keys for a deployment
 
@@ -17,6 +18,7 @@ USAGE = __doc__ or ""
 #: subcommand -> (module, function taking argv and returning an exit code)
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "main"),
+    "experiment": ("simulations.experiments.runner", "main"),
     "certs": ("simulations.certs", "main"),
     "privacy-report": ("simulations.privacy_report", "main"),
 }

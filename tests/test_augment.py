@@ -34,3 +34,25 @@ def test_symmetries_only_permute_pixels() -> None:
 def test_disabled_is_identity() -> None:
     x = torch.rand(2, 3, 8, 8)
     assert diff_augment(x, AugmentConfig(enabled=False), torch.Generator()) is x
+
+
+def _symmetries(image: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of a square image, as the augmentation numbers them (flip, then k turns)."""
+    return [torch.rot90(image.flip(-1) if flip else image, k, dims=(-2, -1)) for flip in (False, True) for k in range(4)]
+
+
+def test_each_augmented_image_is_one_of_the_8_symmetries_and_all_occur_with_matching_gradients() -> None:
+    x = torch.randn(64, 3, 8, 8, requires_grad=True)
+    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, flip_rotate=True)
+    y = diff_augment(x, cfg, torch.Generator().manual_seed(3))
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    seen = set()
+    for i in range(len(x)):
+        matches = [k for k, s in enumerate(_symmetries(x[i].detach())) if torch.equal(s, y[i].detach())]
+        assert len(matches) == 1, i  # random images have no symmetry of their own
+        k = matches[0]
+        seen.add(k)
+        # d(sum w * T(x)) / dx = T^-1(w): applying T to the gradient must give back w.
+        torch.testing.assert_close(_symmetries(x.grad[i])[k], weights[i], msg=f"image {i}, transform {k}")
+    assert seen == set(range(8))

@@ -52,3 +52,23 @@ def test_sample_grid_is_a_png_with_one_row_per_class(tmp_path, tiny_cfg) -> None
         assert image.format == "PNG" and image.width > 100 and image.height > 100
     with pytest.raises(ValueError, match="classes=2"):
         class_grid(np.zeros((3, 2, 8, 8, 3), np.uint8), ["a", "b"], tmp_path / "x.png")
+
+
+def test_row_r_of_a_sample_grid_holds_images_generated_for_class_r(tmp_path, tiny_cfg, monkeypatch) -> None:
+    """A generator whose image is a flat grey level set by the class: each grid row must be its class."""
+    model = build_model(tiny_cfg, num_classes=3, seed=0)
+
+    def generate(labels, generator=None):  # noqa: ANN001, ANN202 - stands in for UnifiedViTGAN.generate
+        level = labels.float().view(-1, 1, 1, 1) / 2.0 * 2.0 - 1.0  # class 0 -> -1, 1 -> 0, 2 -> +1
+        return level.expand(-1, 3, 32, 32).clone()
+
+    monkeypatch.setattr(model, "generate", generate)
+    captured = {}
+    import common.evaluation.grids as grids
+
+    monkeypatch.setattr(grids, "class_grid", lambda images, names, path, title="": captured.setdefault("images", images))
+    save_generator_grid(model, ["a", "b", "c"], tmp_path / "grid.png", per_class=4)
+    images = captured["images"]
+    assert images.shape == (3, 4, 32, 32, 3)
+    for row, expected in enumerate((0, 128, 255)):
+        assert np.all(np.abs(images[row].astype(int) - expected) <= 1), row

@@ -1,0 +1,136 @@
+"""Training one model in this process, with evaluation points along the way (the curves).
+
+Used by the ``centralized`` setting (one hospital holding every hospital's patches) and the
+``local`` setting (each hospital alone). The step is the same ``LocalTrainer`` step a hospital runs
+in a federation, so a variant means the same thing in every setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.config import dataclass_from_mapping
+from common.data.base import PatchDataset
+from common.data.sites import SiteData
+from common.evaluation.metrics import classification_metrics, predict_probabilities
+from common.model import ModelConfig, UnifiedViTGAN, build_model
+from common.train import LocalTrainer, train_config
+from common.train.streams import training_batches
+
+EVAL_BATCH = 256
+
+
+@dataclass
+class Predictions:
+    """Labels and class probabilities of one model on one held-out set."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+
+    @staticmethod
+    def pooled(parts: Sequence[Predictions]) -> Predictions:
+        return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]))
+
+    def metrics(self) -> dict[str, float]:
+        return classification_metrics(self.labels, self.probs)
+
+
+def predict(model: UnifiedViTGAN, dataset: PatchDataset, device: torch.device | str = "cpu") -> Predictions:
+    """The model's class probabilities on every labelled patch of ``dataset``."""
+    labels, probs = predict_probabilities(model, DataLoader(dataset, batch_size=EVAL_BATCH), device)
+    keep = labels >= 0
+    return Predictions(labels[keep], probs[keep])
+
+
+@dataclass
+class CurvePoint:
+    """Held-out metrics after ``step`` local steps and ``seconds`` of training (evaluation excluded)."""
+
+    step: int
+    seconds: float
+    val: float | None  # balanced accuracy on the validation split (None without one)
+    test: float  # balanced accuracy on the test split
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seconds": round(self.seconds, 3), "val_balanced_accuracy": self.val,
+                "test_balanced_accuracy": self.test}
+
+
+@dataclass
+class TrainedSite:
+    """One in-process training run: the trained trainer, its training log, its curve."""
+
+    trainer: LocalTrainer
+    seconds: float
+    curve: list[CurvePoint] = field(default_factory=list)
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_trainer(run: dict[str, Any], site: SiteData, seed: int) -> LocalTrainer:
+    """A fresh model and trainer for ``run``'s model and train sections (weights seeded by ``seed``)."""
+    model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(site.class_names), seed=seed)
+    return LocalTrainer(model, train_config(run["train"]), seed=seed, class_names=site.class_names,
+                        device=resolve_device(run.get("device", "cpu")))
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def train_sites(
+    run: dict[str, Any],
+    sites: Sequence[SiteData],
+    steps: int,
+    eval_every: int,
+    seed: int,
+    on_point: Callable[[CurvePoint], None] | None = None,
+) -> list[TrainedSite]:
+    """Train one model per site for ``steps`` steps, evaluating every ``eval_every`` steps.
+
+    With several sites (the ``local`` setting) the models train side by side in chunks of
+    ``eval_every`` steps, and each curve point pools every site's predictions on its own held-out
+    patches; its ``seconds`` is the training time of all sites together on this machine.
+    """
+    trainers = [build_trainer(run, site, seed * 1000 + k) for k, site in enumerate(sites)]
+    batches = [training_batches(site.train, t.cfg, seed * 1_000_003 + k) for k, (site, t) in enumerate(zip(sites, trainers))]
+    trained = [TrainedSite(t, 0.0) for t in trainers]
+    done = 0
+    while done < steps:
+        chunk = min(eval_every, steps - done)
+        for entry, stream in zip(trained, batches):
+            metrics = entry.trainer.train_round(stream, chunk)
+            entry.seconds += metrics.seconds
+            entry.rounds.append(metrics.as_flat_dict())
+        done += chunk
+        point = evaluate_point(sites, [t.trainer.model for t in trained], done, sum(t.seconds for t in trained))
+        trained[0].curve.append(point)
+        if on_point is not None:
+            on_point(point)
+    return trained
+
+
+def evaluate_point(sites: Sequence[SiteData], models: Sequence[UnifiedViTGAN], step: int, seconds: float) -> CurvePoint:
+    """Pooled validation and test balanced accuracy of each site's model on its own patches."""
+    device = next(models[0].parameters()).device
+    test = Predictions.pooled([predict(m, s.test, device) for m, s in zip(models, sites)])
+    vals = [predict(m, s.val, device) for m, s in zip(models, sites) if s.val is not None]
+    val = Predictions.pooled(vals).metrics()["balanced_accuracy"] if vals else None
+    return CurvePoint(step, seconds, val, test.metrics()["balanced_accuracy"])
+
+
+def final_metrics(sites: Sequence[SiteData], models: Sequence[UnifiedViTGAN]) -> dict[str, float]:
+    """Test metrics (pooled over sites) and validation balanced accuracy, for results.json."""
+    device = next(models[0].parameters()).device
+    metrics = Predictions.pooled([predict(m, s.test, device) for m, s in zip(models, sites)]).metrics()
+    vals = [predict(m, s.val, device) for m, s in zip(models, sites) if s.val is not None]
+    metrics["val_balanced_accuracy"] = Predictions.pooled(vals).metrics()["balanced_accuracy"] if vals else None
+    return metrics

@@ -1,0 +1,172 @@
+"""``results.md`` and ``curves.png`` from the runs of ``results.json``.
+
+Per setting: mean +- std over seeds of each variant's test metrics; the difference to ``plain`` with a
+paired per-seed comparison (the same seed means the same patches, labels and initial weights);
+validation balanced accuracy (what choices are made on); wall seconds; the seconds to first reach
+95 % of ``plain``'s final balanced accuracy; and, for variants with a generator, its quality.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+BASELINE = "plain"
+TIME_TO_ACCURACY_FRACTION = 0.95
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(array) == 0:
+        return math.nan, math.nan
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+def group_runs(runs: Iterable[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{setting: {variant: [runs sorted by seed]}}``."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        grouped[run["setting"]][run["variant"]].append(run)
+    for variants in grouped.values():
+        for entries in variants.values():
+            entries.sort(key=lambda r: r["seed"])
+    return grouped
+
+
+def paired_difference(runs: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str = "balanced_accuracy"
+                      ) -> dict[str, Any] | None:
+    """Per-seed ``run - baseline`` on the seeds both have; None when they share none."""
+    base = {r["seed"]: r[key] for r in baseline}
+    diffs = {r["seed"]: r[key] - base[r["seed"]] for r in runs if r["seed"] in base}
+    if not diffs:
+        return None
+    values = list(diffs.values())
+    mean, std = _mean_std(values)
+    return {"mean": mean, "std": std, "per_seed": diffs, "lower": sum(v < 0 for v in values), "seeds": len(values)}
+
+
+def first_time_reaching(curve: list[dict[str, Any]], threshold: float) -> float | None:
+    """Training seconds at the first curve point whose test balanced accuracy reaches ``threshold``."""
+    for point in curve:
+        if point["test_balanced_accuracy"] >= threshold:
+            return float(point["seconds"])
+    return None
+
+
+def time_to_accuracy(variants: dict[str, list[dict[str, Any]]]) -> tuple[float, dict[str, dict[str, Any]]] | None:
+    """Per variant, the mean seconds to reach 95 % of plain's mean final balanced accuracy."""
+    if BASELINE not in variants:
+        return None
+    target = TIME_TO_ACCURACY_FRACTION * _mean_std([r["balanced_accuracy"] for r in variants[BASELINE]])[0]
+    table = {}
+    for name, runs in variants.items():
+        times = [first_time_reaching(r.get("curve", []), target) for r in runs]
+        reached = [t for t in times if t is not None]
+        table[name] = {"seconds": _mean_std(reached)[0] if reached else None, "reached": len(reached), "runs": len(runs)}
+    return target, table
+
+
+def results_markdown(results: dict[str, Any], header: str = "") -> str:
+    """The Markdown report of ``results`` (the content of ``results.json``)."""
+    grouped = group_runs(results.get("runs", []))
+    lines = ["# Experiment results", ""]
+    if header:
+        lines += [header, ""]
+    order = list(results.get("variants") or [])
+    for setting in [s for s in ("centralized", "local", "federated") if s in grouped]:
+        variants = grouped[setting]
+        names = [v for v in order if v in variants] + sorted(v for v in variants if v not in order)
+        lines += [f"## {setting}", "",
+                  "Test split (pooled over hospitals), mean +- std over seeds; difference to `plain` paired by seed.", "",
+                  "| variant | seeds | balanced accuracy | macro-F1 | accuracy | AUROC | val. bal. acc. "
+                  "| vs plain (mean +- std) | seeds below plain | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in names:
+            runs = variants[name]
+            cells = [_fmt(*_mean_std([r[k] for r in runs])) for k in ("balanced_accuracy", "macro_f1", "accuracy", "auroc")]
+            val = _fmt(*_mean_std([r.get("val_balanced_accuracy") for r in runs]))
+            diff = paired_difference(runs, variants.get(BASELINE, [])) if name != BASELINE else None
+            diff_text = "-" if diff is None else f"{diff['mean']:+.3f} +- {diff['std']:.3f}"
+            below = "-" if diff is None else f"{diff['lower']} of {diff['seeds']}"
+            seconds = _mean_std([r["seconds"] for r in runs])[0]
+            lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {val} | {diff_text} | {below} | {seconds:.0f} |")
+        lines.append("")
+        per_seed = [(name, paired_difference(variants[name], variants.get(BASELINE, [])))
+                    for name in names if name != BASELINE]
+        per_seed = [(n, d) for n, d in per_seed if d is not None]
+        if per_seed:
+            lines += ["Per-seed balanced-accuracy difference to `plain`:", ""]
+            for name, diff in per_seed:
+                cells = ", ".join(f"seed {s}: {v:+.3f}" for s, v in sorted(diff["per_seed"].items()))
+                lines.append(f"- {name}: {cells}")
+            lines.append("")
+        tta = time_to_accuracy(variants)
+        if tta is not None:
+            target, table = tta
+            lines += [f"Wall seconds of training to first reach {TIME_TO_ACCURACY_FRACTION:.0%} of plain's final "
+                      f"balanced accuracy ({target:.3f}), at the evaluation points:", "",
+                      "| variant | seconds (mean over seeds that reached it) | seeds that reached it |", "|---|---|---|"]
+            for name in names:
+                row = table[name]
+                seconds = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
+                lines.append(f"| {name} | {seconds} | {row['reached']} of {row['runs']} |")
+            lines.append("")
+        quality = [(n, variants[n]) for n in names if any("generator" in r for r in variants[n])]
+        if quality:
+            lines += ["Generator quality (lower is better): Frechet distance of real and generated patches in the "
+                      "reference classifier's feature space, overall and per class, and of their HED stain statistics.", "",
+                      "| variant | FD overall | FD per class (mean) | stain FD |", "|---|---|---|---|"]
+            for name, runs in quality:
+                gens = [r["generator"] for r in runs if "generator" in r]
+                overall = _fmt(*_mean_std([g["frechet_overall"] for g in gens]), digits=2)
+                per_class = _fmt(*_mean_std([float(np.mean(list(g["frechet_per_class"].values()))) for g in gens]), digits=2)
+                stain = _fmt(*_mean_std([g["stain_frechet"] for g in gens]), digits=4)
+                lines.append(f"| {name} | {overall} | {per_class} | {stain} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, Any], path: Path | str) -> Path:
+    """``curves.png``: test balanced accuracy against steps and against wall seconds, one row per
+    setting, one line per variant (mean over seeds at each evaluation point)."""
+    grouped = group_runs(results.get("runs", []))
+    settings = [s for s in ("centralized", "local", "federated") if s in grouped] or ["centralized"]
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
+    for row, setting in enumerate(settings):
+        for name, runs in sorted(grouped.get(setting, {}).items()):
+            curves = [r.get("curve") or [] for r in runs]
+            length = min((len(c) for c in curves), default=0)
+            if length == 0:
+                continue
+            steps = [curves[0][i]["step"] for i in range(length)]
+            acc = [float(np.mean([c[i]["test_balanced_accuracy"] for c in curves])) for i in range(length)]
+            secs = [float(np.mean([c[i]["seconds"] for c in curves])) for i in range(length)]
+            axes[row][0].plot(steps, acc, marker=".", label=name)
+            axes[row][1].plot(secs, acc, marker=".", label=name)
+        for col, xlabel in enumerate(("local steps", "wall seconds of training")):
+            ax = axes[row][col]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test balanced accuracy")
+            ax.set_title(setting)
+            ax.grid(alpha=0.3)
+        axes[row][1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,194 @@
+"""``fedvitgan experiment``: run every (variant, setting, seed) and write results.json, results.md, curves.png.
+
+    fedvitgan experiment                                   # conf/experiment/few_labels_quick.yaml
+    fedvitgan experiment experiment=few_labels             # the default experiment (about 2 hours on 2 cores)
+    fedvitgan experiment experiment.seeds=[0,1,2] experiment.steps=1000 data.labeled_per_class=5
+    fedvitgan experiment hydra.run.dir=runs/exp1           # a stopped experiment continues in its folder
+
+Every variant gets the same patches (the seed fixes data, partition, labels and initial weights), the
+same step budget and the same held-out patches. Results are written after each run, so a stopped
+experiment resumes where it stopped when started again with the same folder and config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
+from common.data.errors import DataError  # noqa: E402
+from common.data.sites import SiteData, load_site_data, pool_sites  # noqa: E402
+from common.model import UnifiedViTGAN  # noqa: E402
+from common.train import train_config  # noqa: E402
+from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
+from simulations.experiments.inprocess import CurvePoint, final_metrics, train_sites  # noqa: E402
+from simulations.experiments.quality import site_generator_quality  # noqa: E402
+from simulations.experiments.report import plot_curves, results_markdown  # noqa: E402
+from simulations.experiments.two_stage import train_two_stage  # noqa: E402
+from simulations.experiments.variants import apply_overrides, load_variant  # noqa: E402
+
+logger = logging.getLogger("fedvitgan.experiment")
+METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "auroc")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=CONF_DIR.parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_sites(run: dict[str, Any], seed: int) -> list[SiteData]:
+    """Every hospital's data under ``run``'s data and partition sections, for ``seed``."""
+    n = int(run["federation"]["num_sites"])
+    return [load_site_data(run["data"], run["partition"], s, n, int(run["model"]["image_size"]), seed) for s in range(n)]
+
+
+def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_name: str, seed: int,
+            folder: Path) -> dict[str, Any]:
+    """Train one (variant, setting, seed) and return its results.json entry."""
+    variant = load_variant(variant_name)
+    run = apply_overrides(base, variant.overrides, f"variant {variant_name} (conf/variants/{variant_name}.yaml)")
+    run["seed"] = seed
+    run["train"]["optim"]["schedule_steps"] = exp.steps  # a cosine schedule spans the whole budget
+    train_config(run["train"])  # a bad override fails here, naming the key, before any data is read
+    sites = load_sites(run, seed)
+    started = time.perf_counter()
+    entry: dict[str, Any] = {"variant": variant_name, "setting": setting, "seed": seed, "steps": exp.steps}
+
+    def show(point: CurvePoint) -> None:
+        val = "" if point.val is None else f"val {point.val:.3f}  "
+        _say(f"    step {point.step:>6}  {val}test {point.test:.3f}  ({point.seconds:.0f} s)")
+
+    models: list[UnifiedViTGAN]
+    if setting == "federated":
+        from simulations.experiments.federated import train_federated
+
+        metrics, curve = train_federated(run, sites, exp.steps, exp.rounds, seed, folder / f"{setting}-{variant_name}-seed{seed}")
+        for point in curve:
+            show(point)
+        entry["seconds"] = curve[-1].seconds if curve else 0.0
+        models = []
+        eval_sites = sites
+    else:
+        eval_sites = [pool_sites(sites)] if setting == "centralized" else sites
+        if variant.procedure == "two_stage":
+            trained, info = train_two_stage(run, eval_sites, exp.steps, exp.eval_every, seed, exp.two_stage, on_point=show)
+            entry["two_stage"] = info
+        else:
+            trained = train_sites(run, eval_sites, exp.steps, exp.eval_every, seed, on_point=show)
+            entry["last_round"] = trained[0].rounds[-1] if trained[0].rounds else {}
+        models = [t.trainer.model for t in trained]
+        metrics = final_metrics(eval_sites, models)
+        curve = trained[0].curve
+        entry["seconds"] = sum(t.seconds for t in trained)
+    entry.update({k: metrics[k] for k in METRICS})
+    entry["test_examples"] = sum(len(s.test) for s in eval_sites)
+    entry["val_balanced_accuracy"] = metrics.get("val_balanced_accuracy")
+    entry["curve"] = [p.as_dict() for p in curve]
+    if exp.generator_quality.enabled and train_config(run["train"]).uses_generator and variant.procedure == "standard":
+        if setting == "federated":
+            from simulations.experiments.federated import final_global_model
+
+            models = [final_global_model(folder / f"{setting}-{variant_name}-seed{seed}", run, seed)] * len(sites)
+        entry["generator"] = site_generator_quality(eval_sites, models, exp.generator_quality.samples_per_class, seed)
+    entry["wall_seconds"] = time.perf_counter() - started
+    return entry
+
+
+def _results_header(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    return (f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \nDate: {meta['date']}, commit {meta['commit']}  \n"
+            f"Budget: {meta['steps']} local steps per hospital (federated: {meta['rounds']} rounds), "
+            f"seeds {meta['seeds']}. `seconds` is training time on this machine (local: all hospitals one after "
+            f"another; federated: whole rounds, with the federation's own overhead).")
+
+
+def write_outputs(folder: Path, results: dict[str, Any]) -> None:
+    """results.json, results.md and curves.png (rewritten after every run)."""
+    tmp = folder / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
+    os.replace(tmp, folder / "results.json")
+    (folder / "results.md").write_text(results_markdown(results, _results_header(results)) + "\n")
+    plot_curves(results, folder / "curves.png")
+
+
+def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str, Any]:
+    """Every job of ``run['experiment']`` not yet in ``folder/results.json``; returns the results."""
+    exp = experiment_config(run["experiment"])
+    base = {k: v for k, v in run.items() if k != "experiment"}
+    if exp.threads:
+        torch.set_num_threads(int(exp.threads))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    results: dict[str, Any] = {"config": run, "variants": list(exp.variants), "runs": []}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if {k: v for k, v in saved.get("config", {}).items() if k != "experiment"} != base:
+            raise ConfigError(f"{path} was written with another config; use a new folder (hydra.run.dir=...)")
+        results["runs"] = saved.get("runs", [])
+    results["meta"] = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
+                       + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+                       "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "steps": exp.steps,
+                       "rounds": exp.rounds, "seeds": list(exp.seeds)}
+    done = {(r["setting"], r["variant"], r["seed"]) for r in results["runs"]}
+    jobs = exp.jobs()
+    for index, (setting, variant, seed) in enumerate(jobs, start=1):
+        if (setting, variant, seed) in done:
+            continue
+        _say(f"[{index}/{len(jobs)}] {variant} / {setting} / seed {seed}: {exp.steps} steps")
+        entry = run_one(base, exp, setting, variant, seed, folder)
+        results["runs"].append(entry)
+        write_outputs(folder, results)
+        _say(f"[{index}/{len(jobs)}] {variant} / {setting} / seed {seed}: test balanced accuracy "
+             f"{entry['balanced_accuracy']:.3f} in {entry['seconds']:.0f} s of training")
+    write_outputs(folder, results)
+    return results
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="experiments", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> None:
+    run = plain_config(cfg)
+    folder = Path(HydraConfig.get().runtime.output_dir).resolve()
+    command = "fedvitgan experiment " + " ".join(HydraConfig.get().overrides.task)
+    try:
+        run_experiment(run, folder, command.strip())
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"fedvitgan experiment: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    _say(f"\nexperiment folder: {folder}  (results.md, results.json, curves.png)")
+
+
+def main(argv: list[str]) -> int:
+    """Run ``fedvitgan experiment`` with ``argv`` (Hydra overrides and flags)."""
+    sys.argv = ["fedvitgan experiment", *argv]
+    try:
+        _hydra_entry()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 1
+        return int(stop.code or 0)
+    return 0

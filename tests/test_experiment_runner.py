@@ -1,0 +1,83 @@
+"""``fedvitgan experiment``: one entry per (variant, setting, seed), honest tables, same patches and budget."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, compose_config, plain_config
+from simulations.experiments.config import experiment_config
+from simulations.experiments.runner import run_experiment
+
+TOY = [
+    "data.train_per_site=40", "data.test_per_site=20", "data.labeled_per_class=2", "data.val_fraction=0.2",
+    "train.batch_size=8", "train.unlabelled_batch_size=8", "train.selection.warmup_steps=5",
+    "train.selection.min_history=2", "federation.num_sites=2", "samples_per_class=1",
+    "experiment.steps=20", "experiment.eval_every=10", "experiment.rounds=2", "experiment.seeds=[0,1]",
+    "experiment.generator_quality.samples_per_class=4", "experiment.two_stage.generated_per_class=4",
+]
+
+
+def _run(overrides: list[str]) -> dict:
+    return plain_config(compose_config(TOY + overrides, config_name="experiments"))
+
+
+@pytest.mark.slow
+def test_runner_writes_one_entry_per_job_and_a_table_that_matches(tmp_path: Path) -> None:
+    run = _run([
+        "experiment.variants=[plain,semi_supervised,two_stage,unified,unified_labelled_only,oracle]",
+        "experiment.settings=[centralized,local,federated]",
+        "experiment.setting_variants.local=[plain,unified_labelled_only]",
+        "experiment.setting_variants.federated=[unified]",
+    ])
+    results = run_experiment(run, tmp_path, "test")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    jobs = experiment_config(run["experiment"]).jobs()
+    assert len(jobs) == 6 * 2 + 2 * 2 + 1 * 2
+    assert sorted((r["setting"], r["variant"], r["seed"]) for r in saved["runs"]) == sorted(jobs)
+    assert saved["runs"] == json.loads(json.dumps(results["runs"]))
+    for entry in saved["runs"]:
+        assert entry["steps"] == 20 and 0.0 <= entry["balanced_accuracy"] <= 1.0
+        assert [p["step"] for p in entry["curve"]] == [10, 20]
+        assert ("generator" in entry) == (entry["variant"] in ("unified", "unified_labelled_only"))
+    # The same held-out patches for every variant of a setting and seed.
+    by_setting: dict[tuple[str, int], set[int]] = {}
+    for entry in saved["runs"]:
+        by_setting.setdefault((entry["setting"], entry["seed"]), set()).add(entry["test_examples"])
+    assert all(len(sizes) == 1 for sizes in by_setting.values())
+    # results.md's means are the means of results.json.
+    table = (tmp_path / "results.md").read_text()
+    centralized = table.split("## centralized")[1].split("## ")[0]
+    for variant in ("plain", "unified", "oracle", "two_stage"):
+        row = next(line for line in centralized.splitlines() if line.startswith(f"| {variant} |"))
+        shown = float(re.split(r"\s*\|\s*", row)[3].split(" +- ")[0])
+        mean = np.mean([r["balanced_accuracy"] for r in saved["runs"]
+                        if r["variant"] == variant and r["setting"] == "centralized"])
+        assert abs(shown - mean) < 6e-4, (variant, shown, mean)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_stopped_experiment_continues_and_a_changed_one_is_refused(tmp_path: Path) -> None:
+    run = _run(["experiment.variants=[plain]", "experiment.seeds=[0]"])
+    run_experiment(run, tmp_path, "test")
+    first = json.loads((tmp_path / "results.json").read_text())["runs"]
+    more = _run(["experiment.variants=[plain]", "experiment.seeds=[0,1]"])
+    run_experiment(more, tmp_path, "test")
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs[0] == first[0] and [r["seed"] for r in runs] == [0, 1]
+    with pytest.raises(ConfigError, match="another config"):
+        run_experiment(_run(["experiment.variants=[plain]", "data.labeled_per_class=3"]), tmp_path, "test")
+
+
+def test_unknown_variants_and_impossible_grids_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown variant 'plainn'"):
+        experiment_config(_run(["experiment.variants=[plainn]"])["experiment"])
+    with pytest.raises(ConfigError, match="two_stage"):
+        experiment_config(_run(["experiment.variants=[two_stage]", "experiment.settings=[federated]",
+                                "experiment.setting_variants.federated=[two_stage]"])["experiment"])
+    with pytest.raises(ConfigError, match="multiple of rounds"):
+        experiment_config(_run(["experiment.settings=[federated]", "experiment.rounds=3"])["experiment"])
