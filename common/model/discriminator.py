@@ -63,9 +63,14 @@ class ProjectionDiscriminator(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.utils.parametrizations.spectral_norm(module)
 
-    def score(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Adversarial score D(x, y), shape (B,). Labels < 0 (unlabelled) get psi alone."""
-        unconditional = self.adv_head(features).squeeze(-1)
+    def score(self, features: torch.Tensor, labels: torch.Tensor,
+              unconditional: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial score D(x, y), shape (B,). Labels < 0 (unlabelled) get psi alone.
+
+        ``unconditional`` replaces psi(phi(x)) when given (the semi-supervised GAN score).
+        """
+        if unconditional is None:
+            unconditional = self.adv_head(features).squeeze(-1)
         known = labels >= 0
         projection = (self.class_embed(labels.clamp(min=0)) * features).sum(dim=-1)
         return unconditional + projection * known.to(features.dtype)

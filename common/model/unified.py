@@ -44,12 +44,19 @@ class UnifiedViTGAN(nn.Module):
     def trunk(self, images: torch.Tensor) -> TrunkOutput:
         return self.discriminator.trunk(images)
 
-    def discriminate(self, images: torch.Tensor, labels: torch.Tensor) -> DiscriminatorOutput:
-        """Adversarial score D(x, y), class logits C(phi(x)) and phi(x) from one trunk pass."""
+    def discriminate(self, images: torch.Tensor, labels: torch.Tensor, classifier_score: bool = False
+                     ) -> DiscriminatorOutput:
+        """Adversarial score D(x, y), class logits C(phi(x)) and phi(x) from one trunk pass.
+
+        With ``classifier_score`` the unconditional part of the score is ``log sum_k exp C_k(x)``
+        instead of psi(phi(x)) (the semi-supervised GAN of Salimans et al. 2016: the classifier's
+        K classes are the "real" classes, so every unlabelled patch teaches the classifier too).
+        """
         trunk = self.trunk(images)
-        return DiscriminatorOutput(
-            self.discriminator.score(trunk.features, labels), self.classifier(trunk), trunk.features
-        )
+        logits = self.classifier(trunk)
+        unconditional = torch.logsumexp(logits, dim=1) if classifier_score else None
+        return DiscriminatorOutput(self.discriminator.score(trunk.features, labels, unconditional), logits,
+                                   trunk.features)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits of the deployed classifier C(phi(x))."""

@@ -92,7 +92,10 @@ class TrainConfig:
     local_steps: int = 50
     adversarial_loss: str = "hinge"
     class_projection: bool = True  # D(x, y) = psi(phi(x)) + <E[y], phi(x)>; false: psi(phi(x)) alone
+    classifier_score: bool = False  # psi(phi(x)) := log sum_k exp C_k(phi(x)) (semi-supervised GAN)
     aux_generated_weight: float = 1.0  # AC-GAN term that makes G's images class-faithful
+    feature_matching_weight: float = 0.0  # G also matches the mean trunk feature of real patches (Salimans et al.)
+    unlabelled_entropy_weight: float = 0.0  # entropy of C on unlabelled patches, minimised (Grandvalet & Bengio)
     pseudo_condition_discriminator: bool = False  # kept pseudo-labels also condition D's projection
     grad_clip_norm: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)

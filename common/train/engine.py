@@ -169,16 +169,22 @@ class LocalTrainer:
         """The labels D's class projection sees: all -1 (psi alone) when ``class_projection`` is off."""
         return labels if self.cfg.class_projection else torch.full_like(labels, -1)
 
-    def _generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """G's update against the current D and C (adversarial + AC-GAN loss); returns both losses."""
+    def _generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor,
+                        real_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's update against the current D and C (adversarial + AC-GAN loss, plus feature matching
+        against ``real_features`` when ``feature_matching_weight`` > 0); returns the first two losses."""
         model, cfg = self.model, self.cfg
         frozen = (model.discriminator, model.classifier)
         self._set_requires_grad(frozen, False)
         try:
-            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), self._projected(fake_labels))
+            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), self._projected(fake_labels),
+                                          cfg.classifier_score)
             adv_g = generator_loss(out_fake.score, cfg.adversarial_loss)
             aux = F.cross_entropy(out_fake.logits, fake_labels)
             loss_g = adv_g + cfg.aux_generated_weight * aux
+            if cfg.feature_matching_weight > 0 and real_features is not None and len(real_features):
+                gap = out_fake.features.mean(dim=0) - real_features.detach().mean(dim=0)
+                loss_g = loss_g + cfg.feature_matching_weight * gap.pow(2).sum()
             self.opt_generator.zero_grad(set_to_none=True)
             loss_g.backward()
             if cfg.grad_clip_norm:
@@ -313,7 +319,7 @@ class LocalTrainer:
 
         # (1) D/C update on real + detached fake, selection from the same pass.
         both = diff_augment(torch.cat([real, fake.detach()]), cfg.augment, self.rng)
-        out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])))
+        out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])), cfg.classifier_score)
         adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
         cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
         self.selector.update_real(out.features[:b][labelled], labels[labelled])
@@ -325,12 +331,17 @@ class LocalTrainer:
         cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
         cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
         loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
+        entropy = None
+        if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):
+            log_probs = F.log_softmax(out.logits[:b][unlabelled], dim=1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
+            loss_d = loss_d + cfg.unlabelled_entropy_weight * entropy
         self.zero_discriminator_grads()
         loss_d.backward()
         self.step_discriminator(weights_learned=cfg.weighting.enabled)
 
         # (2) G update against the just-updated D and C.
-        adv_g, aux = self._generator_step(fake, fake_labels)
+        adv_g, aux = self._generator_step(fake, fake_labels, out.features[:b])
 
         self.global_step += 1
         step = {
@@ -339,7 +350,8 @@ class LocalTrainer:
             "aux_generated": float(aux.detach()),
             "selected": float(keep.sum()),
         }
-        for name, value in (("cls_real", cls_real), ("cls_synthetic", cls_syn), ("cls_pseudo", cls_pseudo)):
+        for name, value in (("cls_real", cls_real), ("cls_synthetic", cls_syn), ("cls_pseudo", cls_pseudo),
+                            ("unlabelled_entropy", entropy)):
             if value is not None:
                 step[name] = float(value.detach())
         if cfg.pseudo_label.enabled:
