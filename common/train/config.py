@@ -27,8 +27,8 @@ def learning_rate_factor(cfg: OptimConfig, step: int) -> float:
 class OptimConfig:
     """Adam with betas (0, 0.99) for G and D (ViTGAN/StyleGAN practice); AdamW for the head."""
 
-    lr_generator: float = 2e-4
-    lr_discriminator: float = 2e-4
+    lr_generator: float = 1e-4
+    lr_discriminator: float = 4e-4
     lr_classifier: float = 1e-3
     lr_loss_weights: float = 1e-2
     gan_betas: tuple[float, float] = (0.0, 0.99)
@@ -87,7 +87,7 @@ class TrainConfig:
     method: str = "unified"
     batch_size: int = 32  # real patches per step: the labelled batch with separate streams
     unlabelled_batch_size: int = 32  # unlabelled real patches per step (separate streams)
-    generated_batch_size: int | None = None  # generated images per step; null: as many as real ones
+    generated_batch_size: int | None = 32  # generated images per step; null: as many as real ones
     streams: str = "separate"
     local_steps: int = 50
     adversarial_loss: str = "hinge"
@@ -99,7 +99,7 @@ class TrainConfig:
     pseudo_condition_discriminator: bool = False  # kept pseudo-labels also condition D's projection
     grad_clip_norm: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color=False))
     classifier_augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(color=False, translation=0.0, cutout=0.0))
     weighting: WeightingConfig = field(default_factory=WeightingConfig)

@@ -30,7 +30,8 @@ class ExperimentConfig:
     steps: int = 1000  # local steps per hospital, every variant alike (split over rounds when federated)
     eval_every: int = 250  # steps between evaluation points of the curves
     rounds: int = 5  # federated rounds (steps must be a multiple)
-    threads: int | None = None  # torch CPU threads for in-process training (null: torch's default)
+    threads: int | None = None  # torch CPU threads per run (null: torch's default; 1 with several workers)
+    workers: int = 1  # runs of the centralized and local settings trained side by side, one process each
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
     generator_quality: GeneratorQualityConfig = field(default_factory=GeneratorQualityConfig)
 
@@ -48,6 +49,8 @@ class ExperimentConfig:
         for setting in self.setting_variants:
             if setting not in SETTINGS:
                 raise ValueError(f"setting_variants names an unknown setting {setting!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
         if "federated" in self.settings and (self.rounds < 1 or self.steps % self.rounds):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -79,7 +80,8 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
 
     def show(point: CurvePoint) -> None:
         val = "" if point.val is None else f"val {point.val:.3f}  "
-        _say(f"    step {point.step:>6}  {val}test {point.test:.3f}  ({point.seconds:.0f} s)")
+        _say(f"    {variant_name} / {setting} / seed {seed}: step {point.step:>6}  {val}test {point.test:.3f}  "
+             f"({point.seconds:.0f} s)")
 
     models: list[UnifiedViTGAN]
     if setting == "federated":
@@ -154,18 +156,40 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
                        "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "steps": exp.steps,
                        "rounds": exp.rounds, "seeds": list(exp.seeds)}
     done = {(r["setting"], r["variant"], r["seed"]) for r in results["runs"]}
-    jobs = exp.jobs()
-    for index, (setting, variant, seed) in enumerate(jobs, start=1):
-        if (setting, variant, seed) in done:
-            continue
-        _say(f"[{index}/{len(jobs)}] {variant} / {setting} / seed {seed}: {exp.steps} steps")
-        entry = run_one(base, exp, setting, variant, seed, folder)
+    todo = [job for job in exp.jobs() if job not in done]
+    total, finished = len(exp.jobs()), len(done)
+
+    def record(entry: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
         results["runs"].append(entry)
         write_outputs(folder, results)
-        _say(f"[{index}/{len(jobs)}] {variant} / {setting} / seed {seed}: test balanced accuracy "
-             f"{entry['balanced_accuracy']:.3f} in {entry['seconds']:.0f} s of training")
+        _say(f"[{finished}/{total}] {entry['variant']} / {entry['setting']} / seed {entry['seed']}: test balanced "
+             f"accuracy {entry['balanced_accuracy']:.3f} after {entry['seconds']:.0f} s of training")
+
+    in_process = [job for job in todo if job[0] != "federated"]
+    _say(f"{len(todo)} of {total} runs to do ({exp.steps} steps each), {exp.workers} at a time in this process group")
+    if exp.workers > 1 and len(in_process) > 1:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(exp.workers, maxtasksperchild=1) as pool:
+            arguments = [(base, run["experiment"], *job, str(folder)) for job in in_process]
+            for entry in pool.imap_unordered(_run_job, arguments):
+                record(entry)
+    else:
+        for setting, variant, seed in in_process:
+            record(run_one(base, exp, setting, variant, seed, folder))
+    for setting, variant, seed in [job for job in todo if job[0] == "federated"]:
+        record(run_one(base, exp, setting, variant, seed, folder))  # Ray brings its own worker processes
     write_outputs(folder, results)
     return results
+
+
+def _run_job(arguments: tuple[dict[str, Any], dict[str, Any], str, str, int, str]) -> dict[str, Any]:
+    """One in-process run in a worker process (``experiment.workers`` > 1)."""
+    base, section, setting, variant, seed, folder = arguments
+    exp = experiment_config(section)
+    torch.set_num_threads(int(exp.threads or 1))
+    return run_one(base, exp, setting, variant, seed, Path(folder))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="experiments", version_base="1.3")

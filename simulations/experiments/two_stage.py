@@ -7,7 +7,8 @@ The usual way generative augmentation is done, and what the unified model claims
      model uses (confidence of the stage-1 classifier, distance to the real class centroid) keeps some;
   3. a fresh trunk + head (the ``classifier_variant``'s config, the plain baseline by default) trains
      on the real labelled patches plus the kept generated ones for the rest of the budget.
-Curve points come from stage 3; their steps and seconds include stage 1.
+Curve points come from stage 3; their steps and seconds include stage 1. A learning-rate schedule
+restarts for each stage and spans that stage's steps.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def train_two_stage(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
     gan_steps = int(round(steps * cfg.gan_fraction))
     if not 0 < gan_steps < steps:
         raise ValueError(f"experiment.two_stage.gan_fraction={cfg.gan_fraction} leaves no steps for one of the stages")
-    gan_run = apply_overrides(run, ["train.selection.mode=none", "train.pseudo_label.mode=none"], "two_stage stage 1")
+    gan_run = apply_overrides(run, ["train.selection.mode=none", "train.pseudo_label.mode=none",
+                                    f"train.optim.schedule_steps={gan_steps}"], "two_stage stage 1")
     stage_one = train_sites(gan_run, sites, gan_steps, gan_steps, seed)
     gan_seconds = sum(t.seconds for t in stage_one)
     augmented, info = [], {"gan_steps": gan_steps, "gan_seconds": gan_seconds, "kept": [], "acceptance": []}
@@ -74,7 +76,8 @@ def train_two_stage(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
         augmented.append(SiteData(site.name, ConcatPatches(parts), site.test, site.val))
         info["kept"].append(len(synthetic))
         info["acceptance"].append(rates)
-    classifier_run = apply_overrides(run, load_variant(cfg.classifier_variant).overrides, "two_stage stage 3")
+    classifier_run = apply_overrides(run, [*load_variant(cfg.classifier_variant).overrides,
+                                           f"train.optim.schedule_steps={steps - gan_steps}"], "two_stage stage 3")
 
     def shifted(point: CurvePoint) -> None:
         point.step += gan_steps
