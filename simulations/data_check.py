@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  fedvitgan data check /data/pcam --dataset pcam\n"
                "  fedvitgan data check /data/nct --dataset nct_crc --decode all\n"
                "  fedvitgan data check /data/breakhis --dataset breakhis --set magnification=100X\n"
-               "  fedvitgan data check /data/mine --dataset imagefolder --skip-corrupt",
+               "  fedvitgan data check /data/mine --dataset imagefolder --skip-corrupt\n"
+               "  fedvitgan data check /data/mine --dataset imagefolder --set test_fraction=0.3",
     )
     parser.add_argument("root", help="the data set's folder (data.root)")
     parser.add_argument("--dataset", required=True, choices=sorted(LOADERS),
@@ -117,8 +118,11 @@ def check(cfg: dict[str, Any], splits: Sequence[str] | None, decode: int | None,
         except DataError as error:
             raise DataError(f"split {split!r}: {error}") from error
     total = sum(len(d) for d in datasets.values())
-    out = [f"data set {cfg['name']} at {cfg['root']}: {len(names)} split(s), {total} patches", "",
-           counts_table(datasets)]
+    out = [f"data set {cfg['name']} at {cfg['root']}: {len(names)} split(s), {total} patches"]
+    describe = getattr(LOADERS[str(cfg["name"])], "describe", None)
+    if describe is not None:  # which layout and split a loader with several reads (class folders)
+        out.append(describe(cfg))
+    out += ["", counts_table(datasets)]
     for split, ds in datasets.items():
         if ds.hospitals is not None:
             ids, counts = np.unique(ds.hospitals, return_counts=True)

@@ -81,3 +81,24 @@ def test_help_and_usage_errors(capsys) -> None:
     assert "--dataset" in capsys.readouterr().out
     assert main(["/data"]) == 2  # --dataset is required
     assert main(["/data", "--dataset", "mnist"]) == 2
+
+
+def test_imagefolder_both_layouts_and_the_split_each_uses(tmp_path: Path, capsys) -> None:
+    flat = tmp_path / "flat"
+    write_class_folders(flat, {"tumour": 10, "benign": 5}, size=8, suffix=".png", nct_names=False)
+    assert main([str(flat), "--dataset", "imagefolder"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"layout: class folders {flat}/<class>/<image>, no split folders")
+    assert "20% of each class to test" in lines[1] and "data.split_seed=0" in lines[1]
+    assert [line.split() for line in lines[3:7]] == [["class", "train", "test"], ["benign", "4", "1"],
+                                                     ["tumour", "8", "2"], ["total", "12", "3"]]
+    assert main([str(flat), "--dataset", "imagefolder", "--set", "test_fraction=0.5"]) == 0
+    assert capsys.readouterr().out.splitlines()[5].split() == ["tumour", "5", "5"]
+
+    split = tmp_path / "split"
+    write_class_folders(split / "train", {"tumour": 3, "benign": 2}, size=8, suffix=".png", nct_names=False)
+    write_class_folders(split / "test", {"tumour": 1, "benign": 1}, size=8, suffix=".png", nct_names=False)
+    assert main([str(split), "--dataset", "imagefolder"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"layout: split folders {split}/<split>/<class>/<image> (train=train, test=test)"
+    assert lines[5].split() == ["tumour", "3", "1"]

@@ -1,35 +1,158 @@
-"""Generic class folders: ``<root>/<split>/<class>/*.{png,jpg,tif}`` (any RGB size).
+"""Generic class folders, in either of the two layouts users have (any RGB size).
 
-Each split is a sub-folder of ``data.root`` (``data.splits``; ``.`` means the root itself). The
-class names are the folder names, sorted, or ``data.class_names`` (which the folders must match).
+- ``classes``: ``<root>/<class>/<image>``, the torchvision ``ImageFolder`` layout. There are no split
+  folders, so a held-out split is drawn per class: ``data.test_fraction`` of each class (seeded by
+  ``data.split_seed`` and the class name, so adding images to one class leaves the others' split as
+  it was) goes to ``test``, the rest to ``train``.
+- ``splits``: ``<root>/<split>/<class>/<image>``, one sub-folder per split (``data.splits``; ``.``
+  means the root itself).
+
+``data.layout: auto`` (the default) reads the split layout when a configured split folder exists
+under the root, else the class layout. Class names are the folder names, sorted, or
+``data.class_names`` (which the folders must match).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.data.errors import DataError
-from common.data.folder import ImageFilesDataset, scan_class_folders
-from common.data.options import class_names_option, resolve_split, split_names
+from common.data.folder import ImageFilesDataset, list_subfolders, scan_class_folders
+from common.data.options import class_names_option, data_root, resolve_split, split_names
 
 NAME = "imagefolder"
 DEFAULT_SPLITS: dict[str, str | None] = {"train": "train", "test": "test"}
+LAYOUTS: tuple[str, ...] = ("auto", "classes", "splits")
+DEFAULT_TEST_FRACTION = 0.2
+_HOLDOUT_TAG = 29  # stream tag of the held-out split's seeded rngs
 
 
-def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """Split name -> sub-folder of ``data.root``."""
+def _configured_splits(cfg: Mapping[str, Any]) -> dict[str, str]:
     return split_names(cfg, DEFAULT_SPLITS)
 
 
+def layout(cfg: Mapping[str, Any]) -> str:
+    """``classes`` or ``splits``: ``data.layout``, or for ``auto`` what ``data.root`` holds."""
+    wanted = str(cfg.get("layout") or "auto")
+    if wanted not in LAYOUTS:
+        raise DataError(f"data.layout {wanted!r} is not known; choose one of {list(LAYOUTS)}")
+    if wanted != "auto":
+        return wanted
+    root = data_root(cfg)
+    found = any((root / folder).is_dir() for folder in _configured_splits(cfg).values())
+    return "splits" if found else "classes"
+
+
+def _holdout(cfg: Mapping[str, Any]) -> tuple[float, int]:
+    fraction = float(cfg.get("test_fraction", DEFAULT_TEST_FRACTION))
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"data.test_fraction must be in [0, 1), got {fraction}")
+    return fraction, int(cfg.get("split_seed", 0) or 0)
+
+
+def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Split name -> sub-folder of ``data.root`` (``.`` for both held-out splits of the class layout)."""
+    if layout(cfg) == "splits":
+        return _configured_splits(cfg)
+    fraction, _ = _holdout(cfg)
+    return {"train": ".", "test": "."} if fraction > 0 else {"train": "."}
+
+
+def stratified_holdout(labels: np.ndarray, class_names: Sequence[str], fraction: float, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) index arrays: ``round(fraction * n)`` of each class's ``n`` items to test.
+
+    A class with at least two items keeps at least one on each side when ``fraction`` > 0; a
+    class with one item trains on it. Each class is shuffled by its own rng, seeded by ``seed`` and
+    the class name, so the split of one class does not depend on the others.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for k, name in enumerate(class_names):
+        rows = np.flatnonzero(labels == k)
+        n = len(rows)
+        take = int(round(fraction * n))
+        if fraction > 0 and n >= 2:
+            take = min(max(take, 1), n - 1)
+        elif n < 2:
+            take = 0
+        rng = np.random.default_rng([seed, _HOLDOUT_TAG, zlib.crc32(str(name).encode())])
+        shuffled = rng.permutation(rows)
+        test.append(shuffled[:take])
+        train.append(shuffled[take:])
+    empty = np.zeros(0, np.int64)
+    return (np.sort(np.concatenate(train)) if train else empty, np.sort(np.concatenate(test)) if test else empty)
+
+
+def _scan_root_classes(root: Path, cfg: Mapping[str, Any]) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    try:
+        return scan_class_folders(root, class_names_option(cfg))
+    except DataError as error:
+        if str(cfg.get("layout") or "auto") != "auto":
+            raise DataError(f"{error} (read as the class-folder layout <root>/<class>/<image>: "
+                            f"data.layout=classes)") from error
+        folders = ", ".join(f"{f}/" for f in _configured_splits(cfg).values())
+        raise DataError(f"{error} (read as the class-folder layout <root>/<class>/<image>, because {root} has "
+                        f"none of the split folders {folders}; name your split folders in data.splits, or "
+                        f"set data.layout)") from error
+
+
 def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> ImageFilesDataset:
-    """The ``split`` folder of a class-folder data set (options: splits, class_names, skip_corrupt)."""
+    """The ``split`` of a class-folder data set (options: layout, splits, test_fraction, split_seed,
+    class_names, skip_corrupt)."""
+    skip_corrupt = bool(cfg.get("skip_corrupt", False))
+    if layout(cfg) == "classes":
+        resolve_split(split, splits(cfg), NAME)
+        paths, labels, classes = _scan_root_classes(root, cfg)
+        fraction, seed = _holdout(cfg)
+        train, test = stratified_holdout(labels, classes, fraction, seed)
+        rows = test if split == "test" else train
+        return ImageFilesDataset([paths[i] for i in rows], labels[rows], classes, image_size,
+                                 skip_corrupt=skip_corrupt)
     folder = (root / resolve_split(split, splits(cfg), NAME)).resolve()
     if not folder.is_dir():
         raise DataError(f"split folder {folder} (split {split!r}) does not exist; expected "
                         f"<class>/<image> sub-folders there (set data.splits.{split} to the folder's "
                         f"name under data.root, or '.' for data.root itself)")
     paths, labels, classes = scan_class_folders(folder, class_names_option(cfg))
-    return ImageFilesDataset(paths, labels, classes, image_size,
-                             skip_corrupt=bool(cfg.get("skip_corrupt", False)))
+    return ImageFilesDataset(paths, labels, classes, image_size, skip_corrupt=skip_corrupt)
+
+
+def default_class_names(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The class names the data at ``data.root`` give: ``data.class_names``, else the sorted folder
+    names (of the root, or of the training split's folder). Lists folders only; reads no image."""
+    given = class_names_option(cfg)
+    if given:
+        return given
+    root = data_root(cfg)
+    if layout(cfg) == "classes":
+        folder = root
+    else:
+        train = str(cfg.get("train_split") or "train")
+        folder = (root / resolve_split(train, splits(cfg), NAME)).resolve()
+    if not folder.is_dir():
+        raise DataError(f"class folder root {folder} does not exist; expected one sub-folder per class")
+    names = tuple(list_subfolders(folder))
+    if len(names) < 2:
+        raise DataError(f"{folder} has {len(names)} class folder(s) {list(names)}; expected one sub-folder per "
+                        f"class, at least two")
+    return names
+
+
+def describe(cfg: Mapping[str, Any]) -> str:
+    """One line saying which layout and which train/test split the data set gives."""
+    root = data_root(cfg)
+    if layout(cfg) == "classes":
+        fraction, seed = _holdout(cfg)
+        held_out = (f"held-out split drawn per class: {fraction:.0%} of each class to test (data.test_fraction="
+                    f"{fraction:g}), seeded by data.split_seed={seed}" if fraction > 0 else
+                    "no held-out split (data.test_fraction=0): every image trains")
+        return f"layout: class folders {root}/<class>/<image>, no split folders; {held_out}"
+    named = ", ".join(f"{split}={folder}" for split, folder in splits(cfg).items())
+    return f"layout: split folders {root}/<split>/<class>/<image> ({named})"

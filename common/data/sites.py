@@ -15,6 +15,7 @@ import numpy as np
 
 from common.config import ConfigError, to_plain
 from common.data.base import ConcatPatches, PatchDataset, PatchSubset
+from common.data.errors import DataError
 from common.data.labels import carve_validation, withhold_labels
 from common.data.partition import quantity_shares, split_by_shares
 from common.data.synthetic import CLASS_NAMES, SyntheticHistology
@@ -140,12 +141,21 @@ def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
     """Class names the federation's model is built for, known before any hospital's data is read.
 
     The synthetic set's are fixed; a real data set's come from ``data.class_names`` in its config
-    (the loaders check each hospital's data against them).
+    (the loaders check each hospital's data against them), or, for a loader that can name them from
+    the files (class folders), from ``data.root`` when it is readable here.
     """
     data = to_plain(data)
     if data.get("name") == "synthetic":
         return CLASS_NAMES
     names = data.get("class_names")
+    if not names and data.get("name") == "imagefolder":
+        from common.data.imagefolder import default_class_names
+
+        try:
+            return default_class_names(data)
+        except DataError as error:
+            raise ConfigError(f"data.class_names is not set, and the class folders cannot be read here to name "
+                              f"the classes: {error}. List the classes (in label order) as data.class_names") from error
     if not names:
         raise ConfigError(f"data.class_names is not set for data set {data.get('name')!r}; list the classes "
                           "(in label order) in its conf/data file or on the command line")
