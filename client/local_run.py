@@ -25,6 +25,7 @@ from common.privacy.budget import HospitalPrivacy, private_train_config, shared_
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import DPTraining
+from common.progress import training_progress
 from common.records import (
     arrayrecord_to_tensors,
     from_arrayrecord,
@@ -173,7 +174,9 @@ class LocalRun:
         else:
             loader = training_batches(
                 data.train, tcfg, seed=int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round)
-        metrics = trainer.train_round(loader, tcfg.local_steps)
+        progress = training_progress(self.run.get("console"), f"{self.site.name} round {self.server_round}",
+                                     tcfg.local_steps, batch)
+        metrics = trainer.train_round(loader, tcfg.local_steps, progress=progress)
         flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
         if privacy is not None and dp is not None:
             # Into the ledger before anything trained this round can leave the hospital.

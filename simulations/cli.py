@@ -3,6 +3,11 @@
     fedvitgan simulate [hydra overrides]     federated training of N hospitals on this machine
     fedvitgan experiment [hydra overrides]   variants x settings x seeds, with baselines (results.md)
     fedvitgan data check ROOT --dataset N    validate a hospital's copy of a data set
+    fedvitgan report RUN                     report.md and curves.png of a run folder
+    fedvitgan predict RUN PATH... --out CSV  classify image files or folders with the global classifier
+    fedvitgan export RUN --out DIR           the classifier as a torch.export program (.pt2) + model.json
+    fedvitgan generate RUN --per-class N --out DIR   an ImageFolder of generated patches
+    fedvitgan privacy-report RUN             the privacy-budget report of a run with DP on
     fedvitgan certs [options]                TLS certificates and hospital keys for a deployment
 
 Run ``fedvitgan <command> --help`` for a command's options.
@@ -21,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("simulations.experiments.runner", "main"),
     "certs": ("simulations.certs", "main"),
     "privacy-report": ("simulations.privacy_report", "main"),
+    "report": ("simulations.report", "main"),
+    "predict": ("simulations.predict", "main"),
+    "export": ("simulations.export", "main"),
+    "generate": ("simulations.generate", "main"),
 }
 
 
