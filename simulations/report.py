@@ -10,48 +10,31 @@ the end of a run; run it again on any run folder (also one still training) to re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from simulations.run_folder import RunFolderError, load_summary
 
 METRICS: tuple[tuple[str, str], ...] = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
                                         ("macro_f1", "macro-F1"), ("auroc", "AUROC"))
 MB = 1e6
 
 
-class RunFolderError(ValueError):
-    """A folder that is not a readable fedvitgan run folder; the message names the file."""
-
-
-def load_summary(run_dir: Path) -> dict[str, Any]:
-    """The run's ``summary.json``; ``RunFolderError`` naming the file when missing or unreadable."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        raise RunFolderError(f"{path} not found: is {run_dir} a fedvitgan run folder?")
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise RunFolderError(f"cannot read {path}: {error}") from error
-    if not isinstance(summary, dict) or not isinstance(summary.get("rounds", []), list):
-        raise RunFolderError(f"{path} is not a fedvitgan run summary (no 'rounds' list)")
-    return summary
-
-
 def fmt(value: Any, digits: int = 4) -> str:
     """A number as the report prints it (``n/a`` for a missing or non-finite value)."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return str(value)
+    if value is None or isinstance(value, bool):
+        return "n/a" if value is None else str(value)
     if isinstance(value, int):
         return str(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
         return str(value)
-    return f"{number:.{digits}f}" if number == number and abs(number) != float("inf") else "n/a"
+    return f"{number:.{digits}f}" if np.isfinite(number) else "n/a"
 
 
 def count(value: Any) -> int | None:
