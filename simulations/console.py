@@ -33,7 +33,7 @@ class DropFlowerNoise(logging.Filter):
     """Drops the Flower records listed in ``FLOWER_NOISE``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).lstrip().startswith(FLOWER_NOISE)
+        return not record.getMessage().lstrip().startswith(FLOWER_NOISE)
 
 
 def _add_filter_once(logger: logging.Logger) -> None:

@@ -5,10 +5,12 @@
     fedvitgan simulate partition=dirichlet partition.alpha=0.3 data.labeled_fraction=0.1
     fedvitgan simulate hydra.run.dir=runs/demo
     fedvitgan simulate resume=runs/demo federation.rounds=20     # continue a stopped run
+    fedvitgan simulate --quiet tracking=mlflow                    # per-round lines only; log to MLflow
+    fedvitgan simulate -m seed=0,1,2                              # Hydra multirun: one run folder per job
 
-The run folder (printed at the end) holds summary.json, checkpoints/, samples/, partition.md and
-the hospitals' state folders (sites/). ``--help`` lists the config groups; ``--cfg job`` prints
-the composed config without running.
+The run folder (printed at the end) holds summary.json, checkpoints/, samples/, partition.md, the
+run report (report.md, curves.png) and the hospitals' state folders (sites/). ``--help`` lists the
+config groups; ``--cfg job`` prints the composed config without running.
 """
 
 from __future__ import annotations
@@ -30,11 +32,22 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
+from common.data.sites import configured_class_names  # noqa: E402
+from simulations.console import quiet_driver_logging, round_lines_only, start_ray, stop_ray  # noqa: E402
+from simulations.report import write_run_report  # noqa: E402
+from simulations.tracking import open_tracker  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.simulate")
 
 #: Keys a resumed run may change; everything else must match the stopped run.
 RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "device", "resume")
+#: Sections about how this command reports (not what it trains): always the current command's.
+REPORTING_SECTIONS = ("console", "tracking")
+QUIET_FLAG = "--quiet"
+
+
+def _reporting(key: str) -> bool:
+    return key.split(".", 1)[0] in REPORTING_SECTIONS
 
 
 def resolve_resume(run: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -45,7 +58,7 @@ def resolve_resume(run: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"resume={folder}: no summary.json there; is it a fedvitgan run folder?")
     saved = json.loads(summary_path.read_text())["config"]
     changed = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    refused = [k for k in changed if k not in RESUMABLE_KEYS and not k.startswith("hydra.")]
+    refused = [k for k in changed if k not in RESUMABLE_KEYS and not k.startswith("hydra.") and not _reporting(k)]
     if refused:
         raise ConfigError(f"resume: {refused} cannot change when resuming; only {list(RESUMABLE_KEYS[:-1])} can")
     merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(
@@ -54,6 +67,8 @@ def resolve_resume(run: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     assert isinstance(resumed, dict)
     resumed["resume"] = str(folder)
     resumed["output_dir"] = str(folder)
+    for section in REPORTING_SECTIONS:
+        resumed[section] = run.get(section)
     return resumed
 
 
@@ -71,8 +86,12 @@ def run_simulation_from_config(run: dict[str, Any]) -> Path:
         "client_resources": {"num_cpus": float(backend.get("num_cpus", 1)), "num_gpus": float(backend.get("num_gpus", 0.0))},
         "init_args": {"logging_level": "ERROR", "log_to_driver": True},
     }
-    run_simulation(server_app=make_server_app(run), client_app=client_app, num_supernodes=int(fed["num_sites"]),
-                   backend_config=backend_config)
+    start_ray(backend_config, quiet=bool((run.get("console") or {}).get("quiet")))
+    try:
+        run_simulation(server_app=make_server_app(run), client_app=client_app, num_supernodes=int(fed["num_sites"]),
+                       backend_config=backend_config)
+    finally:
+        stop_ray()
     return Path(run["output_dir"])
 
 
@@ -92,16 +111,51 @@ def _simulate(cfg: DictConfig) -> None:
         run = resolve_resume(run, overrides)
     else:
         run["output_dir"] = str(Path(HydraConfig.get().runtime.output_dir).resolve())
-    folder = run_simulation_from_config(run)
-    summary = folder / "summary.json"
-    if not summary.is_file():
-        raise SystemExit(f"the simulation ended without writing {summary}; see the log above")
+        if run["data"].get("name") != "synthetic" and not run["data"].get("class_names"):
+            # Named once, from the class folders: recorded in summary.json, the same at every hospital.
+            run["data"]["class_names"] = list(configured_class_names(run["data"]))
+    quiet = bool((run.get("console") or {}).get("quiet"))
+    quiet_driver_logging(quiet)
+    tracker = open_tracker(run)
+    if tracker is not None:
+        tracker.follow()
+    succeeded = False
+    report: dict[str, Path] = {}
+    try:
+        with round_lines_only(quiet):
+            folder = run_simulation_from_config(run)
+        summary = folder / "summary.json"
+        if not summary.is_file():
+            raise SystemExit(f"the simulation ended without writing {summary}; see the log above")
+        succeeded = True
+        report = _write_report(folder)
+    finally:
+        if tracker is not None:
+            tracker.finish(succeeded, report)
     rounds = json.loads(summary.read_text()).get("rounds", [])
     print(f"\nrun folder: {folder}  ({len(rounds)} rounds in summary.json)")
+    if report:
+        print(f"run report: {report['md']}")
+    if (folder / "privacy" / "report.md").is_file():
+        print(f"privacy report: {folder / 'privacy' / 'report.md'}")
+    if tracker is not None:
+        print(f"MLflow run {tracker.run_id} at {tracker.uri}")
+
+
+def _write_report(folder: Path) -> dict[str, Path]:
+    """The run report; a failure is said, not raised (the run itself is done and saved)."""
+    try:
+        return write_run_report(folder)
+    except Exception:
+        logger.exception("could not write the run report")
+        print(f"run report FAILED (see the log); retry with: fedvitgan report {folder}", file=sys.stderr)
+        return {}
 
 
 def main(argv: list[str]) -> int:
     """Run ``fedvitgan simulate`` with ``argv`` (Hydra overrides and Hydra flags)."""
+    if QUIET_FLAG in argv:
+        argv = [a for a in argv if a != QUIET_FLAG] + ["console.quiet=true"]
     # A resumed run writes into its own folder, not a new timestamped one.
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
