@@ -154,8 +154,8 @@ def _write_report(folder: Path) -> dict[str, Path]:
 
 def main(argv: list[str]) -> int:
     """Run ``fedvitgan simulate`` with ``argv`` (Hydra overrides and Hydra flags)."""
-    if QUIET_FLAG in argv:
-        argv = [a for a in argv if a != QUIET_FLAG] + ["console.quiet=true"]
+    if QUIET_FLAG in argv:  # and Hydra's own lines (multirun's "Launching jobs") off
+        argv = [a for a in argv if a != QUIET_FLAG] + ["console.quiet=true", "hydra/hydra_logging=disabled"]
     # A resumed run writes into its own folder, not a new timestamped one.
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
