@@ -18,7 +18,8 @@ Everything lands under ``--out``::
                            app/ (the staged app that `flwr run` packs into a FAB)
     hospitals/<site>/      each hospital's FLWR_HOME and local state (state-dir)
     logs/                  one log per process, plus flwr-cli.log (every flwr command and its answer)
-    run/                   the run folder: summary.json, checkpoints/, samples/, flwr-log.txt
+    run/                   the run folder: summary.json, checkpoints/, samples/, flwr-log.txt,
+                           report.md and curves.png (the run report)
     deployment.json        run id, status, ports, process ids and exit codes
 
 Every process started here is stopped when the script ends, also on errors and Ctrl-C.
@@ -50,6 +51,7 @@ from simulations.deployment import (
     write_connection,
 )
 from simulations.processes import ManagedProcess, ProcessGroup, free_ports, still_running
+from simulations.report import write_run_report
 
 CONNECTION = "loopback"
 INTRUDER = "intruder"  # a SuperNode whose key is never registered
@@ -261,6 +263,7 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
             raise DeploymentError(f"run {result.run_id} ended with status {result.status!r}; "
                                   f"see {run_dir / 'flwr-log.txt'} and {logs}")
         check_run_folder(run_dir, options.rounds)
+        write_run_report(run_dir)
     except BaseException as error:
         result.error = f"{type(error).__name__}: {error}"
         raise
@@ -321,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.pids_left_running:
         print(f"warning: processes still running: {result.pids_left_running}", file=sys.stderr)
     print(f"run folder: {result.run_dir}")
+    print(f"run report: {Path(result.run_dir) / 'report.md'}")
     return 0
 
 

@@ -150,6 +150,7 @@ def main(argv: list[str]) -> int:
     except RunFolderError as error:
         print(f"fedvitgan generate: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    args.out.mkdir(parents=True, exist_ok=True)
     seed = int(run.config.get("seed", 0)) if args.seed is None else args.seed
     threshold = confidence_threshold(run, args.threshold) if args.selected_only else None
     noise = torch.Generator().manual_seed(seed)

@@ -90,6 +90,7 @@ def test_two_rounds_complete_over_tls_with_supernode_authentication(deployment: 
     run_dir = Path(deployment.run_dir)
     assert (run_dir / "samples" / f"round-{ROUNDS:03d}.png").is_file()
     assert f"[round {ROUNDS}/{ROUNDS}]" in (run_dir / "flwr-log.txt").read_text()
+    assert f"| {ROUNDS} |" in (run_dir / "report.md").read_text() and (run_dir / "curves.png").is_file()
 
 
 def test_global_model_after_round_two_differs_in_every_group(deployment: LoopbackResult) -> None:
