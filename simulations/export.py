@@ -17,7 +17,6 @@ Load it anywhere with PyTorch alone::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from torch import nn
 from common.model import UnifiedViTGAN
 from simulations.privacy_statement import privacy_statement
 from simulations.run_folder import RunFolderError
-from simulations.run_model import RunModel, load_run_model
+from simulations.run_model import RunModel, load_run_model, run_command_parser
 
 PROGRAM = "classifier.pt2"
 MODEL_CARD = "model.json"
@@ -97,13 +96,10 @@ def export_classifier(run: RunModel, out: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedvitgan export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="examples:\n  fedvitgan export runs/demo --out deploy/\n"
-                                            "  fedvitgan export runs/demo --round 3 --out deploy-r3/")
-    parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or RUN/checkpoints/round-NNNN.safetensors")
+    parser = run_command_parser("fedvitgan export", __doc__, ["fedvitgan export runs/demo --out deploy/",
+                                                             "fedvitgan export runs/demo --round 3 --out deploy-r3/"],
+                                device=False)
     parser.add_argument("--out", type=Path, required=True, help="folder for classifier.pt2 and model.json")
-    parser.add_argument("--round", type=int, default=None, help="the round's checkpoint (default: the last complete round)")
     args = parser.parse_args(argv)
     try:
         run = load_run_model(args.run, args.round)

@@ -33,7 +33,7 @@ from common.data.base import tensor_to_uint8
 from common.progress import Progress
 from simulations.privacy_statement import privacy_statement
 from simulations.run_folder import RunFolderError
-from simulations.run_model import RunModel, load_run_model, pick_device
+from simulations.run_model import RunModel, load_run_model, pick_device, run_command_parser
 
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 1
@@ -117,12 +117,9 @@ def provenance(run: RunModel, args: argparse.Namespace, threshold: float | None,
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedvitgan generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="examples:\n"
-                                            "  fedvitgan generate runs/demo --per-class 500 --out synthetic/\n"
-                                            "  fedvitgan generate runs/demo --per-class 100 --selected-only --out selected/")
-    parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or RUN/checkpoints/round-NNNN.safetensors")
+    parser = run_command_parser("fedvitgan generate", __doc__, [
+        "fedvitgan generate runs/demo --per-class 500 --out synthetic/",
+        "fedvitgan generate runs/demo --per-class 100 --selected-only --out selected/"])
     parser.add_argument("--per-class", type=int, required=True, metavar="N", help="patches to write per class")
     parser.add_argument("--out", type=Path, required=True, help="a new or empty folder for the ImageFolder")
     parser.add_argument("--selected-only", action="store_true",
@@ -132,9 +129,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-draws", type=int, default=None,
                         help="with --selected-only, patches drawn per class at most (default: 50 x N)")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's seed)")
-    parser.add_argument("--round", type=int, default=None, help="the round's checkpoint (default: the last complete round)")
     parser.add_argument("--batch-size", type=int, default=256, help="patches generated per forward pass (default: 256)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     args = parser.parse_args(argv)
     if args.per_class < 1 or args.batch_size < 1:
         parser.error("--per-class and --batch-size must be >= 1")

@@ -9,7 +9,6 @@ stderr and left out of the CSV; the others are still written, and the exit statu
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -22,7 +21,7 @@ from common.data.errors import DataError
 from common.data.images import IMAGE_SUFFIXES
 from common.progress import Progress
 from simulations.run_folder import RunFolderError
-from simulations.run_model import RunModel, image_tensor, load_run_model, pick_device
+from simulations.run_model import RunModel, image_tensor, load_run_model, pick_device, run_command_parser
 
 EXIT_BAD_INPUT = 2
 
@@ -85,17 +84,12 @@ def predict_files(run: RunModel, files: Sequence[Path], out: Path, batch_size: i
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedvitgan predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="examples:\n"
-                                            "  fedvitgan predict runs/demo /data/new-patches --out predictions.csv\n"
-                                            "  fedvitgan predict runs/demo/checkpoints/round-0003.safetensors a.png b.tif")
-    parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or RUN/checkpoints/round-NNNN.safetensors")
+    parser = run_command_parser("fedvitgan predict", __doc__, [
+        "fedvitgan predict runs/demo /data/new-patches --out predictions.csv",
+        "fedvitgan predict runs/demo/checkpoints/round-0003.safetensors a.png b.tif"])
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: predictions.csv)")
-    parser.add_argument("--round", type=int, default=None, help="the round's checkpoint (default: the last complete round)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")

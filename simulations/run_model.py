@@ -6,6 +6,8 @@ resized to ``model.image_size`` pixels, scaled to [-1, 1].
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,3 +82,16 @@ def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def run_command_parser(prog: str, description: str | None, examples: Sequence[str], device: bool = True
+                       ) -> argparse.ArgumentParser:
+    """The parser every post-run command starts from: ``RUN``, ``--round`` and (``device``) ``--device``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    parser.add_argument("run", type=Path, help="a run folder (its latest checkpoint) or RUN/checkpoints/round-NNNN.safetensors")
+    parser.add_argument("--round", type=int, default=None, help="the round's checkpoint (default: the last complete round)")
+    if device:
+        parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    return parser
+
