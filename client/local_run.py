@@ -175,7 +175,9 @@ class LocalRun:
             loader = training_batches(
                 data.train, tcfg, seed=int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round)
         progress = training_progress(self.run.get("console"), f"{self.site.name} round {self.server_round}",
-                                     tcfg.local_steps, batch)
+                                     tcfg.local_steps)
+        if progress is not None:
+            loader = progress.count(loader)
         metrics = trainer.train_round(loader, tcfg.local_steps, progress=progress)
         flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
         if privacy is not None and dp is not None:

@@ -13,7 +13,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
 logger = logging.getLogger("fedvitgan.progress")
@@ -54,7 +54,7 @@ class Progress:
         *,
         mode: str = "auto",
         every_s: float = 30.0,
-        items_per_unit: float | None = None,
+        items: Callable[[], float] | None = None,
         item: str = "img",
         stream: TextIO | None = None,
     ) -> None:
@@ -66,7 +66,7 @@ class Progress:
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "log"
         self.mode = mode
         self.every_s = float(every_s)
-        self.items_per_unit = items_per_unit
+        self.items = items  # items processed so far (e.g. images), for a rate in items per second
         self.item = item
         self.started = time.perf_counter()
         self._last_draw = 0.0
@@ -79,8 +79,8 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         if elapsed <= 0 or done <= 0:
             return ""
-        if self.items_per_unit:
-            return f"{done * self.items_per_unit / elapsed:.1f} {self.item}/s"
+        if self.items is not None:
+            return f"{self.items() / elapsed:.1f} {self.item}/s"
         return f"{done / elapsed:.2f} {self.unit}/s"
 
     def line(self, done: int, values: Mapping[str, float] | None = None) -> str:
@@ -124,17 +124,31 @@ class Progress:
 class TrainingProgress(Progress):
     """The ``progress`` callback of ``LocalTrainer.train_round``: ``(step, total, losses)``."""
 
+    def __init__(self, label: str, total: int, **options: Any) -> None:
+        self.images = 0
+        super().__init__(label, total, "steps", items=lambda: self.images, **options)
+
+    def count(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """``batches`` as they are, counting the images (the first tensor's first dimension) of each."""
+        progress = self
+
+        class Counted:
+            def __iter__(self) -> Iterator[Any]:
+                for batch in batches:
+                    progress.images += int(batch[0].shape[0])
+                    yield batch
+
+        return Counted()
+
     def __call__(self, step: int, total: int, losses: dict[str, float]) -> None:
         self.total = int(total)
         self.update(step, {k: v for k, v in losses.items() if not k.startswith("adv_generator")})
 
 
-def training_progress(console: Mapping[str, Any] | None, label: str, total: int, images_per_step: float
-                      ) -> TrainingProgress | None:
+def training_progress(console: Mapping[str, Any] | None, label: str, total: int) -> TrainingProgress | None:
     """The training progress callback the run's ``console`` section asks for (None when quiet or off)."""
     console = console or {}
     mode = str(console.get("progress", "auto"))
     if console.get("quiet") or mode == "off":
         return None
-    return TrainingProgress(label, total, "steps", mode=mode, every_s=float(console.get("progress_every_s", 30.0)),
-                            items_per_unit=images_per_step)
+    return TrainingProgress(label, total, mode=mode, every_s=float(console.get("progress_every_s", 30.0)))

@@ -36,9 +36,10 @@ def test_train_round_reports_every_step_with_its_losses(tiny_cfg: ModelConfig) -
 def test_bar_on_a_terminal_shows_steps_rate_and_losses_and_ends_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     terminal = Terminal()
-    progress = TrainingProgress("site-0 round 2", 4, "steps", stream=terminal, items_per_unit=8)
+    progress = TrainingProgress("site-0 round 2", 4, stream=terminal)
     assert progress.mode == "bar"
-    for step in range(1, 5):
+    batches = progress.count([(torch.zeros(8, 3, 2, 2), torch.zeros(8))] * 4)
+    for step, _ in enumerate(batches, start=1):
         progress(step, 4, {"cls_real": 1.25, "adv_discriminator": 0.5})
     text = terminal.getvalue()
     last = text.rstrip("\n").split("\r")[-1]
@@ -47,7 +48,7 @@ def test_bar_on_a_terminal_shows_steps_rate_and_losses_and_ends_its_line(monkeyp
     assert text.endswith("\n") and text.count("\n") == 1
     monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal: the line is cut, never wrapped
     narrow = Terminal()
-    TrainingProgress("site-0 round 2", 1, "steps", stream=narrow)(1, 1, {"cls_real": 1.25})
+    TrainingProgress("site-0 round 2", 1, stream=narrow)(1, 1, {"cls_real": 1.25})
     assert [len(line) for line in narrow.getvalue().strip("\n").split("\r") if line] == [39]
 
 
@@ -79,22 +80,23 @@ def test_log_lines_when_not_a_terminal() -> None:
 
 
 def test_console_config_quiet_or_off_gives_no_progress() -> None:
-    assert training_progress({"quiet": True}, "x", 10, 8) is None
-    assert training_progress({"progress": "off"}, "x", 10, 8) is None
-    made = training_progress({"progress": "log", "progress_every_s": 7}, "x", 10, 8)
+    assert training_progress({"quiet": True}, "x", 10) is None
+    assert training_progress({"progress": "off"}, "x", 10) is None
+    made = training_progress({"progress": "log", "progress_every_s": 7}, "x", 10)
     assert isinstance(made, TrainingProgress) and made.mode == "log" and made.every_s == 7
     with pytest.raises(ValueError, match="progress mode 'loud'"):
-        training_progress({"progress": "loud"}, "x", 10, 8)
+        training_progress({"progress": "loud"}, "x", 10)
 
 
-def test_training_progress_keeps_working_with_a_real_loader_batch_count(tiny_cfg: ModelConfig) -> None:
-    data = SyntheticHistology(8, 32, seed=4)
+def test_training_progress_counts_the_real_images_it_is_fed(tiny_cfg: ModelConfig) -> None:
+    data = SyntheticHistology(12, 32, seed=4)
     trainer = LocalTrainer(build_model(tiny_cfg, data.num_classes, seed=0), TrainConfig(batch_size=4), seed=0)
     terminal = Terminal()
-    progress = TrainingProgress("site-1 round 1", 2, "steps", stream=terminal, items_per_unit=4)
+    progress = TrainingProgress("site-1 round 1", 2, stream=terminal)
     loader = DataLoader(data, batch_size=4, drop_last=True, generator=torch.Generator().manual_seed(0))
-    trainer.train_round(loader, 2, progress=progress)
-    assert "2/2 steps" in terminal.getvalue()
+    metrics = trainer.train_round(progress.count(loader), 2, progress=progress)
+    assert progress.images == metrics.real_images == 8  # the rate is real images per second
+    assert "2/2 steps" in terminal.getvalue() and "img/s" in terminal.getvalue()
 
 
 def test_log_lines_reach_stderr_in_a_process_without_logging_set_up() -> None:
