@@ -2,6 +2,8 @@
 
     python -m simulations.deploy_loopback --rounds 2 --out /tmp/fedvitgan-loopback
     python -m simulations.deploy_loopback --rounds 2 --out /tmp/lb --with-intruders
+    python -m simulations.deploy_loopback --rounds 3 --restart-after-round 1 --kill-supernode-in-round 2 \
+        --override privacy.enabled=true --out /tmp/lb-restart
 
 Unlike ``fedvitgan simulate`` this runs the processes a real federation runs, with TLS and SuperNode
 authentication: ``fedvitgan certs`` material, ``flower-superlink`` (persistent database, no runtime
@@ -10,6 +12,15 @@ dependency installation), ``flwr supernode register`` for each hospital key, one
 data, then it waits for the run to finish and checks the run folder. ``--with-intruders`` also
 starts a SuperNode whose key was never registered and one that trusts another CA; both must be
 refused while the run completes with the registered hospitals.
+
+``--restart-after-round N`` stops the SuperLink (and with it the run's ServerApp) once round N is in
+``summary.json``, starts it again on the same database, stops the dead run, submits the run again
+with ``resume=<run folder>`` and waits for the remaining rounds: one run folder, one
+``summary.json``. ``--kill-supernode-in-round R`` kills the last hospital's SuperNode and its
+ClientApp (SIGKILL, as a crash would) while it trains round R (with DP: after its first DP step is
+in its ledger), starts it again once round R is over (the SuperLink reports the node unavailable
+after about a minute without heartbeats, and the round goes on without it), and expects it back in
+the next round.
 
 Everything lands under ``--out``::
 
@@ -34,6 +45,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +84,8 @@ class LoopbackOptions:
     timeout_s: float = 900.0
     poll_s: float = 1.0
     status_every_s: float = 30.0
+    restart_after_round: int | None = None
+    kill_supernode_in_round: int | None = None
 
 
 @dataclass
@@ -95,6 +109,8 @@ class LoopbackResult:
     superlink_port: int
     run_id: int | None = None
     status: str | None = None
+    run_ids: list[int] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
     node_ids: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ProcessReport] = field(default_factory=dict)
     pids_left_running: list[int] = field(default_factory=list)
@@ -153,25 +169,80 @@ def _completed_rounds(run_dir: Path) -> int:
         return 0
 
 
+def _max_round(run_dir: Path) -> int:
+    try:
+        return max((int(r["round"]) for r in json.loads((run_dir / "summary.json").read_text()).get("rounds", [])),
+                   default=0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+@dataclass
+class Event:
+    """Something to do once during the run, when ``due()``; ``fire()`` may return a new run id."""
+
+    name: str
+    due: Callable[[], bool]
+    fire: Callable[[], int | None]
+    done: bool = False
+
+
 def wait_for_run(cli: FlwrCli, run_id: int, run_dir: Path, rounds: int, must_live: list[ManagedProcess],
-                 others: list[ManagedProcess], options: LoopbackOptions) -> str:
-    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes."""
+                 others: list[ManagedProcess], options: LoopbackOptions, events: Sequence[Event] = (),
+                 on_new_run: Callable[[int], None] | None = None) -> str:
+    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes, firing
+    ``events`` when they fall due (an event may replace the run with a new one)."""
     deadline = time.monotonic() + options.timeout_s
     next_status = time.monotonic() + options.status_every_s
     status = "pending"
     while time.monotonic() < deadline:
+        for event in events:
+            if not event.done and event.due():
+                event.done = True
+                new_run = event.fire()
+                if new_run is not None:
+                    run_id, status = new_run, "pending"
+                    if on_new_run is not None:
+                        on_new_run(new_run)
         _check_alive(must_live)
         for process in others:
             process.poll()
-        done = _completed_rounds(run_dir) >= rounds
+        pending = any(not e.done for e in events)
+        done = _completed_rounds(run_dir) >= rounds and not pending
         if done or time.monotonic() >= next_status:
             status = cli.run_status(run_id)
             next_status = time.monotonic() + (2.0 if done else options.status_every_s)
-            if status.startswith("finished"):
+            if status.startswith("finished") and not pending:
                 return status
         time.sleep(options.poll_s)
     raise DeploymentError(f"run {run_id} did not finish within {options.timeout_s:.0f} s (last status {status!r}, "
                           f"{_completed_rounds(run_dir)}/{rounds} rounds in {run_dir / 'summary.json'})")
+
+
+def training_started(ledger_folder: Path, server_round: int) -> bool:
+    """Whether the hospital's ledger holds an unfinished training attempt of ``server_round`` that has
+    taken at least one DP step."""
+    from common.privacy.ledger import LedgerError, PrivacyLedger
+
+    try:
+        content = PrivacyLedger.in_folder(ledger_folder).load()
+    except (LedgerError, OSError):
+        return False
+    return any(a.kind == "sgd" and a.round == server_round and not a.finished and a.steps >= 1
+               for attempts in content.attempts.values() for a in attempts)
+
+
+def received_train_messages(log: Path, server_round: int | None = None) -> int:
+    """Train messages a SuperNode's log says it received (of one round, when given)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for previous, line in zip(["", *lines], lines):
+        if "Receiving: train message" in line and (server_round is None or f"ROUND {server_round}]" in previous):
+            count += 1
+    return count
 
 
 def check_run_folder(run_dir: Path, rounds: int) -> None:
@@ -188,15 +259,25 @@ def check_run_folder(run_dir: Path, rounds: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the deployment
+def _check_options(options: LoopbackOptions) -> None:
+    if options.rounds < 1 or options.sites < 1:
+        raise DeploymentError(f"need at least 1 round and 1 site (got --rounds {options.rounds}, "
+                              f"--sites {options.sites})")
+    restart, kill = options.restart_after_round, options.kill_supernode_in_round
+    if restart is not None and not 1 <= restart < options.rounds:
+        raise DeploymentError(f"--restart-after-round {restart} must be between 1 and --rounds - 1 = {options.rounds - 1}")
+    if kill is not None and not 1 <= kill < options.rounds:
+        raise DeploymentError(f"--kill-supernode-in-round {kill} must be between 1 and --rounds - 1 = {options.rounds - 1} "
+                              f"(the hospital must have a round left to rejoin)")
+
+
 def run_loopback(options: LoopbackOptions) -> LoopbackResult:
     """Run the whole loopback deployment; every process is stopped before returning or raising.
 
     Raises DeploymentError (after stopping everything) when a step fails; the partial result is in
     ``<out>/deployment.json``.
     """
-    if options.rounds < 1 or options.sites < 1:
-        raise DeploymentError(f"need at least 1 round and 1 site (got --rounds {options.rounds}, "
-                              f"--sites {options.sites})")
+    _check_options(options)
     out = options.out.resolve()
     if out.exists() and any(out.iterdir()):
         raise DeploymentError(f"--out {out} is not empty; choose a new folder (certificates and the run folder "
@@ -217,28 +298,68 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
     cli = FlwrCli(coordinator_home, CONNECTION, log_path=logs / "flwr-cli.log")
     must_live: list[ManagedProcess] = []
     others: list[ManagedProcess] = []
+
+    def start_superlink(name: str) -> ManagedProcess:
+        process = group.start(
+            name, superlink_command(certs, out / "coordinator", host="127.0.0.1", port=superlink_port),
+            logs / "superlink.log", flower_env(coordinator_home, options.threads), cwd=out / "coordinator")
+        wait_for_tls(process, superlink_port, ca_cert)
+        return process
+
+    def start_supernode(name: str, site_id: int, port: int, label: str) -> ManagedProcess:
+        home = out / "hospitals" / name
+        node_config = {"site-id": site_id, "num-sites": len(sites), "site-name": name,
+                       "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
+        return group.start(
+            label, supernode_command(address, ca_cert, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
+            logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home)
+
+    def restart_superlink() -> int:
+        old = must_live[0]
+        group.stop_one(old)
+        result.events.append(f"stopped the SuperLink (pid {old.pid}) and its ServerApp after round "
+                             f"{_max_round(run_dir)} was in summary.json")
+        must_live[0] = start_superlink("SuperLink (restarted)")
+        try:  # the dead run's messages must not reach the hospitals any more
+            cli("stop", str(result.run_id), CONNECTION)
+            result.events.append(f"stopped the dead run {result.run_id}")
+        except DeploymentError as error:
+            result.events.append(f"could not stop the dead run {result.run_id}: {error}")
+        new_run = cli.run([f"resume={shlex.quote(str(run_dir))}", f"federation.rounds={options.rounds}"],
+                          app=out / "coordinator" / "app")
+        result.events.append(f"resubmitted as run {new_run} with resume={run_dir}")
+        return new_run
+
+    victim_index = len(sites) - 1
+    victim = sites[victim_index]
+
+    def kill_supernode() -> None:
+        process = must_live.pop(1 + victim_index)
+        group.stop_one(process, hard=True)
+        result.events.append(f"killed SuperNode {victim} (pid {process.pid}) and its ClientApp while it trained "
+                             f"round {options.kill_supernode_in_round}")
+
+    def restart_supernode() -> None:
+        must_live.insert(1 + victim_index, start_supernode(victim, victim_index, node_ports[victim_index],
+                                                           f"SuperNode {victim} (restarted)"))
+        result.events.append(f"restarted SuperNode {victim} after round {_max_round(run_dir)} was in summary.json")
+
+    def new_run(run_id: int) -> None:
+        result.run_id = run_id
+        result.run_ids.append(run_id)
+        result.write(out / "deployment.json")
+
     try:
         # Coordinator: SuperLink with TLS + node auth, then the flwr CLI's connection and the keys.
-        superlink = group.start(
-            "SuperLink",
-            superlink_command(certs, out / "coordinator", host="127.0.0.1", port=superlink_port),
-            logs / "superlink.log", flower_env(coordinator_home, options.threads), cwd=out / "coordinator")
-        must_live.append(superlink)
         write_connection(coordinator_home, CONNECTION, address, ca_cert)
-        wait_for_tls(superlink, superlink_port, ca_cert)
+        must_live.append(start_superlink("SuperLink"))
         registered = [*sites, *([FOREIGN] if options.with_intruders else [])]
         with ThreadPoolExecutor(max_workers=len(registered)) as pool:  # independent CLI calls
             node_ids = pool.map(lambda name: cli.register(certs / SITES_DIR / f"{name}.pub"), registered)
             result.node_ids = dict(zip(registered, node_ids))
         # Hospitals: one SuperNode each, with its CA certificate, private key and node config.
         for site_id, (name, port) in enumerate(zip(sites, node_ports)):
-            home = out / "hospitals" / name
-            node_config = {"site-id": site_id, "num-sites": len(sites), "site-name": name,
-                           "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
-            must_live.append(group.start(
-                f"SuperNode {name}",
-                supernode_command(address, ca_cert, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
-                logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home))
+            must_live.append(start_supernode(name, site_id, port, f"SuperNode {name}"))
         if options.with_intruders:
             bad = {INTRUDER: (ca_cert, node_ports[-2]), FOREIGN: (out / "foreign-ca" / CA_CERT, node_ports[-1])}
             for name, (trusted_ca, port) in bad.items():
@@ -249,10 +370,23 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
                     f"SuperNode {name}",
                     supernode_command(address, trusted_ca, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
                     logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home))
+        events: list[Event] = []
+        if options.kill_supernode_in_round is not None:
+            rnd = options.kill_supernode_in_round
+            ledger_folder = out / "hospitals" / victim / "state" / victim
+            dp = any(o.replace(" ", "") == "privacy.enabled=true" for o in options.overrides)
+            due = ((lambda: training_started(ledger_folder, rnd)) if dp else
+                   (lambda: received_train_messages(logs / f"{victim}.log", rnd) > 0))
+            killed = Event("kill", due, kill_supernode)
+            events += [killed, Event("restart SuperNode", lambda: killed.done and _max_round(run_dir) >= rnd,
+                                     restart_supernode)]
+        if options.restart_after_round is not None:
+            after = options.restart_after_round
+            events.append(Event("restart", lambda: _max_round(run_dir) >= after, restart_superlink))
         # The run: the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
-        result.run_id = cli.run(run_overrides(options, run_dir), app=stage_app(out / "coordinator" / "app"))
-        result.write(out / "deployment.json")
-        result.status = wait_for_run(cli, result.run_id, run_dir, options.rounds, must_live, others, options)
+        new_run(cli.run(run_overrides(options, run_dir), app=stage_app(out / "coordinator" / "app")))
+        result.status = wait_for_run(cli, result.run_id, run_dir, options.rounds, must_live, others, options,
+                                     events, on_new_run=new_run)
         try:
             (run_dir / "flwr-log.txt").write_text(cli.log(result.run_id))
         except (DeploymentError, OSError) as error:
@@ -299,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP/MKL threads per Flower process (default 1: the ClientApps share the CPU)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
+    parser.add_argument("--restart-after-round", type=int, metavar="N",
+                        help="stop the SuperLink and its ServerApp once round N is done, start it again and resume "
+                             "the run (resume=<run folder>) for the remaining rounds")
+    parser.add_argument("--kill-supernode-in-round", type=int, metavar="R",
+                        help="kill the last hospital's SuperNode while it trains round R (with DP: after its first "
+                             "DP step), restart it, and expect it back in the next round")
     return parser
 
 
@@ -306,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks on `kill PID`
     options = LoopbackOptions(args.out, args.rounds, args.sites, args.local_steps, args.train_per_site,
-                              args.test_per_site, args.override, args.with_intruders, args.threads, args.timeout)
+                              args.test_per_site, args.override, args.with_intruders, args.threads, args.timeout,
+                              restart_after_round=args.restart_after_round,
+                              kill_supernode_in_round=args.kill_supernode_in_round)
     started = time.monotonic()
     try:
         result = run_loopback(options)
@@ -315,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"run {result.run_id}: {result.status} in {time.monotonic() - started:.0f} s over TLS with "
           f"SuperNode authentication on 127.0.0.1:{result.superlink_port}")
+    for event in result.events:
+        print(f"  {event}")
     for report in result.processes.values():
         how = f"exited by itself with code {report.exit_code}" if report.exited_by_itself else "stopped"
         print(f"  {report.name:<22} pid {report.pid:<7} {how:<32} log {report.log}")

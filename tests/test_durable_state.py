@@ -158,3 +158,20 @@ def test_a_truncated_newest_state_file_or_checkpoint_falls_back_to_the_previous_
     assert any("round-0003.safetensors" in w for w in session["warnings"])
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "round-0004.safetensors").is_file()
+
+
+def test_the_lifetime_is_the_union_of_the_ledger_and_the_local_state(tmp_path: Path) -> None:
+    """A record the ledger lost but the hospital's local state remembers still counts (and once only)."""
+    from common.privacy.budget import HospitalPrivacy
+
+    ledger = PrivacyLedger.in_folder(tmp_path)
+    attempts = []
+    for rnd in (1, 2, 3):
+        attempt = ledger.begin("data", {}, "sgd", "run-a", rnd, 1.0, 0.2, 4)
+        attempts.append(ledger.end(attempt, 4))
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    ledger.path.write_text("".join(line for line in lines if '"attempt": 2' not in line))  # a lost record
+    assert ledger.history("data") == [(1.0, 0.2, 8)]
+    privacy = HospitalPrivacy.open(ledger, "data", {}, "run-a", 4, attempts)
+    assert [a.number for a in privacy.run] == [1, 2, 3] and privacy.from_state_only == 1
+    assert HospitalPrivacy.dp_steps(privacy.lifetime) == 12
