@@ -61,7 +61,7 @@ from simulations.deployment import (
     supernode_command,
     write_connection,
 )
-from simulations.processes import ManagedProcess, ProcessGroup, free_ports, still_running
+from simulations.processes import ManagedProcess, ProcessGroup, descendants, free_ports, still_running
 
 CONNECTION = "loopback"
 INTRUDER = "intruder"  # a SuperNode whose key is never registered
@@ -189,9 +189,11 @@ class Event:
 
 def wait_for_run(cli: FlwrCli, run_id: int, run_dir: Path, rounds: int, must_live: list[ManagedProcess],
                  others: list[ManagedProcess], options: LoopbackOptions, events: Sequence[Event] = (),
-                 on_new_run: Callable[[int], None] | None = None) -> str:
+                 on_new_run: Callable[[int], None] | None = None,
+                 watchdog: Callable[[str], None] | None = None) -> str:
     """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes, firing
-    ``events`` when they fall due (an event may replace the run with a new one)."""
+    ``events`` when they fall due (an event may replace the run with a new one). ``watchdog`` sees
+    every status read; a ``flwr list`` that fails or times out (a loaded machine) is retried later."""
     deadline = time.monotonic() + options.timeout_s
     next_status = time.monotonic() + options.status_every_s
     status = "pending"
@@ -210,13 +212,30 @@ def wait_for_run(cli: FlwrCli, run_id: int, run_dir: Path, rounds: int, must_liv
         pending = any(not e.done for e in events)
         done = _completed_rounds(run_dir) >= rounds and not pending
         if done or time.monotonic() >= next_status:
-            status = cli.run_status(run_id)
             next_status = time.monotonic() + (2.0 if done else options.status_every_s)
+            try:
+                status = cli.run_status(run_id)
+            except DeploymentError as error:
+                print(f"warning: {error}; asking again later", file=sys.stderr)
+                continue
+            if watchdog is not None:
+                watchdog(status)
             if status.startswith("finished") and not pending:
                 return status
         time.sleep(options.poll_s)
     raise DeploymentError(f"run {run_id} did not finish within {options.timeout_s:.0f} s (last status {status!r}, "
                           f"{_completed_rounds(run_dir)}/{rounds} rounds in {run_dir / 'summary.json'})")
+
+
+def has_live_descendant(process: ManagedProcess, name: str) -> bool:
+    """Whether a running descendant of ``process`` has ``name`` in its command line."""
+    for pid, _ in descendants(process.pid):
+        try:
+            if name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def training_started(ledger_folder: Path, server_round: int) -> bool:
@@ -295,7 +314,7 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
     address = f"127.0.0.1:{superlink_port}"
     result = LoopbackResult(str(out), str(run_dir), superlink_port)
     group = ProcessGroup()
-    cli = FlwrCli(coordinator_home, CONNECTION, log_path=logs / "flwr-cli.log")
+    cli = FlwrCli(coordinator_home, CONNECTION, log_path=logs / "flwr-cli.log", timeout_s=300.0)
     must_live: list[ManagedProcess] = []
     others: list[ManagedProcess] = []
 
@@ -344,6 +363,29 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
                                                            f"SuperNode {victim} (restarted)"))
         result.events.append(f"restarted SuperNode {victim} after round {_max_round(run_dir)} was in summary.json")
 
+    waiting_without_superexec = 0
+    revived = 0
+
+    def watchdog(status: str) -> None:
+        """A SuperLink whose SuperExec died (Flower's SQLite state can fail with "database is locked"
+        on an overloaded machine) never starts the ServerApp: restart it (same database), twice at most."""
+        nonlocal waiting_without_superexec, revived
+        if status not in ("pending", "starting") or has_live_descendant(must_live[0], "flower-superexec"):
+            waiting_without_superexec = 0
+            return
+        waiting_without_superexec += 1
+        if waiting_without_superexec < 2:  # one more status interval first: it may be starting
+            return
+        if revived >= 2:
+            raise DeploymentError(f"the SuperLink's SuperExec, which starts the ServerApp, keeps dying; see "
+                                  f"{logs / 'superlink.log'}")
+        revived, waiting_without_superexec = revived + 1, 0
+        old = must_live[0]
+        group.stop_one(old)
+        must_live[0] = start_superlink(f"SuperLink (revived {revived})")
+        result.events.append(f"the SuperLink's SuperExec had died while run {result.run_id} was {status}: "
+                             f"restarted the SuperLink (pid {old.pid} -> {must_live[0].pid})")
+
     def new_run(run_id: int) -> None:
         result.run_id = run_id
         result.run_ids.append(run_id)
@@ -386,7 +428,7 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
         # The run: the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
         new_run(cli.run(run_overrides(options, run_dir), app=stage_app(out / "coordinator" / "app")))
         result.status = wait_for_run(cli, result.run_id, run_dir, options.rounds, must_live, others, options,
-                                     events, on_new_run=new_run)
+                                     events, on_new_run=new_run, watchdog=watchdog)
         try:
             (run_dir / "flwr-log.txt").write_text(cli.log(result.run_id))
         except (DeploymentError, OSError) as error:

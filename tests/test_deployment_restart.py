@@ -32,7 +32,7 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> LoopbackResult:
     out = tmp_path_factory.mktemp("loopback-restart") / "deploy"
     options = LoopbackOptions(out, rounds=ROUNDS, sites=len(SITES), local_steps=STEPS,
                               overrides=["privacy.enabled=true", "federation.evaluate_each_round=false"],
-                              restart_after_round=1, kill_supernode_in_round=2, timeout_s=1500)
+                              restart_after_round=1, kill_supernode_in_round=2, timeout_s=2400)
     try:
         return run_loopback(options)
     except (DeploymentError, OSError) as error:  # every process is already stopped; show the logs
