@@ -44,6 +44,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -179,52 +180,88 @@ def _max_round(run_dir: Path) -> int:
 
 @dataclass
 class Event:
-    """Something to do once during the run, when ``due()``; ``fire()`` may return a new run id."""
+    """Something to do once during the run: ``fire()`` when ``due()``; ``missed()``: too late now."""
 
     name: str
     due: Callable[[], bool]
-    fire: Callable[[], int | None]
+    fire: Callable[[], object]
+    missed: Callable[[], bool] = lambda: False
     done: bool = False
+    fired: bool = False
 
 
-def wait_for_run(cli: FlwrCli, run_id: int, run_dir: Path, rounds: int, must_live: list[ManagedProcess],
-                 others: list[ManagedProcess], options: LoopbackOptions, events: Sequence[Event] = (),
-                 on_new_run: Callable[[int], None] | None = None,
-                 watchdog: Callable[[str], None] | None = None) -> str:
-    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes, firing
-    ``events`` when they fall due (an event may replace the run with a new one). ``watchdog`` sees
-    every status read; a ``flwr list`` that fails or times out (a loaded machine) is retried later."""
+class EventRunner(threading.Thread):
+    """Fires events as they fall due, in a thread of its own, so that a slow ``flwr`` call in the main
+    loop (seconds on a loaded machine) never lets a short moment, such as a two-step round, pass."""
+
+    def __init__(self, events: Sequence[Event], poll_s: float, on_missed: Callable[[Event], None]) -> None:
+        super().__init__(name="loopback-events", daemon=True)
+        self.events = list(events)
+        self.poll_s = poll_s
+        self.on_missed = on_missed
+        self.error: BaseException | None = None
+        self.busy = False
+        self.stopping = threading.Event()
+
+    @property
+    def pending(self) -> bool:
+        return any(not e.done for e in self.events)
+
+    def run(self) -> None:
+        try:
+            while self.pending and not self.stopping.is_set():
+                for event in self.events:
+                    if event.done:
+                        continue
+                    if event.due():
+                        self.busy = True
+                        try:
+                            event.fire()
+                            event.fired = True
+                        finally:
+                            event.done, self.busy = True, False
+                    elif event.missed():
+                        event.done = True
+                        self.on_missed(event)
+                self.stopping.wait(self.poll_s)
+        except BaseException as error:  # reported by the main loop
+            self.error = error
+
+
+def wait_for_run(cli: FlwrCli, current_run: Callable[[], int], run_dir: Path, rounds: int,
+                 alive: Callable[[], None], others: list[ManagedProcess], options: LoopbackOptions,
+                 runner: EventRunner | None = None, watchdog: Callable[[str], None] | None = None) -> str:
+    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes and every
+    event of ``runner`` is done (an event may replace the run: ``current_run()`` names it).
+    ``alive()`` raises if a process that must live died; ``watchdog`` sees every status read; a
+    ``flwr list`` that fails or times out (a loaded machine) is retried later."""
     deadline = time.monotonic() + options.timeout_s
     next_status = time.monotonic() + options.status_every_s
     status = "pending"
     while time.monotonic() < deadline:
-        for event in events:
-            if not event.done and event.due():
-                event.done = True
-                new_run = event.fire()
-                if new_run is not None:
-                    run_id, status = new_run, "pending"
-                    if on_new_run is not None:
-                        on_new_run(new_run)
-        _check_alive(must_live)
+        if runner is not None and runner.error is not None:
+            raise DeploymentError(f"a scheduled step failed: {runner.error}") from runner.error
+        alive()
         for process in others:
             process.poll()
-        pending = any(not e.done for e in events)
+        pending = runner is not None and runner.pending
         done = _completed_rounds(run_dir) >= rounds and not pending
         if done or time.monotonic() >= next_status:
             next_status = time.monotonic() + (2.0 if done else options.status_every_s)
+            run_id = current_run()
             try:
                 status = cli.run_status(run_id)
             except DeploymentError as error:
                 print(f"warning: {error}; asking again later", file=sys.stderr)
                 continue
-            if watchdog is not None:
+            busy = runner is not None and (runner.busy or run_id != current_run())
+            if watchdog is not None and not busy:
                 watchdog(status)
-            if status.startswith("finished") and not pending:
+            if status.startswith("finished") and not pending and not busy:
                 return status
         time.sleep(options.poll_s)
-    raise DeploymentError(f"run {run_id} did not finish within {options.timeout_s:.0f} s (last status {status!r}, "
-                          f"{_completed_rounds(run_dir)}/{rounds} rounds in {run_dir / 'summary.json'})")
+    raise DeploymentError(f"run {current_run()} did not finish within {options.timeout_s:.0f} s (last status "
+                          f"{status!r}, {_completed_rounds(run_dir)}/{rounds} rounds in {run_dir / 'summary.json'})")
 
 
 def has_live_descendant(process: ManagedProcess, name: str) -> bool:
@@ -290,6 +327,217 @@ def _check_options(options: LoopbackOptions) -> None:
                               f"(the hospital must have a round left to rejoin)")
 
 
+class LoopbackDeployment:
+    """The processes of one loopback deployment, the processes that must stay alive (by role), and
+    the scheduled disruptions (restart, kill). Roles: ``superlink`` and each site's name."""
+
+    def __init__(self, options: LoopbackOptions, out: Path) -> None:
+        self.options, self.out = options, out
+        self.certs, self.logs, self.run_dir = out / "certs", out / "logs", out / "run"
+        self.coordinator_home = out / "coordinator" / "flwr-home"
+        self.sites = [f"site-{i}" for i in range(options.sites)]
+        self.extra_keys = [INTRUDER, FOREIGN] if options.with_intruders else []
+        self.superlink_port, *self.node_ports = free_ports(1 + len(self.sites) + len(self.extra_keys))
+        self.address = f"127.0.0.1:{self.superlink_port}"
+        self.result = LoopbackResult(str(out), str(self.run_dir), self.superlink_port)
+        self.group = ProcessGroup()
+        self.cli = FlwrCli(self.coordinator_home, CONNECTION, log_path=self.logs / "flwr-cli.log", timeout_s=300.0)
+        self.live: dict[str, ManagedProcess] = {}
+        self.others: list[ManagedProcess] = []
+        self.lock = threading.Lock()
+        self.revived = 0
+        self.waiting_without_superexec = 0
+
+    # ------------------------------------------------------------------ processes
+    def start_superlink(self, label: str) -> ManagedProcess:
+        process = self.group.start(
+            label, superlink_command(self.certs, self.out / "coordinator", host="127.0.0.1", port=self.superlink_port),
+            self.logs / "superlink.log", flower_env(self.coordinator_home, self.options.threads),
+            cwd=self.out / "coordinator")
+        wait_for_tls(process, self.superlink_port, self.certs / CA_CERT)
+        return process
+
+    def start_supernode(self, name: str, label: str) -> ManagedProcess:
+        site_id = self.sites.index(name)
+        home = self.out / "hospitals" / name
+        node_config = {"site-id": site_id, "num-sites": len(self.sites), "site-name": name,
+                       "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
+        return self.group.start(
+            label, supernode_command(self.address, self.certs / CA_CERT, self.certs / SITES_DIR / name, node_config,
+                                     ["--port", str(self.node_ports[site_id])]),
+            self.logs / f"{name}.log", flower_env(home / "flwr-home", self.options.threads), cwd=home)
+
+    def start_intruders(self) -> None:
+        ports = {INTRUDER: self.node_ports[-2], FOREIGN: self.node_ports[-1]}
+        trusted = {INTRUDER: self.certs / CA_CERT, FOREIGN: self.out / "foreign-ca" / CA_CERT}
+        for name in (INTRUDER, FOREIGN):
+            home = self.out / "hospitals" / name
+            node_config = {"site-id": 0, "num-sites": len(self.sites), "site-name": name, "state-dir": str(home / "state")}
+            self.others.append(self.group.start(
+                f"SuperNode {name}",
+                supernode_command(self.address, trusted[name], self.certs / SITES_DIR / name, node_config,
+                                  ["--port", str(ports[name])]),
+                self.logs / f"{name}.log", flower_env(home / "flwr-home", self.options.threads), cwd=home))
+
+    def release(self, role: str) -> ManagedProcess:
+        """Take ``role``'s process off the must-live list (before stopping it on purpose)."""
+        with self.lock:
+            return self.live.pop(role)
+
+    def adopt(self, role: str, process: ManagedProcess) -> None:
+        with self.lock:
+            self.live[role] = process
+
+    def check_alive(self) -> None:
+        with self.lock:
+            processes = list(self.live.values())
+        _check_alive(processes)
+
+    def new_run(self, run_id: int) -> None:
+        with self.lock:
+            self.result.run_id = run_id
+            self.result.run_ids.append(run_id)
+        self.result.write(self.out / "deployment.json")
+
+    def current_run(self) -> int:
+        with self.lock:
+            assert self.result.run_id is not None
+            return self.result.run_id
+
+    # ------------------------------------------------------------------ disruptions
+    def restart_superlink(self) -> None:
+        """Stop the SuperLink and its ServerApp, start it again, stop the dead run, resume the run."""
+        old = self.release("superlink")
+        self.group.stop_one(old)
+        self.result.events.append(f"stopped the SuperLink (pid {old.pid}) and its ServerApp after round "
+                                  f"{_max_round(self.run_dir)} was in summary.json")
+        self.adopt("superlink", self.start_superlink("SuperLink (restarted)"))
+        dead = self.current_run()
+        try:  # the dead run's messages must not reach the hospitals any more
+            self.cli("stop", str(dead), CONNECTION)
+            self.result.events.append(f"stopped the dead run {dead}")
+        except DeploymentError as error:
+            self.result.events.append(f"could not stop the dead run {dead}: {error}")
+        run_id = self.cli.run([f"resume={shlex.quote(str(self.run_dir))}", f"federation.rounds={self.options.rounds}"],
+                              app=self.out / "coordinator" / "app")
+        self.new_run(run_id)
+        self.result.events.append(f"resubmitted as run {run_id} with resume={self.run_dir}")
+
+    @property
+    def victim(self) -> str:
+        return self.sites[-1]
+
+    def kill_supernode(self) -> None:
+        process = self.release(self.victim)
+        self.group.stop_one(process, hard=True)
+        self.result.events.append(f"killed SuperNode {self.victim} (pid {process.pid}) and its ClientApp while it "
+                                  f"trained round {self.options.kill_supernode_in_round}")
+
+    def restart_supernode(self) -> None:
+        self.adopt(self.victim, self.start_supernode(self.victim, f"SuperNode {self.victim} (restarted)"))
+        self.result.events.append(f"restarted SuperNode {self.victim} after round {_max_round(self.run_dir)} "
+                                  f"was in summary.json")
+
+    def events(self) -> list[Event]:
+        """The scheduled disruptions of ``options``."""
+        options, events = self.options, []
+        if options.kill_supernode_in_round is not None:
+            rnd = options.kill_supernode_in_round
+            ledger_folder = self.out / "hospitals" / self.victim / "state" / self.victim
+            dp = any(o.replace(" ", "") == "privacy.enabled=true" for o in options.overrides)
+            due = ((lambda: training_started(ledger_folder, rnd)) if dp else
+                   (lambda: received_train_messages(self.logs / f"{self.victim}.log", rnd) > 0))
+            killed = Event("kill", due, self.kill_supernode, missed=lambda: _max_round(self.run_dir) >= rnd)
+            events += [killed, Event("restart SuperNode", lambda: killed.fired and _max_round(self.run_dir) >= rnd,
+                                     self.restart_supernode, missed=lambda: killed.done and not killed.fired)]
+        if options.restart_after_round is not None:
+            after = options.restart_after_round
+            events.append(Event("restart", lambda: _max_round(self.run_dir) >= after, self.restart_superlink))
+        return events
+
+    def missed(self, event: Event) -> None:
+        self.result.events.append(f"MISSED: {event.name} (its moment passed before it could be done)")
+
+    def watchdog(self, status: str) -> None:
+        """A SuperLink whose SuperExec died (Flower's SQLite state can fail with "database is locked"
+        on an overloaded machine) never starts the ServerApp: restart it (same database), twice at most."""
+        with self.lock:
+            superlink = self.live["superlink"]
+        if status not in ("pending", "starting") or has_live_descendant(superlink, "flower-superexec"):
+            self.waiting_without_superexec = 0
+            return
+        self.waiting_without_superexec += 1
+        if self.waiting_without_superexec < 2:  # one more status interval first: it may be starting
+            return
+        if self.revived >= 2:
+            raise DeploymentError(f"the SuperLink's SuperExec, which starts the ServerApp, keeps dying; see "
+                                  f"{self.logs / 'superlink.log'}")
+        self.revived, self.waiting_without_superexec = self.revived + 1, 0
+        old = self.release("superlink")
+        self.group.stop_one(old)
+        self.adopt("superlink", self.start_superlink(f"SuperLink (revived {self.revived})"))
+        self.result.events.append(f"the SuperLink's SuperExec had died while run {self.current_run()} was {status}: "
+                                  f"restarted the SuperLink (pid {old.pid})")
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self) -> LoopbackResult:
+        options, result, cli = self.options, self.result, self.cli
+        write_bundle(self.certs, ["localhost"], self.sites + self.extra_keys)
+        if options.with_intruders:
+            write_bundle(self.out / "foreign-ca", ["localhost"], [])
+        runner: EventRunner | None = None
+        try:
+            # Coordinator: SuperLink with TLS + node auth, then the flwr CLI's connection and the keys.
+            write_connection(self.coordinator_home, CONNECTION, self.address, self.certs / CA_CERT)
+            self.adopt("superlink", self.start_superlink("SuperLink"))
+            registered = [*self.sites, *([FOREIGN] if options.with_intruders else [])]
+            with ThreadPoolExecutor(max_workers=len(registered)) as pool:  # independent CLI calls
+                node_ids = pool.map(lambda name: cli.register(self.certs / SITES_DIR / f"{name}.pub"), registered)
+                result.node_ids = dict(zip(registered, node_ids))
+            # Hospitals: one SuperNode each, with its CA certificate, private key and node config.
+            for name in self.sites:
+                self.adopt(name, self.start_supernode(name, f"SuperNode {name}"))
+            if options.with_intruders:
+                self.start_intruders()
+            # The run: the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
+            self.new_run(cli.run(run_overrides(options, self.run_dir), app=stage_app(self.out / "coordinator" / "app")))
+            events = self.events()
+            if events:
+                runner = EventRunner(events, min(options.poll_s, 0.5), self.missed)
+                runner.start()
+            result.status = wait_for_run(cli, self.current_run, self.run_dir, options.rounds, self.check_alive,
+                                         self.others, options, runner, self.watchdog)
+            try:
+                (self.run_dir / "flwr-log.txt").write_text(cli.log(self.current_run()))
+            except (DeploymentError, OSError) as error:
+                print(f"warning: could not fetch `flwr log {result.run_id}`: {error}", file=sys.stderr)
+            if result.status != FINISHED_COMPLETED:
+                raise DeploymentError(f"run {result.run_id} ended with status {result.status!r}; "
+                                      f"see {self.run_dir / 'flwr-log.txt'} and {self.logs}")
+            check_run_folder(self.run_dir, options.rounds)
+        except BaseException as error:
+            result.error = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            if runner is not None:
+                runner.stopping.set()
+                runner.join(timeout=60)
+            self.stop_everything()
+        return result
+
+    def stop_everything(self) -> None:
+        group, result = self.group, self.result
+        for process in group.processes:
+            process.poll()
+        ended = {p.name: p.popen.returncode for p in group.processes}
+        handled = group.stop()
+        result.pids_left_running = still_running(handled)
+        result.processes = {p.name: ProcessReport(p.name, p.pid, p.running_command or p.command, str(p.log_path),
+                                                  p.popen.returncode, ended[p.name] is not None)
+                            for p in group.processes}
+        result.write(self.out / "deployment.json")
+
+
 def run_loopback(options: LoopbackOptions) -> LoopbackResult:
     """Run the whole loopback deployment; every process is stopped before returning or raising.
 
@@ -302,155 +550,7 @@ def run_loopback(options: LoopbackOptions) -> LoopbackResult:
         raise DeploymentError(f"--out {out} is not empty; choose a new folder (certificates and the run folder "
                               f"are never overwritten)")
     out.mkdir(parents=True, exist_ok=True)
-    certs, logs, run_dir = out / "certs", out / "logs", out / "run"
-    coordinator_home = out / "coordinator" / "flwr-home"
-    sites = [f"site-{i}" for i in range(options.sites)]
-    extra_keys = [INTRUDER, FOREIGN] if options.with_intruders else []
-    write_bundle(certs, ["localhost"], sites + extra_keys)
-    if options.with_intruders:
-        write_bundle(out / "foreign-ca", ["localhost"], [])
-    ca_cert = certs / CA_CERT
-    superlink_port, *node_ports = free_ports(1 + len(sites) + len(extra_keys))
-    address = f"127.0.0.1:{superlink_port}"
-    result = LoopbackResult(str(out), str(run_dir), superlink_port)
-    group = ProcessGroup()
-    cli = FlwrCli(coordinator_home, CONNECTION, log_path=logs / "flwr-cli.log", timeout_s=300.0)
-    must_live: list[ManagedProcess] = []
-    others: list[ManagedProcess] = []
-
-    def start_superlink(name: str) -> ManagedProcess:
-        process = group.start(
-            name, superlink_command(certs, out / "coordinator", host="127.0.0.1", port=superlink_port),
-            logs / "superlink.log", flower_env(coordinator_home, options.threads), cwd=out / "coordinator")
-        wait_for_tls(process, superlink_port, ca_cert)
-        return process
-
-    def start_supernode(name: str, site_id: int, port: int, label: str) -> ManagedProcess:
-        home = out / "hospitals" / name
-        node_config = {"site-id": site_id, "num-sites": len(sites), "site-name": name,
-                       "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
-        return group.start(
-            label, supernode_command(address, ca_cert, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
-            logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home)
-
-    def restart_superlink() -> int:
-        old = must_live[0]
-        group.stop_one(old)
-        result.events.append(f"stopped the SuperLink (pid {old.pid}) and its ServerApp after round "
-                             f"{_max_round(run_dir)} was in summary.json")
-        must_live[0] = start_superlink("SuperLink (restarted)")
-        try:  # the dead run's messages must not reach the hospitals any more
-            cli("stop", str(result.run_id), CONNECTION)
-            result.events.append(f"stopped the dead run {result.run_id}")
-        except DeploymentError as error:
-            result.events.append(f"could not stop the dead run {result.run_id}: {error}")
-        new_run = cli.run([f"resume={shlex.quote(str(run_dir))}", f"federation.rounds={options.rounds}"],
-                          app=out / "coordinator" / "app")
-        result.events.append(f"resubmitted as run {new_run} with resume={run_dir}")
-        return new_run
-
-    victim_index = len(sites) - 1
-    victim = sites[victim_index]
-
-    def kill_supernode() -> None:
-        process = must_live.pop(1 + victim_index)
-        group.stop_one(process, hard=True)
-        result.events.append(f"killed SuperNode {victim} (pid {process.pid}) and its ClientApp while it trained "
-                             f"round {options.kill_supernode_in_round}")
-
-    def restart_supernode() -> None:
-        must_live.insert(1 + victim_index, start_supernode(victim, victim_index, node_ports[victim_index],
-                                                           f"SuperNode {victim} (restarted)"))
-        result.events.append(f"restarted SuperNode {victim} after round {_max_round(run_dir)} was in summary.json")
-
-    waiting_without_superexec = 0
-    revived = 0
-
-    def watchdog(status: str) -> None:
-        """A SuperLink whose SuperExec died (Flower's SQLite state can fail with "database is locked"
-        on an overloaded machine) never starts the ServerApp: restart it (same database), twice at most."""
-        nonlocal waiting_without_superexec, revived
-        if status not in ("pending", "starting") or has_live_descendant(must_live[0], "flower-superexec"):
-            waiting_without_superexec = 0
-            return
-        waiting_without_superexec += 1
-        if waiting_without_superexec < 2:  # one more status interval first: it may be starting
-            return
-        if revived >= 2:
-            raise DeploymentError(f"the SuperLink's SuperExec, which starts the ServerApp, keeps dying; see "
-                                  f"{logs / 'superlink.log'}")
-        revived, waiting_without_superexec = revived + 1, 0
-        old = must_live[0]
-        group.stop_one(old)
-        must_live[0] = start_superlink(f"SuperLink (revived {revived})")
-        result.events.append(f"the SuperLink's SuperExec had died while run {result.run_id} was {status}: "
-                             f"restarted the SuperLink (pid {old.pid} -> {must_live[0].pid})")
-
-    def new_run(run_id: int) -> None:
-        result.run_id = run_id
-        result.run_ids.append(run_id)
-        result.write(out / "deployment.json")
-
-    try:
-        # Coordinator: SuperLink with TLS + node auth, then the flwr CLI's connection and the keys.
-        write_connection(coordinator_home, CONNECTION, address, ca_cert)
-        must_live.append(start_superlink("SuperLink"))
-        registered = [*sites, *([FOREIGN] if options.with_intruders else [])]
-        with ThreadPoolExecutor(max_workers=len(registered)) as pool:  # independent CLI calls
-            node_ids = pool.map(lambda name: cli.register(certs / SITES_DIR / f"{name}.pub"), registered)
-            result.node_ids = dict(zip(registered, node_ids))
-        # Hospitals: one SuperNode each, with its CA certificate, private key and node config.
-        for site_id, (name, port) in enumerate(zip(sites, node_ports)):
-            must_live.append(start_supernode(name, site_id, port, f"SuperNode {name}"))
-        if options.with_intruders:
-            bad = {INTRUDER: (ca_cert, node_ports[-2]), FOREIGN: (out / "foreign-ca" / CA_CERT, node_ports[-1])}
-            for name, (trusted_ca, port) in bad.items():
-                home = out / "hospitals" / name
-                node_config = {"site-id": 0, "num-sites": len(sites), "site-name": name,
-                               "state-dir": str(home / "state")}
-                others.append(group.start(
-                    f"SuperNode {name}",
-                    supernode_command(address, trusted_ca, certs / SITES_DIR / name, node_config, ["--port", str(port)]),
-                    logs / f"{name}.log", flower_env(home / "flwr-home", options.threads), cwd=home))
-        events: list[Event] = []
-        if options.kill_supernode_in_round is not None:
-            rnd = options.kill_supernode_in_round
-            ledger_folder = out / "hospitals" / victim / "state" / victim
-            dp = any(o.replace(" ", "") == "privacy.enabled=true" for o in options.overrides)
-            due = ((lambda: training_started(ledger_folder, rnd)) if dp else
-                   (lambda: received_train_messages(logs / f"{victim}.log", rnd) > 0))
-            killed = Event("kill", due, kill_supernode)
-            events += [killed, Event("restart SuperNode", lambda: killed.done and _max_round(run_dir) >= rnd,
-                                     restart_supernode)]
-        if options.restart_after_round is not None:
-            after = options.restart_after_round
-            events.append(Event("restart", lambda: _max_round(run_dir) >= after, restart_superlink))
-        # The run: the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
-        new_run(cli.run(run_overrides(options, run_dir), app=stage_app(out / "coordinator" / "app")))
-        result.status = wait_for_run(cli, result.run_id, run_dir, options.rounds, must_live, others, options,
-                                     events, on_new_run=new_run, watchdog=watchdog)
-        try:
-            (run_dir / "flwr-log.txt").write_text(cli.log(result.run_id))
-        except (DeploymentError, OSError) as error:
-            print(f"warning: could not fetch `flwr log {result.run_id}`: {error}", file=sys.stderr)
-        if result.status != FINISHED_COMPLETED:
-            raise DeploymentError(f"run {result.run_id} ended with status {result.status!r}; "
-                                  f"see {run_dir / 'flwr-log.txt'} and {logs}")
-        check_run_folder(run_dir, options.rounds)
-    except BaseException as error:
-        result.error = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        for process in group.processes:
-            process.poll()
-        ended = {p.name: p.popen.returncode for p in group.processes}
-        handled = group.stop()
-        result.pids_left_running = still_running(handled)
-        result.processes = {p.name: ProcessReport(p.name, p.pid, p.running_command or p.command, str(p.log_path),
-                                                  p.popen.returncode, ended[p.name] is not None)
-                            for p in group.processes}
-        result.write(out / "deployment.json")
-    return result
+    return LoopbackDeployment(options, out).run()
 
 
 # ----------------------------------------------------------------------------- CLI

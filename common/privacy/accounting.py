@@ -36,10 +36,11 @@ History = list[tuple[float, float, int]]
 MECHANISM = ("Sampled Gaussian mechanism (DP-SGD): Poisson subsampling, per-sample gradient clipping, "
              "Gaussian noise on the sum of clipped gradients")
 NEIGHBOURING = ("add/remove one training patch of the hospital's training split (example-level; a patient "
-                "with several patches is covered only as far as group privacy allows). The training-set size and "
-                "labelled count are not released exactly: they are released once per data set with Gaussian noise "
+                "with several patches is covered only as far as group privacy allows). The mechanism never uses the "
+                "exact training-set size or labelled count: they are released once per data set with Gaussian noise "
                 "(accounted), and only these noisy counts set the sampling rate, the loss scale and the aggregation "
-                "weights, so one patch changes a step's sum of clipped gradients by at most C")
+                "weights, so one patch changes a step's sum of clipped gradients by at most C (with "
+                "privacy.scope=classifier the class counts are still sent, outside the guarantee)")
 COUNTS_MECHANISM = ("Gaussian mechanism on (training-set size, labelled count), L2 sensitivity sqrt(2) under add/remove-one, "
                     "released once per hospital and data set and reused")
 SAMPLING = ("Poisson: each training patch joins each step's batch independently with probability q "
