@@ -49,6 +49,10 @@ class LatestCheckpoint:
     weights: dict[str, torch.Tensor]
     warnings: list[str] = field(default_factory=list)
 
+    def __getitem__(self, index: int) -> Any:
+        """``latest[0]``, ``latest[1]``: the (state, weights) pair ``latest()`` returned before."""
+        return (self.state, self.weights)[index]
+
 
 def _round_of(path: Path) -> int | None:
     try:
