@@ -65,6 +65,8 @@ from simulations.deployment import (
 from simulations.processes import ManagedProcess, ProcessGroup, descendants, free_ports, still_running
 
 CONNECTION = "loopback"
+#: Signs, in a failed run's status details, that Flower's own state failed (not the app).
+FLOWER_STATE_FAILURES = ("500 Internal Server Error", "database is locked")
 INTRUDER = "intruder"  # a SuperNode whose key is never registered
 FOREIGN = "foreign-ca"  # a SuperNode with a registered key that trusts another CA
 
@@ -230,11 +232,11 @@ class EventRunner(threading.Thread):
 
 def wait_for_run(cli: FlwrCli, current_run: Callable[[], int], run_dir: Path, rounds: int,
                  alive: Callable[[], None], others: list[ManagedProcess], options: LoopbackOptions,
-                 runner: EventRunner | None = None, watchdog: Callable[[str], None] | None = None) -> str:
-    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes and every
-    event of ``runner`` is done (an event may replace the run: ``current_run()`` names it).
-    ``alive()`` raises if a process that must live died; ``watchdog`` sees every status read; a
-    ``flwr list`` that fails or times out (a loaded machine) is retried later."""
+                 runner: EventRunner | None = None, watchdog: Callable[[str], bool] | None = None) -> str:
+    """Poll the run folder (cheap) and ``flwr list`` (now and then) until the run finishes (an event
+    of ``runner`` may replace the run: ``current_run()`` names it). ``alive()`` raises if a process
+    that must live died; ``watchdog`` sees every status read and returns True when it recovered
+    something (the wait goes on); a ``flwr list`` that fails or times out is retried later."""
     deadline = time.monotonic() + options.timeout_s
     next_status = time.monotonic() + options.status_every_s
     status = "pending"
@@ -255,9 +257,11 @@ def wait_for_run(cli: FlwrCli, current_run: Callable[[], int], run_dir: Path, ro
                 print(f"warning: {error}; asking again later", file=sys.stderr)
                 continue
             busy = runner is not None and (runner.busy or run_id != current_run())
-            if watchdog is not None and not busy:
-                watchdog(status)
-            if status.startswith("finished") and not pending and not busy:
+            if busy or (watchdog is not None and watchdog(status)):
+                continue
+            if status == FINISHED_COMPLETED and pending:
+                continue  # a disruption is still due (it is recorded as missed when its moment passes)
+            if status.startswith("finished"):
                 return status
         time.sleep(options.poll_s)
     raise DeploymentError(f"run {current_run()} did not finish within {options.timeout_s:.0f} s (last status "
@@ -345,6 +349,7 @@ class LoopbackDeployment:
         self.live: dict[str, ManagedProcess] = {}
         self.others: list[ManagedProcess] = []
         self.lock = threading.Lock()
+        self.disrupting = threading.RLock()  # one restart or kill at a time (event thread or watchdog)
         self.revived = 0
         self.waiting_without_superexec = 0
 
@@ -405,38 +410,41 @@ class LoopbackDeployment:
             return self.result.run_id
 
     # ------------------------------------------------------------------ disruptions
-    def restart_superlink(self) -> None:
+    def restart_superlink(self, why: str = "", label: str = "SuperLink (restarted)") -> None:
         """Stop the SuperLink and its ServerApp, start it again, stop the dead run, resume the run."""
-        old = self.release("superlink")
-        self.group.stop_one(old)
-        self.result.events.append(f"stopped the SuperLink (pid {old.pid}) and its ServerApp after round "
-                                  f"{_max_round(self.run_dir)} was in summary.json")
-        self.adopt("superlink", self.start_superlink("SuperLink (restarted)"))
-        dead = self.current_run()
-        try:  # the dead run's messages must not reach the hospitals any more
-            self.cli("stop", str(dead), CONNECTION)
-            self.result.events.append(f"stopped the dead run {dead}")
-        except DeploymentError as error:
-            self.result.events.append(f"could not stop the dead run {dead}: {error}")
-        run_id = self.cli.run([f"resume={shlex.quote(str(self.run_dir))}", f"federation.rounds={self.options.rounds}"],
-                              app=self.out / "coordinator" / "app")
-        self.new_run(run_id)
-        self.result.events.append(f"resubmitted as run {run_id} with resume={self.run_dir}")
+        with self.disrupting:
+            old = self.release("superlink")
+            self.group.stop_one(old)
+            self.result.events.append(f"stopped the SuperLink (pid {old.pid}) and its ServerApp "
+                                      f"{why or f'after round {_max_round(self.run_dir)} was in summary.json'}")
+            self.adopt("superlink", self.start_superlink(label))
+            dead = self.current_run()
+            try:  # the dead run's messages must not reach the hospitals any more
+                self.cli("stop", str(dead), CONNECTION)
+                self.result.events.append(f"stopped the dead run {dead}")
+            except DeploymentError as error:
+                self.result.events.append(f"could not stop the dead run {dead}: {error}")
+            run_id = self.cli.run([f"resume={shlex.quote(str(self.run_dir))}", f"federation.rounds={self.options.rounds}"],
+                                  app=self.out / "coordinator" / "app")
+            self.new_run(run_id)
+            self.result.events.append(f"resubmitted as run {run_id} with resume={self.run_dir}")
 
     @property
     def victim(self) -> str:
         return self.sites[-1]
 
     def kill_supernode(self) -> None:
-        process = self.release(self.victim)
-        self.group.stop_one(process, hard=True)
-        self.result.events.append(f"killed SuperNode {self.victim} (pid {process.pid}) and its ClientApp while it "
-                                  f"trained round {self.options.kill_supernode_in_round}")
+        with self.disrupting:
+            process = self.release(self.victim)
+            self.group.stop_one(process, hard=True)
+            self.result.events.append(f"killed SuperNode {self.victim} (pid {process.pid}) and its ClientApp while it "
+                                      f"trained round {self.options.kill_supernode_in_round}")
 
     def restart_supernode(self) -> None:
-        self.adopt(self.victim, self.start_supernode(self.victim, f"SuperNode {self.victim} (restarted)"))
-        self.result.events.append(f"restarted SuperNode {self.victim} after round {_max_round(self.run_dir)} "
-                                  f"was in summary.json")
+        with self.disrupting:
+            self.adopt(self.victim, self.start_supernode(self.victim, f"SuperNode {self.victim} (restarted)"))
+            self.result.events.append(f"restarted SuperNode {self.victim} after round {_max_round(self.run_dir)} "
+                                      f"was in summary.json")
 
     def events(self) -> list[Event]:
         """The scheduled disruptions of ``options``."""
@@ -458,26 +466,39 @@ class LoopbackDeployment:
     def missed(self, event: Event) -> None:
         self.result.events.append(f"MISSED: {event.name} (its moment passed before it could be done)")
 
-    def watchdog(self, status: str) -> None:
-        """A SuperLink whose SuperExec died (Flower's SQLite state can fail with "database is locked"
-        on an overloaded machine) never starts the ServerApp: restart it (same database), twice at most."""
-        with self.lock:
-            superlink = self.live["superlink"]
-        if status not in ("pending", "starting") or has_live_descendant(superlink, "flower-superexec"):
-            self.waiting_without_superexec = 0
-            return
-        self.waiting_without_superexec += 1
-        if self.waiting_without_superexec < 2:  # one more status interval first: it may be starting
-            return
-        if self.revived >= 2:
-            raise DeploymentError(f"the SuperLink's SuperExec, which starts the ServerApp, keeps dying; see "
-                                  f"{self.logs / 'superlink.log'}")
-        self.revived, self.waiting_without_superexec = self.revived + 1, 0
-        old = self.release("superlink")
-        self.group.stop_one(old)
-        self.adopt("superlink", self.start_superlink(f"SuperLink (revived {self.revived})"))
-        self.result.events.append(f"the SuperLink's SuperExec had died while run {self.current_run()} was {status}: "
-                                  f"restarted the SuperLink (pid {old.pid})")
+    def watchdog(self, status: str) -> bool:
+        """Recover from Flower's own failures on an overloaded machine, twice at most, and say so in
+        the events: its SQLite state can fail with "database is locked", which kills the SuperExec (no
+        ServerApp is ever started) or the ServerApp itself (the run fails with a 500 error). The first
+        is revived by restarting the SuperLink, the second by restarting it and resuming the run."""
+        with self.disrupting:
+            with self.lock:
+                superlink = self.live["superlink"]
+            run_id = self.current_run()
+            if status == "finished:failed":
+                try:
+                    details = str(self.cli.run_info(run_id).get("status-details", ""))
+                except DeploymentError:
+                    return False
+                if not any(marker in details for marker in FLOWER_STATE_FAILURES) or self.revived >= 2:
+                    return False
+                self.revived += 1
+                self.restart_superlink(f"because run {run_id} failed inside Flower's SuperLink ({details.splitlines()[0]})",
+                                       f"SuperLink (revived {self.revived})")
+                return True
+            if status not in ("pending", "starting") or has_live_descendant(superlink, "flower-superexec"):
+                self.waiting_without_superexec = 0
+                return False
+            self.waiting_without_superexec += 1
+            if self.waiting_without_superexec < 2 or self.revived >= 2:  # one more interval first: it may be starting
+                return False
+            self.revived, self.waiting_without_superexec = self.revived + 1, 0
+            old = self.release("superlink")
+            self.group.stop_one(old)
+            self.adopt("superlink", self.start_superlink(f"SuperLink (revived {self.revived})"))
+            self.result.events.append(f"the SuperLink's SuperExec had died while run {run_id} was {status}: "
+                                      f"restarted the SuperLink (pid {old.pid})")
+            return True
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> LoopbackResult:

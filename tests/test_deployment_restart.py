@@ -46,14 +46,18 @@ def _summary(result: LoopbackResult) -> dict:
 
 
 def test_three_rounds_complete_in_one_summary_across_a_superlink_restart(restarted: LoopbackResult) -> None:
-    assert restarted.status == FINISHED_COMPLETED and len(restarted.run_ids) == 2
+    # Two runs: the first and its resumption (more if Flower's own state failed on a loaded machine
+    # and the loopback revived it: each such recovery is an event, printed here on failure).
+    assert restarted.status == FINISHED_COMPLETED and len(restarted.run_ids) >= 2, restarted.events
     summary = _summary(restarted)
     assert summary["completed_rounds"] == ROUNDS
     assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
     sessions = summary["sessions"]
-    assert len(sessions) == 2 and sessions[0]["resumed_after_round"] is None and sessions[1]["resumed_after_round"] >= 1
+    assert 2 <= len(sessions) <= len(restarted.run_ids) and sessions[0]["resumed_after_round"] is None
+    assert all(s["resumed_after_round"] >= 1 for s in sessions[1:])
     assert summary["config"]["privacy"]["enabled"] is True  # the resumed run kept the stopped run's config
     assert any("resubmitted" in e for e in restarted.events) and any("killed SuperNode" in e for e in restarted.events)
+    assert not any(e.startswith("MISSED") for e in restarted.events), restarted.events
 
 
 def test_a_supernode_killed_mid_round_rejoins_the_next_round(restarted: LoopbackResult) -> None:
