@@ -4,12 +4,18 @@ A train message carries the global groups and the run's config; the reply carrie
 groups and metrics. Loss weights, optimiser moments, selection statistics, the random state and any
 group configured as local stay here: in ``context.state`` across rounds and in the hospital's state
 folder across process restarts and resumed runs. They are never put in a reply.
+
+What a reply says about a failure is limited to what is safe to tell the coordinator: a refusal by
+the hospital's policy names the run-config key (status ``refused``); other errors are named by
+type only, with a reference to the full message, which stays in the hospital's log (it may name
+files and folders on the hospital's machine).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import traceback
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -18,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from client.local_run import LocalRun  # noqa: E402
+from client.policy import PublicError, Refusal  # noqa: E402
 from common import protocol  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
@@ -32,6 +39,15 @@ def _status_reply(msg: Message, site_name: str, status: str, message: str) -> Me
     return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
 
 
+def withheld(error: BaseException) -> str:
+    """A reply's text for an error whose message may name local files: its type and a reference to
+    the full message in the hospital's log."""
+    reference = secrets.token_hex(4)
+    logger.error("error reference %s: %s: %s", reference, type(error).__name__, error)
+    return (f"{type(error).__name__} at the hospital (details withheld: they may name files on the hospital's "
+            f"machine; its log has them under reference {reference})")
+
+
 def _handle(msg: Message, context: Context, action: str) -> Message:
     site_name = str(context.node_config.get("site-name", f"site-{context.node_config.get('partition-id', '?')}"))
     try:
@@ -39,12 +55,18 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         site_name = run.site.name
         content = run.train() if action == "train" else run.evaluate()
         return Message(content, reply_to=msg)
-    except (DataError, ConfigError) as error:
+    except Refusal as error:
+        logger.error("%s: refusing to %s: %s", site_name, action, error)
+        return _status_reply(msg, site_name, protocol.STATUS_REFUSED, str(error))
+    except PublicError as error:
         logger.error("%s: cannot %s: %s", site_name, action, error)
         return _status_reply(msg, site_name, "data_error", str(error))
+    except (DataError, ConfigError) as error:
+        logger.error("%s: cannot %s: %s", site_name, action, error)
+        return _status_reply(msg, site_name, "data_error", withheld(error))
     except Exception as error:  # report, don't crash the hospital's process
         logger.error("%s: %s failed:\n%s", site_name, action, traceback.format_exc())
-        return _status_reply(msg, site_name, "error", f"{type(error).__name__}: {error}")
+        return _status_reply(msg, site_name, "error", withheld(error))
 
 
 @app.train()

@@ -1,35 +1,54 @@
-"""Who this hospital is and where its data lives, from Flower's node config.
+"""Who this hospital is, where its data and state live, and what it accepts: from its node config.
 
-Deployment (``flower-supernode --node-config``) keys, all optional except where noted:
+Deployment (``flower-supernode --node-config``) keys; ``site-id`` is required, the rest optional:
 
-- ``site-id`` (int, required in deployment): this hospital's index, 0-based;
+- ``site-id`` (int): this hospital's index, 0-based;
 - ``num-sites`` (int): hospitals in the federation (default: the run's ``federation.num_sites``);
 - ``site-name`` (str): name in logs and reports (default ``site-<id>``);
 - ``dataset`` (str): data set name, overrides the run's ``data.name``;
-- ``data-root`` (str): this hospital's data folder, overrides the run's ``data.root``;
-- ``state-dir`` (str): the hospital's local state folder (default ``~/.fedvitgan/sites``; in a
-  simulation ``<run folder>/sites``);
-- ``device`` (str): ``cpu``, ``cuda`` or ``cuda:N`` (default: the run's ``device``).
+- ``device`` (str): ``cpu``, ``cuda`` or ``cuda:N`` (default: the run's ``device``);
+- the policy keys of ``client.policy`` (``data-root``, ``state-dir``, ``cache-dir``,
+  ``privacy-required``, ``privacy-scope``, ``min-noise-multiplier``, ``max-epsilon``,
+  ``max-grad-norm``). ``state-dir`` defaults to ``~/.fedvitgan/sites``.
 
-In simulation Flower fills ``partition-id`` and ``num-partitions``, which stand in for the first two.
+An unknown key is an error (a misspelt privacy floor must not be ignored silently). In a
+simulation Flower fills ``partition-id`` and ``num-partitions``, which stand in for the first two,
+and the policy comes from the run's ``sites.<name>.policy`` (node config policy keys, if any, on
+top); the state folder defaults to
+``<run folder>/sites``. A hospital is *deployed* when its node config has ``site-id``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.config import ConfigError
+from client.paths import confine_splits
+from client.policy import NODE_KEYS, HospitalPolicy, PublicError, check_deployment_keys
+
+IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device")
+FLOWER_SIMULATION_KEYS = ("partition-id", "num-partitions")
+
+
+def _int_key(node_config: Mapping[str, Any], key: str, fallback: str, default: Any) -> int:
+    raw = node_config.get(key, node_config.get(fallback, default))
+    if raw is None:
+        raise PublicError(f"node config lacks {key!r} (set --node-config \"{key}=N ...\" on the SuperNode)")
+    try:
+        return int(raw)
+    except (TypeError, ValueError) as error:
+        raise PublicError(f"node config {key!r} must be an integer, got {raw!r}") from error
 
 
 @dataclass(frozen=True)
 class SiteIdentity:
-    """A hospital's index, name, number of hospitals, data config and state folder."""
+    """A hospital's index, name, number of hospitals, data config, state folder and policy."""
 
     site_id: int
     num_sites: int
@@ -37,33 +56,45 @@ class SiteIdentity:
     data: dict[str, Any]
     state_dir: Path
     device: str
+    policy: HospitalPolicy = field(default_factory=HospitalPolicy)
+    deployed: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: Mapping[str, Any], run_dir: str | None) -> SiteIdentity:
-        """Resolve the site from ``node_config`` and the run's plain config."""
-        raw_id = node_config.get("site-id", node_config.get("partition-id"))
-        if raw_id is None:
-            raise ConfigError("node config lacks 'site-id' (set --node-config \"site-id=N ...\" on the SuperNode)")
-        try:
-            site_id = int(raw_id)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"node config 'site-id' must be an integer, got {raw_id!r}") from error
-        num_sites = int(node_config.get("num-sites", node_config.get("num-partitions", run["federation"]["num_sites"])))
+        """Resolve the site from ``node_config`` and the run's plain config; ``Refusal`` when the run
+        asks for what this hospital does not accept (paths, simulation-only keys)."""
+        deployed = "site-id" in node_config
+        unknown = sorted(set(node_config) - set(IDENTITY_KEYS) - set(NODE_KEYS) - set(FLOWER_SIMULATION_KEYS))
+        if unknown:
+            raise PublicError(f"node config key(s) {unknown} are not known; known keys: "
+                              f"{sorted([*IDENTITY_KEYS, *NODE_KEYS])}")
+        site_id = _int_key(node_config, "site-id", "partition-id", None)
+        num_sites = _int_key(node_config, "num-sites", "num-partitions", run["federation"]["num_sites"])
         if not 0 <= site_id < num_sites:
-            raise ConfigError(f"node config 'site-id' {site_id} is outside 0..{num_sites - 1}")
+            raise PublicError(f"node config 'site-id' {site_id} is outside 0..{num_sites - 1}")
         name = str(node_config.get("site-name", f"site-{site_id}"))
+        if deployed:
+            policy = HospitalPolicy.from_node_config(node_config)
+            check_deployment_keys(run, policy)
+        else:  # the run's sites.<name>.policy, with any policy key of the node config on top
+            sites = run.get("sites") or {}
+            policy = dataclasses.replace(
+                HospitalPolicy.from_mapping((sites.get(name) or {}).get("policy"), f"sites.{name}.policy"),
+                **{f: node_config[k] for k, f in NODE_KEYS.items() if k in node_config})
         data = copy.deepcopy(dict(run["data"]))
         if "dataset" in node_config:
             data["name"] = str(node_config["dataset"])
-        if "data-root" in node_config:
-            data["root"] = str(node_config["data-root"])
-        state_root = node_config.get("state-dir") or run["federation"].get("state_dir")
+        if policy.data_root is not None:
+            data["root"] = policy.data_root
+        if policy.cache_dir is not None:
+            data["cache_dir"] = policy.cache_dir
+        confine_splits(data)
+        state_root = policy.state_dir or (None if deployed else run["federation"].get("state_dir"))
         if not state_root:
             # Only a simulated hospital shares the coordinator's disk; a deployed one keeps its
             # state on its own machine (the run folder path is the coordinator's).
-            simulated = "partition-id" in node_config and run_dir
-            state_root = Path(run_dir) / "sites" if simulated else Path.home() / ".fedvitgan" / "sites"
+            state_root = Path(run_dir) / "sites" if (not deployed and run_dir) else Path.home() / ".fedvitgan" / "sites"
         device = str(node_config.get("device", run.get("device", "auto")))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(site_id, num_sites, name, data, Path(state_root).expanduser() / name, device)
+        return cls(site_id, num_sites, name, data, Path(state_root).expanduser() / name, device, policy, deployed)

@@ -17,7 +17,7 @@ TRANSPORT_DTYPE = "transport-dtype"
 RUN_CONFIG_JSON = "run-config-json"
 SENT_GROUPS = "sent-groups"  # comma-separated groups present in the message
 
-#: MetricRecord entries used as aggregation weights.
+#: MetricRecord entries used as aggregation weights (with DP: the hospital's released noisy counts).
 REAL_EXAMPLES = "num-examples"
 LABELLED_EXAMPLES = "labelled-examples"
 GENERATOR_STEPS = "generator-steps"
@@ -35,6 +35,9 @@ CLASS_COUNTS_JSON = "class-counts-json"
 
 #: Site status of a hospital whose privacy budget would be exceeded by the coming round.
 STATUS_BUDGET_EXHAUSTED = "budget_exhausted"
+#: Site status of a hospital whose own policy refuses the run's configuration (the message names the
+#: key); it trains nothing that round.
+STATUS_REFUSED = "refused"
 
 #: Differential-privacy entries of a train reply's MetricRecord (privacy.enabled=true). Epsilons are
 #: at dp/delta by the configured accountant; "epsilon" and "steps_total" are this run's (cumulative
@@ -52,7 +55,15 @@ DP_STEPS_LIFETIME = "dp/steps_lifetime"
 DP_MAX_EPSILON = "dp/max_epsilon"
 DP_WOULD_BE_EPSILON = "dp/would_be_epsilon"
 DP_BUDGET_EXHAUSTED = "dp/budget_exhausted"
+#: Std of the Gaussian noise on the released training-set size and labelled count (which then
+#: stand in for the exact counts: sampling rate, loss scale, num-examples, labelled-examples).
+DP_COUNT_NOISE_STD = "dp/count_noise_std"
 #: This run's accountant history as three parallel lists (noise multiplier, sample rate, steps).
 DP_HISTORY_NOISE = "dp/history_noise_multiplier"
 DP_HISTORY_RATE = "dp/history_sample_rate"
 DP_HISTORY_STEPS = "dp/history_steps"
+
+#: Local-state entries of a train reply: state files the hospital could not read and skipped for an
+#: older one (0 normally), and the round of the state it continued from (-1: none).
+STATE_FILES_SKIPPED = "state/files_skipped"
+STATE_RESTORED_ROUND = "state/restored_round"

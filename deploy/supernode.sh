@@ -4,11 +4,14 @@
 #   deploy/supernode.sh SUPERLINK_ADDRESS CA_PEM PRIVATE_KEY NODE_CONFIG [flower-supernode flags...]
 #
 #   deploy/supernode.sh superlink.example.org:443 /etc/fedvitgan/ca.pem /etc/fedvitgan/charite \
-#       'site-id=0 num-sites=3 site-name="charite" dataset="pcam" data-root="/data/pcam" state-dir="/var/lib/fedvitgan" device="cuda"'
+#       'site-id=0 num-sites=3 site-name="charite" dataset="pcam" data-root="/data/pcam" state-dir="/var/lib/fedvitgan" device="cuda" privacy-required=true max-epsilon=8.0'
 #
-# String values in NODE_CONFIG must be double-quoted. Extra flags go to flower-supernode, e.g.
-# `--port 9095` when two SuperNodes share a host, or `--isolation process` (then start
-# `flower-superexec --insecure --runtime-api-address 127.0.0.1:<port>` yourself).
+# String values in NODE_CONFIG must be double-quoted. NODE_CONFIG is the hospital's own policy too
+# (data-root, state-dir, privacy-required, privacy-scope, min-noise-multiplier, max-epsilon,
+# max-grad-norm): the coordinator's run config can never loosen it (docs/deployment.md).
+# Extra flags go to flower-supernode, e.g. `--port 9095` when two SuperNodes share a host. Keep the
+# default subprocess isolation; `--isolation process` needs a SuperExec secured with TLS and
+# --superexec-auth-secret-file, never --insecure (docs/deployment.md).
 # Only outgoing HTTPS to SUPERLINK_ADDRESS is needed; the local Runtime API stays on 127.0.0.1.
 set -euo pipefail
 if [[ $# -lt 4 ]]; then

@@ -75,13 +75,13 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     start_round = 1
     latest = store.latest()
     if latest is not None and not run.get("resume"):
-        raise ConfigError(f"{run_dir} already holds a run (checkpoints up to round {latest[0].round}); "
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints up to round {latest.state.round}); "
                           f"continue it with resume={run_dir} or choose another folder (hydra.run.dir=...)")
     if latest is None and run.get("resume"):
         _progress(f"resume: {run_dir} has no finished round yet; starting from round 1")
     if latest is not None:
-        state, weights = latest
-        if state.config_fingerprint != fingerprint:
+        state, weights = latest.state, latest.weights
+        if state.config_fingerprint and state.config_fingerprint != fingerprint:
             raise ConfigError(f"{store.folder}: the checkpoint was made with another model architecture "
                               f"or class count; resume with the run's own config")
         model.load_state_dict(weights)
@@ -98,7 +98,8 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     summary = RunSummary(run_dir)
     summary.start(run, {"dtype": transport, "group_bytes": group_bytes, "group_bytes_float32": group_bytes_f32,
                         "sent_groups": strategy.sent_groups},
-                  resumed_from=start_round - 1 if start_round > 1 else None)
+                  resumed_from=start_round - 1 if start_round > 1 else None,
+                  warnings=latest.warnings if latest is not None else None)
     strategy.summary()
     arrays = _to_arrays(reference)
     total_rounds = int(fed["rounds"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.report import partition_report
+from common.durable import atomic_write
 
 
 def write_partition_report(run_dir: Path, rows: dict[str, Any]) -> Path:
@@ -16,8 +17,8 @@ def write_partition_report(run_dir: Path, rows: dict[str, Any]) -> Path:
     if all(existing.get(site) == report for site, report in rows.items()):
         return path
     existing.update(rows)
-    path.write_text(json.dumps(existing, indent=2))
+    atomic_write(path, json.dumps(existing, indent=2))
     markdown = partition_report({site: existing[site] for site in sorted(existing)})
-    (Path(run_dir) / "partition.md").write_text("# Partition: patches per hospital and class\n\n" + markdown)
+    atomic_write(Path(run_dir) / "partition.md", "# Partition: patches per hospital and class\n\n" + markdown)
     print("partition (patches per hospital and class):\n" + markdown, flush=True)
     return path

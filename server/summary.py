@@ -1,16 +1,18 @@
 """The run's ``summary.json``: the resolved config and one entry per round, appended as rounds end.
 
-A resumed run appends to the same file. NaN metrics are written as ``null`` (strict JSON).
+A resumed run appends to the same file. NaN metrics are written as ``null`` (strict JSON). Every
+write is durable and atomic (``common.durable.atomic_write``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from common.durable import atomic_write
 
 
 def _clean(value: Any) -> Any:
@@ -30,12 +32,16 @@ class RunSummary:
         self.path = Path(run_dir) / "summary.json"
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def start(self, config: dict[str, Any], transport: dict[str, Any], resumed_from: int | None) -> None:
+    def start(self, config: dict[str, Any], transport: dict[str, Any], resumed_from: int | None,
+              warnings: list[str] | None = None) -> None:
+        """A new session: (re)record the config; ``warnings`` (e.g. a checkpoint skipped on resume)
+        go into this session's entry."""
         if not self.data:
             self.data = {"config": config, "transport": transport, "rounds": [], "sessions": []}
-        self.data.setdefault("sessions", []).append(
-            {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_after_round": resumed_from}
-        )
+        session: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_after_round": resumed_from}
+        if warnings:
+            session["warnings"] = list(warnings)
+        self.data.setdefault("sessions", []).append(session)
         # A resumed run may extend federation.rounds; keep the latest resolved config.
         self.data["config"] = config
         self.data["transport"] = transport
@@ -52,7 +58,4 @@ class RunSummary:
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_clean(self.data), indent=2, allow_nan=False))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(_clean(self.data), indent=2, allow_nan=False))

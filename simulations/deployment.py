@@ -169,12 +169,16 @@ class FlwrCli:
         data = self.json("run", str(app), self.connection, "--run-config", run_config_overrides(overrides), cwd=app)
         return int(data["run-id"])
 
-    def run_status(self, run_id: int) -> str:
-        """The run's status from ``flwr list --run-id``, e.g. ``running`` or ``finished:completed``."""
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The run's entry of ``flwr list --run-id`` (``status``, ``status-details``, times, traffic)."""
         runs = self.json("list", self.connection, "--run-id", str(run_id))["runs"]
         if not runs:
             raise DeploymentError(f"`flwr list` knows no run {run_id}")
-        return str(runs[0]["status"])
+        return dict(runs[0])
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status from ``flwr list --run-id``, e.g. ``running`` or ``finished:completed``."""
+        return str(self.run_info(run_id)["status"])
 
     def log(self, run_id: int) -> str:
         """The run's ServerApp log (``flwr log RUN CONNECTION --show``)."""

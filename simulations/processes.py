@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,24 +160,39 @@ class ProcessGroup:
 
         Returns the pids handled (pid -> start time) so callers can check that none is left.
         """
-        targets = self.all_pids()
+        return self._terminate(self.processes, self.all_pids, grace_s)
+
+    def stop_one(self, process: ManagedProcess, grace_s: float = 10.0, hard: bool = False) -> dict[int, int | None]:
+        """Stop one started process and its descendants (``hard``: SIGKILL at once, as a crash would)."""
+        def pids() -> dict[int, int | None]:
+            found = {process.pid: process.started, **process.seen}
+            if process.popen.poll() is None:
+                found.update(descendants(process.pid))
+            return found
+
+        return self._terminate([process], pids, 0.0 if hard else grace_s, signal.SIGKILL if hard else signal.SIGTERM)
+
+    @staticmethod
+    def _terminate(processes: Sequence[ManagedProcess], pids: Callable[[], dict[int, int | None]], grace_s: float,
+                   first: signal.Signals = signal.SIGTERM) -> dict[int, int | None]:
+        targets = pids()
         for pid, started in targets.items():
             if _alive(pid, started):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, first)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            for process in self.processes:
+            for process in processes:
                 process.popen.poll()  # reap our direct children
             if not any(_alive(pid, started) for pid, started in targets.items()):
                 break
             time.sleep(0.2)
         # Descendants may have started new processes while terminating.
-        for pid, started in {**targets, **self.all_pids()}.items():
+        for pid, started in {**targets, **pids()}.items():
             if _alive(pid, started):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-        for process in self.processes:
+        for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.popen.wait(timeout=5)
         return targets

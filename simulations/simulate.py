@@ -28,48 +28,19 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
 from common.data.sites import configured_class_names  # noqa: E402
+from server.resume import resolve_resume  # noqa: E402
 from simulations.console import quiet_driver_logging, round_lines_only, start_ray, stop_ray  # noqa: E402
 from simulations.report import write_run_report  # noqa: E402
 from simulations.tracking import open_tracker  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.simulate")
 
-#: Keys a resumed run may change; everything else must match the stopped run.
-RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "device", "resume")
-#: Sections about how this command reports (not what it trains): always the current command's.
-REPORTING_SECTIONS = ("console", "tracking")
 QUIET_FLAG = "--quiet"
-
-
-def _reporting(key: str) -> bool:
-    return key.split(".", 1)[0] in REPORTING_SECTIONS
-
-
-def resolve_resume(run: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """The stopped run's own config, with the few overrides a resume may change applied."""
-    folder = Path(run["resume"]).resolve()
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        raise ConfigError(f"resume={folder}: no summary.json there; is it a fedvitgan run folder?")
-    saved = json.loads(summary_path.read_text())["config"]
-    changed = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    refused = [k for k in changed if k not in RESUMABLE_KEYS and not k.startswith("hydra.") and not _reporting(k)]
-    if refused:
-        raise ConfigError(f"resume: {refused} cannot change when resuming; only {list(RESUMABLE_KEYS[:-1])} can")
-    merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(
-        [o for o in overrides if o.split("=", 1)[0] in RESUMABLE_KEYS and not o.startswith("resume=")]))
-    resumed = OmegaConf.to_container(merged, resolve=True)
-    assert isinstance(resumed, dict)
-    resumed["resume"] = str(folder)
-    resumed["output_dir"] = str(folder)
-    for section in REPORTING_SECTIONS:
-        resumed[section] = run.get(section)
-    return resumed
 
 
 def run_simulation_from_config(run: dict[str, Any]) -> Path:
@@ -108,7 +79,7 @@ def _simulate(cfg: DictConfig) -> None:
     run = plain_config(cfg)
     overrides = list(HydraConfig.get().overrides.task)
     if run.get("resume"):
-        run = resolve_resume(run, overrides)
+        run = resolve_resume(run["resume"], overrides, current=run)
     else:
         run["output_dir"] = str(Path(HydraConfig.get().runtime.output_dir).resolve())
         if run["data"].get("name") != "synthetic" and not run["data"].get("class_names"):

@@ -133,3 +133,71 @@ def test_bad_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str
         certs.main(["--help"])
     assert exit_info.value.code == 0
     assert "--san" in capsys.readouterr().out
+
+
+def test_renew_reissues_the_superlink_certificate_with_the_same_ca(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert fedvitgan(["certs", str(tmp_path), "--san", "superlink.example.org", "--sites", "1"]) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in (certs.CA_CERT, certs.CA_KEY, certs.SERVER_KEY,
+                                                                "sites/site-0")}
+    assert fedvitgan(["certs", "renew", str(tmp_path), "--days", "30"]) == 0
+    assert "Restart the SuperLink" in capsys.readouterr().out
+    for name in (certs.CA_CERT, certs.CA_KEY, "sites/site-0"):
+        assert (tmp_path / name).read_bytes() == before[name], name  # the CA and hospital keys stay
+    assert (tmp_path / certs.SERVER_KEY).read_bytes() != before[certs.SERVER_KEY]
+    assert _mode(tmp_path / certs.SERVER_KEY) == 0o600
+    server = x509.load_pem_x509_certificate((tmp_path / certs.SERVER_CERT).read_bytes())
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(before[certs.CA_CERT]))
+    assert 29 <= (server.not_valid_after_utc - server.not_valid_before_utc).days <= 30
+    assert certs.current_sans(tmp_path / certs.SERVER_CERT) == ["superlink.example.org", "127.0.0.1", "::1"]
+    _handshake(tmp_path / certs.SERVER_CERT, tmp_path / certs.SERVER_KEY, tmp_path / certs.CA_CERT, "superlink.example.org")
+    assert fedvitgan(["certs", "renew", str(tmp_path), "--san", "new.example.org"]) == 0
+    assert certs.current_sans(tmp_path / certs.SERVER_CERT) == ["new.example.org", "127.0.0.1", "::1"]
+    # Without the CA key (kept offline), or with one others can read, nothing is written.
+    (tmp_path / certs.CA_KEY).chmod(0o640)
+    assert fedvitgan(["certs", "renew", str(tmp_path)]) == 1
+    assert "readable by others" in capsys.readouterr().err
+    (tmp_path / certs.CA_KEY).unlink()
+    assert fedvitgan(["certs", "renew", str(tmp_path)]) == 1
+    assert "ca.key not found" in capsys.readouterr().err
+
+
+def test_days_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for days in ("0", "-5", "3651"):
+        assert fedvitgan(["certs", str(tmp_path / days), "--days", days]) == 1
+        assert "--days" in capsys.readouterr().err
+        assert not (tmp_path / days).exists() or not any((tmp_path / days).iterdir())
+    assert fedvitgan(["certs", str(tmp_path / "ok"), "--days", "3650"]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ok" / certs.CA_CERT).read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "ok" / certs.SERVER_CERT).read_bytes())
+    assert server.not_valid_after_utc <= ca.not_valid_after_utc
+    # Renewing past the CA's own expiry is refused.
+    with pytest.raises(certs.CertsError, match="cannot outlive it"):
+        certs.check_days(30, certs.make_ca(days=10)[1])
+
+
+def test_a_key_path_taken_by_a_symlink_is_never_written_through(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("do not touch")
+    out = tmp_path / "bundle"
+    (out / "sites").mkdir(parents=True)
+    (out / "sites" / "hug").symlink_to(target)  # planted before the key is written
+    with pytest.raises(certs.CertsError):
+        certs._write(out / "sites" / "hug", b"secret", private=True)
+    assert target.read_text() == "do not touch"
+    # --force replaces the link itself (an atomic rename), never the file it points to.
+    certs._write(out / "sites" / "hug", b"secret", private=True, replace=True)
+    assert target.read_text() == "do not touch" and not (out / "sites" / "hug").is_symlink()
+    assert _mode(out / "sites" / "hug") == 0o600
+
+
+def test_superlink_script_refuses_a_private_key_readable_by_others(tmp_path: Path) -> None:
+    import subprocess
+
+    from simulations.deployment import SCRIPTS_DIR
+
+    certs.write_bundle(tmp_path, ["localhost"], [])
+    (tmp_path / certs.SERVER_KEY).chmod(0o644)
+    done = subprocess.run(["bash", str(SCRIPTS_DIR / "superlink.sh"), str(tmp_path), str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1 and "superlink.key is readable by others" in done.stderr

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from client.app import app as client_app
 from client.local_run import LOCAL_GROUPS, LOCAL_STATE
+from client.site_state import SiteStateStore
 from common.config import ConfigError, compose_config, plain_config
 from common.model import GROUPS
 from server.federation import run_federation
@@ -91,8 +92,10 @@ def test_local_state_persists_across_rounds_and_is_never_sent(tmp_path: Path) ->
         assert not any(k.startswith(("opt_", "selection.", "rng")) for k in metric_names)
     # Round 2's train metrics show the log-variances continuing from round 1, not restarting.
     assert summary["rounds"][1]["sites"]["site-0"]["train"]["global_step"] == 6
-    site_files = sorted((tmp_path / "sites" / "site-0").glob("round-*.safetensors"))
+    run_folder = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path)).folder
+    site_files = sorted(run_folder.glob("round-*.safetensors"))
     assert [f.name for f in site_files] == ["round-0001.safetensors", "round-0002.safetensors"]
+    assert json.loads((run_folder / "run.json").read_text())["run"] == str(tmp_path)
 
 
 def test_a_group_set_local_is_never_sent_nor_aggregated(tmp_path: Path) -> None:
@@ -144,7 +147,8 @@ def test_half_precision_transport_halves_the_bytes(tmp_path: Path) -> None:
     assert np.isfinite(s16["rounds"][0]["global"]["accuracy"])
 
 
-def test_a_hospital_whose_data_fails_validation_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+def test_a_hospital_whose_data_fails_validation_is_reported_and_the_run_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from flwr.app import Context, RecordDict
 
     contexts = {
@@ -160,4 +164,9 @@ def test_a_hospital_whose_data_fails_validation_is_reported_and_the_run_goes_on(
         reasons = {(e["site"], e.get("phase", "train")): e["reason"] for e in entry["excluded"]}
         assert set(reasons) == {("hospital-b", "train"), ("hospital-b", "evaluate")}
         assert "data_error" in reasons[("hospital-b", "train")]
-        assert str(tmp_path / "missing") in reasons[("hospital-b", "train")]
+        # The coordinator learns the error's type, never the hospital's paths; its log has them.
+        assert "DataError" in reasons[("hospital-b", "train")]
+        assert str(tmp_path) not in json.dumps(entry["excluded"])
+        reference = reasons[("hospital-b", "train")].rsplit("reference ", 1)[1].rstrip(")")
+        logged = [r.getMessage() for r in caplog.records if reference in r.getMessage()]
+        assert logged and str(tmp_path / "missing") in logged[0]

@@ -16,7 +16,7 @@ from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import PrivacyPlan, build_plan, compact, epsilon
 from common.privacy.budget import REAL_DATA_METRICS, private_train_config, shared_train_metrics
 from common.privacy.config import PrivacyConfig, privacy_config
-from common.privacy.wiring import DPTraining, clip_and_sum, per_sample_gradients
+from common.privacy.wiring import DPTraining, attempt_seed, clip_and_sum, per_sample_gradients
 from common.train import LocalTrainer, TrainConfig
 from common.train.selection import SelectionConfig
 
@@ -126,17 +126,26 @@ def test_an_empty_poisson_batch_is_a_noisy_step_and_is_counted(tiny_cfg: ModelCo
     assert not torch.equal(head_before, model.classifier.head.weight)
 
 
-def test_poisson_batches_vary_in_size_and_resume_from_the_saved_generator(tiny_cfg: ModelConfig) -> None:
+def test_poisson_batches_vary_in_size_and_every_attempt_draws_afresh(tiny_cfg: ModelConfig) -> None:
     data = SyntheticHistology(20, 32, seed=2)
     model = build_model(tiny_cfg, 5, seed=0)
     dp = DPTraining(model, _plan("classifier", sigma=1.0, batch=2, n=20), seed=5)
     sizes = [len(labels) for _, labels in dp.poisson_loader(data, 40)]
     assert len(sizes) == 40 and len(set(sizes)) > 2 and 0 in sizes  # q = 0.1: empty batches happen
-    state = dp.state_dict()
-    first = [labels.tolist() for _, labels in dp.poisson_loader(data, 5)]
-    again = DPTraining(model, _plan("classifier", sigma=1.0, batch=2, n=20), seed=999)
-    again.load_state_dict(state)
-    assert [labels.tolist() for _, labels in again.poisson_loader(data, 5)] == first
+    assert dp.state_dict() == {}  # no generator state is kept, so none can be restored and replayed
+
+    def draws(seed: int | None) -> tuple[list[list[int]], torch.Tensor]:
+        fresh = DPTraining(model, _plan("classifier", sigma=1.0, batch=2, n=20), seed=seed)
+        batches = [labels.tolist() for _, labels in fresh.poisson_loader(data, 8)]
+        noisy, _ = fresh.head_gradient(torch.zeros(0, 65, 64), torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), 1.0)
+        return batches, noisy["classifier.head.weight"]
+
+    first, second = draws(None), draws(None)  # two attempts, secret OS seeds
+    assert first[0] != second[0] and not torch.equal(first[1], second[1])
+    seeded = draws(attempt_seed(7, "data", 3))
+    again = draws(attempt_seed(7, "data", 3))
+    assert seeded[0] == again[0] and torch.equal(seeded[1], again[1])  # the reproducible test mode
+    assert not torch.equal(draws(attempt_seed(7, "data", 4))[1], seeded[1])  # the next attempt differs
 
 
 @pytest.mark.parametrize("scope", ["classifier", "discriminator"])
@@ -153,7 +162,7 @@ def test_state_dict_keys_with_dp_equal_those_without(tiny_cfg: ModelConfig, scop
     assert not any("_module" in k for k in private.state_dict())
     assert dp.steps_total == 2
     local = trainer.state_dict()
-    assert {"privacy.history", "privacy.sampler_rng", "privacy.noise_rng"} <= set(local)
+    assert not any(k.startswith("privacy.") for k in local)  # fresh randomness: nothing to restore
     assert not any(k.startswith(("generator.", "discriminator.", "classifier.")) for k in local)
 
 
@@ -209,3 +218,69 @@ def test_the_realised_batch_size_does_not_steer_the_trainers_own_randomness(tiny
         trainer.unified_step(torch.rand(b, 3, 32, 32) * 2 - 1, torch.arange(b) % 5)
         states.append(trainer.rng.get_state())
     assert torch.equal(states[0], states[1])
+
+
+def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for _, g in sorted(grads.items())])
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_one_added_patch_moves_a_steps_sum_by_its_own_clipped_gradient_at_most_c(tiny_cfg: ModelConfig, scope: str) -> None:
+    """Add/remove-one, as the accountant assumes: with the same draws, a step on D + {x} differs from a
+    step on D by x's own clipped gradient (norm <= C) and nothing else, although x changes the
+    training set's size and labelled count: the plan (q, B, loss scale) comes from the released noisy
+    counts, which both data sets share. Scaling by the exact counts, as before, moved every term."""
+    clip, big_b = (0.05, 4) if scope == "classifier" else (0.5, 4)
+    cfg = PrivacyConfig(enabled=True, scope=scope, noise_multiplier=1.0, max_grad_norm=clip)
+    plan = build_plan(cfg, num_examples=40, num_labelled=17, batch_size=big_b, steps_per_round=3, planned_rounds=2)
+    plan = dataclasses.replace(plan, noise_multiplier=0.0)  # noiseless, to see the sums themselves
+    model = build_model(tiny_cfg, 5, seed=0)
+    torch.manual_seed(3)
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([0, -1, 2, 3, 1])  # D: four patches, one unlabelled; x (the last) is labelled
+
+    def step_sum(p: PrivacyPlan, rows: slice) -> torch.Tensor:
+        dp = DPTraining(model, p, seed=0)
+        if scope == "classifier":
+            trunk = model.trunk(images[rows])
+            noisy, _ = dp.head_gradient(trunk.tokens, trunk.features, labels[rows], weight=1.0)
+        else:
+            noisy, _ = dp.discriminator_gradient(images[rows], labels[rows], "hinge", weight_adv=1.0, weight_cls=1.0)
+        assert dp.history == [(0.0, p.sample_rate, 1)]  # one step at the plan's rate, whatever the batch
+        return _flat(noisy) * p.expected_batch  # the sum of clipped per-sample gradients
+
+    d, dx, x = step_sum(plan, slice(0, 4)), step_sum(plan, slice(0, 5)), step_sum(plan, slice(4, 5))
+    torch.testing.assert_close(dx - d, x, rtol=1e-4, atol=1e-6)  # x's own term and nothing else
+    assert float((dx - d).norm()) <= clip * (1 + 1e-4)
+    assert float(x.norm()) == pytest.approx(clip, rel=1e-3)  # the bound is reached: the sensitivity is exactly C
+    # What exact counts would do (seen without clipping, which can hide it): D has 3 labelled of 4,
+    # D + {x} 4 of 5, and a loss scale that follows them moves every other patch's term too.
+    loose = dataclasses.replace(plan, max_grad_norm=1e6)
+    released = step_sum(loose, slice(0, 5)) - step_sum(loose, slice(0, 4)) - step_sum(loose, slice(4, 5))
+    assert float(released.norm()) <= 1e-5 * float(step_sum(loose, slice(0, 4)).norm())
+    exact_d, exact_dx = (dataclasses.replace(loose, labelled_fraction=f) for f in (3 / 4, 4 / 5))
+    moved = step_sum(exact_dx, slice(0, 5)) - step_sum(exact_d, slice(0, 4)) - step_sum(exact_dx, slice(4, 5))
+    assert float(moved.norm()) > 1e-3 * float(step_sum(loose, slice(0, 4)).norm())
+
+
+def test_the_count_release_has_sensitivity_sqrt2_and_is_accounted_as_such(tmp_path) -> None:  # noqa: ANN001
+    """Adding a labelled patch moves (n, labelled) by (1, 1): L2 sensitivity sqrt(2). With noise std s
+    the ledger records noise multiplier s / sqrt(2) at rate 1, one step."""
+    from common.privacy.accounting import counts_noise_multiplier, noisy_counts
+    from common.privacy.budget import HospitalPrivacy
+    from common.privacy.ledger import PrivacyLedger
+
+    def release(n: int, labelled: int) -> tuple[int, int]:
+        return noisy_counts(n, labelled, 1e-9, torch.Generator().manual_seed(0))
+
+    (n0, l0), (n1, l1) = release(40, 17), release(41, 18)
+    assert ((n1 - n0) ** 2 + (l1 - l0) ** 2) ** 0.5 == pytest.approx(2 ** 0.5)
+    ledger = PrivacyLedger.in_folder(tmp_path)
+    privacy = HospitalPrivacy.open(ledger, "data", {}, "run-a", 1, [])
+    counts = privacy.release_counts(PrivacyConfig(enabled=True, count_noise_std=6.0), 40, 17, lambda attempt: attempt)
+    assert counts.noise_std == 6.0 and counts_noise_multiplier(6.0) == pytest.approx(6.0 / 2 ** 0.5)
+    assert ledger.history("data") == [(pytest.approx(6.0 / 2 ** 0.5), 1.0, 1)]
+    # Released once: a second hospital process reuses them at no new cost.
+    again = HospitalPrivacy.open(ledger, "data", {}, "run-b", 1, [])
+    assert again.release_counts(PrivacyConfig(enabled=True), 40, 17, lambda attempt: attempt) == counts
+    assert len(ledger.load().attempts["data"]) == 1

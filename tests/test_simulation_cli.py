@@ -67,15 +67,15 @@ def test_resume_refuses_to_change_the_model(tmp_path: Path) -> None:
 
 
 def test_resume_takes_console_and_tracking_from_the_current_command(tmp_path: Path) -> None:
-    from simulations.simulate import resolve_resume
+    from server.resume import resolve_resume
 
     saved = {"model": {"name": "tiny"}, "federation": {"rounds": 2}, "console": {"quiet": False},
              "tracking": {"backend": "none"}}
     (tmp_path / "summary.json").write_text(json.dumps({"config": saved}))
     current = {"resume": str(tmp_path), "model": {"name": "tiny"}, "federation": {"rounds": 3},
                "console": {"quiet": True}, "tracking": {"backend": "mlflow", "uri": None}}
-    resumed = resolve_resume(current, [f"resume={tmp_path}", "federation.rounds=3", "console.quiet=true",
-                                       "tracking=mlflow", "tracking.experiment=x"])
+    resumed = resolve_resume(tmp_path, [f"resume={tmp_path}", "federation.rounds=3", "console.quiet=true",
+                                       "tracking=mlflow", "tracking.experiment=x"], current=current)
     assert resumed["console"] == {"quiet": True} and resumed["tracking"]["backend"] == "mlflow"
     assert resumed["federation"]["rounds"] == 3 and resumed["model"] == {"name": "tiny"}
     assert resumed["output_dir"] == str(tmp_path.resolve())

@@ -3,8 +3,16 @@
 A history is a list of ``(noise_multiplier, sample_rate, steps)`` entries, Opacus' own format
 (``IAccountant.history``): composing a history with RDP or PRV gives the epsilon at a delta of the
 Poisson-subsampled Gaussian mechanism run for those steps, under the add/remove-one neighbouring
-relation. Histories are restored into a fresh accountant whenever needed, so nothing depends on one
+relation, each entry's noise being ``noise_multiplier`` times the L2 sensitivity of one patch.
+Histories are restored into a fresh accountant whenever needed, so nothing depends on one
 ``PrivacyEngine`` living across rounds.
+
+Add/remove-one holds exactly because nothing the mechanism uses depends on the training-set size
+n or the labelled count except through one Gaussian release of both (``counts_noise_multiplier``,
+an entry with sample rate 1 in the same history): the sampling rate ``q = B / n~``, the divisor B
+(the configured batch size), the labelled-loss scale ``n~ / l~`` and the aggregation weights all
+come from the released noisy counts, so adding or removing one patch changes the sum of clipped
+per-sample gradients by that patch's own term only (norm <= C, the clipping norm).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -27,7 +36,13 @@ History = list[tuple[float, float, int]]
 MECHANISM = ("Sampled Gaussian mechanism (DP-SGD): Poisson subsampling, per-sample gradient clipping, "
              "Gaussian noise on the sum of clipped gradients")
 NEIGHBOURING = ("add/remove one training patch of the hospital's training split (example-level; a patient "
-                "with several patches is covered only as far as group privacy allows)")
+                "with several patches is covered only as far as group privacy allows). The mechanism never uses the "
+                "exact training-set size or labelled count: they are released once per data set with Gaussian noise "
+                "(accounted), and only these noisy counts set the sampling rate, the loss scale and the aggregation "
+                "weights, so one patch changes a step's sum of clipped gradients by at most C (with "
+                "privacy.scope=classifier the class counts are still sent, outside the guarantee)")
+COUNTS_MECHANISM = ("Gaussian mechanism on (training-set size, labelled count), L2 sensitivity sqrt(2) under add/remove-one, "
+                    "released once per hospital and data set and reused")
 SAMPLING = ("Poisson: each training patch joins each step's batch independently with probability q "
             "(batches vary in size and can be empty; every noisy step is counted)")
 
@@ -99,21 +114,35 @@ def default_delta(num_examples: int) -> float:
     return min(1e-5, 0.1 / max(1, num_examples))
 
 
+def counts_noise_multiplier(noise_std: float) -> float:
+    """Noise multiplier of the count release: adding or removing one patch changes the size by 1
+    and the labelled count by at most 1 (L2 sensitivity sqrt(2)), so noise std s is s / sqrt(2)."""
+    return float(noise_std) / math.sqrt(2.0)
+
+
+def noisy_counts(examples: int, labelled: int, noise_std: float, generator: torch.Generator) -> tuple[int, int]:
+    """(n~, l~): the counts plus N(0, s^2) each, rounded and clamped to 1 <= n~ and 0 <= l~ <= n~
+    (post-processing: the clamps use nothing but the noisy values)."""
+    noise = torch.normal(0.0, float(noise_std), size=(2,), generator=generator, dtype=torch.float64)
+    n = max(1, round(float(examples) + float(noise[0])))
+    return n, min(n, max(0, round(float(labelled) + float(noise[1]))))
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """One hospital's DP-SGD parameters for a round (all public, derived from config and n)."""
+    """One hospital's DP-SGD parameters for a round: all public, from config and the released counts."""
 
     scope: str
     accountant: str
     noise_multiplier: float
     max_grad_norm: float
-    expected_batch: int  # B: real patches a step draws on average, and the fixed generated count
-    sample_rate: float  # q = B / n
+    expected_batch: int  # B: the configured batch size; the divisor of the noisy sum and the generated count
+    sample_rate: float  # q = min(1, B / n~)
     delta: float
     steps_per_round: int
     planned_rounds: int
-    num_examples: int
-    labelled_fraction: float  # public: the labelled count is shared as an aggregation weight
+    num_examples: int  # n~: the released (noisy) training-set size, never the exact one
+    labelled_fraction: float  # l~ / n~ from the released counts
     max_epsilon: float | None
 
     def next_round(self) -> tuple[float, float, int]:
@@ -122,16 +151,23 @@ class PrivacyPlan:
 
 
 def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_size: int,
-               steps_per_round: int, planned_rounds: int) -> PrivacyPlan:
-    """The plan for a hospital with ``num_examples`` training patches."""
-    if num_examples < 2:
-        raise ConfigError(f"DP-SGD needs at least 2 training patches, got {num_examples}")
-    expected = min(int(batch_size), int(num_examples))
-    q = expected / num_examples
+               steps_per_round: int, planned_rounds: int, max_epsilon: float | None = None) -> PrivacyPlan:
+    """The plan for a hospital whose released counts are ``num_examples`` and ``num_labelled``.
+
+    Pass the noisy released counts, never the exact ones (the guarantee depends on it).
+    ``max_epsilon`` (when given) replaces ``cfg.max_epsilon`` (a hospital's stricter budget).
+    """
+    if num_examples < 1:
+        raise ConfigError(f"DP-SGD needs a released training-set size >= 1, got {num_examples}")
+    expected = int(batch_size)
+    if expected < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {batch_size}")
+    q = min(1.0, expected / num_examples)
     delta = float(cfg.delta) if cfg.delta is not None else default_delta(num_examples)
     if not delta < 1.0 / num_examples:
         raise ConfigError(f"privacy.delta={delta:g} is not below 1/n = {1.0 / num_examples:g} for this hospital's "
-                          f"{num_examples} training patches (a delta that large allows releasing a patch outright)")
+                          f"{num_examples} released training patches (a delta that large allows releasing a patch "
+                          f"outright)")
     if cfg.noise_multiplier is not None:
         sigma = float(cfg.noise_multiplier)
     else:
@@ -145,5 +181,5 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         expected_batch=expected, sample_rate=q, delta=delta, steps_per_round=int(steps_per_round),
         planned_rounds=int(planned_rounds), num_examples=int(num_examples),
         labelled_fraction=(num_labelled / num_examples) if num_labelled > 0 else 1.0,
-        max_epsilon=None if cfg.max_epsilon is None else float(cfg.max_epsilon),
+        max_epsilon=max_epsilon if max_epsilon is not None else (None if cfg.max_epsilon is None else float(cfg.max_epsilon)),
     )

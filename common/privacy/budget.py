@@ -1,23 +1,26 @@
-"""A hospital's privacy bookkeeping for one train message: plan, restored history, budget stop,
-ledger entry and the DP metrics of its reply.
+"""A hospital's privacy bookkeeping for one train message: the releases already made, the count
+release, the budget stop, the training attempt in the ledger and the DP metrics of its reply.
 
-Histories: ``run`` is this run's accountant history (rounds of this run folder, retried rounds
-included); ``previous`` is every other run's on the same data set (from the ledger); the lifetime
-history is both. This run's history is restored from the trainer's local state (context.state or
-the hospital's state folder) and from the ledger, and whichever counts more steps wins, so losing
-either one never lowers epsilon.
+Releases (``ledger.Attempt``): ``run`` holds this run's (rounds of this run folder, repeated
+rounds included), ``previous`` every other run's on the same data set; the lifetime is both. This
+run's releases are the union, by attempt id, of the ledger's and those the hospital's local state
+remembers, so losing records from either never lowers epsilon; a ledger older than the local state
+(rolled back, replaced) stops training instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from common import protocol
-from common.privacy.accounting import History, PrivacyPlan, compact, epsilon, total_steps
+from common.privacy.accounting import History, PrivacyPlan, counts_noise_multiplier, epsilon, noisy_counts
 from common.privacy.config import PrivacyConfig
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import COUNTS, SGD, Attempt, LedgerError, PrivacyLedger, ReleasedCounts, history_of
 from common.train.config import TrainConfig
 
 #: Train metrics computed from real patches without DP, or revealing the realised Poisson batch
@@ -49,69 +52,117 @@ class BudgetCheck:
     message: str = ""
 
 
+def merge_attempts(ledger_attempts: list[Attempt], state_attempts: list[Attempt]) -> list[Attempt]:
+    """The union by attempt id (a release both know counts once, with the larger step count)."""
+    merged: dict[str, Attempt] = {a.id: a for a in ledger_attempts}
+    for attempt in state_attempts:
+        known = merged.get(attempt.id)
+        if known is None or attempt.steps > known.steps:
+            merged[attempt.id] = attempt
+    return sorted(merged.values(), key=lambda a: a.number)
+
+
 @dataclass
 class HospitalPrivacy:
-    """Privacy state of one hospital and data set for one round of one run."""
+    """Privacy state of one hospital and data set for one train message of one run."""
 
-    plan: PrivacyPlan
     ledger: PrivacyLedger
     dataset: str
     description: dict[str, Any]
     run_id: str
     server_round: int
-    run: History = field(default_factory=list)
-    previous: History = field(default_factory=list)
-    restored_from: str = "none"
+    run: list[Attempt] = field(default_factory=list)
+    previous: list[Attempt] = field(default_factory=list)
+    counts: ReleasedCounts | None = None
+    plan: PrivacyPlan | None = None
+    budget_source: str = "privacy.max_epsilon"
+    from_state_only: int = 0  # releases the local state remembered and the ledger did not
 
     @classmethod
-    def open(cls, plan: PrivacyPlan, ledger: PrivacyLedger, dataset: str, description: dict[str, Any],
-             run_id: str, server_round: int, state_history: History) -> HospitalPrivacy:
-        ledger_run = ledger.history(dataset, run=run_id)
-        state_history = compact(state_history)
-        if total_steps(ledger_run) >= total_steps(state_history):
-            run, source = ledger_run, "ledger"
-        else:
-            run, source = state_history, "local state"
-        return cls(plan, ledger, dataset, description, run_id, server_round, run,
-                   ledger.history(dataset, exclude_run=run_id), source)
+    def open(cls, ledger: PrivacyLedger, dataset: str, description: dict[str, Any], run_id: str, server_round: int,
+             state_attempts: list[Attempt]) -> HospitalPrivacy:
+        content = ledger.load()
+        in_ledger = content.attempts.get(dataset, [])
+        mine = [a for a in state_attempts if a.dataset == dataset]
+        newest = max((a.number for a in mine), default=0)
+        if newest > content.last_attempt(dataset):
+            raise LedgerError(
+                f"the privacy ledger {ledger.path} knows {content.last_attempt(dataset)} releases of this data set, but "
+                f"this hospital's local state remembers release {newest}: the ledger was rolled back or replaced. "
+                f"Training stops rather than under-count; restore the newest ledger from a backup.")
+        known = {a.id for a in in_ledger}
+        merged = merge_attempts(in_ledger, mine)
+        return cls(ledger, dataset, description, run_id, server_round,
+                   run=[a for a in merged if a.run == run_id], previous=[a for a in merged if a.run != run_id],
+                   counts=content.counts.get(dataset), from_state_only=sum(a.id not in known for a in mine))
 
+    # ------------------------------------------------------------------ figures
     @property
-    def lifetime(self) -> History:
-        return compact([*self.previous, *self.run])
+    def lifetime(self) -> list[Attempt]:
+        return [*self.previous, *self.run]
 
     def epsilon(self, history: History) -> float:
+        assert self.plan is not None
         return epsilon(history, self.plan.delta, self.plan.accountant)
+
+    @staticmethod
+    def dp_steps(attempts: list[Attempt]) -> int:
+        return sum(a.dp_steps for a in attempts)
+
+    # ------------------------------------------------------------------ releases
+    def release_counts(self, cfg: PrivacyConfig, examples: int, labelled: int,
+                       seed_for: Callable[[int], int]) -> ReleasedCounts:
+        """The data set's noisy counts: the ones released before, else released now (recorded in
+        the ledger before they are used; ``seed_for(attempt number)`` seeds the noise)."""
+        if self.counts is not None:
+            return self.counts
+        sigma = counts_noise_multiplier(cfg.count_noise_std)
+        attempt = self.ledger.begin(self.dataset, self.description, COUNTS, self.run_id, self.server_round,
+                                    sigma, 1.0, 1, noise_std=float(cfg.count_noise_std))
+        self.run.append(attempt)  # its cost counts from here, whatever happens next
+        generator = torch.Generator().manual_seed(seed_for(attempt.number))
+        noisy_n, noisy_labelled = noisy_counts(examples, labelled, cfg.count_noise_std, generator)
+        self.ledger.record_counts(attempt, noisy_n, noisy_labelled)
+        self.counts = ReleasedCounts(noisy_n, noisy_labelled, float(cfg.count_noise_std), attempt.number)
+        return self.counts
 
     def check_budget(self) -> BudgetCheck:
         """Before training: would the coming round's planned steps push the lifetime epsilon above
-        ``max_epsilon``? (A copy of the history plus the planned steps; nothing is trained.)"""
+        the budget? (The history plus the planned steps; nothing is trained.)"""
         plan = self.plan
+        assert plan is not None
         if plan.max_epsilon is None:
             return BudgetCheck(False, None)
-        would_be = self.epsilon([*self.lifetime, plan.next_round()])
+        lifetime = history_of(self.lifetime)
+        would_be = self.epsilon([*lifetime, plan.next_round()])
         if would_be <= plan.max_epsilon:
             return BudgetCheck(False, would_be)
-        spent = self.epsilon(self.lifetime)
+        spent = self.epsilon(lifetime)
         return BudgetCheck(True, would_be, (
             f"privacy budget exhausted: lifetime epsilon {spent:.4g} would reach {would_be:.4g} after this "
-            f"round's {plan.steps_per_round} DP steps, above privacy.max_epsilon={plan.max_epsilon:g} "
+            f"round's {plan.steps_per_round} DP steps, above {self.budget_source} = {plan.max_epsilon:g} "
             f"(delta {plan.delta:.3g}, {plan.accountant} accountant); this hospital does not train"))
 
-    def record_round(self, run_history: History, steps: int) -> None:
-        """After training, before the reply: the round's steps go into the ledger."""
-        self.ledger.append(self.dataset, self.description, {
-            "run": self.run_id, "round": int(self.server_round), "noise_multiplier": self.plan.noise_multiplier,
-            "sample_rate": self.plan.sample_rate, "steps": int(steps), "delta": self.plan.delta,
-            "scope": self.plan.scope, "accountant": self.plan.accountant,
-            "max_grad_norm": self.plan.max_grad_norm, "expected_batch": self.plan.expected_batch,
-        })
-        self.run = compact(run_history)
+    def begin_training(self) -> Attempt:
+        """The round's training attempt, recorded in the ledger before any noise is drawn."""
+        plan = self.plan
+        assert plan is not None
+        return self.ledger.begin(
+            self.dataset, self.description, SGD, self.run_id, self.server_round, plan.noise_multiplier,
+            plan.sample_rate, plan.steps_per_round, delta=plan.delta, scope=plan.scope, accountant=plan.accountant,
+            max_grad_norm=plan.max_grad_norm, expected_batch=plan.expected_batch)
+
+    def finish_training(self, attempt: Attempt, steps: int) -> None:
+        """After training, before the reply: the attempt's steps are final in the ledger."""
+        self.run.append(self.ledger.end(attempt, steps))
 
     def metrics(self, steps_round: int, check: BudgetCheck | None = None) -> dict[str, Any]:
         """The DP entries of a train reply (``protocol.DP_*``)."""
-        plan, lifetime = self.plan, self.lifetime
+        plan = self.plan
+        assert plan is not None
+        run, lifetime = history_of(self.run), history_of(self.lifetime)
         out: dict[str, Any] = {
-            protocol.DP_EPSILON: self.epsilon(self.run),
+            protocol.DP_EPSILON: self.epsilon(run),
             protocol.DP_EPSILON_LIFETIME: self.epsilon(lifetime),
             protocol.DP_DELTA: plan.delta,
             protocol.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
@@ -119,16 +170,28 @@ class HospitalPrivacy:
             protocol.DP_MAX_GRAD_NORM: plan.max_grad_norm,
             protocol.DP_EXPECTED_BATCH: float(plan.expected_batch),
             protocol.DP_STEPS_ROUND: float(steps_round),
-            protocol.DP_STEPS_TOTAL: float(total_steps(self.run)),
-            protocol.DP_STEPS_LIFETIME: float(total_steps(lifetime)),
+            protocol.DP_STEPS_TOTAL: float(self.dp_steps(self.run)),
+            protocol.DP_STEPS_LIFETIME: float(self.dp_steps(self.lifetime)),
             protocol.DP_BUDGET_EXHAUSTED: float(bool(check and check.exhausted)),
-            # This run's accountant history, so a report can recompute epsilon by any accountant.
-            protocol.DP_HISTORY_NOISE: [float(e[0]) for e in self.run],
-            protocol.DP_HISTORY_RATE: [float(e[1]) for e in self.run],
-            protocol.DP_HISTORY_STEPS: [float(e[2]) for e in self.run],
+            # This run's accountant history (the count release included, if this run made it), so a
+            # report can recompute epsilon by any accountant.
+            protocol.DP_HISTORY_NOISE: [float(e[0]) for e in run],
+            protocol.DP_HISTORY_RATE: [float(e[1]) for e in run],
+            protocol.DP_HISTORY_STEPS: [float(e[2]) for e in run],
         }
+        if self.counts is not None and any(a.kind == COUNTS and a.number == self.counts.attempt for a in self.run):
+            out[protocol.DP_COUNT_NOISE_STD] = self.counts.noise_std  # released in this run (its cost is in the history)
         if plan.max_epsilon is not None:
             out[protocol.DP_MAX_EPSILON] = plan.max_epsilon
         if check is not None and check.would_be_epsilon is not None:
             out[protocol.DP_WOULD_BE_EPSILON] = check.would_be_epsilon
         return out
+
+
+def attempts_to_json(attempts: list[Attempt]) -> list[dict[str, Any]]:
+    return [a.to_json() for a in attempts]
+
+
+def attempts_from_json(rows: Any) -> list[Attempt]:
+    return [Attempt.from_json(r) for r in rows or []]
+

@@ -25,6 +25,7 @@ class PrivacyConfig:
     max_epsilon: float | None = None
     ledger_dir: str | None = None
     seed: int | None = None
+    count_noise_std: float = 10.0
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -39,6 +40,8 @@ class PrivacyConfig:
             raise ValueError(f"max_epsilon must be > 0 or null, got {self.max_epsilon}")
         if self.noise_multiplier is not None and not float(self.noise_multiplier) > 0:
             raise ValueError(f"noise_multiplier must be > 0 (or null with target_epsilon), got {self.noise_multiplier}")
+        if not float(self.count_noise_std) > 0:
+            raise ValueError(f"count_noise_std must be > 0, got {self.count_noise_std}")
         if self.target_epsilon is not None and not float(self.target_epsilon) > 0:
             raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
         if self.enabled:
@@ -62,6 +65,7 @@ def privacy_config(section: Any) -> PrivacyConfig:
     floats = {k: (None if getattr(cfg, k) is None else float(getattr(cfg, k)))
               for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon")}
     try:
-        return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm)})
+        return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm),
+                                "count_noise_std": float(cfg.count_noise_std)})
     except ValueError as error:
         raise ConfigError(f"privacy: {error}") from error

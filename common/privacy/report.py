@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
+from common.durable import atomic_write, atomic_write_with
 from common.privacy.accounting import (
+    COUNTS_MECHANISM,
     MECHANISM,
     NEIGHBOURING,
     SAMPLING,
     compact,
+    counts_noise_multiplier,
     epsilon,
     epsilons,
-    total_steps,
 )
 from common.privacy.config import PrivacyConfig, privacy_config
-from common.privacy.ledger import FILENAME, LedgerError, PrivacyLedger
+from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
 
 NO_END_TO_END = (
     "No end-to-end guarantee. The epsilon bounds only what the classifier head's DP-SGD updates reveal, "
@@ -84,8 +86,9 @@ COVERAGE: dict[str, dict[str, Any]] = {
                                "alone",
             "train metrics": "real-image losses and realised batch sizes are left out of the reply",
             "class counts": "not sent",
-            "assumed public": "the number of training patches n and of labelled ones (aggregation weights; n sets "
-                              "the sampling rate), the configuration, and the wall-clock time of a round",
+            "training-set size": "released once per data set with Gaussian noise (accounted, see count_release); "
+                                 "the exact size and labelled count are never used for the mechanism nor sent",
+            "assumed public": "the configuration, and the wall-clock time of a round",
             "evaluation": "metrics on the held-out split are computed on other patches than the training split "
                           "this guarantee is about",
         },
@@ -95,11 +98,22 @@ COVERAGE: dict[str, dict[str, Any]] = {
 }
 
 
-RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded once from the "
-              "OS's CSPRNG and kept secret at the hospital (its local state); this is not Opacus' secure_mode, so "
-              "floating-point and generator-state attacks on the noise are not mitigated")
-SEEDED = ("privacy.seed is set: the noise is reproducible by anyone who knows the seed (it is in the run "
-          "configuration), so this run has NO privacy guarantee; privacy.seed is for tests only")
+RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded afresh from the "
+              "OS's CSPRNG for every training attempt, never stored nor sent, so a repeated round never repeats a draw; "
+              "this is not Opacus' secure_mode, so floating-point and generator-state attacks on the noise are not "
+              "mitigated")
+SEEDED = ("privacy.seed is set (reproducible simulation mode): each attempt's noise is derived from the seed, the data "
+          "set and the attempt number in the hospital's ledger, so no draw repeats, but anyone who knows the seed (it "
+          "is in the run configuration) can reproduce and subtract the noise: this run has NO privacy guarantee")
+
+
+def _count_release(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    std = _finite(metrics.get(protocol.DP_COUNT_NOISE_STD))
+    if std is None:
+        return None
+    return {"mechanism": COUNTS_MECHANISM, "noise_std": std, "noise_multiplier": counts_noise_multiplier(std),
+            "released_examples": _finite(metrics.get(protocol.REAL_EXAMPLES)),
+            "released_labelled": _finite(metrics.get(protocol.LABELLED_EXAMPLES))}
 
 
 def _finite(value: Any) -> float | None:
@@ -126,21 +140,24 @@ def _ledger_folder(config: dict[str, Any], run_dir: Path, site: str) -> Path:
     return (Path(str(state_root)).expanduser() if state_root else run_dir / "sites") / site
 
 
-def _lifetime_from_ledger(path: Path, run_id: str, delta: float, kind: str) -> dict[str, Any] | None:
-    if not path.is_file():
+def _lifetime_from_ledger(folder: Path, run_id: str, delta: float, kind: str) -> dict[str, Any] | None:
+    ledger = PrivacyLedger.in_folder(folder)
+    if not ledger.exists():
         return None
     try:
-        data = PrivacyLedger(path).load()
+        content = ledger.load()
     except LedgerError:
         return None
-    for key, record in data["datasets"].items():
-        entries = record.get("entries", [])
-        if any(e.get("run") == run_id for e in entries):
-            history = PrivacyLedger(path).history(key)
-            runs = sorted({str(e.get("run")) for e in entries})
-            return {"steps_total": total_steps(history), "epsilon": epsilon(history, delta, kind),
-                    "source": str(path), "dataset": key, "description": record.get("description", {}),
-                    "runs": len(runs)}
+    for key, attempts in content.attempts.items():
+        if any(a.run == run_id for a in attempts):
+            history = history_of(attempts)
+            mine = [a for a in attempts if a.run == run_id]
+            return {"steps_total": sum(a.dp_steps for a in attempts), "epsilon": epsilon(history, delta, kind),
+                    "source": str(ledger.path), "dataset": key, "description": content.descriptions.get(key, {}),
+                    "runs": len({a.run for a in attempts}),
+                    "this_run": {"steps_total": sum(a.dp_steps for a in mine),
+                                 "attempts": sum(a.kind == "sgd" for a in mine),
+                                 "interrupted_attempts": sum(a.kind == "sgd" and not a.finished for a in mine)}}
     return None
 
 
@@ -158,7 +175,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "epsilon": max(_finite(m.get(protocol.DP_EPSILON_LIFETIME)) or 0.0 for _, m in [*trained, *stopped]),
         "source": "the hospital's replies",
     }
-    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name) / FILENAME, str(config.get("output_dir")),
+    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name), str(config.get("output_dir")),
                                    delta, cfg.accountant) if delta > 0 else None
     lifetime = lifetime_reported
     if ledger is not None:
@@ -176,13 +193,14 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "delta": delta,
         "accountant": cfg.accountant,
         "steps_per_round": int((config.get("train") or {}).get("local_steps", 0)),
-        "steps_total": total_steps(history),
+        "steps_total": max(int(_finite(m.get(protocol.DP_STEPS_TOTAL)) or 0) for _, m in [*trained, *stopped]),
         "epsilon": configured,
         "epsilon_rdp": both["rdp"],
         "epsilon_prv": both["prv"],
         "history": [list(e) for e in history],
         "neighbouring_relation": NEIGHBOURING,
         "sampling": SAMPLING,
+        "count_release": _count_release(latest),
         "covered_groups": list(coverage["covered_groups"]),
         "covered": dict(coverage["covered"]),
         "not_covered_groups": list(coverage["not_covered_groups"]),
@@ -267,6 +285,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   (f"| lifetime (all runs on this data set) | epsilon {_fmt(site['lifetime']['epsilon'])} after "
                    f"{site['lifetime']['steps_total']} DP steps ({site['lifetime']['source']}) |"),
                   f"| neighbouring relation | {site['neighbouring_relation']} |",
+                  f"| count release | {_count_text(site['count_release'])} |",
                   f"| sampling | {site['sampling']} |",
                   f"| budget stop triggered | {_budget_stop_text(site)} |",
                   ""]
@@ -313,7 +332,7 @@ def plot_epsilon(report: dict[str, Any], path: Path) -> None:
     if report["sites"] or report.get("max_epsilon") is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -324,10 +343,18 @@ def write_privacy_report(run_dir: Path | str) -> dict[str, Path]:
     folder = run_dir / "privacy"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "epsilon.png"}
-    paths["json"].write_text(json.dumps(report, indent=2))
-    paths["md"].write_text(render_markdown(report))
-    plot_epsilon(report, paths["png"])
+    atomic_write(paths["json"], json.dumps(report, indent=2))
+    atomic_write(paths["md"], render_markdown(report))
+    atomic_write_with(paths["png"], lambda tmp: plot_epsilon(report, tmp))
     return paths
+
+
+def _count_text(release: dict[str, Any] | None) -> str:
+    if release is None:
+        return "made in an earlier run on this data set (reused: no new cost)"
+    return (f"{release['mechanism']}: noise std {release['noise_std']:g} (noise multiplier "
+            f"{release['noise_multiplier']:.4g}); released size {_fmt(release['released_examples'], '.0f')}, "
+            f"labelled {_fmt(release['released_labelled'], '.0f')}")
 
 
 def _budget_stop_text(site: dict[str, Any]) -> str:

@@ -21,13 +21,17 @@ Covered parameters per scope (``COVERED``):
   post-processing.
 
 The real-data loader samples with Opacus' ``UniformWithReplacementSampler`` (Poisson sampling with
-rate q = B / n), driven by a generator seeded from a secret (see ``secret_seed``).
+rate q = B / n~, n~ the released noisy training-set size). Noise, sampling and real-patch
+augmentation draw from generators seeded afresh for every training attempt (``secret_seed``, or
+``attempt_seed`` in the reproducible test mode): nothing random is saved or restored, so a train
+message sent twice for one round never repeats a draw.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import hashlib
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,7 +52,14 @@ COVERED: dict[str, tuple[str, ...]] = {"classifier": ("classifier",), "discrimin
 
 def secret_seed() -> int:
     """A 63-bit seed from the OS's CSPRNG: unknown to the server and the other hospitals."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    return secrets.randbits(63)
+
+
+def attempt_seed(seed: int, dataset: str, attempt: int) -> int:
+    """The reproducible-mode seed of one attempt: ``seed`` mixed with the data set and the attempt
+    number from the hospital's ledger. No protection against whoever knows ``seed``."""
+    digest = hashlib.sha256(f"fedvitgan-dp:{int(seed)}:{dataset}:{int(attempt)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class HeadAdapter(nn.Module):
@@ -153,13 +164,16 @@ def _collate_or_empty(shape: tuple[int, ...]) -> Callable[[list[Any]], tuple[tor
 
 
 class DPTraining:
-    """One hospital's DP-SGD for the covered parameters: clipping, noise, history, Poisson batches.
+    """One training attempt's DP-SGD for the covered parameters: clipping, noise, Poisson batches.
 
-    ``history`` holds this run's accountant history (Opacus' (noise, rate, steps) entries); it is
-    saved with the trainer's local state, so it survives rounds, restarts and resumed runs.
+    ``history`` is this attempt's accountant history (Opacus' (noise, rate, steps) entries). The
+    lasting record is the hospital's privacy ledger: ``on_step(k)`` is called before step k's noise
+    is drawn (the ledger counts it then). ``seed``: None draws a fresh secret seed; an integer is
+    for tests and the reproducible simulation mode only.
     """
 
-    def __init__(self, model: UnifiedViTGAN, plan: PrivacyPlan, seed: int | None = None) -> None:
+    def __init__(self, model: UnifiedViTGAN, plan: PrivacyPlan, seed: int | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
         self.plan = plan
         self.groups = COVERED[plan.scope]
         if plan.scope == "discriminator" and model.cfg.spectral_norm:
@@ -169,6 +183,7 @@ class DPTraining:
         self.names = [n for n, p in self.adapter.named_parameters() if p.requires_grad]
         self.history: History = []
         self.round_steps = 0
+        self.on_step = on_step
         base = secret_seed() if seed is None else int(seed)
         self.sampler_rng = torch.Generator().manual_seed(base)
         self.noise_rng = torch.Generator().manual_seed(base ^ 0x5DEECE66D)
@@ -189,6 +204,8 @@ class DPTraining:
     def privatize(self, per_sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B; counts one DP step."""
         plan = self.plan
+        if self.on_step is not None:
+            self.on_step(self.round_steps + 1)  # counted before its noise exists
         summed, _ = clip_and_sum(per_sample, plan.max_grad_norm)
         std = plan.noise_multiplier * plan.max_grad_norm
         out: dict[str, torch.Tensor] = {}
@@ -244,10 +261,10 @@ class DPTraining:
 
     # -------------------------------------------------------------- data
     def poisson_loader(self, dataset: Dataset, steps: int) -> DataLoader:
-        """``steps`` Poisson batches (rate q, possibly empty) of ``dataset``, secretly seeded."""
+        """``steps`` Poisson batches (rate q, possibly empty) of ``dataset``, freshly seeded."""
         n = len(dataset)  # type: ignore[arg-type]
-        if n != self.plan.num_examples:
-            raise ValueError(f"the plan is for {self.plan.num_examples} patches, the data set has {n}")
+        if n < 1:
+            raise ValueError("Poisson sampling needs a training set with at least one patch")
         shape = tuple(dataset[0][0].shape)
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=self.plan.sample_rate,
                                                 generator=self.sampler_rng, steps=steps)
@@ -255,13 +272,10 @@ class DPTraining:
 
     # -------------------------------------------------------------- local state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        history = torch.tensor(self.history, dtype=torch.float64).reshape(-1, 3)
-        return {"history": history, "sampler_rng": self.sampler_rng.get_state().clone(),
-                "noise_rng": self.noise_rng.get_state().clone(), "augment_rng": self.augment_rng.get_state().clone()}
+        """Nothing: the random generators are seeded afresh for every attempt (never restored), and
+        the accounting lives in the hospital's privacy ledger."""
+        return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "history" in state:
-            self.history = compact(tuple(row) for row in state["history"].reshape(-1, 3).tolist())
-        for name in ("sampler_rng", "noise_rng", "augment_rng"):
-            if name in state:
-                getattr(self, name).set_state(state[name].clone().to(torch.uint8))
+        """Ignores saved state, including generator states written by earlier versions: restoring
+        them would replay noise already used."""

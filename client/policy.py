@@ -1,0 +1,183 @@
+"""A hospital's own policy: the privacy floor it keeps and the paths it owns, whatever the run says.
+
+In a deployment the run configuration is written by the coordinator, so nothing that protects the
+hospital's patients may come from it. The policy comes from the SuperNode's ``--node-config``
+(deployment) or, in a simulation where one person runs every side, from
+``sites.<site name>.policy`` in the run configuration:
+
+| node config key        | simulation key         | meaning |
+|------------------------|------------------------|---------|
+| ``data-root``          | ``data_root``          | the data folder (pinned: the run's ``data.root`` is ignored) |
+| ``state-dir``          | ``state_dir``          | the hospital's state folder (local state, privacy ledger) |
+| ``cache-dir``          | ``cache_dir``          | where compressed data files are inflated |
+| ``privacy-required``   | ``privacy_required``   | refuse every training round without DP |
+| ``privacy-scope``      | ``privacy_scope``      | the least DP scope accepted (``discriminator``: refuse ``classifier``) |
+| ``min-noise-multiplier`` | ``min_noise_multiplier`` | refuse less noise (DP-SGD and the count release) |
+| ``max-epsilon``        | ``max_epsilon``        | lifetime budget; the stricter of this and ``privacy.max_epsilon`` wins |
+| ``max-grad-norm``      | ``max_grad_norm``      | refuse a larger clipping norm ``privacy.max_grad_norm`` |
+
+Any privacy floor (scope, noise, budget, clipping) implies ``privacy-required``: a round without
+DP has no finite epsilon. The coordinator may ask for more privacy, never less. In a deployment a
+run that sets ``privacy.seed``, ``privacy.ledger_dir``, ``federation.state_dir`` or
+``data.cache_dir``, or ``data.root`` for a hospital that pins none, is refused. Every refusal is a
+``Refusal`` naming the key; the hospital trains nothing that round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.config import ConfigError, dataclass_from_mapping
+from common.privacy.accounting import counts_noise_multiplier
+from common.privacy.config import SCOPES, PrivacyConfig
+
+
+class PublicError(ConfigError):
+    """An error whose message names keys only (no local path, no listing): safe to send to the coordinator."""
+
+
+class Refusal(PublicError):
+    """The hospital's policy refuses the run configuration's ``key``."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: refused by this hospital: {reason}")
+        self.key = key
+
+
+#: Node config keys of the policy (deployment spelling) -> field names (simulation spelling).
+NODE_KEYS: dict[str, str] = {
+    "data-root": "data_root", "state-dir": "state_dir", "cache-dir": "cache_dir",
+    "privacy-required": "privacy_required", "privacy-scope": "privacy_scope",
+    "min-noise-multiplier": "min_noise_multiplier", "max-epsilon": "max_epsilon", "max-grad-norm": "max_grad_norm",
+}
+FIELD_KEYS: dict[str, str] = {field: key for key, field in NODE_KEYS.items()}
+#: Keys a run may set only in a simulation (one person runs both sides).
+SIMULATION_ONLY = ("privacy.seed", "privacy.ledger_dir", "federation.state_dir", "data.cache_dir")
+
+
+def _truthy(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise PublicError(f"node config {key!r} must be true or false, got {value!r}")
+
+
+def _positive(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:
+        raise PublicError(f"node config {key!r} must be a number, got {value!r}") from error
+    if not (math.isfinite(number) and number > 0):
+        raise PublicError(f"node config {key!r} must be a positive number, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class HospitalPolicy:
+    """What this hospital accepts (see the module docstring); the defaults accept any run."""
+
+    data_root: str | None = None
+    state_dir: str | None = None
+    cache_dir: str | None = None
+    privacy_required: bool = False
+    privacy_scope: str | None = None
+    min_noise_multiplier: float | None = None
+    max_epsilon: float | None = None
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "privacy_required", _truthy(self.privacy_required, FIELD_KEYS["privacy_required"]))
+        for name in ("min_noise_multiplier", "max_epsilon", "max_grad_norm"):
+            object.__setattr__(self, name, _positive(getattr(self, name), FIELD_KEYS[name]))
+        if self.privacy_scope is not None and self.privacy_scope not in SCOPES:
+            raise PublicError(f"node config 'privacy-scope' must be one of {list(SCOPES)}, got {self.privacy_scope!r}")
+        for name in ("data_root", "state_dir", "cache_dir"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value in (None, "") else str(value))
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalPolicy:
+        return cls(**{field: node_config[key] for key, field in NODE_KEYS.items() if key in node_config})
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None, where: str) -> HospitalPolicy:
+        return cls() if not mapping else dataclass_from_mapping(cls, mapping, where)
+
+    @property
+    def requires_privacy(self) -> bool:
+        """DP is required explicitly or by any privacy floor."""
+        return self.privacy_required or any(v is not None for v in (self.privacy_scope, self.min_noise_multiplier,
+                                                                    self.max_epsilon, self.max_grad_norm))
+
+    def describe(self) -> str:
+        """``key=value`` of the floors set (for messages)."""
+        return " ".join(f"{FIELD_KEYS[f.name]}={getattr(self, f.name)}" for f in fields(self)
+                        if f.name not in ("data_root", "state_dir", "cache_dir") and getattr(self, f.name) not in (None, False))
+
+
+def _get(run: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = run
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_deployment_keys(run: Mapping[str, Any], policy: HospitalPolicy) -> None:
+    """In a deployment: refuse coordinator-set keys that only the hospital may decide."""
+    for key in SIMULATION_ONLY:
+        if _get(run, key) not in (None, ""):
+            raise Refusal(key, "a deployed hospital decides this itself (in its node config); the run "
+                               "configuration must leave it null")
+    data = run.get("data") or {}
+    if data.get("root") not in (None, "") and policy.data_root is None:
+        raise Refusal("data.root", "a deployed hospital's data folder comes from its node config ('data-root'), "
+                                   "never from the run configuration")
+
+
+def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
+    """Before any data is read: the run's privacy settings against the hospital's floor."""
+    if not policy.requires_privacy:
+        return
+    floor = policy.describe()
+    if not cfg.enabled:
+        raise Refusal("privacy.enabled", f"this hospital trains only with differential privacy ({floor})")
+    if policy.privacy_scope is not None and SCOPES.index(cfg.scope) < SCOPES.index(policy.privacy_scope):
+        raise Refusal("privacy.scope", f"{cfg.scope!r} covers less than this hospital requires ({floor})")
+    if policy.max_grad_norm is not None and cfg.max_grad_norm > policy.max_grad_norm:
+        raise Refusal("privacy.max_grad_norm", f"{cfg.max_grad_norm:g} is above this hospital's ceiling ({floor})")
+    if policy.min_noise_multiplier is not None:
+        if cfg.noise_multiplier is not None and cfg.noise_multiplier < policy.min_noise_multiplier:
+            raise Refusal("privacy.noise_multiplier",
+                          f"{cfg.noise_multiplier:g} is below this hospital's floor ({floor})")
+        if counts_noise_multiplier(cfg.count_noise_std) < policy.min_noise_multiplier:
+            raise Refusal("privacy.count_noise_std",
+                          f"{cfg.count_noise_std:g} gives the count release a noise multiplier of "
+                          f"{counts_noise_multiplier(cfg.count_noise_std):.3g}, below this hospital's floor ({floor})")
+
+
+def check_derived_noise(noise_multiplier: float, cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
+    """A noise multiplier derived from ``privacy.target_epsilon`` against the floor."""
+    if policy.min_noise_multiplier is not None and noise_multiplier < policy.min_noise_multiplier:
+        raise Refusal("privacy.target_epsilon",
+                      f"{cfg.target_epsilon:g} needs a noise multiplier of {noise_multiplier:.4g}, below this "
+                      f"hospital's floor ({policy.describe()})")
+
+
+def effective_max_epsilon(cfg: PrivacyConfig, policy: HospitalPolicy) -> tuple[float | None, str]:
+    """The stricter lifetime budget of the run's and the hospital's, and where it comes from."""
+    run, own = cfg.max_epsilon, policy.max_epsilon
+    if own is not None and (run is None or own < run):
+        return own, (f"this hospital's max-epsilon (node config; the run's privacy.max_epsilon is "
+                     f"{'null' if run is None else format(run, 'g')})")
+    return run, "privacy.max_epsilon"

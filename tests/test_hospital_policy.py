@@ -1,0 +1,185 @@
+"""A deployed hospital against a hostile or careless coordinator: its own privacy floor and paths win,
+every refusal names the key and trains nothing, repeated rounds never repeat the noise."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client.app import app as client_app
+from common import protocol
+from common.config import compose_config, plain_config
+from common.model import GROUPS, build_model, model_preset
+from common.privacy.accounting import epsilon
+from common.privacy.ledger import FILENAME, PrivacyLedger
+from common.records import to_arrayrecord
+from tests.fakes import InProcessGrid
+
+BASE = ["federation.num_sites=1", "train.local_steps=2", "train.batch_size=8", "data.train_per_site=24",
+        "data.test_per_site=8", "train.selection.warmup_steps=2", "privacy.enabled=true"]
+FLOOR = {"privacy-required": True, "min-noise-multiplier": 1.0, "max-grad-norm": 1.0}
+
+
+def _run(tmp: Path, overrides: list[str]) -> dict[str, Any]:
+    other_data = any(o.startswith("data=") for o in overrides)  # the synthetic set's keys do not apply
+    run = plain_config(compose_config([*(o for o in BASE if not (other_data and o.startswith("data."))), *overrides]))
+    run["output_dir"] = str(tmp / "coordinator" / "run")
+    return run
+
+
+def _hospital(tmp: Path, **node: Any) -> Context:
+    config = {"site-id": 0, "num-sites": 1, "site-name": "hug", "state-dir": str(tmp / "hospital"), **node}
+    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+def _train(context: Context, run: dict[str, Any], rnd: int = 1, weights: dict[str, torch.Tensor] | None = None) -> Message:
+    """One train message to the hospital (as the coordinator's strategy sends it); its reply."""
+    content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: rnd, protocol.TRANSPORT_DTYPE: "float32",
+                                                        protocol.RUN_CONFIG_JSON: json.dumps(run)})})
+    for group in GROUPS if weights is not None else ():
+        content[group] = to_arrayrecord({k: v for k, v in weights.items() if k.startswith(group + ".")}, "float32")
+    grid = InProcessGrid(client_app, 1, contexts={1: context})
+    (reply,) = grid.send_and_receive([grid.create_message(content, "train", 1, str(rnd))])
+    return reply
+
+
+def _site(reply: Message) -> ConfigRecord:
+    return reply.content.config_records[protocol.SITE]
+
+
+def _assert_refused(reply: Message, key: str, tmp: Path) -> None:
+    site = _site(reply)
+    assert site[protocol.STATUS] == protocol.STATUS_REFUSED, dict(site)
+    assert str(site[protocol.STATUS_MESSAGE]).startswith(f"{key}: refused by this hospital"), site[protocol.STATUS_MESSAGE]
+    assert str(tmp) not in str(site[protocol.STATUS_MESSAGE])  # names the key, never the hospital's paths
+    assert not any(g in reply.content.array_records for g in GROUPS)  # nothing trained, nothing sent
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "hospital-data"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "escape").symlink_to(tmp_path)  # a link out of the data folder
+    return root
+
+
+COORDINATOR_OVERRIDES = {
+    "seed": (["privacy.seed=1"], "privacy.seed"),
+    "DP off": (["privacy.enabled=false"], "privacy.enabled"),
+    "ledger_dir": (["privacy.ledger_dir=/tmp/empty-ledgers"], "privacy.ledger_dir"),
+    "state_dir": (["federation.state_dir=/tmp/elsewhere"], "federation.state_dir"),
+    "less noise": (["privacy.noise_multiplier=0.5"], "privacy.noise_multiplier"),
+    "larger clipping": (["privacy.max_grad_norm=4.0"], "privacy.max_grad_norm"),
+    "less count noise": (["privacy.count_noise_std=0.5"], "privacy.count_noise_std"),
+    "cache_dir": (["data=pathmnist", "data.cache_dir=/tmp/cache"], "data.cache_dir"),
+    "data.root when none is pinned": (["data=pcam", "data.root=/srv/other-hospital"], "data.root"),
+    "absolute split": (["data=imagefolder", "data.splits.train=/"], "data.splits.train"),
+    "split with ..": (["data=imagefolder", "data.splits.train=../.."], "data.splits.train"),
+    "split through a link": (["data=imagefolder", "data.splits.train=escape"], "data.splits.train"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COORDINATOR_OVERRIDES))
+def test_each_coordinator_override_is_refused_naming_the_key(tmp_path: Path, data_root: Path, case: str) -> None:
+    overrides, key = COORDINATOR_OVERRIDES[case]
+    pinned = {"data-root": str(data_root)} if "imagefolder" in " ".join(overrides) else {}
+    context = _hospital(tmp_path, **FLOOR, **pinned)
+    reply = _train(context, _run(tmp_path, overrides))
+    _assert_refused(reply, key, tmp_path)
+    assert not (tmp_path / "hospital" / "hug" / FILENAME).exists()  # no release, no ledger entry
+    assert not list((tmp_path / "hospital").rglob("round-*.safetensors"))
+
+
+def test_the_same_hospital_trains_a_run_within_its_policy_and_a_simulation_may_set_the_test_keys(tmp_path: Path) -> None:
+    reply = _train(_hospital(tmp_path, **FLOOR), _run(tmp_path, ["privacy.noise_multiplier=1.5"]))
+    assert _site(reply)[protocol.STATUS] == "ok" and all(g in reply.content.array_records for g in GROUPS)
+    assert (tmp_path / "hospital" / "hug" / FILENAME).is_file()
+    # In a simulation (no site-id: one person runs both sides) the seed and folders may come from the run.
+    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                        run_config={})
+    run = _run(tmp_path, ["privacy.seed=1", f"privacy.ledger_dir={tmp_path / 'ledgers'}",
+                          f"federation.state_dir={tmp_path / 'sim-state'}"])
+    assert _site(_train(simulated, run))[protocol.STATUS] == "ok"
+    assert (tmp_path / "ledgers" / "site-0" / FILENAME).is_file()
+
+
+def test_a_stricter_scope_and_a_derived_noise_below_the_floor_are_refused(tmp_path: Path) -> None:
+    strict = _hospital(tmp_path, **{"privacy-scope": "discriminator"})
+    _assert_refused(_train(strict, _run(tmp_path, ["privacy.scope=classifier"])), "privacy.scope", tmp_path)
+    _assert_refused(_train(strict, _run(tmp_path, ["privacy.scope=classifier", "privacy.enabled=false"])),
+                    "privacy.enabled", tmp_path)  # any floor implies DP
+    floor = _hospital(tmp_path, **{"min-noise-multiplier": 2.0})
+    reply = _train(floor, _run(tmp_path, ["privacy.noise_multiplier=null", "privacy.target_epsilon=50"]))
+    _assert_refused(reply, "privacy.target_epsilon", tmp_path)
+    content = PrivacyLedger.in_folder(tmp_path / "hospital" / "hug").load()
+    assert all(a.kind == "counts" for attempts in content.attempts.values() for a in attempts)  # no training step
+
+
+def test_a_misspelt_policy_key_is_an_error_not_silently_ignored(tmp_path: Path) -> None:
+    reply = _train(_hospital(tmp_path, max_epsilon=1.0), _run(tmp_path, []))
+    assert _site(reply)[protocol.STATUS] == "data_error"
+    assert "'max_epsilon'" in str(_site(reply)[protocol.STATUS_MESSAGE]) and "not known" in str(_site(reply)[protocol.STATUS_MESSAGE])
+
+
+def test_max_epsilon_null_from_the_coordinator_does_not_lift_the_hospitals_own_budget(tmp_path: Path) -> None:
+    run = _run(tmp_path, ["privacy.max_epsilon=null"])
+    first = _train(_hospital(tmp_path, **{"max-epsilon": 1e6}), run)
+    metrics = first.content.metric_records[protocol.METRICS]
+    history = list(zip(metrics[protocol.DP_HISTORY_NOISE], metrics[protocol.DP_HISTORY_RATE],
+                       [int(s) for s in metrics[protocol.DP_HISTORY_STEPS]]))
+    q, delta = float(metrics[protocol.DP_SAMPLE_RATE]), float(metrics[protocol.DP_DELTA])
+    spent = epsilon(history, delta, "rdp")
+    would_be = epsilon([*history, (1.0, q, 2)], delta, "rdp")
+    limit = (spent + would_be) / 2  # enough for the round trained, not for another
+    second = _train(_hospital(tmp_path, **{"max-epsilon": limit}), run, rnd=2)
+    site = _site(second)
+    assert site[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED
+    assert "max-epsilon" in str(site[protocol.STATUS_MESSAGE]) and "privacy.max_epsilon is null" in str(site[protocol.STATUS_MESSAGE])
+    stopped = second.content.metric_records[protocol.METRICS]
+    assert math.isclose(float(stopped[protocol.DP_MAX_EPSILON]), limit)
+    assert float(stopped[protocol.DP_EPSILON_LIFETIME]) <= limit < float(stopped[protocol.DP_WOULD_BE_EPSILON])
+    ledger = PrivacyLedger.in_folder(tmp_path / "hospital" / "hug").load()
+    assert [a.round for attempts in ledger.attempts.values() for a in attempts if a.kind == "sgd"] == [1]
+
+
+class _RecordingDP:
+    """Wraps DPTraining to record, per training attempt, the first noise values it will draw."""
+
+    draws: list[torch.Tensor] = []
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from common.privacy.wiring import DPTraining
+
+        dp = DPTraining(*args, **kwargs)
+        probe = torch.Generator().set_state(dp.noise_rng.get_state())
+        cls.draws.append(torch.normal(0.0, 1.0, size=(8,), generator=probe))
+        return dp
+
+
+@pytest.mark.parametrize("mode", ["deployed", "seeded simulation"])
+def test_two_train_messages_for_the_same_round_draw_different_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     mode: str) -> None:
+    monkeypatch.setattr("client.local_run.DPTraining", _RecordingDP)
+    _RecordingDP.draws = []
+    weights = build_model(model_preset("tiny"), 5, seed=0).state_dict()
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
+    if mode == "deployed":
+        context, run = _hospital(tmp_path), _run(tmp_path, [])
+    else:  # privacy.seed: reproducible, yet the attempt number (kept in the ledger) changes every draw
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
+                          state=RecordDict(), run_config={})
+        run = _run(tmp_path, ["privacy.seed=3"])
+    for state in (weights, other):  # the same round twice, with other global weights
+        assert _site(_train(context, run, rnd=1, weights=state))[protocol.STATUS] == "ok"
+    first, second = _RecordingDP.draws
+    assert not torch.equal(first, second)
+    folder = tmp_path / "hospital" / "hug" if mode == "deployed" else tmp_path / "coordinator" / "run" / "sites" / "site-0"
+    content = PrivacyLedger.in_folder(folder).load()
+    (attempts,) = content.attempts.values()
+    assert [(a.kind, a.round, a.number) for a in attempts] == [("counts", 1, 1), ("sgd", 1, 2), ("sgd", 1, 3)]

@@ -1,0 +1,57 @@
+"""Resume in deployment: ``resume=RUN`` through the ServerApp's overrides reloads and freezes the stopped
+run's config, with the one function the simulation CLI uses too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.app import app as client_app
+from common.config import ConfigError
+from server.app import run_from_overrides
+from server.resume import resolve_resume
+from tests.fakes import InProcessGrid
+
+STOPPED = ["federation.num_sites=1", "train.local_steps=2", "train.batch_size=8", "data.train_per_site=24",
+           "data.test_per_site=8", "samples_per_class=1", "federation.evaluate_each_round=false",
+           "privacy.enabled=true", "privacy.noise_multiplier=1.7", "federation.aggregation.generator.weight=uniform"]
+
+
+def test_resume_alone_continues_the_stopped_runs_frozen_config_through_the_serverapp(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_from_overrides(InProcessGrid(client_app, 1), " ".join([*STOPPED, "federation.rounds=1", f"output_dir={run_dir}"]))
+    first = json.loads((run_dir / "summary.json").read_text())
+    # A new ServerApp (new flwr run) with only resume= and more rounds: DP stays on, aggregation stays.
+    run_from_overrides(InProcessGrid(client_app, 1), f"resume={run_dir} federation.rounds=2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [s["resumed_after_round"] for s in summary["sessions"]] == [None, 1]
+    config = summary["config"]
+    assert config["privacy"]["enabled"] is True and config["privacy"]["noise_multiplier"] == 1.7
+    assert config["federation"]["aggregation"]["generator"]["weight"] == "uniform"
+    assert config["federation"]["rounds"] == 2 and config["resume"] == str(run_dir)
+    unchanged = {k: v for k, v in config.items() if k not in ("federation", "resume")}
+    assert unchanged == {k: v for k, v in first["config"].items() if k not in ("federation", "resume")}
+    assert summary["rounds"][1]["sites"]["site-0"]["train"]["dp/steps_total"] == 4  # the DP history went on
+
+
+def test_resume_refuses_every_change_but_rounds_timeouts_and_device(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = {"federation": {"rounds": 2, "round_timeout_s": 10}, "privacy": {"enabled": True}, "device": "cpu"}
+    (run_dir / "summary.json").write_text(json.dumps({"config": saved}))
+    resumed = resolve_resume(run_dir, [f"resume={run_dir}", "federation.rounds=5", "federation.round_timeout_s=60",
+                                       "federation.wait_for_sites_s=30", "device=cuda", f"output_dir={run_dir}",
+                                       "hydra.run.dir=x"])
+    assert resumed["federation"] == {"rounds": 5, "round_timeout_s": 60, "wait_for_sites_s": 30}
+    assert resumed["device"] == "cuda" and resumed["privacy"] == {"enabled": True}
+    assert resumed["output_dir"] == str(run_dir.resolve())
+    for override, key in [("privacy.enabled=false", "privacy.enabled"), ("model=small", "model"),
+                          (f"output_dir={tmp_path / 'other'}", "output_dir"),
+                          ("federation.aggregation.classifier.local=true", "federation.aggregation.classifier.local")]:
+        with pytest.raises(ConfigError, match=f"'{key}'.*cannot change when resuming"):
+            resolve_resume(run_dir, [f"resume={run_dir}", override])
+    with pytest.raises(ConfigError, match="no summary.json"):
+        resolve_resume(tmp_path / "missing", [])
