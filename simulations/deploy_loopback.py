@@ -228,6 +228,9 @@ class EventRunner(threading.Thread):
                         event.done = True
                         self.on_missed(event)
                 self.stopping.wait(self.poll_s)
+            # Stay alive until the run ends: the processes an event started (a restarted SuperLink or
+            # SuperNode) get SIGTERM when the thread that started them exits (PR_SET_PDEATHSIG).
+            self.stopping.wait()
         except BaseException as error:  # reported by the main loop
             self.error = error
 

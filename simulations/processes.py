@@ -38,7 +38,8 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if the starting process dies (even by SIGKILL), so a
-    killed test run leaves no SuperLink behind. Linux only (prctl PR_SET_PDEATHSIG survives exec)."""
+    killed test run leaves no SuperLink behind. Linux only (prctl PR_SET_PDEATHSIG survives exec).
+    The signal follows the starting *thread*: a thread that starts processes must outlive them."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG

@@ -22,7 +22,7 @@ from simulations.processes import still_running
 
 pytestmark = pytest.mark.slow
 
-ROUNDS, STEPS = 3, 2
+ROUNDS, STEPS = 3, 10  # rounds long enough (seconds) for the kill to land mid-training
 SITES = ("site-0", "site-1")
 KILLED = "site-1"
 
