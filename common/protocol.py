@@ -27,12 +27,21 @@ WEIGHT_KEYS = {
     "generator_steps": GENERATOR_STEPS,
 }
 
+#: MetricRecord entries of an evaluate reply: the held-out split's counts (no single patch's
+#: prediction), as flat lists of integers. The confusion matrix is row-major (true class, predicted
+#: class); the score histograms are (class, bin), bins equal over [0, 1] (``federation.score_bins``).
+EVAL_CONFUSION = "eval/confusion"
+EVAL_POSITIVE_SCORES = "eval/positive-scores"  # class c's probability, over the patches of class c
+EVAL_NEGATIVE_SCORES = "eval/negative-scores"  # class c's probability, over the other patches
+
 #: Site ConfigRecord entries.
 SITE_NAME = "name"
-STATUS = "status"  # "ok" | "data_error" | "error" | "budget_exhausted"
+STATUS = "status"  # "ok" | "data_error" | "error" | "refused" | "budget_exhausted"
 STATUS_MESSAGE = "message"
 CLASS_COUNTS_JSON = "class-counts-json"
 
+#: Site status of a hospital that refuses an instruction (e.g. fault injection outside a simulation).
+STATUS_REFUSED = "refused"
 #: Site status of a hospital whose privacy budget would be exceeded by the coming round.
 STATUS_BUDGET_EXHAUSTED = "budget_exhausted"
 #: Site status of a hospital whose own policy refuses the run's configuration (the message names the

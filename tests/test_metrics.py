@@ -1,4 +1,5 @@
-"""Classifier metrics against hand-computed values, and the sample grid file."""
+"""Classifier metrics against hand-computed values, pooled metrics from hospitals' evaluation
+summaries against the metrics of the pooled predictions, and the sample grid file."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.evaluation import class_grid, classification_metrics, save_generator_grid
-from common.evaluation.metrics import binary_auroc
+from common.evaluation import (
+    EvaluationSummary,
+    class_grid,
+    classification_metrics,
+    pooled_metrics,
+    save_generator_grid,
+    summarise_predictions,
+    summary_metrics,
+)
+from common.evaluation.metrics import binary_auroc, score_bins
 from common.model import build_model
 
 
@@ -72,3 +81,55 @@ def test_row_r_of_a_sample_grid_holds_images_generated_for_class_r(tmp_path, tin
     assert images.shape == (3, 4, 32, 32, 3)
     for row, expected in enumerate((0, 128, 255)):
         assert np.all(np.abs(images[row].astype(int) - expected) <= 1), row
+
+
+def _site(rng: np.random.Generator, counts: list[int], skill: float) -> tuple[np.ndarray, np.ndarray]:
+    """Labels with ``counts`` per class and probabilities that favour the true class by ``skill``."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    logits = rng.normal(size=(len(labels), len(counts))) + skill * np.eye(len(counts))[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return labels, probs
+
+
+def test_pooled_metrics_equal_the_metrics_of_the_pooled_predictions_under_label_skew() -> None:
+    rng = np.random.default_rng(0)
+    sites = [_site(rng, [90, 10, 0, 5], 2.0), _site(rng, [0, 40, 0, 0], 1.0),  # the second has one class
+             _site(rng, [3, 0, 60, 20], 0.5)]
+    bins = 1000
+    summaries = [summarise_predictions(labels, probs, bins) for labels, probs in sites]
+    pooled = pooled_metrics(summaries)
+    labels = np.concatenate([s[0] for s in sites])
+    probs = np.concatenate([s[1] for s in sites])
+    exact = classification_metrics(labels, probs)
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert pooled[name] == pytest.approx(exact[name], rel=1e-12), name
+    assert pooled["examples"] == len(labels)
+    # AUROC: exactly the rank AUROC of the probabilities rounded down to their bins ...
+    binned = score_bins(probs, bins).astype(np.float64)
+    present = np.unique(labels)
+    assert pooled["auroc"] == pytest.approx(np.mean([binary_auroc(binned[:, c], labels == c) for c in present]),
+                                            rel=1e-12)
+    # ... and within the binning's resolution of the exact AUROC.
+    assert abs(pooled["auroc"] - exact["auroc"]) < 2e-3
+    # The single-class site alone has no AUROC, yet its patches count in the pooled one.
+    assert math.isnan(summary_metrics(summaries[1])["auroc"])
+    assert summary_metrics(summaries[1])["balanced_accuracy"] == pytest.approx(
+        classification_metrics(*sites[1])["balanced_accuracy"])
+
+
+def test_pooled_balanced_accuracy_is_not_the_mean_of_the_sites() -> None:
+    # Site A: 90 class-0 patches right, 10 class-1 wrong; site B: 10 class-1 right.
+    a = EvaluationSummary(np.array([[90, 0], [10, 0]]), np.zeros((2, 4), np.int64), np.zeros((2, 4), np.int64))
+    b = EvaluationSummary(np.array([[0, 0], [0, 10]]), np.zeros((2, 4), np.int64), np.zeros((2, 4), np.int64))
+    per_site = [summary_metrics(a)["balanced_accuracy"], summary_metrics(b)["balanced_accuracy"]]
+    assert per_site == [0.5, 1.0]  # weighted by examples: (100 * 0.5 + 10 * 1.0) / 110 = 0.545
+    assert pooled_metrics([a, b])["balanced_accuracy"] == pytest.approx(0.75)
+    assert pooled_metrics([a, b])["accuracy"] == pytest.approx(100 / 110)
+
+
+def test_summaries_of_different_shapes_are_not_pooled() -> None:
+    a = summarise_predictions(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), 10)
+    b = summarise_predictions(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), 20)
+    with pytest.raises(ValueError, match="cannot pool"):
+        pooled_metrics([a, b])
+    assert a.positive_scores[0].tolist() == [0] * 9 + [1] and a.negative_scores[0, 2] == 1

@@ -1,6 +1,17 @@
 """Classifier metrics and generator sample grids."""
 
 from common.evaluation.grids import class_grid, save_generator_grid
-from common.evaluation.metrics import METRIC_NAMES, classification_metrics, evaluate_classifier
+from common.evaluation.metrics import (
+    METRIC_NAMES,
+    EvaluationSummary,
+    classification_metrics,
+    evaluate_classifier,
+    pooled_metrics,
+    predict_probabilities,
+    summarise_predictions,
+    summary_metrics,
+)
 
-__all__ = ["METRIC_NAMES", "class_grid", "classification_metrics", "evaluate_classifier", "save_generator_grid"]
+__all__ = ["METRIC_NAMES", "EvaluationSummary", "class_grid", "classification_metrics", "evaluate_classifier",
+           "pooled_metrics", "predict_probabilities", "save_generator_grid", "summarise_predictions",
+           "summary_metrics"]
