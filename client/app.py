@@ -9,6 +9,9 @@ What a reply says about a failure is limited to what is safe to tell the coordin
 the hospital's policy names the run-config key (status ``refused``); other errors are named by
 type only, with a reference to the full message, which stays in the hospital's log (it may name
 files and folders on the hospital's machine).
+
+In a simulation, the config's ``faults`` make chosen hospitals misbehave (``client.faults``); a
+deployed hospital refuses any instruction that asks for them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from client.faults import act_before, corrupt, faults_for  # noqa: E402
 from client.local_run import LocalRun  # noqa: E402
 from client.policy import PublicError, Refusal  # noqa: E402
 from common import protocol  # noqa: E402
@@ -48,25 +52,39 @@ def withheld(error: BaseException) -> str:
             f"machine; its log has them under reference {reference})")
 
 
+def _failure_reply(msg: Message, site_name: str, action: str, error: Exception) -> Message:
+    """A status reply for an error at the hospital (its process goes on), telling only what is safe."""
+    if isinstance(error, Refusal):  # the hospital's policy, or faults sent to a deployed hospital
+        logger.error("%s: refusing to %s: %s", site_name, action, error)
+        return _status_reply(msg, site_name, protocol.STATUS_REFUSED, str(error))
+    if isinstance(error, PublicError):
+        logger.error("%s: cannot %s: %s", site_name, action, error)
+        return _status_reply(msg, site_name, "data_error", str(error))
+    if isinstance(error, (DataError, ConfigError)):
+        logger.error("%s: cannot %s: %s", site_name, action, error)
+        return _status_reply(msg, site_name, "data_error", withheld(error))
+    logger.error("%s: %s failed:\n%s", site_name, action, traceback.format_exc())
+    return _status_reply(msg, site_name, "error", withheld(error))
+
+
 def _handle(msg: Message, context: Context, action: str) -> Message:
     site_name = str(context.node_config.get("site-name", f"site-{context.node_config.get('partition-id', '?')}"))
     try:
         run = LocalRun.from_message(msg, context)
         site_name = run.site.name
-        content = run.train() if action == "train" else run.evaluate()
-        return Message(content, reply_to=msg)
-    except Refusal as error:
-        logger.error("%s: refusing to %s: %s", site_name, action, error)
-        return _status_reply(msg, site_name, protocol.STATUS_REFUSED, str(error))
-    except PublicError as error:
-        logger.error("%s: cannot %s: %s", site_name, action, error)
-        return _status_reply(msg, site_name, "data_error", str(error))
-    except (DataError, ConfigError) as error:
-        logger.error("%s: cannot %s: %s", site_name, action, error)
-        return _status_reply(msg, site_name, "data_error", withheld(error))
+        faults = faults_for(run.run, context.node_config, run.site.site_id, run.server_round, action)
     except Exception as error:  # report, don't crash the hospital's process
-        logger.error("%s: %s failed:\n%s", site_name, action, traceback.format_exc())
-        return _status_reply(msg, site_name, "error", withheld(error))
+        return _failure_reply(msg, site_name, action, error)
+    hung = act_before(faults, run.run)  # simulation only: an injected crash leaves the ClientApp here
+    if hung is not None:
+        return _status_reply(msg, site_name, "error", hung)
+    try:
+        content = run.train() if action == "train" else run.evaluate()
+    except Exception as error:
+        return _failure_reply(msg, site_name, action, error)
+    if faults:
+        content = corrupt(content, faults, msg, run.transport)
+    return Message(content, reply_to=msg)
 
 
 @app.train()
@@ -77,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Classifier metrics of the global model on this hospital's held-out split."""
+    """The global classifier on this hospital's held-out split: confusion matrix and binned class scores."""
     return _handle(msg, context, "evaluate")
 
 

@@ -25,7 +25,7 @@ from client.site_state import SiteStateStore, run_key
 from common import protocol
 from common.config import ConfigError, dataclass_from_mapping
 from common.data.sites import SiteData, load_site_data
-from common.evaluation import evaluate_classifier
+from common.evaluation import predict_probabilities, summarise_predictions
 from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
@@ -275,10 +275,15 @@ class LocalRun:
         return HospitalPrivacy.open(ledger, dataset, description, self.run_id, self.server_round, remembered)
 
     def evaluate(self) -> RecordDict:
+        """Counts on the held-out split (confusion matrix, binned class scores): no single patch's prediction."""
         data = site_data(self.run, self.site)
         model = self._model(data.test.num_classes, inclusive=True).to(self.site.device)
         loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=0)
-        result = evaluate_classifier(model, loader, self.site.device)
-        metrics = {k: float(v) for k, v in result.items() if k != "examples"}
-        metrics[protocol.REAL_EXAMPLES] = int(result["examples"])
+        labels, probs = predict_probabilities(model, loader, self.site.device)
+        keep = labels >= 0
+        summary = summarise_predictions(labels[keep], probs[keep], int(self.run["federation"].get("score_bins", 1000)))
+        metrics = {protocol.REAL_EXAMPLES: summary.examples,
+                   protocol.EVAL_CONFUSION: summary.confusion.ravel().tolist(),
+                   protocol.EVAL_POSITIVE_SCORES: summary.positive_scores.ravel().tolist(),
+                   protocol.EVAL_NEGATIVE_SCORES: summary.negative_scores.ravel().tolist()}
         return RecordDict({protocol.METRICS: MetricRecord(metrics), protocol.SITE: self._site_record()})

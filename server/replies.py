@@ -1,134 +1,342 @@
 """Checking a hospital's reply before anything in it is used.
 
-A reply is used only if it carries every expected group with exactly the global model's keys,
-shapes and wire dtypes, finite values, and finite non-negative aggregation weights. Anything else
-is a ``ReplyError`` whose message says what was wrong; the strategy leaves that hospital out of the
-round and logs its name.
+A train reply is used only if every record in it is expected, every group carries exactly the
+global model's keys, and every array's payload has the byte size its reference implies, decodes to
+exactly the reference's shape, wire dtype and element count, and holds finite values. Metrics follow
+a schema: the aggregation weights are integer counts in range (``num-examples`` at most
+``federation.max_site_examples``, ``generator-steps`` at most ``train.local_steps``), other metrics
+are finite numbers with plain names, and lists are allowed only where the protocol has them. Class
+counts are a small JSON object of known class names and integer counts. An evaluate reply carries
+its held-out confusion matrix and score histograms, whose totals must agree with each other.
+
+Anything else raises ``ReplyError`` (or any other exception, which the strategy treats the same):
+the reply is left out, the hospital named in the log and in ``summary.json``, and the round goes on.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import Array, Message
 
 from common import protocol
-from common.records import decode_array, expected_wire_dtype, payload_bytes
+from common.evaluation import EvaluationSummary
+from common.records import decode_array, expected_wire_dtype
+
+#: A site name: what simulations/certs.py allows for a hospital's key files.
+SITE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Metric names: plain ASCII paths such as ``loss/d_real`` or ``dp/epsilon``.
+METRIC_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,96}$")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+#: Bytes a ``.npy`` payload may carry beyond its data (its header).
+NPY_HEADER_MAX = 4096
+MAX_METRICS = 512
+MAX_LIST = 100_000
+MAX_TEXT = 4096
+MAX_CLASS_COUNTS_JSON = 65_536
+#: Metric lists a train reply may carry (a hospital's privacy accountant history).
+LIST_METRICS = frozenset({protocol.DP_HISTORY_NOISE, protocol.DP_HISTORY_RATE, protocol.DP_HISTORY_STEPS})
+SITE_KEYS = frozenset({protocol.SITE_NAME, protocol.STATUS, protocol.STATUS_MESSAGE, protocol.CLASS_COUNTS_JSON})
+COUNT_SPLITS = ("train", "test")
+UNLABELLED = "unlabelled"
 
 
 class ReplyError(ValueError):
     """A reply that cannot be used; the message names the problem."""
 
 
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What the server knows a valid reply must respect (from its own config)."""
+
+    class_names: tuple[str, ...]
+    score_bins: int
+    max_site_examples: int
+    max_generator_steps: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
 @dataclass
 class SiteReply:
-    """A checked reply: who sent it, its metrics, and its groups decoded to float32 arrays."""
+    """A checked reply: who sent it, its metrics, and its groups decoded to the reference dtypes."""
 
     node_id: int
     site: str
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
     groups: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     bytes_received: int = 0
     class_counts: dict[str, Any] | None = None
+    evaluation: EvaluationSummary | None = None
+
+
+def claimed_name(msg: Message) -> str | None:
+    """The site name a reply reports, if it is a well-formed one (never raises)."""
+    try:
+        if msg.has_error() or protocol.SITE not in msg.content.config_records:
+            return None
+        name = msg.content.config_records[protocol.SITE].get(protocol.SITE_NAME)
+        return name if isinstance(name, str) and SITE_NAME.match(name) else None
+    except Exception:  # a malformed record must not stop us naming the node
+        return None
 
 
 def site_name(msg: Message) -> str:
     """The hospital's name as it reported it, else its node id."""
-    try:
-        if not msg.has_error() and protocol.SITE in msg.content.config_records:
-            return str(msg.content.config_records[protocol.SITE][protocol.SITE_NAME])
-    except Exception:  # a malformed record must not stop us naming the node
-        pass
-    return f"node-{msg.metadata.src_node_id}"
+    return claimed_name(msg) or f"node-{msg.metadata.src_node_id}"
 
 
-def _finite_metrics(msg: Message, required: Sequence[str]) -> dict[str, Any]:
-    if protocol.METRICS not in msg.content.metric_records:
-        raise ReplyError("no metrics record")
-    metrics = {k: v for k, v in msg.content.metric_records[protocol.METRICS].items()}
-    for key in required:
-        if key not in metrics:
-            raise ReplyError(f"metric {key!r} missing")
-        value = float(metrics[key])  # type: ignore[arg-type]
-        if not math.isfinite(value) or value < 0:
-            raise ReplyError(f"metric {key!r} is {value}; expected a finite number >= 0")
-    kept: dict[str, Any] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    # Lists of numbers (e.g. a hospital's privacy accountant history) are kept as lists of floats.
-    kept.update({k: [float(x) for x in v] for k, v in metrics.items()
-                 if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)})
-    return kept
+def _short(text: str, limit: int = 160) -> str:
+    """A one-line digest of a long error text (a remote traceback): its first and last lines."""
+    lines = [line.strip() for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]
+    clip = [line if len(line) <= limit else line[: limit - 3] + "..." for line in lines]
+    return " ... ".join(clip[:1] + clip[-1:] if len(clip) > 1 else clip)
 
 
-def budget_exhausted_metrics(msg: Message) -> dict[str, Any] | None:
-    """A reply whose hospital stopped for its privacy budget: its metrics (else None)."""
-    if msg.has_error():
-        return None
-    site = msg.content.config_records.get(protocol.SITE)
-    if site is None or str(site.get(protocol.STATUS, "")) != protocol.STATUS_BUDGET_EXHAUSTED:
-        return None
-    try:
-        metrics = _finite_metrics(msg, [])
-    except ReplyError:
-        metrics = {}
-    return {"site": site_name(msg), "message": str(site.get(protocol.STATUS_MESSAGE, "")), **metrics}
+def _text(value: Any, what: str, limit: int = MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise ReplyError(f"{what} is a {type(value).__name__}, expected a string")
+    if len(value) > limit:
+        raise ReplyError(f"{what} is {len(value)} characters long (at most {limit})")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    """An integer count in ``[low, high]`` (an int, or a float with no fraction)."""
+    if not _is_number(value) or not math.isfinite(float(value)) or float(value) != math.floor(float(value)):
+        raise ReplyError(f"{what} is {value!r}; expected an integer count")
+    if not low <= value <= high:
+        raise ReplyError(f"{what} is {value!r}; expected a count in [{low}, {high}]")
+    return int(value)
+
+
+def _site_record(msg: Message) -> Any:
+    if protocol.SITE not in msg.content.config_records:
+        raise ReplyError("no site record")
+    record = msg.content.config_records[protocol.SITE]
+    unknown = sorted(set(record.keys()) - SITE_KEYS)
+    if unknown:
+        raise ReplyError(f"site record has unknown entries {unknown[:5]}")
+    return record
 
 
 def check_status(msg: Message) -> None:
+    """A reply is usable only if Flower delivered it without error and the hospital says ``ok``."""
     if msg.has_error():
-        raise ReplyError(f"Flower error (code {msg.error.code}): {msg.error.reason}")
-    site = msg.content.config_records.get(protocol.SITE)
-    if site is None:
-        raise ReplyError("no site record")
-    status = str(site.get(protocol.STATUS, "missing"))
+        raise ReplyError(f"Flower error (code {msg.error.code}): {_short(str(msg.error.reason))}")
+    record = _site_record(msg)
+    status = _text(record.get(protocol.STATUS, "missing"), "status", 64)
     if status != "ok":
-        raise ReplyError(f"hospital reported {status}: {site.get(protocol.STATUS_MESSAGE, '')}")
+        message = _text(record.get(protocol.STATUS_MESSAGE, ""), "status message")
+        raise ReplyError(f"hospital reported {status}: {message}")
+
+
+def _expect_records(msg: Message, arrays: Sequence[str]) -> None:
+    """Only the records the protocol defines, and exactly ``arrays`` as array records."""
+    content = msg.content
+    extra = sorted(set(content.config_records.keys()) - {protocol.SITE})
+    extra += sorted(set(content.metric_records.keys()) - {protocol.METRICS})
+    extra += sorted(set(content.array_records.keys()) - set(arrays))
+    if extra:
+        raise ReplyError(f"unexpected records {extra[:5]}")
+    missing = [g for g in arrays if g not in content.array_records]
+    if missing:
+        raise ReplyError(f"group {missing[0]!r} missing")
+
+
+def _metrics(msg: Message) -> dict[str, Any]:
+    """The reply's metrics after the generic schema: plain names, finite numbers, known lists."""
+    if protocol.METRICS not in msg.content.metric_records:
+        raise ReplyError("no metrics record")
+    record = msg.content.metric_records[protocol.METRICS]
+    if len(record) > MAX_METRICS:
+        raise ReplyError(f"{len(record)} metrics (at most {MAX_METRICS})")
+    metrics: dict[str, Any] = {}
+    for key, value in record.items():
+        if not isinstance(key, str) or not METRIC_NAME.match(key):
+            raise ReplyError(f"metric name {str(key)[:40]!r} is not a plain name")
+        if isinstance(value, list):
+            if len(value) > MAX_LIST or not all(_is_number(v) and math.isfinite(float(v)) for v in value):
+                raise ReplyError(f"metric {key!r}: expected at most {MAX_LIST} finite numbers")
+            metrics[key] = list(value)
+        elif _is_number(value) and math.isfinite(float(value)):
+            metrics[key] = value
+        else:
+            raise ReplyError(f"metric {key!r} is {value!r}; expected a finite number")
+    return metrics
+
+
+def _weights(metrics: dict[str, Any], limits: ReplyLimits) -> None:
+    """The aggregation weights: integer counts in their ranges (replaced by ints in ``metrics``)."""
+    for key in (protocol.REAL_EXAMPLES, protocol.LABELLED_EXAMPLES, protocol.GENERATOR_STEPS):
+        if key not in metrics:
+            raise ReplyError(f"metric {key!r} missing")
+    real = _integer(metrics[protocol.REAL_EXAMPLES], protocol.REAL_EXAMPLES, 1, limits.max_site_examples)
+    labelled = _integer(metrics[protocol.LABELLED_EXAMPLES], protocol.LABELLED_EXAMPLES, 0, real)
+    steps = _integer(metrics[protocol.GENERATOR_STEPS], protocol.GENERATOR_STEPS, 0, limits.max_generator_steps)
+    metrics.update({protocol.REAL_EXAMPLES: real, protocol.LABELLED_EXAMPLES: labelled, protocol.GENERATOR_STEPS: steps})
+
+
+def train_metrics(msg: Message, limits: ReplyLimits) -> dict[str, Any]:
+    """A train reply's metrics: the generic schema, list metrics only where known, valid weights."""
+    metrics = _metrics(msg)
+    lists = sorted(k for k, v in metrics.items() if isinstance(v, list) and k not in LIST_METRICS)
+    if lists:
+        raise ReplyError(f"metric {lists[0]!r} is a list; expected a number")
+    _weights(metrics, limits)
+    return metrics
+
+
+def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -> np.ndarray:
+    """One array: payload size, declared and decoded dtype and shape, element count, finite values."""
+    wire = expected_wire_dtype(like, transport)
+    expected = like.numel() * wire.itemsize
+    data = array.data
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ReplyError(f"{key}: payload is a {type(data).__name__}")
+    if not expected <= len(data) <= expected + NPY_HEADER_MAX:
+        raise ReplyError(f"{key}: payload of {len(data)} bytes; {tuple(like.shape)} {wire} takes {expected} "
+                         f"(+ at most {NPY_HEADER_MAX} of header)")
+    if array.stype != "numpy.ndarray":
+        raise ReplyError(f"{key}: serialisation {str(array.stype)[:40]!r}, expected 'numpy.ndarray'")
+    if str(array.dtype) != wire.name:
+        raise ReplyError(f"{key}: declared dtype {str(array.dtype)[:20]}, expected {wire.name}")
+    if tuple(array.shape) != tuple(like.shape):
+        raise ReplyError(f"{key}: declared shape {tuple(array.shape)[:8]}, expected {tuple(like.shape)}")
+    decoded = array.numpy()
+    if decoded.dtype != wire:
+        raise ReplyError(f"{key}: decoded dtype {decoded.dtype}, expected {wire.name}")
+    if decoded.shape != tuple(like.shape) or decoded.size != like.numel():
+        raise ReplyError(f"{key}: decoded shape {decoded.shape[:8]} ({decoded.size} elements), "
+                         f"expected {tuple(like.shape)} ({like.numel()})")
+    tensor = decode_array(decoded, like, transport)
+    if tuple(tensor.shape) != tuple(like.shape) or tensor.dtype != like.dtype:
+        raise ReplyError(f"{key}: decodes to {tensor.dtype} {tuple(tensor.shape)}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ReplyError(f"{key}: non-finite values")
+    return tensor.numpy()
+
+
+def class_counts(msg: Message, site: str, limits: ReplyLimits) -> dict[str, Any] | None:
+    """The partition-report row a hospital sent: ``{"site", "train": {class: n}, "test": {class: n}}``.
+
+    The row is filed under the reply's (bound) site name; the ``site`` entry inside is ignored.
+    """
+    raw = _site_record(msg).get(protocol.CLASS_COUNTS_JSON)
+    if raw is None:
+        return None
+    text = _text(raw, "class counts", MAX_CLASS_COUNTS_JSON)
+    try:
+        counts = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ReplyError(f"class counts are not readable JSON: {type(error).__name__}") from None
+    if not isinstance(counts, dict) or not set(counts) <= {"site", *COUNT_SPLITS}:
+        raise ReplyError("class counts: expected an object with 'site', 'train' and 'test'")
+    if not isinstance(counts.get("site", ""), str):
+        raise ReplyError("class counts: 'site' is not a string")
+    known = {*limits.class_names, UNLABELLED}
+    clean: dict[str, Any] = {"site": site}
+    for split in COUNT_SPLITS:
+        per_class = counts.get(split, {})
+        if not isinstance(per_class, dict):
+            raise ReplyError(f"class counts [{split}]: expected an object of class -> count")
+        unknown = sorted(str(k)[:40] for k in per_class if k not in known)
+        if unknown:
+            raise ReplyError(f"class counts [{split}]: unknown classes {unknown[:3]}")
+        clean[split] = {name: _integer(n, f"class counts [{split}][{name}]", 0, limits.max_site_examples)
+                        for name, n in per_class.items()}
+    return clean
 
 
 def check_train_reply(
     msg: Message,
     reference: Mapping[str, Mapping[str, torch.Tensor]],
     transport: str,
-    weight_keys: Sequence[str],
+    limits: ReplyLimits,
+    site: str | None = None,
 ) -> SiteReply:
     """Validate a train reply against the global groups in ``reference`` (group -> state)."""
     check_status(msg)
-    metrics = _finite_metrics(msg, weight_keys)
+    _expect_records(msg, list(reference))
+    name = site or site_name(msg)
+    metrics = train_metrics(msg, limits)
     groups: dict[str, dict[str, np.ndarray]] = {}
     received = 0
     for group, state in reference.items():
-        if group not in msg.content.array_records:
-            raise ReplyError(f"group {group!r} missing")
         record = msg.content.array_records[group]
         keys = set(record.keys())
         if keys != set(state):
-            missing, extra = sorted(set(state) - keys), sorted(keys - set(state))
+            missing, extra = sorted(set(state) - keys), sorted(str(k)[:60] for k in keys - set(state))
             raise ReplyError(f"group {group!r} keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-        decoded: dict[str, np.ndarray] = {}
-        for key, like in state.items():
-            array = record[key]
-            if tuple(array.shape) != tuple(like.shape):
-                raise ReplyError(f"{key}: shape {tuple(array.shape)}, expected {tuple(like.shape)}")
-            wire = expected_wire_dtype(like, transport)
-            if np.dtype(array.dtype) != wire:
-                raise ReplyError(f"{key}: dtype {array.dtype}, expected {wire}")
-            tensor = decode_array(array.numpy(), like, transport)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ReplyError(f"{key}: non-finite values")
-            decoded[key] = tensor.numpy()
-        groups[group] = decoded
-        received += payload_bytes(record)
-    counts = msg.content.config_records[protocol.SITE].get(protocol.CLASS_COUNTS_JSON)
-    return SiteReply(msg.metadata.src_node_id, site_name(msg), metrics, groups, received,
-                     json.loads(str(counts)) if counts else None)
+        groups[group] = {key: decode_checked(record[key], like, transport, key) for key, like in state.items()}
+        received += sum(int(like.numel()) * expected_wire_dtype(like, transport).itemsize for like in state.values())
+    return SiteReply(int(msg.metadata.src_node_id), name, metrics, groups, received, class_counts(msg, name, limits))
 
 
-def check_evaluate_reply(msg: Message) -> SiteReply:
+def _count_list(metrics: Mapping[str, Any], key: str, shape: tuple[int, int], limits: ReplyLimits) -> np.ndarray:
+    if key not in metrics:
+        raise ReplyError(f"metric {key!r} missing")
+    values = metrics[key]
+    size = shape[0] * shape[1]
+    if not isinstance(values, list) or len(values) != size:
+        raise ReplyError(f"metric {key!r}: expected a list of {size} counts ({shape[0]} x {shape[1]})")
+    counts = np.asarray([_integer(v, key, 0, limits.max_site_examples) for v in values], dtype=np.int64)
+    return counts.reshape(shape)
+
+
+def check_evaluate_reply(msg: Message, limits: ReplyLimits, site: str | None = None) -> SiteReply:
+    """Validate an evaluate reply: exactly the evaluation counts, consistent with each other."""
     check_status(msg)
-    metrics = _finite_metrics(msg, [protocol.REAL_EXAMPLES])
-    return SiteReply(msg.metadata.src_node_id, site_name(msg), metrics)
+    _expect_records(msg, [])
+    name = site or site_name(msg)
+    metrics = _metrics(msg)
+    allowed = {protocol.REAL_EXAMPLES, protocol.EVAL_CONFUSION, protocol.EVAL_POSITIVE_SCORES,
+               protocol.EVAL_NEGATIVE_SCORES}
+    unknown = sorted(set(metrics) - allowed)
+    if unknown:
+        raise ReplyError(f"unknown evaluation metrics {unknown[:5]}")
+    if protocol.REAL_EXAMPLES not in metrics:
+        raise ReplyError(f"metric {protocol.REAL_EXAMPLES!r} missing")
+    examples = _integer(metrics[protocol.REAL_EXAMPLES], protocol.REAL_EXAMPLES, 1, limits.max_site_examples)
+    k, bins = limits.num_classes, limits.score_bins
+    confusion = _count_list(metrics, protocol.EVAL_CONFUSION, (k, k), limits)
+    positive = _count_list(metrics, protocol.EVAL_POSITIVE_SCORES, (k, bins), limits)
+    negative = _count_list(metrics, protocol.EVAL_NEGATIVE_SCORES, (k, bins), limits)
+    if int(confusion.sum()) != examples:
+        raise ReplyError(f"confusion matrix counts {int(confusion.sum())} patches, the reply {examples}")
+    actual = confusion.sum(axis=1)
+    if not np.array_equal(positive.sum(axis=1), actual) or not np.array_equal(negative.sum(axis=1), examples - actual):
+        raise ReplyError("score histograms do not add up to the confusion matrix's class totals")
+    summary = EvaluationSummary(confusion, positive, negative)
+    return SiteReply(int(msg.metadata.src_node_id), name, {protocol.REAL_EXAMPLES: examples}, evaluation=summary)
+
+
+def budget_exhausted_metrics(msg: Message, site: str | None = None) -> dict[str, Any] | None:
+    """A reply whose hospital stopped for its privacy budget: its name, message and DP metrics (else None)."""
+    try:
+        if msg.has_error():
+            return None
+        record = _site_record(msg)
+        if record.get(protocol.STATUS) != protocol.STATUS_BUDGET_EXHAUSTED:
+            return None
+        message = _text(record.get(protocol.STATUS_MESSAGE, ""), "status message")
+    except Exception:
+        return None
+    try:
+        metrics = _metrics(msg)
+    except Exception:
+        metrics = {}
+    return {"site": site or site_name(msg), "message": message, **metrics}

@@ -1,10 +1,6 @@
-"""Continuing a stopped run: its own recorded config, frozen, with the few changes a resume may make.
-
-One function for both ways a run is started: ``fedvitgan simulate resume=RUN`` and a deployment's
-``flwr run ... --run-config "overrides='resume=RUN federation.rounds=N'"`` (``server.app``). The
-stopped run's config is read from its ``summary.json``; only rounds, timeouts and the device may
-change, so a resume can never turn differential privacy off, change the aggregation or point the
-hospitals somewhere else.
+"""Continuing a stopped run's config is read from its ``summary.json``; only rounds, timeouts, the number of failed
+rounds tolerated, the simulation's ``faults`` and the device may change, so a resume can never turn
+differential privacy off, change the aggregation or point the hospitals somewhere else.
 """
 
 from __future__ import annotations
@@ -19,7 +15,8 @@ from omegaconf import OmegaConf
 from common.config import ConfigError
 
 #: Keys a resumed run may change; everything else must match the stopped run.
-RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "federation.wait_for_sites_s", "device")
+RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "federation.wait_for_sites_s",
+                  "federation.max_failed_rounds", "faults", "device")
 #: Sections about how a command reports (not what it trains): always the current command's.
 REPORTING_SECTIONS = ("console", "tracking")
 
@@ -60,8 +57,15 @@ def resolve_resume(resume: str | Path, overrides: Sequence[str],
     if refused:
         raise ConfigError(f"resume: {refused} cannot change when resuming; only {list(RESUMABLE_KEYS)} can "
                           f"(the rest is the stopped run's config, from {summary_path})")
-    changes = [o.lstrip("+~") for o in overrides if _key(o) in RESUMABLE_KEYS]
-    resumed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(changes)), resolve=True)
+    merged = OmegaConf.create(saved)
+    if current is not None:  # the overrides as Hydra parsed them (lists such as faults=[{site:1,...}], numbers)
+        composed = OmegaConf.create(dict(current))
+        for key in {_key(o) for o in overrides if _key(o) in RESUMABLE_KEYS}:
+            OmegaConf.update(merged, key, OmegaConf.select(composed, key), force_add=True)
+    else:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o.lstrip("+~") for o in overrides
+                                                                 if _key(o) in RESUMABLE_KEYS]))
+    resumed = OmegaConf.to_container(merged, resolve=True)
     assert isinstance(resumed, dict)
     resumed["resume"] = str(folder)
     resumed["output_dir"] = str(folder)

@@ -1,15 +1,17 @@
-"""Per-group FedAvg on Flower's public Strategy API.
+"""Per-group aggregation on Flower's public Strategy API, held against broken and hostile hospitals.
 
-Each of the generator, discriminator and classifier groups is averaged with its own weighting
-(default: discriminator and classifier by real examples, generator by generator steps), or left
-local to the hospitals. Replies are checked first (``server.replies``); a reply that fails is left
-out and the hospital named in the log. The math is ``common.aggregate``.
+Each of the generator, discriminator and classifier groups is aggregated with its own weighting
+and rule (``fedavg``, ``median`` or ``trimmed_mean``; see ``common.aggregate``), or left local to
+the hospitals. Every reply is first tied to its authenticated node (``server.identity``) and
+checked (``server.replies``); any exception while checking or using one reply leaves that reply
+out, names the hospital in the log and in the round's record, and the round goes on. A round with
+fewer than ``min_sites`` valid train replies keeps the global model and is recorded as failed.
+Global evaluation metrics are pooled from the hospitals' confusion matrices and score histograms.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,17 +24,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol
-from common.aggregate import aggregate_groups
-from common.evaluation import METRIC_NAMES
+from common.aggregate import RULES, GroupOutcome, GroupPolicy, aggregate_group_outcomes
+from common.config import ConfigError, dataclass_from_mapping
+from common.evaluation import pooled_metrics, summary_metrics
 from common.model import GROUPS
 from common.records import payload_bytes, to_arrayrecord
+from server.identity import SiteRegistry, Verdict
 from server.replies import (
     ReplyError,
+    ReplyLimits,
     SiteReply,
     budget_exhausted_metrics,
     check_evaluate_reply,
     check_train_reply,
-    site_name,
+    claimed_name,
 )
 
 logger = logging.getLogger("fedvitgan.server")
@@ -40,64 +45,117 @@ logger = logging.getLogger("fedvitgan.server")
 
 @dataclass(frozen=True)
 class GroupRule:
-    """How one group is aggregated."""
+    """How one group is aggregated (``federation.aggregation.<group>``)."""
 
     weight: str = "real_examples"  # a key of protocol.WEIGHT_KEYS, or "uniform"
     local: bool = False
+    rule: str = "fedavg"  # fedavg | median | trimmed_mean
+    trim_fraction: float = 0.2  # trimmed_mean: the share cut from each end
 
     def __post_init__(self) -> None:
         if self.weight not in (*protocol.WEIGHT_KEYS, "uniform"):
             raise ValueError(f"aggregation weight {self.weight!r}: choose one of {[*protocol.WEIGHT_KEYS, 'uniform']}")
+        if self.rule not in RULES:
+            raise ValueError(f"aggregation rule {self.rule!r}: choose one of {list(RULES)}")
+        if not 0.0 <= float(self.trim_fraction) < 0.5:
+            raise ValueError(f"trim_fraction must lie in [0, 0.5), got {self.trim_fraction}")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """``federation.aggregation``: one rule per group and the federation-wide influence bounds."""
+
+    rules: Mapping[str, GroupRule]
+    max_weight_share: float = 1.0
+    clip_update_norm: float | None = None
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> AggregationConfig:
+        where = "federation.aggregation"
+        unknown = sorted(set(section) - {*GROUPS, "max_weight_share", "clip_update_norm"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {[*GROUPS, 'max_weight_share', 'clip_update_norm']}")
+        missing = [g for g in GROUPS if g not in section]
+        if missing:
+            raise ConfigError(f"{where}: rules missing for groups {missing}")
+        rules = {g: dataclass_from_mapping(GroupRule, section[g], f"{where}.{g}") for g in GROUPS}
+        clip = section.get("clip_update_norm")
+        config = cls(rules, float(section.get("max_weight_share", 1.0)), None if clip is None else float(clip))
+        try:
+            for group in GROUPS:
+                config.policy(group)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from error
+        return config
+
+    def policy(self, group: str) -> GroupPolicy:
+        rule = self.rules[group]
+        return GroupPolicy(rule.rule, float(rule.trim_fraction), self.max_weight_share, self.clip_update_norm)
 
 
 @dataclass
 class RoundRecord:
     """What one phase (train or evaluate) of a round saw: per-site metrics, exclusions, bytes."""
 
-    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     excluded: list[dict[str, Any]] = field(default_factory=list)
     bytes_to_sites: int = 0
     bytes_from_sites: int = 0
     class_counts: dict[str, Any] = field(default_factory=dict)
     aggregated: bool = False
     #: Hospitals that did not train because the round would exceed their privacy budget (their
-    #: reply's site name, message and DP metrics); they are also in ``excluded``.
+    #: site name, message and DP metrics); they are also in ``excluded``.
     budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
+    #: Per group: rule, hospitals taking part and their shares, hospitals clipped, or why kept.
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Why the phase produced nothing (fewer than min_sites valid replies, ...), else None.
+    failure: str | None = None
+    #: Pooled metrics (evaluate phase).
+    global_metrics: dict[str, float] = field(default_factory=dict)
 
 
-class GroupedFedAvg(Strategy):
-    """FedAvg applied to each parameter group separately."""
+class GroupedStrategy(Strategy):
+    """Per-group aggregation with reply checks, node-bound identities and bounded influence."""
 
     def __init__(
         self,
         reference_state: Mapping[str, torch.Tensor],
-        rules: Mapping[str, GroupRule],
+        aggregation: AggregationConfig,
         transport: str,
         run_config_json: str,
+        limits: ReplyLimits,
         num_sites: int,
         min_sites: int = 1,
         wait_for_sites_s: float = 600.0,
+        phase_timeout_s: float = 3600.0,
+        registry: SiteRegistry | None = None,
     ) -> None:
-        missing = [g for g in GROUPS if g not in rules]
-        if missing:
-            raise ValueError(f"aggregation rules missing for groups {missing}")
         self.reference = {g: {k: v for k, v in reference_state.items() if k.startswith(g + ".")} for g in GROUPS}
-        self.rules = dict(rules)
+        self.aggregation = aggregation
+        self.rules = dict(aggregation.rules)
         self.transport = transport
         self.run_config_json = run_config_json
+        self.limits = limits
         self.num_sites = num_sites
-        self.min_sites = max(1, min_sites)
+        self.min_sites = max(1, int(min_sites))
         self.wait_for_sites_s = wait_for_sites_s
+        self.phase_timeout_s = phase_timeout_s
+        self.registry = registry or SiteRegistry()
+        self.notes: list[str] = []
         self.current: ArrayRecord | None = None
         self.train_record = RoundRecord()
         self.evaluate_record = RoundRecord()
+        self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}
+        self._reconciled = False
+        self._round = 0
 
     # ------------------------------------------------------------------ helpers
     @property
     def sent_groups(self) -> list[str]:
         return [g for g in GROUPS if not self.rules[g].local]
 
-    def _nodes(self, grid: Grid) -> list[int]:
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The round's one wait: until ``num_sites`` hospitals are connected, or ``wait_for_sites_s``."""
         deadline = time.monotonic() + self.wait_for_sites_s
         nodes = list(grid.get_node_ids())
         while len(nodes) < self.num_sites and time.monotonic() < deadline:
@@ -107,7 +165,7 @@ class GroupedFedAvg(Strategy):
             logger.warning("only %d of %d hospitals connected; going on with them", len(nodes), self.num_sites)
         return sorted(nodes)
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: Sequence[int],
                   message_type: str, record: RoundRecord) -> list[Message]:
         self.current = arrays
         content = RecordDict()
@@ -123,112 +181,166 @@ class GroupedFedAvg(Strategy):
         cfg[protocol.RUN_CONFIG_JSON] = self.run_config_json
         cfg[protocol.SENT_GROUPS] = ",".join(self.sent_groups)
         content[protocol.CONFIG] = cfg
-        nodes = self._nodes(grid)
         record.bytes_to_sites = sent * len(nodes)
         return [Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
                 for node in nodes]
 
-    def _exclude(self, record: RoundRecord, msg: Message, error: Exception, phase: str) -> None:
-        name = site_name(msg)
-        logger.warning("round %s: leaving out %s's %s reply: %s", self._round, name, phase, error)
-        record.excluded.append({"site": name, "node_id": int(msg.metadata.src_node_id), "reason": str(error)})
+    def _exclude(self, record: RoundRecord, verdict: Verdict, reason: str, phase: str) -> None:
+        logger.warning("round %s: leaving out %s's %s reply: %s", self._round, verdict.name, phase, reason)
+        entry: dict[str, Any] = {"site": verdict.name, "node_id": int(verdict.node_id), "phase": phase, "reason": reason}
+        if verdict.claimed is not None and verdict.claimed != verdict.name:
+            entry["claimed"] = verdict.claimed
+        record.excluded.append(entry)
+
+    def _admit(self, replies: Iterable[Message], phase: str, record: RoundRecord) -> list[tuple[Message, Verdict]]:
+        """Identity checks for one phase; refused replies and stragglers go to ``record.excluded``."""
+        replies = list(replies)
+        verdicts = self.registry.admit([(int(m.metadata.src_node_id), claimed_name(m)) for m in replies],
+                                       self._asked[phase])
+        admitted = []
+        for msg, verdict in zip(replies, verdicts):
+            if verdict.refused is not None:
+                self._exclude(record, verdict, verdict.refused, phase)
+            else:
+                admitted.append((msg, verdict))
+        answered = {v.node_id for v in verdicts}
+        for node in self._asked[phase]:
+            if node not in answered:
+                straggler = Verdict(node, self.registry.display(node), None)
+                self._exclude(record, straggler, f"no reply within federation.round_timeout_s="
+                                                 f"{self.phase_timeout_s:g} s (straggler)", phase)
+        return admitted
 
     # ------------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round = server_round
         self.train_record = RoundRecord()
-        return self._messages(server_round, arrays, config, grid, MessageType.TRAIN, self.train_record)
+        nodes = self._wait_for_nodes(grid)
+        if not self._reconciled:
+            note = self.registry.reconcile(nodes)
+            if note:
+                self.notes.append(note)
+            self._reconciled = True
+        self._asked["train"] = nodes
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN, self.train_record)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self._round = server_round
         record = self.train_record
-        weight_keys = sorted({protocol.WEIGHT_KEYS[r.weight] for r in self.rules.values() if r.weight != "uniform"})
         sent_reference = {g: self.reference[g] for g in self.sent_groups}
         valid: list[SiteReply] = []
-        for msg in replies:
-            stopped = budget_exhausted_metrics(msg)
-            if stopped is not None:
-                record.budget_exhausted.append(stopped)
+        for msg, verdict in self._admit(replies, "train", record):
             try:
-                reply = check_train_reply(msg, sent_reference, self.transport, weight_keys)
-            except (ReplyError, ValueError, KeyError, TypeError) as error:
-                self._exclude(record, msg, error, "train")
-                continue
-            if reply.site in record.sites:
-                self._exclude(record, msg, ReplyError(f"a second reply from site {reply.site!r}"), "train")
+                stopped = budget_exhausted_metrics(msg, verdict.name)
+                if stopped is not None:
+                    record.budget_exhausted.append(stopped)
+                reply = check_train_reply(msg, sent_reference, self.transport, self.limits, verdict.name)
+            except Exception as error:  # every failure of one reply excludes that reply only
+                self._exclude(record, verdict, _reason(error), "train")
                 continue
             valid.append(reply)
             record.sites[reply.site] = reply.metrics
             record.bytes_from_sites += reply.bytes_received
             if reply.class_counts is not None:
                 record.class_counts[reply.site] = reply.class_counts
-        if len(valid) < self.min_sites or self.current is None:
-            logger.warning("round %d: %d valid replies (< federation.min_sites=%d); global model unchanged",
-                           server_round, len(valid), self.min_sites)
+        if self.current is None or len(valid) < self.min_sites:
+            record.failure = (f"{len(valid)} valid train replies, fewer than federation.min_sites={self.min_sites}; "
+                              f"global model unchanged")
+            logger.warning("round %d: %s", server_round, record.failure)
             return None, None
-        new_arrays = self.aggregate_arrays(self.current, valid)
+        try:
+            new_arrays = self.aggregate_arrays(self.current, valid, record)
+        except Exception as error:  # the checks above should make this unreachable; never stop the run
+            logger.exception("round %d: aggregation failed", server_round)
+            record.failure = f"aggregation failed ({_reason(error)}); global model unchanged"
+            return None, None
         record.aggregated = True
         return new_arrays, MetricRecord({"sites-aggregated": len(valid), "sites-excluded": len(record.excluded)})
 
-    def aggregate_arrays(self, current: ArrayRecord, replies: Sequence[SiteReply]) -> ArrayRecord:
-        """The new global ArrayRecord from checked replies (pure math in ``common.aggregate``)."""
-        current_groups = {g: {k: current[k].numpy() for k in self.reference[g]} for g in GROUPS}
+    def group_weights(self, replies: Sequence[SiteReply]) -> dict[str, list[float]]:
+        """Each sent group's weight per reply, as its rule says."""
         weights: dict[str, list[float]] = {}
-        for group, rule in self.rules.items():
-            if rule.local:
-                continue
+        for group in self.sent_groups:
+            rule = self.rules[group]
             if rule.weight == "uniform":
                 weights[group] = [1.0] * len(replies)
             else:
-                weights[group] = [r.metrics[protocol.WEIGHT_KEYS[rule.weight]] for r in replies]
-                if sum(weights[group]) <= 0:
-                    logger.warning("group %s: all weights are 0; averaging uniformly", group)
-                    weights[group] = [1.0] * len(replies)
-        local = [g for g, r in self.rules.items() if r.local]
-        merged = aggregate_groups(current_groups, [r.groups for r in replies], weights, local)
-        flat = {k: v for group in GROUPS for k, v in merged[group].items()}
+                weights[group] = [float(r.metrics[protocol.WEIGHT_KEYS[rule.weight]]) for r in replies]
+        return weights
+
+    def aggregate_arrays(self, current: ArrayRecord, replies: Sequence[SiteReply],
+                         record: RoundRecord | None = None) -> ArrayRecord:
+        """The new global ArrayRecord from checked replies (pure math in ``common.aggregate``)."""
+        current_groups = {g: {k: current[k].numpy() for k in self.reference[g]} for g in GROUPS}
+        local = [g for g in GROUPS if self.rules[g].local]
+        outcomes = aggregate_group_outcomes(current_groups, [r.groups for r in replies], self.group_weights(replies),
+                                            local, {g: self.aggregation.policy(g) for g in GROUPS})
+        if record is not None:
+            record.groups = {g: self._describe(g, outcome, replies) for g, outcome in outcomes.items() if g not in local}
+        flat = {k: v for outcome in outcomes.values() for k, v in outcome.arrays.items()}
         return ArrayRecord({k: Array(np.ascontiguousarray(flat[k].astype(current[k].numpy().dtype))) for k in current.keys()})
+
+    def _describe(self, group: str, outcome: GroupOutcome, replies: Sequence[SiteReply]) -> dict[str, Any]:
+        rule = self.rules[group]
+        described: dict[str, Any] = {
+            "rule": rule.rule,
+            "weight": rule.weight,
+            "shares": {replies[i].site: share for i, share in zip(outcome.members, outcome.shares)},
+            "clipped": [replies[i].site for i in outcome.clipped],
+        }
+        if outcome.kept:
+            described["kept"] = outcome.kept
+            logger.warning("round %d: group %s kept unchanged: %s", self._round, group, outcome.kept)
+        return described
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self._round = server_round
         self.evaluate_record = RoundRecord()
-        return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE, self.evaluate_record)
+        nodes = sorted(grid.get_node_ids())  # no second wait: the round waited before training
+        self._asked["evaluate"] = nodes
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE, self.evaluate_record)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the hospitals' classifier metrics (NaN AUROCs left out)."""
+        """Pooled metrics of every valid hospital's held-out patches; per-site metrics in the record."""
         self._round = server_round
         record = self.evaluate_record
         valid: list[SiteReply] = []
-        for msg in replies:
+        for msg, verdict in self._admit(replies, "evaluate", record):
             try:
-                reply = check_evaluate_reply(msg)
-            except (ReplyError, ValueError, KeyError, TypeError) as error:
-                self._exclude(record, msg, error, "evaluate")
+                reply = check_evaluate_reply(msg, self.limits, verdict.name)
+                assert reply.evaluation is not None
+                metrics = summary_metrics(reply.evaluation)
+            except Exception as error:
+                self._exclude(record, verdict, _reason(error), "evaluate")
                 continue
             valid.append(reply)
-            record.sites[reply.site] = reply.metrics
+            record.sites[reply.site] = metrics
         if not valid:
+            record.failure = "no valid evaluate reply"
             return None
-        return MetricRecord(weighted_site_metrics([r.metrics for r in valid]))
+        record.global_metrics = pooled_metrics(r.evaluation for r in valid if r.evaluation is not None)
+        record.aggregated = True
+        return MetricRecord(record.global_metrics)
 
     def summary(self) -> None:
         for group in GROUPS:
             rule = self.rules[group]
-            logger.info("  %-13s %s", group, "kept local" if rule.local else f"FedAvg weighted by {rule.weight}")
+            if rule.local:
+                logger.info("  %-13s kept local", group)
+                continue
+            how = {"fedavg": f"FedAvg weighted by {rule.weight}", "median": "coordinate-wise median",
+                   "trimmed_mean": f"trimmed mean (cut {rule.trim_fraction:g} each end)"}[rule.rule]
+            logger.info("  %-13s %s", group, how)
+        logger.info("  max weight share: %g, update clipping: %s", self.aggregation.max_weight_share,
+                    "off" if self.aggregation.clip_update_norm is None
+                    else f"{self.aggregation.clip_update_norm:g} x median norm")
         logger.info("  transport dtype: %s", self.transport)
 
 
-def weighted_site_metrics(sites: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Global figures: each metric's mean over hospitals weighted by their held-out examples."""
-    out: dict[str, float] = {}
-    total = sum(float(s[protocol.REAL_EXAMPLES]) for s in sites)
-    for name in METRIC_NAMES:
-        pairs = [(float(s[name]), float(s[protocol.REAL_EXAMPLES])) for s in sites
-                 if name in s and math.isfinite(float(s[name]))]
-        weight = sum(w for _, w in pairs)
-        out[name] = sum(v * w for v, w in pairs) / weight if weight > 0 else math.nan
-    out["examples"] = total
-    return out
+def _reason(error: BaseException) -> str:
+    """An exclusion reason: the message of a ReplyError, the type and message of anything else."""
+    text = str(error)[:500]
+    return text if isinstance(error, ReplyError) else f"{type(error).__name__}: {text}"

@@ -7,10 +7,14 @@
     fedvitgan simulate resume=runs/demo federation.rounds=20     # continue a stopped run
     fedvitgan simulate --quiet tracking=mlflow                    # per-round lines only; log to MLflow
     fedvitgan simulate -m seed=0,1,2                              # Hydra multirun: one run folder per job
+    fedvitgan simulate 'faults=[{site:1,kind:scale,scale:1e4,rounds:all}]' \
+        federation.aggregation.discriminator.rule=median          # a hostile hospital (simulation only)
 
 The run folder (printed at the end) holds summary.json, checkpoints/, samples/, partition.md, the
 run report (report.md, curves.png) and the hospitals' state folders (sites/). ``--help`` lists the
-config groups; ``--cfg job`` prints the composed config without running.
+config groups; ``--cfg job`` prints the composed config without running. A run that stops after
+``federation.max_failed_rounds`` failed rounds exits with status 3 (``status: failed`` in
+summary.json) and can be resumed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from omegaconf import DictConfig  # noqa: E402
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
 from common.data.sites import configured_class_names  # noqa: E402
+from common.faults import parse_faults  # noqa: E402
 from server.resume import resolve_resume  # noqa: E402
 from simulations.console import quiet_driver_logging, round_lines_only, start_ray, stop_ray  # noqa: E402
 from simulations.report import write_run_report  # noqa: E402
@@ -41,6 +46,8 @@ from simulations.tracking import open_tracker  # noqa: E402
 logger = logging.getLogger("fedvitgan.simulate")
 
 QUIET_FLAG = "--quiet"
+#: Exit status of a run that stopped after federation.max_failed_rounds failed rounds.
+EXIT_FAILED = 3
 
 
 def run_simulation_from_config(run: dict[str, Any]) -> Path:
@@ -85,6 +92,7 @@ def _simulate(cfg: DictConfig) -> None:
         if run["data"].get("name") != "synthetic" and not run["data"].get("class_names"):
             # Named once, from the class folders: recorded in summary.json, the same at every hospital.
             run["data"]["class_names"] = list(configured_class_names(run["data"]))
+    parse_faults(run.get("faults"), int(run["federation"]["num_sites"]))  # a bad entry stops here, named
     quiet = bool((run.get("console") or {}).get("quiet"))
     quiet_driver_logging(quiet)
     tracker = open_tracker(run)
@@ -98,12 +106,13 @@ def _simulate(cfg: DictConfig) -> None:
         summary = folder / "summary.json"
         if not summary.is_file():
             raise SystemExit(f"the simulation ended without writing {summary}; see the log above")
-        succeeded = True
+        written = json.loads(summary.read_text())
+        succeeded = written.get("status") != "failed"
         report = _write_report(folder)
     finally:
         if tracker is not None:
             tracker.finish(succeeded, report)
-    rounds = json.loads(summary.read_text()).get("rounds", [])
+    rounds = written.get("rounds", [])
     print(f"\nrun folder: {folder}  ({len(rounds)} rounds in summary.json)")
     if report:
         print(f"run report: {report['md']}")
@@ -111,6 +120,10 @@ def _simulate(cfg: DictConfig) -> None:
         print(f"privacy report: {folder / 'privacy' / 'report.md'}")
     if tracker is not None:
         print(f"MLflow run {tracker.run_id} at {tracker.uri}")
+    if not succeeded:
+        print(f"fedvitgan simulate: {written.get('failure', 'the run failed')}; resume it with resume={folder}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_FAILED)
 
 
 def _write_report(folder: Path) -> dict[str, Path]:
