@@ -5,7 +5,7 @@ global model's keys, and every array's payload has the byte size its reference i
 exactly the reference's shape, wire dtype and element count, and holds finite values. Metrics follow
 a schema: the aggregation weights are integer counts in range (``num-examples`` at most
 ``federation.max_site_examples``, ``generator-steps`` at most ``train.local_steps``), other metrics
-are finite numbers with plain names, and lists are allowed only where the protocol has them. Class
+are finite numbers with printable names, and lists are allowed only where the protocol has them. Class
 counts are a small JSON object of known class names and integer counts. An evaluate reply carries
 its held-out confusion matrix and score histograms, whose totals must agree with each other.
 
@@ -32,8 +32,8 @@ from common.records import decode_array, expected_wire_dtype
 
 #: A site name: what simulations/certs.py allows for a hospital's key files.
 SITE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-#: Metric names: plain ASCII paths such as ``loss/d_real`` or ``dp/epsilon``.
-METRIC_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,96}$")
+#: Metric names: printable text such as ``loss/d_real`` or ``acceptance/<class name>``.
+MAX_METRIC_NAME = 160
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 #: Bytes a ``.npy`` payload may carry beyond its data (its header).
 NPY_HEADER_MAX = 4096
@@ -44,7 +44,7 @@ MAX_CLASS_COUNTS_JSON = 65_536
 #: Metric lists a train reply may carry (a hospital's privacy accountant history).
 LIST_METRICS = frozenset({protocol.DP_HISTORY_NOISE, protocol.DP_HISTORY_RATE, protocol.DP_HISTORY_STEPS})
 SITE_KEYS = frozenset({protocol.SITE_NAME, protocol.STATUS, protocol.STATUS_MESSAGE, protocol.CLASS_COUNTS_JSON})
-COUNT_SPLITS = ("train", "test")
+COUNT_SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"
 
 
@@ -158,7 +158,7 @@ def _expect_records(msg: Message, arrays: Sequence[str]) -> None:
 
 
 def _metrics(msg: Message) -> dict[str, Any]:
-    """The reply's metrics after the generic schema: plain names, finite numbers, known lists."""
+    """The reply's metrics after the generic schema: printable names, finite numbers, known lists."""
     if protocol.METRICS not in msg.content.metric_records:
         raise ReplyError("no metrics record")
     record = msg.content.metric_records[protocol.METRICS]
@@ -166,8 +166,8 @@ def _metrics(msg: Message) -> dict[str, Any]:
         raise ReplyError(f"{len(record)} metrics (at most {MAX_METRICS})")
     metrics: dict[str, Any] = {}
     for key, value in record.items():
-        if not isinstance(key, str) or not METRIC_NAME.match(key):
-            raise ReplyError(f"metric name {str(key)[:40]!r} is not a plain name")
+        if not isinstance(key, str) or not key.isprintable() or not 0 < len(key) <= MAX_METRIC_NAME:
+            raise ReplyError(f"metric name {str(key)[:40]!r} is not printable text of at most {MAX_METRIC_NAME} characters")
         if isinstance(value, list):
             if len(value) > MAX_LIST or not all(_is_number(v) and math.isfinite(float(v)) for v in value):
                 raise ReplyError(f"metric {key!r}: expected at most {MAX_LIST} finite numbers")
@@ -231,7 +231,8 @@ def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -
 
 
 def class_counts(msg: Message, site: str, limits: ReplyLimits) -> dict[str, Any] | None:
-    """The partition-report row a hospital sent: ``{"site", "train": {class: n}, "test": {class: n}}``.
+    """The partition-report row a hospital sent: ``{"site", "train": {class: n}, "test": {class: n}}``
+    (and ``"val"`` when the hospital carves a validation split).
 
     The row is filed under the reply's (bound) site name; the ``site`` entry inside is ignored.
     """
@@ -244,12 +245,14 @@ def class_counts(msg: Message, site: str, limits: ReplyLimits) -> dict[str, Any]
     except (ValueError, RecursionError) as error:
         raise ReplyError(f"class counts are not readable JSON: {type(error).__name__}") from None
     if not isinstance(counts, dict) or not set(counts) <= {"site", *COUNT_SPLITS}:
-        raise ReplyError("class counts: expected an object with 'site', 'train' and 'test'")
+        raise ReplyError("class counts: expected an object with 'site' and per-split counts ('train', 'val', 'test')")
     if not isinstance(counts.get("site", ""), str):
         raise ReplyError("class counts: 'site' is not a string")
     known = {*limits.class_names, UNLABELLED}
     clean: dict[str, Any] = {"site": site}
     for split in COUNT_SPLITS:
+        if split == "val" and split not in counts:
+            continue
         per_class = counts.get(split, {})
         if not isinstance(per_class, dict):
             raise ReplyError(f"class counts [{split}]: expected an object of class -> count")

@@ -25,6 +25,7 @@ from common.config import compose_config, plain_config
 from common.evaluation import METRIC_NAMES, EvaluationSummary, pooled_metrics
 from common.model import GROUPS
 from server.federation import run_federation
+from server.strategy import GroupedStrategy
 from tests.fakes import InProcessGrid, ReplayGrid
 from tests.test_federation import SMALL
 
@@ -366,3 +367,34 @@ def test_bindings_start_afresh_when_every_node_id_is_new(tmp_path: Path, recorde
     assert entry["aggregated"] and not entry["excluded"]
     assert "site bindings start afresh" in entry["notes"][0]
     assert summary["site_bindings"] == {"site-0": 11, "site-1": 12, "site-2": 13}
+
+
+def test_a_validation_split_and_class_names_with_spaces_are_accepted(tmp_path: Path, recorded: dict) -> None:
+    counts = {"site": "site-1", "train": {"tumour": 30, "unlabelled": 10}, "val": {"tumour": 5}, "test": {"stroma": 4}}
+
+    def legitimate(reply: Message) -> Message:
+        reply.content.config_records[protocol.SITE][protocol.CLASS_COUNTS_JSON] = json.dumps(counts)
+        reply.content.metric_records[protocol.METRICS]["acceptance/ductal carcinoma"] = 0.5
+        return reply
+
+    _, summary = _replay(tmp_path, recorded, legitimate)
+    assert not summary["rounds"][1]["excluded"]
+    assert json.loads((tmp_path / "partition.json").read_text())["site-1"]["val"] == {"tumour": 5}
+
+
+def test_a_round_waits_for_missing_hospitals_once_not_once_per_phase(tmp_path: Path, recorded: dict,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[int] = []
+    original = GroupedStrategy._wait_for_nodes
+
+    def counted(self: GroupedStrategy, grid: object) -> list[int]:
+        waits.append(self._round)
+        return original(self, grid)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GroupedStrategy, "_wait_for_nodes", counted)
+    grid = ReplayGrid(recorded, 3)
+    del grid.contexts[3]  # one hospital never connects
+    run_federation(grid, _config(tmp_path, ["federation.rounds=2", "federation.wait_for_sites_s=1"]), tmp_path)
+    assert waits == [1, 2]  # train and evaluate share the round's one wait
+    entry = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]
+    assert entry["aggregated"] and sorted(entry["aggregation"]["classifier"]["shares"]) == ["site-0", "site-1"]
