@@ -27,7 +27,7 @@ from common.evaluation import METRIC_NAMES, save_generator_grid
 from common.faults import parse_faults
 from common.model import GROUPS, ModelConfig, build_model
 from common.records import check_transport_dtype, state_nbytes
-from server.checkpoint import CheckpointStore
+from server.checkpoint import CheckpointStore, LatestCheckpoint
 from server.identity import SiteRegistry
 from server.partition_report import write_partition_report
 from server.replies import ReplyLimits
@@ -110,6 +110,25 @@ def _round_entry(rnd: int, seconds: float, train: RoundRecord, evaluate: RoundRe
     }
 
 
+def _resume_point(latest: LatestCheckpoint | None, store: CheckpointStore, run: dict[str, Any], run_dir: Path,
+                  fingerprint: str, model: torch.nn.Module) -> tuple[int, dict[str, int]]:
+    """The first round to run and the saved site bindings; loads the ``latest`` checkpoint into ``model``."""
+    if latest is not None and not run.get("resume"):
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints up to round {latest.state.round}); "
+                          f"continue it with resume={run_dir} or choose another folder (hydra.run.dir=...)")
+    if latest is None:
+        if run.get("resume"):
+            _progress(f"resume: {run_dir} has no finished round yet; starting from round 1")
+        return 1, {}
+    state = latest.state
+    if state.config_fingerprint and state.config_fingerprint != fingerprint:
+        raise ConfigError(f"{store.folder}: the checkpoint was made with another model architecture "
+                          f"or class count; resume with the run's own config")
+    model.load_state_dict(latest.weights)
+    _progress(f"resuming {run_dir} after round {state.round}")
+    return state.round + 1, dict(state.extra.get("site_bindings") or {})
+
+
 def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path:
     """Run (or resume) ``run['federation']['rounds']`` rounds; returns the run folder.
 
@@ -129,24 +148,8 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
                         seed=int(run["seed"]))
     fingerprint = _fingerprint(run, len(class_names))
     store = CheckpointStore(run_dir, int(fed.get("checkpoint_keep_last", 0)))
-    start_round = 1
     latest = store.latest()
-    if latest is not None and not run.get("resume"):
-        raise ConfigError(f"{run_dir} already holds a run (checkpoints up to round {latest.state.round}); "
-                          f"continue it with resume={run_dir} or choose another folder (hydra.run.dir=...)")
-    if latest is None and run.get("resume"):
-        _progress(f"resume: {run_dir} has no finished round yet; starting from round 1")
-    bindings: dict[str, int] = {}
-    if latest is not None:
-        state, weights = latest.state, latest.weights
-        if state.config_fingerprint and state.config_fingerprint != fingerprint:
-            raise ConfigError(f"{store.folder}: the checkpoint was made with another model architecture "
-                              f"or class count; resume with the run's own config")
-        model.load_state_dict(weights)
-        start_round = state.round + 1
-        bindings = dict(state.extra.get("site_bindings") or {})
-        _progress(f"resuming {run_dir} after round {state.round}")
-    aggregation = AggregationConfig.from_config(fed["aggregation"])
+    start_round, bindings = _resume_point(latest, store, run, run_dir, fingerprint, model)
     min_sites = int(fed.get("min_sites", 1))
     max_failed = int(fed.get("max_failed_rounds", 3))
     if min_sites < 1 or max_failed < 1:
@@ -154,9 +157,9 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     timeout = float(fed.get("round_timeout_s", 3600))
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     registry = SiteRegistry(bindings)
-    strategy = GroupedStrategy(reference, aggregation, transport, json.dumps(run), _limits(run, class_names),
-                               int(fed["num_sites"]), min_sites, float(fed.get("wait_for_sites_s", 300)), timeout,
-                               registry)
+    strategy = GroupedStrategy(reference, AggregationConfig.from_config(fed["aggregation"]), transport, json.dumps(run),
+                               _limits(run, class_names), int(fed["num_sites"]), min_sites,
+                               float(fed.get("wait_for_sites_s", 300)), timeout, registry)
     group_bytes = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, transport)
                    for g in GROUPS}
     group_bytes_f32 = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, "float32")

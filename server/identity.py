@@ -1,7 +1,8 @@
 """Who sent a reply: site names bound to the authenticated Flower node that first used them.
 
-A hospital is identified by ``msg.metadata.src_node_id`` (set by the SuperLink from the
-authenticated SuperNode), not by the name it writes in its reply. On first contact a node's name
+A hospital is identified by ``msg.metadata.src_node_id``, not by the name it writes in its reply:
+the SuperLink accepts a reply only from the node its instruction went to, and with SuperNode
+authentication a node id belongs to one registered key. On first contact a node's name
 is bound to it; from then on a reply that reports another node's name, or a node that reports a
 second name, is refused. Within one phase a second reply from a node and a reply from a node that
 was not asked are refused too. When two unbound nodes claim the same unbound name at once, neither

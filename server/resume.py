@@ -1,4 +1,8 @@
-"""Continuing a stopped run's config is read from its ``summary.json``; only rounds, timeouts, the number of failed
+"""Continuing a stopped run: its own recorded config, frozen, with the few changes a resume may make.
+
+One function for both ways a run is started: ``fedvitgan simulate resume=RUN`` and a deployment's
+``flwr run ... --run-config "overrides='resume=RUN federation.rounds=N'"`` (``server.app``). The
+stopped run's config is read from its ``summary.json``; only rounds, timeouts, the number of failed
 rounds tolerated, the simulation's ``faults`` and the device may change, so a resume can never turn
 differential privacy off, change the aggregation or point the hospitals somewhere else.
 """
