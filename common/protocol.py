@@ -40,12 +40,10 @@ STATUS = "status"  # "ok" | "data_error" | "error" | "refused" | "budget_exhaust
 STATUS_MESSAGE = "message"
 CLASS_COUNTS_JSON = "class-counts-json"
 
-#: Site status of a hospital that refuses an instruction (e.g. fault injection outside a simulation).
-STATUS_REFUSED = "refused"
 #: Site status of a hospital whose privacy budget would be exceeded by the coming round.
 STATUS_BUDGET_EXHAUSTED = "budget_exhausted"
 #: Site status of a hospital whose own policy refuses the run's configuration (the message names the
-#: key); it trains nothing that round.
+#: key), or that is asked to inject faults outside a simulation; it trains nothing that round.
 STATUS_REFUSED = "refused"
 
 #: Differential-privacy entries of a train reply's MetricRecord (privacy.enabled=true). Epsilons are
