@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -146,6 +147,8 @@ class GroupedStrategy(Strategy):
         self.train_record = RoundRecord()
         self.evaluate_record = RoundRecord()
         self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}
+        #: The instructions of each phase; the grid gives them their message ids when it sends them.
+        self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._reconciled = False
         self._round = 0
 
@@ -192,10 +195,20 @@ class GroupedStrategy(Strategy):
             entry["claimed"] = verdict.claimed
         record.excluded.append(entry)
 
+    def _sender(self, reply: Message, phase: str) -> int:
+        """The node a reply is about: its authenticated source, or, for an error the SuperLink itself
+        returns for an unreachable hospital (source ``SUPERLINK_NODE_ID``), the node the instruction went to."""
+        node = int(reply.metadata.src_node_id)
+        if node == SUPERLINK_NODE_ID and reply.has_error():
+            for instruction in self._sent[phase]:
+                if instruction.metadata.message_id and instruction.metadata.message_id == reply.metadata.reply_to_message_id:
+                    return int(instruction.metadata.dst_node_id)
+        return node
+
     def _admit(self, replies: Iterable[Message], phase: str, record: RoundRecord) -> list[tuple[Message, Verdict]]:
         """Identity checks for one phase; refused replies and stragglers go to ``record.excluded``."""
         replies = list(replies)
-        verdicts = self.registry.admit([(int(m.metadata.src_node_id), claimed_name(m)) for m in replies],
+        verdicts = self.registry.admit([(self._sender(m, phase), claimed_name(m)) for m in replies],
                                        self._asked[phase])
         admitted = []
         for msg, verdict in zip(replies, verdicts):
@@ -223,7 +236,8 @@ class GroupedStrategy(Strategy):
                 self.notes.append(note)
             self._reconciled = True
         self._asked["train"] = nodes
-        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN, self.train_record)
+        self._sent["train"] = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN, self.train_record)
+        return self._sent["train"]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -301,7 +315,9 @@ class GroupedStrategy(Strategy):
         self.evaluate_record = RoundRecord()
         nodes = sorted(grid.get_node_ids())  # no second wait: the round waited before training
         self._asked["evaluate"] = nodes
-        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE, self.evaluate_record)
+        self._sent["evaluate"] = self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE,
+                                                self.evaluate_record)
+        return self._sent["evaluate"]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Pooled metrics of every valid hospital's held-out patches; per-site metrics in the record."""

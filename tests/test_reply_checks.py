@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from safetensors.torch import load_file
 
 from client.app import app as client_app
@@ -397,4 +398,21 @@ def test_a_round_waits_for_missing_hospitals_once_not_once_per_phase(tmp_path: P
     run_federation(grid, _config(tmp_path, ["federation.rounds=2", "federation.wait_for_sites_s=1"]), tmp_path)
     assert waits == [1, 2]  # train and evaluate share the round's one wait
     entry = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]
+    assert entry["aggregated"] and sorted(entry["aggregation"]["classifier"]["shares"]) == ["site-0", "site-1"]
+
+
+def test_the_superlinks_error_for_an_unreachable_hospital_is_filed_under_that_hospital(tmp_path: Path,
+                                                                                      recorded: dict) -> None:
+    # Flower's SuperLink answers for a hospital that went offline with an error of its own, sent from
+    # node SUPERLINK_NODE_ID (1); it concerns the node the instruction went to, not a node nobody asked.
+    def unreachable(reply: Message) -> Message:
+        error = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=reply)
+        error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        error.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+        return error
+
+    _, summary = _replay(tmp_path, recorded, unreachable, node=3)
+    entry = summary["rounds"][1]
+    assert [(e["site"], e["node_id"]) for e in entry["excluded"]] == [("site-2", 3)], entry["excluded"]
+    assert "Flower error (code 5)" in entry["excluded"][0]["reason"]
     assert entry["aggregated"] and sorted(entry["aggregation"]["classifier"]["shares"]) == ["site-0", "site-1"]
