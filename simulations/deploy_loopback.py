@@ -298,16 +298,21 @@ def training_started(ledger_folder: Path, server_round: int) -> bool:
 
 
 def received_train_messages(log: Path, server_round: int | None = None) -> int:
-    """Train messages a SuperNode's log says it received (of one round, when given)."""
+    """Train messages a SuperNode's log says it received and handed to a ClientApp (of one round,
+    when given). A message the SuperNode ignored (its run was no longer running, as after a
+    SuperLink restart) is not counted: no ClientApp trained on it."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return 0
-    count = 0
+    received: list[str] = []
+    ignored: set[str] = set()
     for previous, line in zip(["", *lines], lines):
-        if "Receiving: train message" in line and (server_round is None or f"ROUND {server_round}]" in previous):
-            count += 1
-    return count
+        if "Receiving: train message (ID: " in line and (server_round is None or f"ROUND {server_round}]" in previous):
+            received.append(line.split("(ID: ", 1)[1].split(")", 1)[0])
+        elif "Ignoring message " in line:
+            ignored.add(line.split("Ignoring message ", 1)[1].split()[0].rstrip(".,"))
+    return sum(1 for message in received if message not in ignored)
 
 
 def check_run_folder(run_dir: Path, rounds: int) -> None:

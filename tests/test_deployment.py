@@ -26,6 +26,7 @@ from simulations.deploy_loopback import (
     INTRUDER,
     LoopbackOptions,
     LoopbackResult,
+    received_train_messages,
     run_loopback,
 )
 from simulations.deployment import (
@@ -165,3 +166,20 @@ def test_node_config_strings_are_what_flower_parses() -> None:
 
     config = {"site-id": 1, "num-sites": 3, "site-name": "hug", "data-root": "/data/my pcam", "device": "cuda:0"}
     assert parse_config_args([node_config_string(config)]) == config
+
+
+def test_a_train_message_the_supernode_ignored_is_not_counted_as_received(tmp_path: Path) -> None:
+    # As Flower 1.42's SuperNode logs it after a SuperLink restart: the dead run's round-2 message
+    # arrives and is ignored (no ClientApp trains on it); the resumed run's round-2 message is not.
+    log = tmp_path / "site-0.log"
+    log.write_text("\n".join([
+        "INFO :      [RUN 11, ROUND 1]", "INFO :      Receiving: train message (ID: aa01)",
+        "INFO :      [RUN 11, ROUND 2]", "INFO :      Receiving: train message (ID: bb02)",
+        "INFO :      Run ID 11 is not in `RUNNING` status. Ignoring message bb02.",
+        "INFO :      [RUN 12, ROUND 2]", "INFO :      Receiving: train message (ID: cc03)",
+        "INFO :      [RUN 12, ROUND 3]", "INFO :      Receiving: evaluate message (ID: dd04)",
+    ]) + "\n")
+    assert received_train_messages(log) == 2
+    assert received_train_messages(log, 2) == 1
+    assert received_train_messages(log, 1) == 1
+    assert received_train_messages(tmp_path / "missing.log") == 0
