@@ -12,7 +12,6 @@ Ends with the line ``dp-step+ledger/dp-step time ratio: R``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import describe_device, interleaved_medians  # noqa: E402
+from benchmarks.timing import describe_device, interleaved_medians, step_timing_parser  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.privacy.accounting import build_plan  # noqa: E402
 from common.privacy.budget import private_train_config  # noqa: E402
@@ -47,14 +46,8 @@ def _make(preset: str, batch: int, num_classes: int, device: torch.device, ledge
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="model preset in conf/model (default: tiny)")
-    parser.add_argument("--batch-size", type=int, default=32, help="real images per step (default: 32)")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind (default: 40)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first (default: 5)")
-    parser.add_argument("--block", type=int, default=5, help="steps per alternating block (default: 5)")
+    parser = step_timing_parser(__doc__)
     parser.add_argument("--folder", type=Path, default=None, help="where the ledger is written (default: a temp folder)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:

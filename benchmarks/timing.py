@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -10,6 +11,19 @@ from collections.abc import Callable, Mapping
 import torch
 
 Step = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+def step_timing_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with the options every step-timing script shares: preset, batch, timed and warm-up
+    steps, block length, device."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="model preset in conf/model (default: tiny)")
+    parser.add_argument("--batch-size", type=int, default=32, help="real images per step (default: 32)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind (default: 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first (default: 5)")
+    parser.add_argument("--block", type=int, default=5, help="steps per alternating block (default: 5)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
 
 
 def sync(device: torch.device) -> None:
