@@ -6,8 +6,11 @@ own: on CUDA with ``max_memory_allocated``; on the CPU in a child process that r
 as its peak RSS (dominated by importing torch) and the growth of its RSS over the steps.
 
     python benchmarks/unified_step.py [--preset tiny] [--batch-size 32] [--steps 40]
+    python benchmarks/unified_step.py --train generator_update=same_pass --train generated_batch_size=16 --with-default
 
-Ends with the line ``unified/classifier step time ratio: R``.
+``--train KEY=VALUE`` sets a ``TrainConfig`` field of the timed unified step (repeatable);
+``--with-default`` also times the unified step with the default config in the same interleaving.
+Ends with the line ``unified/classifier step time ratio: R`` (for the unified step as configured).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,11 +55,22 @@ class ClassifierOnly:
         self.opt_head.step()
 
 
-def _make(kind: str, preset: str, num_classes: int, device: torch.device):
+def train_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as TrainConfig fields (values read as YAML: 16, null, same_pass, true)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in TrainConfig.__dataclass_fields__:
+            raise SystemExit(f"--train {pair!r}: expected KEY=VALUE with KEY a train config field")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _make(kind: str, preset: str, num_classes: int, device: torch.device, overrides: dict[str, Any] | None = None):
     if kind == "classifier":
         return ClassifierOnly(preset, num_classes, device).step
     model = build_model(model_preset(preset), num_classes, seed=0)
-    trainer = LocalTrainer(model, TrainConfig(), seed=0, device=device)
+    trainer = LocalTrainer(model, replace(TrainConfig(), **(overrides or {})), seed=0, device=device)
     trainer.global_step = trainer.cfg.selection.warmup_steps  # time the full step, selection active
     return trainer.unified_step
 
@@ -65,10 +82,11 @@ def _batch(preset: str, batch: int, num_classes: int, device: torch.device) -> t
     return images, (torch.arange(batch) % num_classes).to(device)
 
 
-def _peak_rss_child(kind: str, preset: str, batch: int, num_classes: int, steps: int, queue) -> None:
+def _peak_rss_child(kind: str, preset: str, batch: int, num_classes: int, steps: int, queue,
+                    overrides: dict[str, Any]) -> None:
     torch.set_num_threads(torch.get_num_threads())
     device = torch.device("cpu")
-    step = _make(kind, preset, num_classes, device)
+    step = _make(kind, preset, num_classes, device, overrides)
     images, labels = _batch(preset, batch, num_classes, device)
     before = _current_rss_mib()
     highest = before
@@ -85,12 +103,13 @@ def _current_rss_mib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device: torch.device) -> tuple[float, float]:
+def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device: torch.device,
+                    overrides: dict[str, Any]) -> tuple[float, float]:
     """(peak, growth during the steps) in MiB: CUDA allocations, or a fresh process's peak RSS."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        step = _make(kind, preset, num_classes, device)
+        step = _make(kind, preset, num_classes, device, overrides)
         images, labels = _batch(preset, batch, num_classes, device)
         before = torch.cuda.memory_allocated() / 2**20
         for _ in range(3):
@@ -100,7 +119,7 @@ def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device
         return peak, peak - before
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_rss_child, args=(kind, preset, batch, num_classes, 3, queue))
+    proc = ctx.Process(target=_peak_rss_child, args=(kind, preset, batch, num_classes, 3, queue, overrides))
     proc.start()
     value = queue.get(timeout=600)
     proc.join()
@@ -110,24 +129,37 @@ def peak_memory_mib(kind: str, preset: str, batch: int, num_classes: int, device
 def main() -> None:
     parser = step_timing_parser(__doc__)
     parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train config field of the timed unified step (repeatable)")
+    parser.add_argument("--with-default", action="store_true",
+                        help="also time the unified step with the default train config, side by side")
     args = parser.parse_args()
     device = torch.device(args.device)
+    overrides = train_overrides(args.train)
+    configs = {"unified": overrides, "classifier": {}}
+    if args.with_default:
+        configs["default unified"] = {}
 
-    steps = {kind: _make(kind, args.preset, args.num_classes, device) for kind in ("unified", "classifier")}
+    steps = {kind: _make(kind.split()[-1], args.preset, args.num_classes, device, config)
+             for kind, config in configs.items()}
     images, labels = _batch(args.preset, args.batch_size, args.num_classes, device)
     timed = interleaved_medians(steps, images, labels, warmup=args.warmup, timed=args.steps, block=args.block,
                                 device=device)
     print(describe_device(device))
-    print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}")
-    medians = {}
-    for kind in ("classifier", "unified"):
+    print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, "
+          f"unified step's train overrides: {overrides or 'none'}")
+    for kind in ("classifier", "default unified", "unified"):
+        if kind not in timed:
+            continue
         median = timed[kind]
-        medians[kind] = median
-        peak, growth = peak_memory_mib(kind, args.preset, args.batch_size, args.num_classes, device)
+        peak, growth = peak_memory_mib(kind.split()[-1], args.preset, args.batch_size, args.num_classes, device,
+                                       configs[kind])
         label = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (own process)"
-        print(f"{kind:>10} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s, "
+        print(f"{kind:>15} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s, "
               f"{label}: {peak:.0f}, growth over the steps: {growth:.1f}")
-    print(f"unified/classifier step time ratio: {medians['unified'] / medians['classifier']:.2f}")
+    if args.with_default:
+        print(f"default unified/classifier step time ratio: {timed['default unified'] / timed['classifier']:.2f}")
+    print(f"unified/classifier step time ratio: {timed['unified'] / timed['classifier']:.2f}")
 
 
 if __name__ == "__main__":

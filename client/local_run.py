@@ -203,7 +203,8 @@ class LocalRun:
         model = self._model(data.train.num_classes)
         trainer = self._trainer(model, tcfg, data, saved, None)
         loader = training_batches(
-            data.train, tcfg, seed=int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round)
+            data.train, tcfg, seed=int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round,
+            pin_memory=torch.device(self.site.device).type == "cuda")
         metrics = self._train_round(trainer, loader, tcfg.local_steps)
         self._save_local(trainer, model, {})
         flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}

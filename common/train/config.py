@@ -61,6 +61,10 @@ class OptimConfig:
 METHODS = ("unified", "supervised", "semi_supervised")
 #: How real patches are drawn: a labelled and an unlabelled batch each step, or one mixed batch.
 STREAMS = ("separate", "mixed")
+#: When G learns in a unified step: from a second trunk pass after D/C's update, or from D/C's own pass.
+GENERATOR_UPDATES = ("after_discriminator", "same_pass")
+#: Mixed precision of the forward passes (float32 master weights either way).
+AMP_MODES = ("none", "bf16")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,10 @@ class TrainConfig:
     unlabelled_entropy_weight: float = 0.0  # entropy of C on unlabelled patches, minimised (Grandvalet & Bengio)
     pseudo_condition_discriminator: bool = False  # kept pseudo-labels also condition D's projection
     grad_clip_norm: float | None = None
+    generator_update: str = "after_discriminator"  # same_pass: G's loss from D/C's pass (one trunk pass fewer)
+    amp: str = "none"  # bf16: forward passes under autocast (GPU); none: float32
+    compile: bool = False  # torch.compile the trunk and the generator (GPU; slow first steps)
+    loader_workers: int = 0  # DataLoader worker processes for the real batches (pinned memory on CUDA)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color=False))
     classifier_augment: AugmentConfig = field(
@@ -122,6 +130,12 @@ class TrainConfig:
             raise ValueError(f"generated_batch_size must be >= 1 or null, got {self.generated_batch_size}")
         if self.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
+        if self.generator_update not in GENERATOR_UPDATES:
+            raise ValueError(f"generator_update must be one of {GENERATOR_UPDATES}, got {self.generator_update!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
 
     @property
     def uses_generator(self) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.model import UnifiedViTGAN
+from common.model.unified import DiscriminatorOutput
 from common.train.augment import diff_augment
 from common.train.config import TrainConfig, learning_rate_factor
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
@@ -134,6 +136,17 @@ class LocalTrainer:
             raise ValueError(f"{len(self.class_names)} class names for a {self.num_classes}-class model")
         if privacy is not None and cfg.method != "unified":
             raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method=unified, not {cfg.method!r}")
+        if privacy is not None and (cfg.amp != "none" or cfg.compile or cfg.generator_update != "after_discriminator"):
+            raise ValueError("DP-SGD (privacy.enabled) runs its own step: use train.amp=none, train.compile=false "
+                             "and train.generator_update=after_discriminator with it")
+        if cfg.compile:  # in place: the state-dict keys stay those of the plain modules
+            if cfg.generator_update == "same_pass":
+                # two backward passes share one compiled graph (retain_graph), which donated buffers forbid
+                import torch._functorch.config as functorch_config
+
+                functorch_config.donated_buffer = False
+            model.discriminator.trunk.compile()
+            model.generator.compile()
         o = cfg.optim
         self.opt_generator = torch.optim.Adam(model.generator.parameters(), lr=o.lr_generator, betas=o.gan_betas)
         trunk_optimizer = torch.optim.AdamW if o.discriminator_weight_decay else torch.optim.Adam
@@ -156,42 +169,52 @@ class LocalTrainer:
         self.privacy = privacy
 
     # ----------------------------------------------------------------- shared pieces
+    def autocast(self) -> AbstractContextManager[object]:
+        """The context of every forward pass: bfloat16 autocast under ``train.amp=bf16``, else nothing."""
+        if self.cfg.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def _balanced_labels(self, n: int) -> torch.Tensor:
         labels = torch.arange(n) % self.num_classes
         return labels[torch.randperm(n, generator=self.rng)].to(self.device)
-
-    def _set_requires_grad(self, modules: Sequence[nn.Module], flag: bool) -> None:
-        for module in modules:
-            for p in module.parameters():
-                p.requires_grad_(flag)
 
     def _projected(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels D's class projection sees: all -1 (psi alone) when ``class_projection`` is off."""
         return labels if self.cfg.class_projection else torch.full_like(labels, -1)
 
+    def _generator_loss(self, out_fake: DiscriminatorOutput, fake_labels: torch.Tensor,
+                        real_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G's loss on D/C's pass over its images: adversarial + AC-GAN cross-entropy (+ feature matching
+        against ``real_features`` when ``feature_matching_weight`` > 0); returns (loss, adversarial, AC-GAN)."""
+        cfg = self.cfg
+        adv_g = generator_loss(out_fake.score, cfg.adversarial_loss)
+        aux = F.cross_entropy(out_fake.logits, fake_labels)
+        loss_g = adv_g + cfg.aux_generated_weight * aux
+        if cfg.feature_matching_weight > 0 and real_features is not None and len(real_features):
+            gap = out_fake.features.mean(dim=0) - real_features.detach().mean(dim=0)
+            loss_g = loss_g + cfg.feature_matching_weight * gap.pow(2).sum()
+        return loss_g, adv_g, aux
+
+    def _step_generator(self, loss_g: torch.Tensor) -> None:
+        """Backward of G's loss into G's parameters only (D's and C's gradients are neither computed
+        nor touched), optional clipping, G's optimiser step."""
+        params = list(self.model.generator.parameters())
+        self.opt_generator.zero_grad(set_to_none=True)
+        loss_g.backward(inputs=params)
+        if self.cfg.grad_clip_norm:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
+        self.opt_generator.step()
+
     def _generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor,
                         real_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """G's update against the current D and C (adversarial + AC-GAN loss, plus feature matching
-        against ``real_features`` when ``feature_matching_weight`` > 0); returns the first two losses."""
-        model, cfg = self.model, self.cfg
-        frozen = (model.discriminator, model.classifier)
-        self._set_requires_grad(frozen, False)
-        try:
-            out_fake = model.discriminate(diff_augment(fake, cfg.augment, self.rng), self._projected(fake_labels),
-                                          cfg.classifier_score)
-            adv_g = generator_loss(out_fake.score, cfg.adversarial_loss)
-            aux = F.cross_entropy(out_fake.logits, fake_labels)
-            loss_g = adv_g + cfg.aux_generated_weight * aux
-            if cfg.feature_matching_weight > 0 and real_features is not None and len(real_features):
-                gap = out_fake.features.mean(dim=0) - real_features.detach().mean(dim=0)
-                loss_g = loss_g + cfg.feature_matching_weight * gap.pow(2).sum()
-            self.opt_generator.zero_grad(set_to_none=True)
-            loss_g.backward()
-            if cfg.grad_clip_norm:
-                nn.utils.clip_grad_norm_(model.generator.parameters(), cfg.grad_clip_norm)
-            self.opt_generator.step()
-        finally:
-            self._set_requires_grad(frozen, True)
+        """G's update against the current D and C from a fresh pass over its images; returns the
+        adversarial and AC-GAN losses."""
+        with self.autocast():
+            out_fake = self.model.discriminate(diff_augment(fake, self.cfg.augment, self.rng),
+                                               self._projected(fake_labels), self.cfg.classifier_score)
+            loss_g, adv_g, aux = self._generator_loss(out_fake, fake_labels, real_features)
+        self._step_generator(loss_g)
         return adv_g, aux
 
     def discriminator_objective(
@@ -205,6 +228,11 @@ class LocalTrainer:
             balanced["adv_discriminator"] = adv_d
             return self.weighting.combine(balanced)
         return adv_d + (self.weighting.combine(balanced) if balanced else 0.0)
+
+    def _discriminator_parameters(self) -> list[nn.Parameter]:
+        """What D/C's loss trains: the discriminator group, the head and the loss weights."""
+        return [*self.model.discriminator.parameters(), *self.model.classifier.parameters(),
+                *self.weighting.parameters()]
 
     def zero_discriminator_grads(self) -> None:
         for opt in (self.opt_discriminator, self.opt_classifier, self.opt_weights):
@@ -226,8 +254,9 @@ class LocalTrainer:
     @torch.no_grad()
     def _pseudo_labels(self, unlabelled: torch.Tensor) -> torch.Tensor:
         """Pseudo-labels of unlabelled patches from a weak view (-1 where the rule rejects them)."""
-        trunk = self.model.trunk(diff_augment(unlabelled, self.cfg.classifier_augment, self.rng))
-        probs = F.softmax(self.model.classifier(trunk), dim=1)
+        with self.autocast():
+            trunk = self.model.trunk(diff_augment(unlabelled, self.cfg.classifier_augment, self.rng))
+            probs = F.softmax(self.model.classifier(trunk).float(), dim=1)
         predicted = probs.argmax(dim=1)
         keep = self.pseudo.select(trunk.features, probs, predicted.cpu(), self.global_step).to(self.device)
         return torch.where(keep, predicted, torch.full_like(predicted, -1))
@@ -258,7 +287,8 @@ class LocalTrainer:
         if not bool(labelled.any()):
             raise ValueError("a supervised step got a batch without labelled patches")
         images = diff_augment(real[labelled], self.cfg.classifier_augment, self.rng)
-        loss = F.cross_entropy(self.model.classify(images), labels[labelled])
+        with self.autocast():
+            loss = F.cross_entropy(self.model.classify(images), labels[labelled])
         self.zero_discriminator_grads()
         loss.backward()
         self.step_discriminator(weights_learned=False)
@@ -273,20 +303,23 @@ class LocalTrainer:
         n = weak.shape[0]
         step: dict[str, float] = {"selected": 0.0}
         if unlabelled.shape[0] == 0:
-            logits = self.model.classify(weak)
-            loss = F.cross_entropy(logits, labels[labelled])
+            with self.autocast():
+                logits = self.model.classify(weak)
+                loss = F.cross_entropy(logits, labels[labelled])
             step["cls_real"] = float(loss.detach())
         else:
-            with torch.no_grad():
-                probs = F.softmax(self.model.classify(diff_augment(unlabelled, self.cfg.classifier_augment, self.rng)), 1)
+            with torch.no_grad(), self.autocast():
+                probs = F.softmax(self.model.classify(
+                    diff_augment(unlabelled, self.cfg.classifier_augment, self.rng)).float(), 1)
                 confidence, pseudo = probs.max(dim=1)
                 mask = (confidence >= cfg.confidence_threshold).float()
                 self.pseudo.proposed += torch.bincount(pseudo.cpu(), minlength=self.num_classes)
                 self.pseudo.accepted += torch.bincount(pseudo[mask > 0].cpu(), minlength=self.num_classes)
             strong = diff_augment(unlabelled, self.cfg.augment, self.rng)
-            logits = self.model.classify(torch.cat([weak, strong]))
-            cls_real = F.cross_entropy(logits[:n], labels[labelled])
-            cls_pseudo = (F.cross_entropy(logits[n:], pseudo, reduction="none") * mask).mean()
+            with self.autocast():
+                logits = self.model.classify(torch.cat([weak, strong]))
+                cls_real = F.cross_entropy(logits[:n], labels[labelled])
+                cls_pseudo = (F.cross_entropy(logits[n:], pseudo, reduction="none") * mask).mean()
             loss = cls_real + cfg.unlabelled_weight * cls_pseudo
             step.update(cls_real=float(cls_real.detach()), cls_pseudo=float(cls_pseudo.detach()),
                         pseudo_selected=float(mask.sum()))
@@ -306,9 +339,11 @@ class LocalTrainer:
         b = real.shape[0]
         labelled, unlabelled = labels >= 0, labels < 0
         m = cfg.generated_batch_size or b
+        same_pass = cfg.generator_update == "same_pass"
         fake_labels = self._balanced_labels(m)
         z = torch.randn(m, model.cfg.z_dim, generator=self.rng).to(self.device)
-        fake = model.generator(z, fake_labels)
+        with self.autocast():
+            fake = model.generator(z, fake_labels)
 
         # (0) pseudo-labels of the unlabelled rows (weak view, no gradient).
         pseudo_labels = torch.full_like(labels, -1)
@@ -317,31 +352,41 @@ class LocalTrainer:
         kept_pseudo = pseudo_labels >= 0
         conditioning = torch.where(kept_pseudo, pseudo_labels, labels) if cfg.pseudo_condition_discriminator else labels
 
-        # (1) D/C update on real + detached fake, selection from the same pass.
-        both = diff_augment(torch.cat([real, fake.detach()]), cfg.augment, self.rng)
-        out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])), cfg.classifier_score)
-        adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
-        cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
+        # (1) D/C update on real + generated images, selection from the same pass. The generated
+        # images are detached unless G also learns from this pass (generator_update=same_pass).
+        with self.autocast():
+            both = diff_augment(torch.cat([real, fake if same_pass else fake.detach()]), cfg.augment, self.rng)
+            out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])),
+                                     cfg.classifier_score)
+            adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
+            cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
         self.selector.update_real(out.features[:b][labelled], labels[labelled])
         if cfg.pseudo_label.enabled:
             self.pseudo.update_real(out.features[:b][labelled], labels[labelled])
         keep = self.selector.select(
             out.features[b:], F.softmax(out.logits[b:].detach(), dim=1), fake_labels.cpu(), self.global_step
         ).to(self.device)
-        cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
-        cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
-        loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
-        entropy = None
-        if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):
-            log_probs = F.log_softmax(out.logits[:b][unlabelled], dim=1)
-            entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
-            loss_d = loss_d + cfg.unlabelled_entropy_weight * entropy
+        with self.autocast():
+            cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
+            cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
+            loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
+            entropy = None
+            if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):
+                log_probs = F.log_softmax(out.logits[:b][unlabelled], dim=1)
+                entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
+                loss_d = loss_d + cfg.unlabelled_entropy_weight * entropy
+            if same_pass:  # G's loss against D and C as they were before this step's update
+                fake_out = DiscriminatorOutput(out.score[b:], out.logits[b:], out.features[b:])
+                loss_g, adv_g, aux = self._generator_loss(fake_out, fake_labels, out.features[:b])
         self.zero_discriminator_grads()
-        loss_d.backward()
+        loss_d.backward(inputs=self._discriminator_parameters(), retain_graph=same_pass)
+        if same_pass:  # (2) G's gradients through the same graph, before D's weights change in place
+            self._step_generator(loss_g)
         self.step_discriminator(weights_learned=cfg.weighting.enabled)
 
-        # (2) G update against the just-updated D and C.
-        adv_g, aux = self._generator_step(fake, fake_labels, out.features[:b])
+        # (2) otherwise: G's update against the just-updated D and C, from a second pass.
+        if not same_pass:
+            adv_g, aux = self._generator_step(fake, fake_labels, out.features[:b])
 
         self.global_step += 1
         step = {

@@ -24,10 +24,13 @@ from common.train.config import TrainConfig
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _endless(dataset: PatchDataset, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Shuffled full batches of ``min(batch_size, len(dataset))`` patches, epoch after epoch."""
+def _endless(dataset: PatchDataset, batch_size: int, seed: int, workers: int = 0,
+             pin_memory: bool = False) -> Iterator[Batch]:
+    """Shuffled full batches of ``min(batch_size, len(dataset))`` patches, epoch after epoch (the
+    order depends on ``seed`` only, not on the number of loader workers)."""
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
-                        num_workers=0, generator=torch.Generator().manual_seed(seed))
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(seed))
     while True:
         yield from loader
 
@@ -42,8 +45,10 @@ def _together(labelled: Iterator[Batch] | None, unlabelled: Iterator[Batch] | No
             yield torch.cat([xl, xu]), torch.cat([yl, torch.full_like(yu, UNLABELLED)])
 
 
-def training_batches(dataset: PatchDataset, cfg: TrainConfig, seed: int) -> Iterator[Batch]:
-    """Endless real batches of ``dataset`` for ``cfg.method`` and ``cfg.streams``.
+def training_batches(dataset: PatchDataset, cfg: TrainConfig, seed: int, pin_memory: bool = False
+                     ) -> Iterator[Batch]:
+    """Endless real batches of ``dataset`` for ``cfg.method`` and ``cfg.streams``, loaded by
+    ``cfg.loader_workers`` worker processes (into pinned memory with ``pin_memory``, for CUDA).
 
     ``supervised`` draws labelled patches only. Raises ``ValueError`` when the method needs
     labelled patches and the hospital has none, or when the data set is empty.
@@ -55,15 +60,17 @@ def training_batches(dataset: PatchDataset, cfg: TrainConfig, seed: int) -> Iter
     unlabelled_rows = np.flatnonzero(labels < 0)
     if cfg.method != "unified" and len(labelled_rows) == 0:
         raise ValueError(f"train.method={cfg.method} needs labelled patches and this hospital has none")
+    loading = {"workers": cfg.loader_workers, "pin_memory": pin_memory}
     if cfg.streams == "mixed":
         if cfg.method == "supervised":
-            return _endless(PatchSubset(dataset, labelled_rows), cfg.batch_size, seed)
-        return _endless(dataset, cfg.batch_size, seed)
-    labelled = _endless(PatchSubset(dataset, labelled_rows), cfg.batch_size, seed) if len(labelled_rows) else None
+            return _endless(PatchSubset(dataset, labelled_rows), cfg.batch_size, seed, **loading)
+        return _endless(dataset, cfg.batch_size, seed, **loading)
+    labelled = (_endless(PatchSubset(dataset, labelled_rows), cfg.batch_size, seed, **loading)
+                if len(labelled_rows) else None)
     wants_unlabelled = cfg.method != "supervised" and cfg.unlabelled_batch_size > 0
     unlabelled = None
     if wants_unlabelled and len(unlabelled_rows):
-        unlabelled = _endless(PatchSubset(dataset, unlabelled_rows), cfg.unlabelled_batch_size, seed + 1)
+        unlabelled = _endless(PatchSubset(dataset, unlabelled_rows), cfg.unlabelled_batch_size, seed + 1, **loading)
     if labelled is None and unlabelled is None:
         raise ValueError("the hospital has no labelled patches and train.unlabelled_batch_size is 0")
     return _together(labelled, unlabelled)
