@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from common.data.base import UNLABELLED, PatchDataset, PatchSubset
 from common.train.config import TrainConfig
@@ -24,12 +24,31 @@ from common.train.config import TrainConfig
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class _EpochShuffle(Sampler[int]):
+    """A fresh permutation every epoch from one seeded generator, drawn exactly as a shuffling
+    ``DataLoader(generator=...)`` without workers draws it (its per-epoch base seed, the permutation,
+    then ``RandomSampler``'s empty remainder permutation), so the order is the same with or without
+    (persistent) loader workers, and as before loader workers existed."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the loader's base-seed draw
+        yield from torch.randperm(self.size, generator=self.generator).tolist()
+        torch.randperm(self.size, generator=self.generator)  # RandomSampler's remainder draw
+
+
 def _endless(dataset: PatchDataset, batch_size: int, seed: int, workers: int = 0,
              pin_memory: bool = False) -> Iterator[Batch]:
     """Shuffled full batches of ``min(batch_size, len(dataset))`` patches, epoch after epoch (the
     order depends on ``seed`` only, not on the number of loader workers)."""
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=_EpochShuffle(len(dataset), seed),
+                        drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(seed))
     while True:
         yield from loader
