@@ -49,7 +49,7 @@ def test_generator_update_leaves_discriminator_and_classifier_gradients_alone(ti
     model = trainer.model
     before = {k: p.grad.clone() for k, p in model.discriminator.named_parameters() if p.grad is not None}
     fake = model.generator(torch.randn(4, tiny_cfg.z_dim), torch.arange(4) % 5)
-    trainer._generator_step(fake, torch.arange(4) % 5)
+    trainer.generator_step(fake, torch.arange(4) % 5)
     after = {k: p.grad for k, p in model.discriminator.named_parameters() if p.grad is not None}
     assert before and before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,4 +1,4 @@
-"""The unified step with DP-SGD (``LocalTrainer.unified_step`` when ``trainer.privacy`` is set).
+"""The unified step with DP-SGD (``DPTraining.unified_step``, which a trainer built with ``privacy`` calls).
 
 Differences from the plain step (``common/train/engine.py``), all needed for the guarantee:
 
@@ -28,15 +28,16 @@ from torch import nn
 from torch.func import functional_call
 
 from common.model.discriminator import TrunkOutput
-from common.privacy.wiring import (
-    fake_adversarial_loss,
+from common.train.augment import diff_augment
+from common.train.losses import (
+    fake_adversarial_terms,
     labelled_cross_entropy,
+    masked_cross_entropy,
     real_adversarial_terms,
 )
-from common.train.augment import diff_augment
-from common.train.losses import masked_cross_entropy
 
 if TYPE_CHECKING:
+    from common.privacy.wiring import DPTraining
     from common.train.engine import LocalTrainer
 
 
@@ -55,13 +56,12 @@ def select_by_confidence(trainer: LocalTrainer, probs: torch.Tensor, labels: tor
     return keep
 
 
-def _augment_real(trainer: LocalTrainer, real: torch.Tensor) -> torch.Tensor:
+def _augment_real(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor) -> torch.Tensor:
     """DiffAugment of the real batch from the DP generator (its draws depend on the batch size,
     which must not leak into the trainer's generator); an empty batch passes through."""
-    assert trainer.privacy is not None
     if real.shape[0] == 0:
         return real
-    return diff_augment(real, trainer.cfg.augment, trainer.privacy.augment_rng)
+    return diff_augment(real, trainer.cfg.augment, dp.augment_rng)
 
 
 def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -> None:
@@ -72,17 +72,16 @@ def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -
         p.grad = extra.clone() if p.grad is None else p.grad + extra
 
 
-def _classifier_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor,
-                      fake_labels: torch.Tensor) -> dict[str, float]:
-    model, cfg, dp = trainer.model, trainer.cfg, trainer.privacy
-    assert dp is not None
+def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,
+                      fake: torch.Tensor, fake_labels: torch.Tensor) -> dict[str, float]:
+    model, cfg = trainer.model, trainer.cfg
     b, big_b = real.shape[0], dp.plan.expected_batch
-    both = torch.cat([_augment_real(trainer, real), diff_augment(fake.detach(), cfg.augment, trainer.rng)])
+    both = torch.cat([_augment_real(trainer, dp, real), diff_augment(fake.detach(), cfg.augment, trainer.rng)])
     all_labels = torch.cat([labels, fake_labels])
     trunk = model.trunk(both)
     score = model.discriminator.score(trunk.features, all_labels)
     adv_d = real_adversarial_terms(score[:b], cfg.adversarial_loss).sum() / big_b \
-        + fake_adversarial_loss(score[b:], cfg.adversarial_loss)
+        + fake_adversarial_terms(score[b:], cfg.adversarial_loss).mean()
     labelled = labels >= 0
     real_trunk = TrunkOutput(trunk.tokens[:b], trunk.features[:b])
     fake_trunk = TrunkOutput(trunk.tokens[b:], trunk.features[b:])
@@ -115,18 +114,17 @@ def _classifier_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torch.T
     return step
 
 
-def _discriminator_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor,
-                         fake_labels: torch.Tensor) -> dict[str, float]:
-    model, cfg, dp = trainer.model, trainer.cfg, trainer.privacy
-    assert dp is not None
+def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,
+                         fake: torch.Tensor, fake_labels: torch.Tensor) -> dict[str, float]:
+    model, cfg = trainer.model, trainer.cfg
     weights = trainer.weighting.weights()  # fixed in this scope (weighting.enabled is false)
     w_adv = weights.get("adv_discriminator", 1.0) if cfg.weighting.include_adversarial else 1.0
     w_real, w_syn = weights["cls_real"], weights["cls_synthetic"]
-    aug_real = _augment_real(trainer, real)
+    aug_real = _augment_real(trainer, dp, real)
     aug_fake = diff_augment(fake.detach(), cfg.augment, trainer.rng)
     # Generated half: ordinary gradient (a function of the private D, C and G only).
     out = model.discriminate(aug_fake, fake_labels)
-    adv_fake = fake_adversarial_loss(out.score, cfg.adversarial_loss)
+    adv_fake = fake_adversarial_terms(out.score, cfg.adversarial_loss).mean()
     keep = select_by_confidence(trainer, F.softmax(out.logits.detach(), dim=1), fake_labels).to(trainer.device)
     cls_syn = masked_cross_entropy(out.logits, fake_labels, keep)
     loss_fake = w_adv * adv_fake + (w_syn * cls_syn if cls_syn is not None else 0.0)
@@ -146,20 +144,20 @@ def _discriminator_scope(trainer: LocalTrainer, real: torch.Tensor, labels: torc
     return step
 
 
-def dp_unified_step(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """One unified step with DP-SGD on the covered parameters; counts one DP step."""
-    model, dp = trainer.model, trainer.privacy
-    assert dp is not None
+def dp_unified_step(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor
+                    ) -> dict[str, float]:
+    """One unified step of ``trainer`` with DP-SGD (``dp``) on the covered parameters; counts one DP step."""
+    model = trainer.model
     real, labels = real.to(trainer.device), labels.to(trainer.device)
     m = dp.plan.expected_batch  # public, fixed: the realised real batch size is not revealed
-    fake_labels = trainer._balanced_labels(m)
+    fake_labels = trainer.balanced_labels(m)
     z = torch.randn(m, model.cfg.z_dim, generator=trainer.rng).to(trainer.device)
     fake = model.generator(z, fake_labels)
     if dp.plan.scope == "classifier":
-        step = _classifier_scope(trainer, real, labels, fake, fake_labels)
+        step = _classifier_scope(trainer, dp, real, labels, fake, fake_labels)
     else:
-        step = _discriminator_scope(trainer, real, labels, fake, fake_labels)
-    adv_g, aux = trainer._generator_step(fake, fake_labels)
+        step = _discriminator_scope(trainer, dp, real, labels, fake, fake_labels)
+    adv_g, aux = trainer.generator_step(fake, fake_labels)
     trainer.global_step += 1
     step.update({"adv_generator": float(adv_g.detach()), "aux_generated": float(aux.detach())})
     return step

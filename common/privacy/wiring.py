@@ -33,10 +33,9 @@ import contextlib
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -46,6 +45,11 @@ from common.config import ConfigError
 from common.model import UnifiedViTGAN
 from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
+from common.privacy.step import dp_unified_step
+from common.train.losses import labelled_cross_entropy, real_adversarial_terms
+
+if TYPE_CHECKING:
+    from common.train.engine import LocalTrainer
 
 COVERED: dict[str, tuple[str, ...]] = {"classifier": ("classifier",), "discriminator": ("discriminator", "classifier")}
 
@@ -84,22 +88,6 @@ class DiscriminatorAdapter(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trunk = self.discriminator.trunk(images)
         return self.discriminator.score(trunk.features, labels), self.classifier(trunk)
-
-
-def real_adversarial_terms(score: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-example real-image part of the discriminator loss (hinge or non-saturating)."""
-    return F.relu(1.0 - score) if kind == "hinge" else F.softplus(-score)
-
-
-def fake_adversarial_loss(score: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean generated-image part of the discriminator loss."""
-    return (F.relu(1.0 + score) if kind == "hinge" else F.softplus(score)).mean()
-
-
-def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy, 0 for unlabelled patches (label < 0)."""
-    known = labels >= 0
-    return F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * known.to(logits.dtype)
 
 
 @contextlib.contextmanager
@@ -271,6 +259,10 @@ class DPTraining:
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_empty(shape), num_workers=0)
 
     # -------------------------------------------------------------- local state
+    def unified_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One private unified step of ``trainer`` (``common.privacy.step``); counts one DP step."""
+        return dp_unified_step(trainer, self, real, labels)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Nothing: the random generators are seeded afresh for every attempt (never restored), and
         the accounting lives in the hospital's privacy ledger."""

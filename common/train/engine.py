@@ -10,8 +10,9 @@ One unified step, on a real batch (labelled rows first, then unlabelled ones lab
      D, C and the log-variances.
   2. G update: adversarial loss plus the AC-GAN cross-entropy of C on G's images.
 G runs forward once per step; its images are detached for step 1 and re-scored for step 2.
-With ``privacy`` (DP-SGD, privacy.enabled=true) the step is ``common.privacy.step.dp_unified_step``:
-Poisson real batches, per-sample clipping and noise on the covered parameters, every step counted.
+With ``privacy`` (DP-SGD, privacy.enabled=true) the trainer is handed a ``PrivateStep`` (built by
+``common.privacy``) that computes the step through the trainer's public pieces: Poisson real
+batches, per-sample clipping and noise on the covered parameters, every step counted.
 
 ``train.method`` picks what a step trains: ``unified`` (the above), ``supervised`` (the same trunk and
 head on labelled patches only: the plain baseline) or ``semi_supervised`` (FixMatch on the same trunk
@@ -25,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,6 @@ from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
 from common.train.selection import SampleSelector
 from common.train.weighting import DynamicLossWeighting
-
-if TYPE_CHECKING:
-    from common.privacy.wiring import DPTraining
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,6 +84,21 @@ class RoundMetrics:
         return flat
 
 
+class PrivateStep(Protocol):
+    """DP-SGD's unified step, handed to the trainer (``common.privacy.wiring.DPTraining``): it runs
+    the step through the trainer's public pieces and keeps its own state (noise, steps taken)."""
+
+    def unified_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One private unified step of ``trainer`` on a real batch; returns its losses and counts."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ...
+
+
 def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
     if isinstance(batches, Iterator):  # an endless stream (common/train/streams.py): keep its position
         while True:  # next(), not ``yield from``: closing this generator must not close the stream
@@ -125,7 +138,7 @@ class LocalTrainer:
         seed: int = 0,
         class_names: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
-        privacy: DPTraining | None = None,
+        privacy: PrivateStep | None = None,
     ) -> None:
         self.model = model.to(device)
         self.cfg = cfg
@@ -165,7 +178,7 @@ class LocalTrainer:
         self.global_step = 0
         self._optimizers = (self.opt_generator, self.opt_discriminator, self.opt_classifier)
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self._optimizers]
-        # DP-SGD on the covered parameters (common/privacy/wiring.py); None: no DP.
+        # DP-SGD's own step on the covered parameters (common/privacy); None: no DP.
         self.privacy = privacy
 
     # ----------------------------------------------------------------- shared pieces
@@ -175,7 +188,8 @@ class LocalTrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _balanced_labels(self, n: int) -> torch.Tensor:
+    def balanced_labels(self, n: int) -> torch.Tensor:
+        """``n`` class labels as even over the classes as ``n`` allows, in an order from the trainer's generator."""
         labels = torch.arange(n) % self.num_classes
         return labels[torch.randperm(n, generator=self.rng)].to(self.device)
 
@@ -206,7 +220,7 @@ class LocalTrainer:
             nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
         self.opt_generator.step()
 
-    def _generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor,
+    def generator_step(self, fake: torch.Tensor, fake_labels: torch.Tensor,
                         real_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """G's update against the current D and C from a fresh pass over its images; returns the
         adversarial and AC-GAN losses."""
@@ -331,16 +345,14 @@ class LocalTrainer:
     def unified_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One unified step on a real batch; returns this step's losses and selection counts."""
         if self.privacy is not None:
-            from common.privacy.step import dp_unified_step  # DP-SGD variant (common/privacy)
-
-            return dp_unified_step(self, real, labels)
+            return self.privacy.unified_step(self, real, labels)
         model, cfg = self.model, self.cfg
         real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         b = real.shape[0]
         labelled, unlabelled = labels >= 0, labels < 0
         m = cfg.generated_batch_size or b
         same_pass = cfg.generator_update == "same_pass"
-        fake_labels = self._balanced_labels(m)
+        fake_labels = self.balanced_labels(m)
         z = torch.randn(m, model.cfg.z_dim, generator=self.rng).to(self.device)
         with self.autocast():
             fake = model.generator(z, fake_labels)
@@ -386,7 +398,7 @@ class LocalTrainer:
 
         # (2) otherwise: G's update against the just-updated D and C, from a second pass.
         if not same_pass:
-            adv_g, aux = self._generator_step(fake, fake_labels, out.features[:b])
+            adv_g, aux = self.generator_step(fake, fake_labels, out.features[:b])
 
         self.global_step += 1
         step = {

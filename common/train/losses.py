@@ -8,22 +8,38 @@ import torch.nn.functional as F
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
 
 
+def _check(kind: str) -> None:
+    if kind not in ADVERSARIAL_LOSSES:
+        raise ValueError(f"unknown adversarial loss {kind!r}; choose one of {ADVERSARIAL_LOSSES}")
+
+
+def real_adversarial_terms(real_score: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example real-image part of D's loss: hinge ``relu(1 - s)`` or non-saturating ``softplus(-s)``."""
+    _check(kind)
+    return F.relu(1.0 - real_score) if kind == "hinge" else F.softplus(-real_score)
+
+
+def fake_adversarial_terms(fake_score: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example generated-image part of D's loss: hinge ``relu(1 + s)`` or ``softplus(s)``."""
+    _check(kind)
+    return F.relu(1.0 + fake_score) if kind == "hinge" else F.softplus(fake_score)
+
+
 def discriminator_loss(real_score: torch.Tensor, fake_score: torch.Tensor, kind: str) -> torch.Tensor:
     """D's loss on real and generated scores: hinge (default) or non-saturating (logistic)."""
-    if kind == "hinge":
-        return F.relu(1.0 - real_score).mean() + F.relu(1.0 + fake_score).mean()
-    if kind == "non_saturating":
-        return F.softplus(-real_score).mean() + F.softplus(fake_score).mean()
-    raise ValueError(f"unknown adversarial loss {kind!r}; choose one of {ADVERSARIAL_LOSSES}")
+    return real_adversarial_terms(real_score, kind).mean() + fake_adversarial_terms(fake_score, kind).mean()
 
 
 def generator_loss(fake_score: torch.Tensor, kind: str) -> torch.Tensor:
     """G's adversarial loss on its images' scores."""
-    if kind == "hinge":
-        return -fake_score.mean()
-    if kind == "non_saturating":
-        return F.softplus(-fake_score).mean()
-    raise ValueError(f"unknown adversarial loss {kind!r}; choose one of {ADVERSARIAL_LOSSES}")
+    _check(kind)
+    return -fake_score.mean() if kind == "hinge" else F.softplus(-fake_score).mean()
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy, 0 for unlabelled patches (label < 0)."""
+    known = labels >= 0
+    return F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * known.to(logits.dtype)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
