@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train.compile (default: on with a GPU, off on the CPU)")
     parser.add_argument("--generator-update", choices=("after_discriminator", "same_pass"),
                         default="after_discriminator", help="train.generator_update of the unified step")
+    parser.add_argument("--generated-batch-size", type=int, default=None,
+                        help="generated images per unified step (default: half the real batch, the default's ratio)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the card's peak TFLOP/s for --amp's precision (dense bf16: 989 on an H100 SXM or "
                              "H200); without it MFU is not printed")
@@ -51,12 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _trainer(method: str, args: argparse.Namespace, device: torch.device, eager: bool = False) -> LocalTrainer:
-    cfg = TrainConfig(method=method, batch_size=args.batch_size, generated_batch_size=args.batch_size,
+    cfg = TrainConfig(method=method, batch_size=args.batch_size, generated_batch_size=_generated(args),
                       amp=args.amp, compile=args.compile and not eager, generator_update=args.generator_update)
     model = build_model(model_preset(args.preset), NUM_CLASSES, seed=0)
     trainer = LocalTrainer(model, cfg, seed=0, device=device)
     trainer.global_step = cfg.selection.warmup_steps  # the full step: selection active
     return trainer
+
+
+def _generated(args: argparse.Namespace) -> int:
+    return args.generated_batch_size or max(1, args.batch_size // 2)
 
 
 def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     images, labels = _batch(args, device)
     print(describe_device(device))
-    print(f"preset: {args.preset}, batch: {args.batch_size} real (+{args.batch_size} generated in the unified step), "
+    print(f"preset: {args.preset}, batch: {args.batch_size} real (+{_generated(args)} generated in the unified step), "
           f"amp: {args.amp}, compile: {args.compile}, generator_update: {args.generator_update}, "
           f"timed steps each: {args.steps}", flush=True)
     flops = {}

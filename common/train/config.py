@@ -91,7 +91,7 @@ class TrainConfig:
     method: str = "unified"
     batch_size: int = 32  # real patches per step: the labelled batch with separate streams
     unlabelled_batch_size: int = 32  # unlabelled real patches per step (separate streams)
-    generated_batch_size: int | None = 32  # generated images per step; null: as many as real ones
+    generated_batch_size: int | None = 16  # generated images per step; null: as many as real ones
     streams: str = "separate"
     local_steps: int = 50
     adversarial_loss: str = "hinge"
