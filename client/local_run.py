@@ -24,7 +24,8 @@ from client.site import SiteIdentity
 from client.site_state import SiteStateStore, run_key
 from common import protocol
 from common.config import ConfigError, dataclass_from_mapping
-from common.data.sites import SiteData, load_site_data
+from common.data.registry import load_site_data
+from common.data.sites import SiteData
 from common.evaluation import predict_probabilities, summarise_predictions
 from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
 from common.privacy.accounting import build_plan

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import ConfigError, dataclass_from_mapping
-from common.data.sites import configured_class_names
+from common.data.registry import configured_class_names
 from common.evaluation import METRIC_NAMES, save_generator_grid
 from common.faults import parse_faults
 from common.model import GROUPS, ModelConfig, build_model

@@ -36,7 +36,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
-from common.data.sites import configured_class_names  # noqa: E402
+from common.data.registry import configured_class_names  # noqa: E402
 from common.faults import parse_faults  # noqa: E402
 from server.resume import resolve_resume  # noqa: E402
 from simulations.console import quiet_driver_logging, round_lines_only, start_ray, stop_ray  # noqa: E402

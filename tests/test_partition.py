@@ -10,10 +10,11 @@ import pytest
 from common.config import ConfigError
 from common.data import partition as P
 from common.data.base import UNLABELLED
+from common.data.config import partition_config
 from common.data.errors import DataError
-from common.data.registry import load_dataset, load_real_site_data, site_partitions
+from common.data.registry import load_dataset, load_real_site_data, load_site_data, site_partitions
 from common.data.report import partition_report
-from common.data.sites import load_site_data, synthetic_site_sizes
+from common.data.synthetic_site import synthetic_site_sizes
 from tests.data_fixtures import NCT_CLASSES, write_class_folders, write_pcam
 
 LABELS = np.repeat(np.arange(5), [120, 80, 60, 30, 10])  # 300 patches, unbalanced classes
@@ -186,12 +187,12 @@ def test_none_partition_gives_each_site_everything(nct_root: Path) -> None:
 # ---------------------------------------------------------------- synthetic set and report
 def test_synthetic_quantity_skew_shares_the_totals() -> None:
     data = {"name": "synthetic", "train_per_site": 40, "test_per_site": 10}
-    spec = {"name": "quantity", "alpha": 0.5, "min_size": 4}
+    spec = partition_config({"name": "quantity", "alpha": 0.5, "min_size": 4})
     sizes = [synthetic_site_sizes(data, spec, k, 4, seed=3) for k in range(4)]
     assert sum(s[0] for s in sizes) == 160 and sum(s[1] for s in sizes) == 40
     assert min(s[0] for s in sizes) >= 4 and len({s[0] for s in sizes}) > 1
     assert sizes == [synthetic_site_sizes(data, spec, k, 4, seed=3) for k in range(4)]
-    assert synthetic_site_sizes(data, {"name": "iid"}, 0, 4, seed=3) == (40, 10)
+    assert synthetic_site_sizes(data, partition_config({"name": "iid"}), 0, 4, seed=3) == (40, 10)
     site = load_site_data({**data, "stain_shift": 1.0}, spec, 1, 4, 16, seed=3)
     assert (len(site.train), len(site.test)) == sizes[1]
 
@@ -207,3 +208,14 @@ def test_partition_report_is_a_markdown_table_of_all_hospitals() -> None:
     assert "| site-1 | test | 1 | 0 | 0 | 1 |" in lines
     assert "| **all** | train | 3 | 6 | 4 | 13 |" in lines
     assert partition_report({r["site"]: r for r in rows}) == text
+
+
+def test_partition_config_names_the_missing_or_bad_key() -> None:
+    with pytest.raises(ConfigError, match=r"partition\.alpha is required for partition=dirichlet"):
+        partition_config({"name": "dirichlet", "min_size": 3})
+    with pytest.raises(ConfigError, match=r"partition\.min_size is required for partition=quantity"):
+        partition_config({"name": "quantity", "alpha": 1.0})
+    with pytest.raises(ConfigError, match=r"partition: unknown key\(s\) \['alhpa'\]"):
+        partition_config({"name": "iid", "alhpa": 1.0})
+    with pytest.raises(ConfigError, match=r"partition\.alpha must be > 0"):
+        partition_config({"name": "quantity", "alpha": 0, "min_size": 1})

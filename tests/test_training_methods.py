@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.sites import load_site_data
+from common.data.registry import load_site_data
 from common.model import ModelConfig, build_model
 from common.train import LocalTrainer, TrainConfig
 from common.train.config import SemiSupervisedConfig

@@ -34,7 +34,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
-from common.data.sites import SiteData, load_site_data, pool_sites  # noqa: E402
+from common.data.registry import load_site_data  # noqa: E402
+from common.data.sites import SiteData, pool_sites  # noqa: E402
 from common.model import UnifiedViTGAN  # noqa: E402
 from common.train import train_config  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
