@@ -27,7 +27,7 @@ from common.config import ConfigError, dataclass_from_mapping
 from common.data.registry import load_site_data
 from common.data.sites import SiteData
 from common.evaluation import predict_probabilities, summarise_predictions
-from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
+from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model, group_entries
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
     HospitalPrivacy,
@@ -121,12 +121,12 @@ class LocalRun:
         state = model.state_dict()
         for group in GROUPS:
             if group in self.msg.content.array_records:
-                reference = {k: v for k, v in state.items() if k.startswith(group + ".")}
+                reference = group_entries(state, [group])
                 state.update(from_arrayrecord(self.msg.content.array_records[group], reference, self.transport))
         local = self._saved_local(inclusive) if self.local_groups else None
         if local is not None:
             _, _, groups = local
-            state.update({k: v for k, v in groups.items() if k.split(".", 1)[0] in self.local_groups})
+            state.update(group_entries(groups, self.local_groups))
         model.load_state_dict(state)
         return model
 
@@ -159,7 +159,7 @@ class LocalRun:
 
     def _save_local(self, trainer: LocalTrainer, model: UnifiedViTGAN, meta: dict[str, Any]) -> None:
         trainer_state = trainer.state_dict()
-        groups = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in self.local_groups}
+        groups = group_entries(model.state_dict(), self.local_groups)
         meta = {"site": self.site.name, "round": self.server_round, "run": self.run_id, **meta}
         tensors = {f"trainer/{k}": v for k, v in trainer_state.items()}
         tensors.update({f"group/{k}": v for k, v in groups.items()})
@@ -181,8 +181,7 @@ class LocalRun:
         state = model.state_dict()
         for group in GROUPS:
             if group not in self.local_groups:
-                content[group] = to_arrayrecord({k: v for k, v in state.items() if k.startswith(group + ".")},
-                                                self.transport)
+                content[group] = to_arrayrecord(group_entries(state, [group]), self.transport)
         return content
 
     @staticmethod

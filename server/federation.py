@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import ConfigError, dataclass_from_mapping
 from common.data.registry import configured_class_names
 from common.evaluation import METRIC_NAMES, save_generator_grid
 from common.faults import parse_faults
-from common.model import GROUPS, ModelConfig, build_model
-from common.records import check_transport_dtype, state_nbytes
+from common.model import ModelConfig, build_model, split_groups
+from common.records import arrayrecord_to_tensors, check_transport_dtype, state_nbytes, tensors_to_arrayrecord
 from server.checkpoint import CheckpointStore, LatestCheckpoint
 from server.identity import SiteRegistry
 from server.partition_report import write_partition_report
@@ -45,14 +45,6 @@ def _fingerprint(run: dict[str, Any], num_classes: int) -> str:
     """Identifies the model architecture a checkpoint belongs to."""
     payload = json.dumps({"model": run["model"], "num_classes": num_classes}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy().copy()) for k, v in state.items()})
-
-
-def _to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(arrays[k].numpy().copy()) for k in arrays.keys()}
 
 
 def _progress(text: str) -> None:
@@ -160,10 +152,8 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     strategy = GroupedStrategy(reference, AggregationConfig.from_config(fed["aggregation"]), transport, json.dumps(run),
                                _limits(run, class_names), int(fed["num_sites"]), min_sites,
                                float(fed.get("wait_for_sites_s", 300)), timeout, registry)
-    group_bytes = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, transport)
-                   for g in GROUPS}
-    group_bytes_f32 = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, "float32")
-                       for g in GROUPS}
+    group_bytes = {g: state_nbytes(entries, transport) for g, entries in split_groups(reference).items()}
+    group_bytes_f32 = {g: state_nbytes(entries, "float32") for g, entries in split_groups(reference).items()}
     summary = RunSummary(run_dir)
     summary.start(run, {"dtype": transport, "group_bytes": group_bytes, "group_bytes_float32": group_bytes_f32,
                         "sent_groups": strategy.sent_groups},
@@ -172,7 +162,7 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     summary.data.pop("failure", None)
     summary.set("status", "running")
     strategy.summary()
-    arrays = _to_arrays(reference)
+    arrays = tensors_to_arrayrecord(reference)
     total_rounds = int(fed["rounds"])
     if start_round > total_rounds:
         _progress(f"{run_dir}: all {total_rounds} rounds are done; raise federation.rounds to continue")
@@ -194,7 +184,7 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
                 evaluate = strategy.evaluate_record
         else:
             failed_in_a_row += 1
-        state = _to_state(arrays)
+        state = arrayrecord_to_tensors(arrays)
         checkpoint = store.save(rnd, state, fingerprint, {"train_aggregated": train.aggregated,
                                                           "site_bindings": registry.bindings})
         entry = _round_entry(rnd, 0.0, train, evaluate)
