@@ -27,6 +27,7 @@ from common.config import ConfigError, dataclass_from_mapping
 from common.data.registry import load_site_data
 from common.data.sites import SiteData
 from common.evaluation import predict_probabilities, summarise_predictions
+from common.federation_config import FederationConfig, federation_config
 from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model, group_entries
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
@@ -111,6 +112,11 @@ class LocalRun:
         return str(self.run.get("output_dir") or "run")
 
     @property
+    def federation(self) -> FederationConfig:
+        """The run's ``federation`` section, typed and checked."""
+        return federation_config(self.run["federation"])
+
+    @property
     def local_groups(self) -> list[str]:
         return [g for g in GROUPS if self.run["federation"]["aggregation"][g]["local"]]
 
@@ -131,7 +137,7 @@ class LocalRun:
         return model
 
     def _store(self) -> SiteStateStore:
-        return SiteStateStore.for_run(self.site.state_dir, self.run_id)
+        return SiteStateStore.for_run(self.site.state_dir, self.run_id, self.federation.local_state_keep_last)
 
     def _load_local(self, inclusive: bool = False) -> SavedLocal | None:
         """The local state saved before this round (``inclusive``: or in it), from context.state if
@@ -278,10 +284,10 @@ class LocalRun:
         """Counts on the held-out split (confusion matrix, binned class scores): no single patch's prediction."""
         data = site_data(self.run, self.site)
         model = self._model(data.test.num_classes, inclusive=True).to(self.site.device)
-        loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=0)
+        loader = DataLoader(data.test, batch_size=self.federation.evaluate_batch_size, shuffle=False, num_workers=0)
         labels, probs = predict_probabilities(model, loader, self.site.device)
         keep = labels >= 0
-        summary = summarise_predictions(labels[keep], probs[keep], int(self.run["federation"].get("score_bins", 1000)))
+        summary = summarise_predictions(labels[keep], probs[keep], self.federation.score_bins)
         metrics = {protocol.REAL_EXAMPLES: summary.examples,
                    protocol.EVAL_CONFUSION: summary.confusion.ravel().tolist(),
                    protocol.EVAL_POSITIVE_SCORES: summary.positive_scores.ravel().tolist(),

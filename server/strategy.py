@@ -126,9 +126,9 @@ class GroupedStrategy(Strategy):
         run_config_json: str,
         limits: ReplyLimits,
         num_sites: int,
-        min_sites: int = 1,
-        wait_for_sites_s: float = 600.0,
-        phase_timeout_s: float = 3600.0,
+        min_sites: int,
+        wait_for_sites_s: float,
+        phase_timeout_s: float,
         registry: SiteRegistry | None = None,
     ) -> None:
         self.reference = split_groups(reference_state)

@@ -85,7 +85,7 @@ def test_epsilon_is_cumulative_matches_opacus_and_the_report_says_what_is_not_co
     for context in grid.contexts.values():
         meta = json.loads(str(context.state.config_records[LOCAL_META]["meta-json"]))
         assert [(a["kind"], a["steps"]) for a in meta["dp_attempts"]] == [("counts", 1), ("sgd", K), ("sgd", K), ("sgd", K)]
-    store = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path))
+    store = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path), keep_last=2)
     assert not any(k.startswith("trainer/privacy.") for k in load_file(str(store.path(3))))  # no RNG state kept
     ledger = PrivacyLedger.in_folder(tmp_path / "sites" / "site-1")
     content = ledger.load()
