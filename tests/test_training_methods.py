@@ -13,7 +13,7 @@ from common.train.config import SemiSupervisedConfig
 from common.train.selection import SelectionConfig
 from common.train.streams import training_batches
 
-DATA = {"name": "synthetic", "train_per_site": 120, "test_per_site": 20, "stain_shift": 1.0,
+DATA = {"name": "synthetic", "root": None, "train_per_site": 120, "test_per_site": 20, "stain_shift": 1.0,
         "labeled_fraction": 1.0, "labeled_per_class": 2, "val_fraction": 0.0, "drop_unlabelled": False}
 IID = {"name": "iid"}
 

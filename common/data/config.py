@@ -1,4 +1,4 @@
-"""The ``partition`` config section (``conf/partition/<name>.yaml``) as a typed, validated dataclass."""
+"""The ``partition`` and ``data`` config sections (``conf/partition/``, ``conf/data/``) as typed, validated dataclasses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import ConfigError, dataclass_from_mapping, to_plain
 
 #: Partition names, each with its own ``conf/partition/<name>.yaml``.
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural", "none")
@@ -58,3 +58,40 @@ def partition_config(section: PartitionConfig | Mapping[str, Any] | Any) -> Part
     if isinstance(section, PartitionConfig):
         return section
     return dataclass_from_mapping(PartitionConfig, section, "partition")
+
+
+#: Keys every ``conf/data/<name>.yaml`` sets; the rest of the section is the data set's own options.
+SHARED_DATA_KEYS: tuple[str, ...] = ("name", "root", "labeled_fraction", "labeled_per_class", "val_fraction",
+                                     "drop_unlabelled")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` section: the keys every data set shares, typed and checked, and the whole section
+    (``section``) for the data set's loader, which reads its own options from it."""
+
+    name: str
+    root: str | None
+    labeled_fraction: float
+    labeled_per_class: int | None
+    val_fraction: float | None
+    drop_unlabelled: bool
+    section: Mapping[str, Any]
+
+    def __post_init__(self) -> None:  # the ranges are checked where the labels are kept (common.data.labels)
+        if not isinstance(self.drop_unlabelled, bool):
+            raise ConfigError(f"data.drop_unlabelled must be true or false, got {self.drop_unlabelled!r}")
+
+
+def data_config(section: DataConfig | Mapping[str, Any] | Any) -> DataConfig:
+    """The ``data`` section as a ``DataConfig`` (one already built passes through); a shared key that
+    is missing is a ``ConfigError`` naming it."""
+    if isinstance(section, DataConfig):
+        return section
+    values = to_plain(section)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"data: expected a mapping, got {type(values).__name__}")
+    missing = [k for k in SHARED_DATA_KEYS if k not in values]
+    if missing:
+        raise ConfigError(f"data: missing required key(s) {missing} (every conf/data/<name>.yaml sets them)")
+    return DataConfig(**{k: values[k] for k in SHARED_DATA_KEYS}, section=dict(values))

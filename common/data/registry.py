@@ -27,7 +27,7 @@ import common.data.partition as partitioning
 from common.config import ConfigError, to_plain
 from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam, synthetic_site
 from common.data.base import PatchDataset, PatchSubset
-from common.data.config import PartitionConfig, partition_config
+from common.data.config import DataConfig, PartitionConfig, data_config, partition_config
 from common.data.errors import DataError
 from common.data.options import data_root
 from common.data.sites import SiteData, finish_site
@@ -132,11 +132,12 @@ def site_partitions(train: PatchDataset, test: PatchDataset, spec: PartitionConf
         raise DataError(f"{where}: partition {name!r} over {num_sites} sites is impossible: {error}") from error
 
 
-def load_real_site_data(data: Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any], site: int,
-                        num_sites: int, image_size: int, seed: int) -> SiteData:
+def load_real_site_data(data: DataConfig | Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any],
+                        site: int, num_sites: int, image_size: int, seed: int) -> SiteData:
     """Hospital ``site``'s ``SiteData`` from a file-backed data set: its training part (labels withheld
     as configured) and its held-out part."""
-    cfg, spec = to_plain(data), partition_config(partition)
+    typed, spec = data_config(data), partition_config(partition)
+    cfg = typed.section
     train_split, test_split = site_splits(cfg)
     train = load_dataset(cfg, train_split, image_size)
     test = load_dataset(cfg, test_split, image_size)
@@ -151,7 +152,7 @@ def load_real_site_data(data: Mapping[str, Any], partition: PartitionConfig | Ma
         raise DataError(f"{where}: site {site} of {num_sites} gets {len(train_idx)} training and "
                         f"{len(test_idx)} test patches under partition {spec.name!r}; expected "
                         f"some of each (use fewer sites or another partition)")
-    return finish_site(f"site-{site}", train, train_idx, PatchSubset(test, test_idx), cfg, site_seed(seed, site))
+    return finish_site(f"site-{site}", train, train_idx, PatchSubset(test, test_idx), typed, site_seed(seed, site))
 
 
 def _named_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
@@ -178,7 +179,7 @@ def _folder_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
 class DataSet:
     """One entry of ``DATA_SETS``: a hospital's data, and the class names known before any data is read."""
 
-    load_site: Callable[[Mapping[str, Any], PartitionConfig, int, int, int, int], SiteData]
+    load_site: Callable[[DataConfig, PartitionConfig, int, int, int, int], SiteData]
     class_names: Callable[[Mapping[str, Any]], tuple[str, ...]]
 
 
@@ -197,13 +198,13 @@ def _data_set(data: Mapping[str, Any]) -> DataSet:
     return DATA_SETS[str(name)]
 
 
-def load_site_data(data: Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any], site: int,
+def load_site_data(data: DataConfig | Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any], site: int,
                    num_sites: int, image_size: int, seed: int) -> SiteData:
     """The data of hospital ``site`` (0-based) out of ``num_sites``, at ``image_size`` pixels."""
-    data, spec = to_plain(data), partition_config(partition)
+    typed, spec = data_config(data), partition_config(partition)
     if not 0 <= site < num_sites:
         raise ConfigError(f"site {site} is outside 0..{num_sites - 1}")
-    return _data_set(data).load_site(data, spec, site, num_sites, image_size, seed)
+    return _data_set(typed.section).load_site(typed, spec, site, num_sites, image_size, seed)
 
 
 def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ there is what a ClientApp calls, in simulation and in deployment alike.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from common.config import ConfigError
 from common.data.base import ConcatPatches, PatchDataset, PatchSubset
+from common.data.config import DataConfig
 from common.data.labels import carve_validation, withhold_labels
 
 
@@ -47,7 +48,7 @@ def pool_sites(sites: Sequence[SiteData], name: str = "pooled") -> SiteData:
 
 
 def finish_site(name: str, train: PatchDataset, train_rows: np.ndarray, test: PatchDataset,
-                data: Mapping[str, Any], seed: int) -> SiteData:
+                data: DataConfig, seed: int) -> SiteData:
     """A hospital's ``SiteData`` from its training rows of ``train`` and its held-out ``test``.
 
     In order: a labelled validation split is carved from the training rows (``data.val_fraction``,
@@ -57,14 +58,13 @@ def finish_site(name: str, train: PatchDataset, train_rows: np.ndarray, test: Pa
     """
     train_rows = np.asarray(train_rows, dtype=np.int64)
     try:
-        keep, val_part = carve_validation(train.labels[train_rows], float(data.get("val_fraction") or 0.0), seed)
-        labels = withhold_labels(train.labels[train_rows[keep]], seed=seed,
-                                 fraction=float(data.get("labeled_fraction", 1.0)),
-                                 per_class=data.get("labeled_per_class"))
+        keep, val_part = carve_validation(train.labels[train_rows], float(data.val_fraction or 0.0), seed)
+        labels = withhold_labels(train.labels[train_rows[keep]], seed=seed, fraction=float(data.labeled_fraction),
+                                 per_class=data.labeled_per_class)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     rows = train_rows[keep]
-    if data.get("drop_unlabelled"):
+    if data.drop_unlabelled:
         rows, labels = rows[labels >= 0], labels[labels >= 0]
     val = PatchSubset(train, train_rows[val_part]) if len(val_part) else None
     return SiteData(name, PatchSubset(train, rows, labels), test, val)

@@ -8,16 +8,18 @@ hospital's class proportions, ``quantity`` shares the totals out in the partitio
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from common.config import ConfigError
-from common.data.config import PartitionConfig
+from common.data.config import DataConfig, PartitionConfig
 from common.data.partition import quantity_split
 from common.data.sites import SiteData, finish_site
 from common.data.synthetic import CLASS_NAMES, SyntheticHistology
 from common.seeds import site_seed
+
+T = TypeVar("T")
 
 #: Stream tag of the seeded rng drawing a hospital's Dirichlet class proportions.
 _CLASS_MIX = 31
@@ -35,11 +37,11 @@ def synthetic_class_weights(partition: PartitionConfig, site: int, seed: int) ->
                       "use iid, dirichlet, quantity or natural")
 
 
-def synthetic_site_sizes(data: Mapping[str, Any], partition: PartitionConfig, site: int,
+def synthetic_site_sizes(data: DataConfig, partition: PartitionConfig, site: int,
                          num_sites: int, seed: int) -> tuple[int, int]:
     """(train, test) patches of a synthetic hospital: ``data.train_per_site`` / ``test_per_site``,
     or under the quantity partition those totals over all hospitals split as ``quantity_split`` does."""
-    train, test = int(data["train_per_site"]), int(data["test_per_site"])
+    train, test = _option(data, "train_per_site", int), _option(data, "test_per_site", int)
     if partition.name != "quantity":
         return train, test
     try:
@@ -50,15 +52,22 @@ def synthetic_site_sizes(data: Mapping[str, Any], partition: PartitionConfig, si
     return len(train_parts[site]), len(test_parts[site])
 
 
-def load_site(data: Mapping[str, Any], partition: PartitionConfig, site: int, num_sites: int,
+def load_site(data: DataConfig, partition: PartitionConfig, site: int, num_sites: int,
               image_size: int, seed: int) -> SiteData:
     """Hospital ``site``'s generated training and held-out patches, labels withheld as configured."""
     weights = tuple(synthetic_class_weights(partition, site, seed))
-    stain = float(data["stain_shift"])
+    stain = _option(data, "stain_shift", float)
     num_train, num_test = synthetic_site_sizes(data, partition, site, num_sites, seed)
     train = SyntheticHistology(num_train, image_size, site, "train", seed, stain, weights)
     test = SyntheticHistology(num_test, image_size, site, "test", seed, stain, weights)
     return finish_site(f"site-{site}", train, np.arange(len(train)), test, data, site_seed(seed, site))
+
+
+def _option(data: DataConfig, key: str, kind: type[T]) -> T:
+    """One of the synthetic set's own keys (``conf/data/synthetic.yaml``), named when missing."""
+    if key not in data.section:
+        raise ConfigError(f"data.{key} is not set (conf/data/synthetic.yaml sets it)")
+    return kind(data.section[key])  # type: ignore[call-arg]
 
 
 def class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
