@@ -47,6 +47,7 @@ from common.records import (
     tensors_to_arrayrecord,
     to_arrayrecord,
 )
+from common.seeds import site_seed
 from common.train import LocalTrainer, RoundMetrics, train_config
 from common.train.config import TrainConfig
 from common.train.streams import training_batches
@@ -220,7 +221,7 @@ class LocalRun:
 
     def _trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
                  dp: DPTraining | None) -> LocalTrainer:
-        trainer = LocalTrainer(model, tcfg, seed=int(self.run["seed"]) * 1000 + self.site.site_id,
+        trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp)
         if saved is not None:
             trainer.load_state_dict(saved.trainer)
