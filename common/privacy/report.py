@@ -96,25 +96,35 @@ def _lifetime_from_ledger(folder: Path, run_id: str, delta: float, kind: str) ->
 def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: list[tuple[int, dict[str, Any]]],
                 cfg: PrivacyConfig, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One hospital's entry of report.json."""
-    latest = max([*trained, *stopped], key=lambda item: item[0])[1]
+    replies = [*trained, *stopped]
+    latest = max(replies, key=lambda item: item[0])[1]
+    # 1. This run's epsilon by both accountants from the last reported history, at the reported delta;
+    #    the configured accountant's figure is never below what the hospital itself reported.
     history = _history(latest)
     delta = _finite(latest.get(protocol.DP_DELTA)) or 0.0
     both = epsilons(history, delta) if history else {"rdp": 0.0, "prv": 0.0}
-    reported = max([_finite(m.get(protocol.DP_EPSILON)) or 0.0 for _, m in [*trained, *stopped]], default=0.0)
-    configured = max(both[cfg.accountant], reported)  # never report less than the hospital did
-    lifetime_reported = {
-        "steps_total": int(_finite(latest.get(protocol.DP_STEPS_LIFETIME)) or 0),
-        "epsilon": max(_finite(m.get(protocol.DP_EPSILON_LIFETIME)) or 0.0 for _, m in [*trained, *stopped]),
-        "source": "the hospital's replies",
+    reported = max([_finite(m.get(protocol.DP_EPSILON)) or 0.0 for _, m in replies], default=0.0)
+    # 2. The lifetime figure: the hospital's ledger where it is reachable (a simulation), else its replies.
+    lifetime = _lifetime(name, latest, replies, cfg, config, run_dir, delta)
+    # 3. The entry: mechanism, this run's figures, what the scope covers, the budget stop, per round.
+    return {
+        **_mechanism(latest, cfg, config, delta),
+        "steps_total": max(int(_finite(m.get(protocol.DP_STEPS_TOTAL)) or 0) for _, m in replies),
+        "epsilon": max(both[cfg.accountant], reported),
+        "epsilon_rdp": both["rdp"],
+        "epsilon_prv": both["prv"],
+        "history": [list(e) for e in history],
+        "neighbouring_relation": NEIGHBOURING,
+        "sampling": SAMPLING,
+        "count_release": _count_release(latest),
+        **_coverage(cfg),
+        **_budget(latest, trained, stopped),
+        "lifetime": lifetime,
     }
-    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name), str(config.get("output_dir")),
-                                   delta, cfg.accountant) if delta > 0 else None
-    lifetime = lifetime_reported
-    if ledger is not None:
-        lifetime = {**ledger, "epsilon": max(ledger["epsilon"], lifetime_reported["epsilon"]),
-                    "steps_total": max(ledger["steps_total"], lifetime_reported["steps_total"])}
-    scope = SCOPES[cfg.scope]
-    max_epsilon = _finite(latest.get(protocol.DP_MAX_EPSILON))
+
+
+def _mechanism(latest: dict[str, Any], cfg: PrivacyConfig, config: dict[str, Any], delta: float) -> dict[str, Any]:
+    """The mechanism and its parameters, as the hospital last reported them."""
     return {
         "mechanism": MECHANISM,
         "scope": cfg.scope,
@@ -125,28 +135,49 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "delta": delta,
         "accountant": cfg.accountant,
         "steps_per_round": int((config.get("train") or {}).get("local_steps", 0)),
-        "steps_total": max(int(_finite(m.get(protocol.DP_STEPS_TOTAL)) or 0) for _, m in [*trained, *stopped]),
-        "epsilon": configured,
-        "epsilon_rdp": both["rdp"],
-        "epsilon_prv": both["prv"],
-        "history": [list(e) for e in history],
-        "neighbouring_relation": NEIGHBOURING,
-        "sampling": SAMPLING,
-        "count_release": _count_release(latest),
+    }
+
+
+def _lifetime(name: str, latest: dict[str, Any], replies: list[tuple[int, dict[str, Any]]], cfg: PrivacyConfig,
+              config: dict[str, Any], run_dir: Path, delta: float) -> dict[str, Any]:
+    """Lifetime steps and epsilon: the larger of the ledger's (where readable) and the replies' figures."""
+    reported = {
+        "steps_total": int(_finite(latest.get(protocol.DP_STEPS_LIFETIME)) or 0),
+        "epsilon": max(_finite(m.get(protocol.DP_EPSILON_LIFETIME)) or 0.0 for _, m in replies),
+        "source": "the hospital's replies",
+    }
+    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name), str(config.get("output_dir")),
+                                   delta, cfg.accountant) if delta > 0 else None
+    if ledger is None:
+        return reported
+    return {**ledger, "epsilon": max(ledger["epsilon"], reported["epsilon"]),
+            "steps_total": max(ledger["steps_total"], reported["steps_total"])}
+
+
+def _coverage(cfg: PrivacyConfig) -> dict[str, Any]:
+    """What the scope covers and leaves out, in plain words (``common.privacy.scopes``)."""
+    scope = SCOPES[cfg.scope]
+    return {
         "covered_groups": list(scope.covered),
         "covered": dict(scope.covered),
         "not_covered_groups": list(scope.not_covered),
         "not_covered": dict(scope.not_covered),
         "side_channels": {**scope.side_channels, "randomness": SEEDED if cfg.seed is not None else RANDOMNESS},
         "end_to_end_guarantee": scope.end_to_end_guarantee and cfg.seed is None,
-        "max_epsilon": max_epsilon,
+    }
+
+
+def _budget(latest: dict[str, Any], trained: list[tuple[int, dict[str, Any]]],
+            stopped: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The lifetime budget, whether and when the budget stop triggered, and each trained round's epsilons."""
+    return {
+        "max_epsilon": _finite(latest.get(protocol.DP_MAX_EPSILON)),
         "budget_exhausted": bool(stopped),
         "budget_exhausted_rounds": [r for r, _ in stopped],
         "budget_message": str(stopped[0][1].get("message", "")) if stopped else "",
         "rounds": [{"round": r, "steps": int(_finite(m.get(protocol.DP_STEPS_ROUND)) or 0),
                     "epsilon": _finite(m.get(protocol.DP_EPSILON)),
                     "epsilon_lifetime": _finite(m.get(protocol.DP_EPSILON_LIFETIME))} for r, m in trained],
-        "lifetime": lifetime,
     }
 
 
