@@ -40,6 +40,7 @@ from common.data.registry import configured_class_names  # noqa: E402
 from common.faults import parse_faults  # noqa: E402
 from common.federation_config import federation_config  # noqa: E402
 from server.resume import resolve_resume  # noqa: E402
+from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.console import quiet_driver_logging, round_lines_only, start_ray, stop_ray  # noqa: E402
 from simulations.report import write_run_report  # noqa: E402
 from simulations.tracking import open_tracker  # noqa: E402
@@ -145,12 +146,4 @@ def main(argv: list[str]) -> int:
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]
-    sys.argv = ["fedvitgan simulate", *argv]
-    try:
-        _hydra_entry()
-    except SystemExit as stop:
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-            return 1
-        return int(stop.code or 0)
-    return 0
+    return run_hydra_main(_hydra_entry, "fedvitgan simulate", argv)
