@@ -54,3 +54,9 @@ def test_every_partition_yaml_builds_its_typed_config() -> None:
 
     built = {name: partition_config(load_yaml(CONF_DIR / "partition" / f"{name}.yaml")) for name in PARTITIONS}
     assert built["quantity"].alpha == 1.0 and built["dirichlet"].alpha == 0.5 and built["iid"].alpha is None
+
+
+def test_default_privacy_yaml_matches_the_dataclass_defaults() -> None:
+    from common.privacy.config import PrivacyConfig, privacy_config
+
+    assert privacy_config(load_yaml(CONF_DIR / "privacy" / "default.yaml")) == PrivacyConfig()
