@@ -64,7 +64,7 @@ def act_before(faults: Sequence[Fault], run: Mapping[str, Any]) -> str | None:
             raise InjectedCrash("injected fault: crash")
     for fault in faults:
         if fault.kind == "hang":
-            seconds = float(run["federation"].get("round_timeout_s", 3600)) + HANG_MARGIN_S
+            seconds = float(run["federation"]["round_timeout_s"]) + HANG_MARGIN_S
             logger.warning("injected fault: hanging for %.0f s", seconds)
             time.sleep(seconds)
             return f"injected fault: hung for {seconds:.0f} s"

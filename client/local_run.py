@@ -24,9 +24,11 @@ from client.site import SiteIdentity
 from client.site_state import SiteStateStore, run_key
 from common import protocol
 from common.config import ConfigError, dataclass_from_mapping
-from common.data.sites import SiteData, load_site_data
+from common.data.registry import load_site_data
+from common.data.sites import SiteData
 from common.evaluation import predict_probabilities, summarise_predictions
-from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model
+from common.federation_config import FederationConfig, federation_config
+from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model, group_entries
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
     HospitalPrivacy,
@@ -45,6 +47,7 @@ from common.records import (
     tensors_to_arrayrecord,
     to_arrayrecord,
 )
+from common.seeds import site_seed
 from common.train import LocalTrainer, RoundMetrics, train_config
 from common.train.config import TrainConfig
 from common.train.streams import training_batches
@@ -110,6 +113,11 @@ class LocalRun:
         return str(self.run.get("output_dir") or "run")
 
     @property
+    def federation(self) -> FederationConfig:
+        """The run's ``federation`` section, typed and checked."""
+        return federation_config(self.run["federation"])
+
+    @property
     def local_groups(self) -> list[str]:
         return [g for g in GROUPS if self.run["federation"]["aggregation"][g]["local"]]
 
@@ -120,17 +128,17 @@ class LocalRun:
         state = model.state_dict()
         for group in GROUPS:
             if group in self.msg.content.array_records:
-                reference = {k: v for k, v in state.items() if k.startswith(group + ".")}
+                reference = group_entries(state, [group])
                 state.update(from_arrayrecord(self.msg.content.array_records[group], reference, self.transport))
         local = self._saved_local(inclusive) if self.local_groups else None
         if local is not None:
             _, _, groups = local
-            state.update({k: v for k, v in groups.items() if k.split(".", 1)[0] in self.local_groups})
+            state.update(group_entries(groups, self.local_groups))
         model.load_state_dict(state)
         return model
 
     def _store(self) -> SiteStateStore:
-        return SiteStateStore.for_run(self.site.state_dir, self.run_id)
+        return SiteStateStore.for_run(self.site.state_dir, self.run_id, self.federation.local_state_keep_last)
 
     def _load_local(self, inclusive: bool = False) -> SavedLocal | None:
         """The local state saved before this round (``inclusive``: or in it), from context.state if
@@ -158,7 +166,7 @@ class LocalRun:
 
     def _save_local(self, trainer: LocalTrainer, model: UnifiedViTGAN, meta: dict[str, Any]) -> None:
         trainer_state = trainer.state_dict()
-        groups = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in self.local_groups}
+        groups = group_entries(model.state_dict(), self.local_groups)
         meta = {"site": self.site.name, "round": self.server_round, "run": self.run_id, **meta}
         tensors = {f"trainer/{k}": v for k, v in trainer_state.items()}
         tensors.update({f"group/{k}": v for k, v in groups.items()})
@@ -180,8 +188,7 @@ class LocalRun:
         state = model.state_dict()
         for group in GROUPS:
             if group not in self.local_groups:
-                content[group] = to_arrayrecord({k: v for k, v in state.items() if k.startswith(group + ".")},
-                                                self.transport)
+                content[group] = to_arrayrecord(group_entries(state, [group]), self.transport)
         return content
 
     @staticmethod
@@ -215,7 +222,7 @@ class LocalRun:
 
     def _trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
                  dp: DPTraining | None) -> LocalTrainer:
-        trainer = LocalTrainer(model, tcfg, seed=int(self.run["seed"]) * 1000 + self.site.site_id,
+        trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp)
         if saved is not None:
             trainer.load_state_dict(saved.trainer)
@@ -279,10 +286,10 @@ class LocalRun:
         """Counts on the held-out split (confusion matrix, binned class scores): no single patch's prediction."""
         data = site_data(self.run, self.site)
         model = self._model(data.test.num_classes, inclusive=True).to(self.site.device)
-        loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=0)
+        loader = DataLoader(data.test, batch_size=self.federation.evaluate_batch_size, shuffle=False, num_workers=0)
         labels, probs = predict_probabilities(model, loader, self.site.device)
         keep = labels >= 0
-        summary = summarise_predictions(labels[keep], probs[keep], int(self.run["federation"].get("score_bins", 1000)))
+        summary = summarise_predictions(labels[keep], probs[keep], self.federation.score_bins)
         metrics = {protocol.REAL_EXAMPLES: summary.examples,
                    protocol.EVAL_CONFUSION: summary.confusion.ravel().tolist(),
                    protocol.EVAL_POSITIVE_SCORES: summary.positive_scores.ravel().tolist(),

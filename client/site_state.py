@@ -53,14 +53,15 @@ class LoadedState:
 class SiteStateStore:
     """Round-stamped local state of one hospital for one run, in ``folder``."""
 
-    def __init__(self, folder: Path | str, keep_last: int = 2, run_id: str | None = None) -> None:
+    def __init__(self, folder: Path | str, keep_last: int, run_id: str | None = None) -> None:
         self.folder = Path(folder)
         self.keep_last = max(1, int(keep_last))
         self.run_id = run_id
 
     @classmethod
-    def for_run(cls, site_folder: Path | str, run_id: str, keep_last: int = 2) -> SiteStateStore:
-        """The store of run ``run_id`` under a hospital's state folder."""
+    def for_run(cls, site_folder: Path | str, run_id: str, keep_last: int) -> SiteStateStore:
+        """The store of run ``run_id`` under a hospital's state folder, keeping its newest ``keep_last``
+        rounds (``federation.local_state_keep_last``)."""
         return cls(Path(site_folder) / run_key(run_id), keep_last, run_id)
 
     def path(self, server_round: int) -> Path:

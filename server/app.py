@@ -42,7 +42,7 @@ def run_from_overrides(grid: Grid, overrides: str) -> Path:
     run = plain_config(compose_config(given))
     refuse_faults(run)
     if run.get("resume"):
-        run = resolve_resume(run["resume"], given)
+        run = resolve_resume(run["resume"], given, newer_keys_from=run)
         refuse_faults(run)  # a simulated run's own faults do not come back under flwr run
     if not run.get("output_dir"):
         run["output_dir"] = str(Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))

@@ -5,6 +5,17 @@ A round waits once for the hospitals, then trains and evaluates, each phase with
 fewer than ``federation.min_sites`` valid train replies keeps the global model; after
 ``federation.max_failed_rounds`` such rounds in a row the run stops: ``summary.json`` says
 ``status: failed`` and why, the last checkpoint resumes it, and ``FederationFailed`` is raised.
+
+Why a loop of our own rather than Flower's ``Strategy.start``: ``GroupedStrategy`` implements
+Flower's Strategy API (``configure_train``/``aggregate_train``/``configure_evaluate``/
+``aggregate_evaluate``), and this module drives it as ``Strategy.start`` does, but ``start`` (flwr
+1.42) cannot carry what a run here needs: its rounds always run from 1 to ``num_rounds`` (a resumed
+run continues at round N + 1, and hospitals key their local state by the server round); it has no
+way to stop early (``federation.max_failed_rounds``) other than an exception from a callback; it
+always sends the evaluate instruction, also after a round that kept the global model or with
+``federation.evaluate_each_round=false``; and its one per-round hook, ``evaluate_fn(round, arrays)``,
+runs after evaluation (and once before round 1), without the round's train and evaluate records or
+its start time that the checkpoint, sample grid and summary entry are made from.
 """
 
 from __future__ import annotations
@@ -13,20 +24,22 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import ConfigError, dataclass_from_mapping
-from common.data.sites import configured_class_names
+from common.data.registry import configured_class_names
 from common.evaluation import METRIC_NAMES, save_generator_grid
 from common.faults import parse_faults
-from common.model import GROUPS, ModelConfig, build_model
-from common.records import check_transport_dtype, state_nbytes
+from common.federation_config import FederationConfig, federation_config
+from common.model import ModelConfig, build_model, split_groups
+from common.records import arrayrecord_to_tensors, state_nbytes, tensors_to_arrayrecord
 from server.checkpoint import CheckpointStore, LatestCheckpoint
 from server.identity import SiteRegistry
 from server.partition_report import write_partition_report
@@ -45,14 +58,6 @@ def _fingerprint(run: dict[str, Any], num_classes: int) -> str:
     """Identifies the model architecture a checkpoint belongs to."""
     payload = json.dumps({"model": run["model"], "num_classes": num_classes}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy().copy()) for k, v in state.items()})
-
-
-def _to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(arrays[k].numpy().copy()) for k in arrays.keys()}
 
 
 def _progress(text: str) -> None:
@@ -74,13 +79,8 @@ def _privacy_report(run_dir: Path) -> None:
     _progress(f"privacy report: {paths['md']}")
 
 
-def _limits(run: dict[str, Any], class_names: tuple[str, ...]) -> ReplyLimits:
-    fed = run["federation"]
-    limits = ReplyLimits(tuple(class_names), int(fed.get("score_bins", 1000)), int(fed.get("max_site_examples", 10_000_000)),
-                         int(run["train"]["local_steps"]))
-    if limits.score_bins < 1 or limits.max_site_examples < 1:
-        raise ConfigError("federation.score_bins and federation.max_site_examples must be >= 1")
-    return limits
+def _limits(run: dict[str, Any], fed: FederationConfig, class_names: tuple[str, ...]) -> ReplyLimits:
+    return ReplyLimits(tuple(class_names), fed.score_bins, fed.max_site_examples, int(run["train"]["local_steps"]))
 
 
 def _round_entry(rnd: int, seconds: float, train: RoundRecord, evaluate: RoundRecord | None) -> dict[str, Any]:
@@ -129,103 +129,149 @@ def _resume_point(latest: LatestCheckpoint | None, store: CheckpointStore, run: 
     return state.round + 1, dict(state.extra.get("site_bindings") or {})
 
 
+@dataclass
+class _Federation:
+    """What every round of a run uses: its config, the model, checkpoints, strategy and summary."""
+
+    run: dict[str, Any]
+    fed: FederationConfig
+    run_dir: Path
+    class_names: tuple[str, ...]
+    model: torch.nn.Module
+    fingerprint: str
+    store: CheckpointStore
+    registry: SiteRegistry
+    strategy: GroupedStrategy
+    summary: RunSummary
+    start_round: int
+    initial: ArrayRecord
+
+
 def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path:
     """Run (or resume) ``run['federation']['rounds']`` rounds; returns the run folder.
 
     Raises ``FederationFailed`` (after writing ``status: failed`` and a checkpoint) when
     ``federation.max_failed_rounds`` rounds in a row had fewer than ``federation.min_sites`` valid replies.
     """
+    # 1. The typed config, the model (from the last checkpoint when resuming), strategy and summary.
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fed = run["federation"]
-    transport = str(fed["transport_dtype"])
-    check_transport_dtype(transport)
+    federation = _set_up(run, federation_config(run["federation"]), run_dir)
+    fed, arrays = federation.fed, federation.initial
+    if federation.start_round > fed.rounds:
+        _progress(f"{run_dir}: all {fed.rounds} rounds are done; raise federation.rounds to continue")
+    # 2. The rounds: train, evaluate, then checkpoint, sample grid and summary entry of each.
+    failed_in_a_row = 0
+    for rnd in range(federation.start_round, fed.rounds + 1):
+        arrays, train, checkpoint = _play_round(grid, federation, rnd, arrays)
+        failed_in_a_row = 0 if train.aggregated else failed_in_a_row + 1
+        # 3. Too many rounds in a row without enough valid replies: stop, resumable.
+        if failed_in_a_row >= fed.max_failed_rounds:
+            _stop_failed(federation, rnd, failed_in_a_row, train, checkpoint)
+    # 4. Done: the status, the privacy report of a run with DP on, where it all is.
+    _finish(federation.summary, "completed")
+    if (run.get("privacy") or {}).get("enabled"):
+        _privacy_report(run_dir)
+    _progress(f"run folder: {run_dir}")
+    return run_dir
+
+
+def _set_up(run: dict[str, Any], fed: FederationConfig, run_dir: Path) -> _Federation:
+    """Check the config, build the model, find where the run stands, and open strategy and summary."""
     class_names = configured_class_names(run["data"])
-    faults = parse_faults(run.get("faults"), int(fed["num_sites"]))  # checked here, injected by the hospitals
+    faults = parse_faults(run.get("faults"), fed.num_sites)  # checked here, injected by the hospitals
     if faults:
         _progress(f"fault injection (simulation): {len(faults)} fault(s) configured")
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(class_names),
                         seed=int(run["seed"]))
     fingerprint = _fingerprint(run, len(class_names))
-    store = CheckpointStore(run_dir, int(fed.get("checkpoint_keep_last", 0)))
+    store = CheckpointStore(run_dir, fed.checkpoint_keep_last)
     latest = store.latest()
     start_round, bindings = _resume_point(latest, store, run, run_dir, fingerprint, model)
-    min_sites = int(fed.get("min_sites", 1))
-    max_failed = int(fed.get("max_failed_rounds", 3))
-    if min_sites < 1 or max_failed < 1:
-        raise ConfigError("federation.min_sites and federation.max_failed_rounds must be >= 1")
-    timeout = float(fed.get("round_timeout_s", 3600))
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     registry = SiteRegistry(bindings)
-    strategy = GroupedStrategy(reference, AggregationConfig.from_config(fed["aggregation"]), transport, json.dumps(run),
-                               _limits(run, class_names), int(fed["num_sites"]), min_sites,
-                               float(fed.get("wait_for_sites_s", 300)), timeout, registry)
-    group_bytes = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, transport)
-                   for g in GROUPS}
-    group_bytes_f32 = {g: state_nbytes({k: v for k, v in reference.items() if k.startswith(g + ".")}, "float32")
-                       for g in GROUPS}
+    strategy = GroupedStrategy(reference, AggregationConfig.from_config(fed.aggregation), fed.transport_dtype,
+                               json.dumps(run), _limits(run, fed, class_names), fed.num_sites, fed.min_sites,
+                               fed.wait_for_sites_s, fed.round_timeout_s, registry)
     summary = RunSummary(run_dir)
-    summary.start(run, {"dtype": transport, "group_bytes": group_bytes, "group_bytes_float32": group_bytes_f32,
-                        "sent_groups": strategy.sent_groups},
+    summary.start(run, _transport_entry(fed.transport_dtype, reference, strategy.sent_groups),
                   resumed_from=start_round - 1 if start_round > 1 else None,
                   warnings=latest.warnings if latest is not None else None)
     summary.data.pop("failure", None)
     summary.set("status", "running")
     strategy.summary()
-    arrays = _to_arrays(reference)
-    total_rounds = int(fed["rounds"])
-    if start_round > total_rounds:
-        _progress(f"{run_dir}: all {total_rounds} rounds are done; raise federation.rounds to continue")
-    failed_in_a_row = 0
-    for rnd in range(start_round, total_rounds + 1):
-        started = time.perf_counter()
-        _progress(f"[round {rnd}/{total_rounds}] training at the hospitals ...")
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        train = strategy.train_record
-        evaluate = None
-        if new_arrays is not None:
-            arrays = new_arrays
-            failed_in_a_row = 0
-            if fed.get("evaluate_each_round", True):
-                replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
-                                                timeout=timeout)
-                strategy.aggregate_evaluate(rnd, replies)
-                evaluate = strategy.evaluate_record
-        else:
-            failed_in_a_row += 1
-        state = _to_state(arrays)
-        checkpoint = store.save(rnd, state, fingerprint, {"train_aggregated": train.aggregated,
-                                                          "site_bindings": registry.bindings})
-        entry = _round_entry(rnd, 0.0, train, evaluate)
-        if train.aggregated:
-            model.load_state_dict(state)
-            grid_path = save_generator_grid(model, class_names, run_dir / "samples" / f"round-{rnd:03d}.png",
-                                            per_class=int(run.get("samples_per_class", 8)), seed=int(run["seed"]),
-                                            title=f"global generator after round {rnd}")
-            entry["samples"] = str(grid_path.relative_to(run_dir))
-        if train.class_counts:
-            write_partition_report(run_dir, train.class_counts)
-        entry["seconds"] = time.perf_counter() - started
-        entry["checkpoint"] = str(checkpoint.relative_to(run_dir))
-        if strategy.notes:
-            entry["notes"], strategy.notes = list(strategy.notes), []
-        summary.data["site_bindings"] = dict(registry.bindings)
-        summary.add_round(entry)
-        _progress(_round_line(rnd, total_rounds, entry, train))
-        if failed_in_a_row >= max_failed:
-            message = (f"stopped after round {rnd}: {failed_in_a_row} round(s) in a row with fewer than "
-                       f"federation.min_sites={min_sites} valid replies (federation.max_failed_rounds={max_failed}). "
-                       f"Last: {train.failure}. The last checkpoint ({checkpoint.relative_to(run_dir)}) resumes the "
-                       f"run once the hospitals are back: resume={run_dir}")
-            _finish(summary, "failed", message)
-            _progress(f"FAILED: {message}")
-            raise FederationFailed(message)
-    _finish(summary, "completed")
-    if (run.get("privacy") or {}).get("enabled"):
-        _privacy_report(run_dir)
-    _progress(f"run folder: {run_dir}")
-    return run_dir
+    return _Federation(run, fed, run_dir, class_names, model, fingerprint, store, registry, strategy, summary,
+                       start_round, tensors_to_arrayrecord(reference))
+
+
+def _transport_entry(transport: str, reference: dict[str, torch.Tensor], sent_groups: list[str]) -> dict[str, Any]:
+    """summary.json's ``transport``: the dtype, and each group's bytes in it and in float32."""
+    groups = split_groups(reference)
+    return {"dtype": transport, "group_bytes": {g: state_nbytes(e, transport) for g, e in groups.items()},
+            "group_bytes_float32": {g: state_nbytes(e, "float32") for g, e in groups.items()},
+            "sent_groups": sent_groups}
+
+
+def _train_and_evaluate(grid: Grid, federation: _Federation, rnd: int, arrays: ArrayRecord
+                        ) -> tuple[ArrayRecord, RoundRecord, RoundRecord | None]:
+    """One round's phases: the new global arrays (or the old ones), the train and evaluate records."""
+    strategy, fed = federation.strategy, federation.fed
+    replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                                    timeout=fed.round_timeout_s)
+    new_arrays, _ = strategy.aggregate_train(rnd, replies)
+    if new_arrays is None:
+        return arrays, strategy.train_record, None
+    if not fed.evaluate_each_round:
+        return new_arrays, strategy.train_record, None
+    replies = grid.send_and_receive(strategy.configure_evaluate(rnd, new_arrays, ConfigRecord(), grid),
+                                    timeout=fed.round_timeout_s)
+    strategy.aggregate_evaluate(rnd, replies)
+    return new_arrays, strategy.train_record, strategy.evaluate_record
+
+
+def _play_round(grid: Grid, federation: _Federation, rnd: int, arrays: ArrayRecord
+                ) -> tuple[ArrayRecord, RoundRecord, Path]:
+    """Round ``rnd``: its phases, then its checkpoint, sample grid, partition report and summary entry."""
+    run, run_dir, total_rounds = federation.run, federation.run_dir, federation.fed.rounds
+    started = time.perf_counter()
+    _progress(f"[round {rnd}/{total_rounds}] training at the hospitals ...")
+    arrays, train, evaluate = _train_and_evaluate(grid, federation, rnd, arrays)
+    state = arrayrecord_to_tensors(arrays)
+    checkpoint = federation.store.save(rnd, state, federation.fingerprint,
+                                       {"train_aggregated": train.aggregated,
+                                        "site_bindings": federation.registry.bindings})
+    entry = _round_entry(rnd, 0.0, train, evaluate)
+    if train.aggregated:
+        federation.model.load_state_dict(state)
+        grid_path = save_generator_grid(federation.model, federation.class_names,
+                                        run_dir / "samples" / f"round-{rnd:03d}.png",
+                                        per_class=int(run["samples_per_class"]), seed=int(run["seed"]),
+                                        title=f"global generator after round {rnd}")
+        entry["samples"] = str(grid_path.relative_to(run_dir))
+    if train.class_counts:
+        write_partition_report(run_dir, train.class_counts)
+    entry["seconds"] = time.perf_counter() - started
+    entry["checkpoint"] = str(checkpoint.relative_to(run_dir))
+    strategy = federation.strategy
+    if strategy.notes:
+        entry["notes"], strategy.notes = list(strategy.notes), []
+    federation.summary.data["site_bindings"] = dict(federation.registry.bindings)
+    federation.summary.add_round(entry)
+    _progress(_round_line(rnd, total_rounds, entry, train))
+    return arrays, train, checkpoint
+
+
+def _stop_failed(federation: _Federation, rnd: int, failed_in_a_row: int, train: RoundRecord,
+                 checkpoint: Path) -> None:
+    """Record ``status: failed`` with the reason and how to resume, and raise ``FederationFailed``."""
+    fed, run_dir = federation.fed, federation.run_dir
+    message = (f"stopped after round {rnd}: {failed_in_a_row} round(s) in a row with fewer than "
+               f"federation.min_sites={fed.min_sites} valid replies (federation.max_failed_rounds="
+               f"{fed.max_failed_rounds}). Last: {train.failure}. The last checkpoint "
+               f"({checkpoint.relative_to(run_dir)}) resumes the run once the hospitals are back: resume={run_dir}")
+    _finish(federation.summary, "failed", message)
+    _progress(f"FAILED: {message}")
+    raise FederationFailed(message)
 
 
 def _round_line(rnd: int, total_rounds: int, entry: dict[str, Any], train: RoundRecord) -> str:

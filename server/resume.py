@@ -33,14 +33,25 @@ def _reporting(key: str) -> bool:
     return key.split(".", 1)[0] in REPORTING_SECTIONS
 
 
+def _add_new_keys(resumed: dict[str, Any], newer: Mapping[str, Any]) -> None:
+    """Keys ``conf/`` gained after the stopped run started take ``newer``'s value (the run never set them)."""
+    for key, value in newer.items():
+        if key not in resumed:
+            resumed[key] = value
+        elif isinstance(value, Mapping) and isinstance(resumed[key], dict):
+            _add_new_keys(resumed[key], value)
+
+
 def resolve_resume(resume: str | Path, overrides: Sequence[str],
-                   current: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   current: Mapping[str, Any] | None = None,
+                   newer_keys_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config of the run in folder ``resume`` with the resumable ``overrides`` applied.
 
     ``overrides`` are the Hydra overrides given with the resume (``resume=`` itself, ``hydra.*``
     and an ``output_dir`` naming the same folder are accepted and ignored; ``console.*`` and
     ``tracking.*`` are taken from ``current``, the resuming command's own config); any other key
-    is a ``ConfigError`` naming it.
+    is a ``ConfigError`` naming it. A key the stopped run's config lacks (added to ``conf/``
+    since) takes its value from ``newer_keys_from``, or else from ``current``.
     """
     folder = Path(resume).expanduser().resolve()
     summary_path = folder / "summary.json"
@@ -71,6 +82,8 @@ def resolve_resume(resume: str | Path, overrides: Sequence[str],
                                                                  if _key(o) in RESUMABLE_KEYS]))
     resumed = OmegaConf.to_container(merged, resolve=True)
     assert isinstance(resumed, dict)
+    if newer_keys_from is not None or current is not None:
+        _add_new_keys(resumed, newer_keys_from if newer_keys_from is not None else current)  # type: ignore[arg-type]
     resumed["resume"] = str(folder)
     resumed["output_dir"] = str(folder)
     for section in REPORTING_SECTIONS:

@@ -28,7 +28,7 @@ from common import protocol
 from common.aggregate import RULES, GroupOutcome, GroupPolicy, aggregate_group_outcomes
 from common.config import ConfigError, dataclass_from_mapping
 from common.evaluation import pooled_metrics, summary_metrics
-from common.model import GROUPS
+from common.model import GROUPS, split_groups
 from common.records import payload_bytes, to_arrayrecord
 from server.identity import SiteRegistry, Verdict
 from server.replies import (
@@ -126,12 +126,12 @@ class GroupedStrategy(Strategy):
         run_config_json: str,
         limits: ReplyLimits,
         num_sites: int,
-        min_sites: int = 1,
-        wait_for_sites_s: float = 600.0,
-        phase_timeout_s: float = 3600.0,
+        min_sites: int,
+        wait_for_sites_s: float,
+        phase_timeout_s: float,
         registry: SiteRegistry | None = None,
     ) -> None:
-        self.reference = {g: {k: v for k, v in reference_state.items() if k.startswith(g + ".")} for g in GROUPS}
+        self.reference = split_groups(reference_state)
         self.aggregation = aggregation
         self.rules = dict(aggregation.rules)
         self.transport = transport

@@ -20,10 +20,11 @@ import sys
 
 USAGE = __doc__ or ""
 
-#: subcommand -> (module, function taking argv and returning an exit code)
+#: subcommand -> (module, function taking argv and returning an exit code); USAGE lists every one
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.simulate", "main"),
     "experiment": ("simulations.experiments.runner", "main"),
+    "data": ("simulations.data_check", "data_command"),
     "certs": ("simulations.certs", "main"),
     "privacy-report": ("simulations.privacy_report", "main"),
     "report": ("simulations.report", "main"),
@@ -39,13 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.strip())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "data":
-        if not rest or rest[0] != "check":
-            print("usage: fedvitgan data check ROOT --dataset NAME", file=sys.stderr)
-            return 2
-        from simulations.data_check import main as data_check
-
-        return data_check(rest[1:])
     if command not in COMMANDS:
         print(f"fedvitgan: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2

@@ -165,3 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def data_command(argv: list[str]) -> int:
+    """``fedvitgan data SUBCOMMAND ...``; ``check`` is the one subcommand."""
+    if not argv or argv[0] != "check":
+        print("usage: fedvitgan data check ROOT --dataset NAME", file=sys.stderr)
+        return 2  # a usage error, as argparse reports one
+    return main(argv[1:])

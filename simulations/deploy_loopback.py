@@ -512,50 +512,64 @@ class LoopbackDeployment:
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> LoopbackResult:
-        options, result, cli = self.options, self.result, self.cli
-        write_bundle(self.certs, ["localhost"], self.sites + self.extra_keys)
-        if options.with_intruders:
-            write_bundle(self.out / "foreign-ca", ["localhost"], [])
+        """The deployment as numbered steps; every process is stopped however it ends."""
         runner: EventRunner | None = None
         try:
-            # Coordinator: SuperLink with TLS + node auth, then the flwr CLI's connection and the keys.
-            write_connection(self.coordinator_home, CONNECTION, self.address, self.certs / CA_CERT)
-            self.adopt("superlink", self.start_superlink("SuperLink"))
-            registered = [*self.sites, *([FOREIGN] if options.with_intruders else [])]
-            with ThreadPoolExecutor(max_workers=len(registered)) as pool:  # independent CLI calls
-                node_ids = pool.map(lambda name: cli.register(self.certs / SITES_DIR / f"{name}.pub"), registered)
-                result.node_ids = dict(zip(registered, node_ids))
-            # Hospitals: one SuperNode each, with its CA certificate, private key and node config.
-            for name in self.sites:
-                self.adopt(name, self.start_supernode(name, f"SuperNode {name}"))
-            if options.with_intruders:
-                self.start_intruders()
-            # The run: the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
-            self.new_run(cli.run(run_overrides(options, self.run_dir), app=stage_app(self.out / "coordinator" / "app")))
+            # 1. Certificates, the SuperLink (TLS + node authentication) and the hospitals' keys.
+            self.start_coordinator()
+            # 2. The hospitals: one SuperNode each (and, if asked, the intruders that must be refused).
+            self.start_hospitals()
+            # 3. The run; the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
+            self.new_run(self.cli.run(run_overrides(self.options, self.run_dir),
+                                      app=stage_app(self.out / "coordinator" / "app")))
             events = self.events()
-            if events:
-                runner = EventRunner(events, min(options.poll_s, 0.5), self.missed)
+            if events:  # restarts and kills scheduled by the options
+                runner = EventRunner(events, min(self.options.poll_s, 0.5), self.missed)
                 runner.start()
-            result.status = wait_for_run(cli, self.current_run, self.run_dir, options.rounds, self.check_alive,
-                                         self.others, options, runner, self.watchdog)
-            try:
-                (self.run_dir / "flwr-log.txt").write_text(cli.log(self.current_run()))
-            except (DeploymentError, OSError) as error:
-                print(f"warning: could not fetch `flwr log {result.run_id}`: {error}", file=sys.stderr)
-            if result.status != FINISHED_COMPLETED:
-                raise DeploymentError(f"run {result.run_id} ended with status {result.status!r}; "
-                                      f"see {self.run_dir / 'flwr-log.txt'} and {self.logs}")
-            check_run_folder(self.run_dir, options.rounds)
-            write_run_report(self.run_dir)
+            self.result.status = wait_for_run(self.cli, self.current_run, self.run_dir, self.options.rounds,
+                                              self.check_alive, self.others, self.options, runner, self.watchdog)
+            # 4. Its log, the checks of the run folder, and the run report.
+            self.finish_run()
         except BaseException as error:
-            result.error = f"{type(error).__name__}: {error}"
+            self.result.error = f"{type(error).__name__}: {error}"
             raise
         finally:
             if runner is not None:
                 runner.stopping.set()
                 runner.join(timeout=60)
             self.stop_everything()
-        return result
+        return self.result
+
+    def start_coordinator(self) -> None:
+        """Certificates and keys, the flwr CLI's connection, the SuperLink, and every key registered."""
+        write_bundle(self.certs, ["localhost"], self.sites + self.extra_keys)
+        if self.options.with_intruders:
+            write_bundle(self.out / "foreign-ca", ["localhost"], [])
+        write_connection(self.coordinator_home, CONNECTION, self.address, self.certs / CA_CERT)
+        self.adopt("superlink", self.start_superlink("SuperLink"))
+        registered = [*self.sites, *([FOREIGN] if self.options.with_intruders else [])]
+        with ThreadPoolExecutor(max_workers=len(registered)) as pool:  # independent CLI calls
+            node_ids = pool.map(lambda name: self.cli.register(self.certs / SITES_DIR / f"{name}.pub"), registered)
+            self.result.node_ids = dict(zip(registered, node_ids))
+
+    def start_hospitals(self) -> None:
+        """One SuperNode per hospital, with its CA certificate, private key and node config."""
+        for name in self.sites:
+            self.adopt(name, self.start_supernode(name, f"SuperNode {name}"))
+        if self.options.with_intruders:
+            self.start_intruders()
+
+    def finish_run(self) -> None:
+        """Save ``flwr log``, fail on a run that did not complete, check the run folder, write its report."""
+        try:
+            (self.run_dir / "flwr-log.txt").write_text(self.cli.log(self.current_run()))
+        except (DeploymentError, OSError) as error:
+            print(f"warning: could not fetch `flwr log {self.result.run_id}`: {error}", file=sys.stderr)
+        if self.result.status != FINISHED_COMPLETED:
+            raise DeploymentError(f"run {self.result.run_id} ended with status {self.result.status!r}; "
+                                  f"see {self.run_dir / 'flwr-log.txt'} and {self.logs}")
+        check_run_folder(self.run_dir, self.options.rounds)
+        write_run_report(self.run_dir)
 
     def stop_everything(self) -> None:
         group, result = self.group, self.result

@@ -8,26 +8,16 @@ A simulation with privacy.enabled=true writes it by itself at the end.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
+
+from simulations.commands import run_folder_report
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedvitgan privacy-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_folder", type=Path, help="a run folder (holding summary.json)")
-    args = parser.parse_args(argv)
     from common.privacy.report import write_privacy_report
 
-    try:
-        paths = write_privacy_report(args.run_folder)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"fedvitgan privacy-report: {error}", file=sys.stderr)
-        return 2
-    for path in paths.values():
-        print(path)
-    return 0
+    return run_folder_report(argv, "fedvitgan privacy-report", __doc__, write_privacy_report,
+                             (FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the end of a run; run it again on any run folder (also one still training) to re
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from simulations.commands import run_folder_report
 from simulations.run_folder import RunFolderError, load_summary
 
 METRICS: tuple[tuple[str, str], ...] = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
@@ -208,19 +208,8 @@ def write_run_report(run_dir: Path | str) -> dict[str, Path]:
 
 def main(argv: list[str]) -> int:
     """Write the report of a run folder; 0 on success, 2 when the folder is not a run folder."""
-    parser = argparse.ArgumentParser(prog="fedvitgan report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  fedvitgan report runs/2026-11-26_14-41-00")
-    parser.add_argument("run_folder", type=Path, help="a run folder (holding summary.json)")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_run_report(args.run_folder)
-    except RunFolderError as error:
-        print(f"fedvitgan report: {error}", file=sys.stderr)
-        return 2
-    for path in paths.values():
-        print(path)
-    return 0
+    return run_folder_report(argv, "fedvitgan report", __doc__, write_run_report, (RunFolderError,),
+                             epilog="example:\n  fedvitgan report runs/2026-11-26_14-41-00")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from common.config import ConfigError, dataclass_from_mapping
 from common.data.base import uint8_to_tensor
 from common.data.images import read_image, resize_square
-from common.data.sites import configured_class_names
+from common.data.registry import configured_class_names
 from common.model import ModelConfig, UnifiedViTGAN, build_model
 from simulations.run_folder import RunCheckpoint, RunFolderError, resolve_checkpoint
 

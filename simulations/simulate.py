@@ -36,9 +36,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
-from common.data.sites import configured_class_names  # noqa: E402
+from common.data.registry import configured_class_names  # noqa: E402
 from common.faults import parse_faults  # noqa: E402
+from common.federation_config import federation_config  # noqa: E402
 from server.resume import resolve_resume  # noqa: E402
+from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.console import quiet_driver_logging, round_lines_only, start_ray, stop_ray  # noqa: E402
 from simulations.report import write_run_report  # noqa: E402
 from simulations.tracking import open_tracker  # noqa: E402
@@ -58,15 +60,14 @@ def run_simulation_from_config(run: dict[str, Any]) -> Path:
     from server.app import make_server_app
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    fed = run["federation"]
-    backend = fed.get("backend", {})
+    fed = federation_config(run["federation"])
     backend_config = {
-        "client_resources": {"num_cpus": float(backend.get("num_cpus", 1)), "num_gpus": float(backend.get("num_gpus", 0.0))},
+        "client_resources": {"num_cpus": float(fed.backend["num_cpus"]), "num_gpus": float(fed.backend["num_gpus"])},
         "init_args": {"logging_level": "ERROR", "log_to_driver": True},
     }
     start_ray(backend_config, quiet=bool((run.get("console") or {}).get("quiet")))
     try:
-        run_simulation(server_app=make_server_app(run), client_app=client_app, num_supernodes=int(fed["num_sites"]),
+        run_simulation(server_app=make_server_app(run), client_app=client_app, num_supernodes=fed.num_sites,
                        backend_config=backend_config)
     finally:
         stop_ray()
@@ -92,7 +93,8 @@ def _simulate(cfg: DictConfig) -> None:
         if run["data"].get("name") != "synthetic" and not run["data"].get("class_names"):
             # Named once, from the class folders: recorded in summary.json, the same at every hospital.
             run["data"]["class_names"] = list(configured_class_names(run["data"]))
-    parse_faults(run.get("faults"), int(run["federation"]["num_sites"]))  # a bad entry stops here, named
+    fed = federation_config(run["federation"])  # a missing, unknown or bad key stops here, named
+    parse_faults(run.get("faults"), fed.num_sites)  # a bad entry stops here, named
     quiet = bool((run.get("console") or {}).get("quiet"))
     quiet_driver_logging(quiet)
     tracker = open_tracker(run)
@@ -144,12 +146,4 @@ def main(argv: list[str]) -> int:
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
         argv = [*argv, f"hydra.run.dir={resume[-1]}"]
-    sys.argv = ["fedvitgan simulate", *argv]
-    try:
-        _hydra_entry()
-    except SystemExit as stop:
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-            return 1
-        return int(stop.code or 0)
-    return 0
+    return run_hydra_main(_hydra_entry, "fedvitgan simulate", argv)

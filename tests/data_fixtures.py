@@ -135,3 +135,7 @@ def write_breakhis(root: Path, patients_per_type: int = 2, per_mag: int = 2,
                                           image(n, *size)))
                         n += 1
     return paths
+
+
+#: The keys every data section shares (conf/data/*.yaml), with every training label kept.
+ALL_LABELS = {"labeled_fraction": 1.0, "labeled_per_class": None, "val_fraction": 0.0, "drop_unlabelled": False}

@@ -30,3 +30,33 @@ def test_out_of_range_value_is_named() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="tiny"):
         model_preset("huge")
+
+
+def test_federation_section_is_typed_and_every_key_comes_from_conf() -> None:
+    from common.federation_config import federation_config
+
+    section = load_yaml(CONF_DIR / "federation" / "default.yaml")
+    fed = federation_config(section)
+    assert (fed.wait_for_sites_s, fed.evaluate_batch_size, fed.local_state_keep_last) == (300.0, 256, 2)
+    without = {k: v for k, v in section.items() if k != "wait_for_sites_s"}
+    with pytest.raises(ConfigError, match=r"federation: missing required key 'wait_for_sites_s'"):
+        federation_config(without)
+    with pytest.raises(ConfigError, match=r"federation: unknown key\(s\) \['num_site'\]"):
+        federation_config({**section, "num_site": 3})
+    with pytest.raises(ConfigError, match=r"federation: min_sites must be an integer >= 1, got 0"):
+        federation_config({**section, "min_sites": 0})
+    with pytest.raises(ConfigError, match=r"federation: transport_dtype must be one of"):
+        federation_config({**section, "transport_dtype": "int8"})
+
+
+def test_every_partition_yaml_builds_its_typed_config() -> None:
+    from common.data.config import PARTITIONS, partition_config
+
+    built = {name: partition_config(load_yaml(CONF_DIR / "partition" / f"{name}.yaml")) for name in PARTITIONS}
+    assert built["quantity"].alpha == 1.0 and built["dirichlet"].alpha == 0.5 and built["iid"].alpha is None
+
+
+def test_default_privacy_yaml_matches_the_dataclass_defaults() -> None:
+    from common.privacy.config import PrivacyConfig, privacy_config
+
+    assert privacy_config(load_yaml(CONF_DIR / "privacy" / "default.yaml")) == PrivacyConfig()

@@ -10,7 +10,7 @@ import pytest
 from common.data.breakhis import patient_id
 from common.data.errors import DataError
 from common.data.registry import dataset_splits, load_dataset, load_real_site_data
-from tests.data_fixtures import write_breakhis
+from tests.data_fixtures import ALL_LABELS, write_breakhis
 
 # write_breakhis: 2 classes x 2 types x 2 patients x 2 magnifications (40X, 100X) x 2 images.
 
@@ -22,7 +22,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "breakhis", "root": str(root), "test_fraction": 0.5, **options}
+    return {"name": "breakhis", "root": str(root), "test_fraction": 0.5, **ALL_LABELS, **options}
 
 
 def patients(ds) -> set[str]:

@@ -10,7 +10,7 @@ import pytest
 from common.data.camelyon17 import OFFICIAL_TEST_CENTER, OFFICIAL_VAL_CENTER
 from common.data.errors import DataError
 from common.data.registry import dataset_splits, load_dataset, load_real_site_data
-from tests.data_fixtures import image, truncate, write_camelyon17
+from tests.data_fixtures import ALL_LABELS, image, truncate, write_camelyon17
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "camelyon17", "root": str(root), **options}
+    return {"name": "camelyon17", "root": str(root), **ALL_LABELS, **options}
 
 
 def test_loads_patches_with_labels_hospitals_and_patients(root: Path) -> None:

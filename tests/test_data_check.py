@@ -102,3 +102,17 @@ def test_imagefolder_both_layouts_and_the_split_each_uses(tmp_path: Path, capsys
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == f"layout: split folders {split}/<split>/<class>/<image> (train=train, test=test)"
     assert lines[5].split() == ["tumour", "3", "1"]
+
+
+def test_fedvitgan_help_lists_every_command_and_data_goes_through_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.cli import COMMANDS, USAGE
+    from simulations.cli import main as fedvitgan
+
+    assert fedvitgan(["--help"]) == 0
+    listed = {line.split()[1] for line in USAGE.splitlines() if line.strip().startswith("fedvitgan ")}
+    assert listed == set(COMMANDS)
+    assert COMMANDS["data"] == ("simulations.data_check", "data_command")
+    assert fedvitgan(["data"]) == 2 and fedvitgan(["data", "inspect"]) == 2
+    assert "usage: fedvitgan data check" in capsys.readouterr().err
+    assert fedvitgan(["data", "check", "--help"]) == 0
+    assert "fedvitgan data check" in capsys.readouterr().out

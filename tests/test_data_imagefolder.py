@@ -145,7 +145,7 @@ def test_class_layout_error_says_how_the_root_was_read(tmp_path: Path) -> None:
 
 def test_federation_class_names_come_from_the_folders_when_not_given(root: Path, class_root: Path) -> None:
     from common.config import ConfigError
-    from common.data.sites import configured_class_names
+    from common.data.registry import configured_class_names
 
     assert configured_class_names(cfg(class_root)) == ("benign", "stroma", "tumour")
     assert configured_class_names(cfg(root)) == ("benign", "tumour")

@@ -108,7 +108,7 @@ def test_a_deleted_or_rolled_back_ledger_stops_the_hospital(tmp_path: Path, capl
     (excluded,) = summary["rounds"][-1]["excluded"]
     assert "LedgerError" in excluded["reason"] and str(tmp_path) not in excluded["reason"]
     assert any("is gone" in r.getMessage() for r in caplog.records)
-    store = SiteStateStore.for_run(site, str(tmp_path))
+    store = SiteStateStore.for_run(site, str(tmp_path), keep_last=2)
     assert store.rounds() == [1]  # nothing trained
     # Restored: the hospital trains round 3 (round 2 went by without it). Rolled back to that older
     # copy after round 3: round 4 is refused, as the local state remembers a later release.
@@ -126,13 +126,13 @@ def test_a_deleted_or_rolled_back_ledger_stops_the_hospital(tmp_path: Path, capl
 def test_runs_sharing_a_state_dir_keep_separate_state_and_each_resumes_its_own(tmp_path: Path) -> None:
     shared = f"federation.state_dir={tmp_path / 'hospital-state'}"
     _run(tmp_path / "a", [shared, "federation.rounds=3"])
-    store_a = SiteStateStore.for_run(tmp_path / "hospital-state" / "site-0", str(tmp_path / "a"))
+    store_a = SiteStateStore.for_run(tmp_path / "hospital-state" / "site-0", str(tmp_path / "a"), keep_last=2)
     before = {p.name: p.read_bytes() for p in store_a.folder.iterdir()}
     _run(tmp_path / "b", [shared, "federation.rounds=1"])
     summary = _run(tmp_path / "b", [shared, "federation.rounds=2"], resume=True)  # a fresh hospital process
     assert _train(summary, 2)["global_step"] == 2 * K  # B's own round-1 optimiser and step counter
     assert _train(summary, 2)["state/restored_round"] == 1
-    store_b = SiteStateStore.for_run(tmp_path / "hospital-state" / "site-0", str(tmp_path / "b"))
+    store_b = SiteStateStore.for_run(tmp_path / "hospital-state" / "site-0", str(tmp_path / "b"), keep_last=2)
     assert store_a.folder != store_b.folder and store_b.rounds() == [1, 2]
     assert {p.name: p.read_bytes() for p in store_a.folder.iterdir()} == before  # A untouched, not pruned
     assert json.loads((store_b.folder / "run.json").read_text())["run"] == str(tmp_path / "b")
@@ -145,7 +145,7 @@ def _truncate(path: Path) -> None:
 
 def test_a_truncated_newest_state_file_or_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     _run(tmp_path, ["federation.rounds=2"])
-    store = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path))
+    store = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path), keep_last=2)
     _truncate(store.path(2))
     summary = _run(tmp_path, ["federation.rounds=3"], resume=True)
     metrics = _train(summary, 3)

@@ -92,7 +92,7 @@ def test_local_state_persists_across_rounds_and_is_never_sent(tmp_path: Path) ->
         assert not any(k.startswith(("opt_", "selection.", "rng")) for k in metric_names)
     # Round 2's train metrics show the log-variances continuing from round 1, not restarting.
     assert summary["rounds"][1]["sites"]["site-0"]["train"]["global_step"] == 6
-    run_folder = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path)).folder
+    run_folder = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path), keep_last=2).folder
     site_files = sorted(run_folder.glob("round-*.safetensors"))
     assert [f.name for f in site_files] == ["round-0001.safetensors", "round-0002.safetensors"]
     assert json.loads((run_folder / "run.json").read_text())["run"] == str(tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.model import GROUPS, ModelConfig, build_model, model_preset, preset_names
+from common.model import GROUPS, ModelConfig, build_model, group_entries, group_of, model_preset, preset_names, split_groups
 from common.train import LocalTrainer, TrainConfig
 
 
@@ -32,23 +32,27 @@ def test_preset_sizes_match_the_issue() -> None:
 
 def test_every_state_dict_entry_is_in_exactly_one_group(tiny_cfg: ModelConfig) -> None:
     model = build_model(tiny_cfg, num_classes=5)
-    groups = model.group_keys()
+    state = model.state_dict()
+    groups = split_groups(state)
     assert tuple(groups) == GROUPS
     flat = [k for g in GROUPS for k in groups[g]]
-    assert sorted(flat) == sorted(model.state_dict())
+    assert sorted(flat) == sorted(state)
     assert len(flat) == len(set(flat))
     for group in GROUPS:
         assert groups[group], f"group {group} is empty"
-        assert set(model.group_state_dict(group)) == set(groups[group])
+        assert all(groups[group][k] is state[k] for k in groups[group])
+    assert list(group_entries(state, ["generator", "classifier"])) == [*groups["generator"], *groups["classifier"]]
     params = dict(model.named_parameters())
-    owners = {name: model.group_of(name) for name in params}
+    owners = {name: group_of(name) for name in params}
     assert set(owners.values()) == set(GROUPS)
+    with pytest.raises(KeyError, match="belongs to no group"):
+        split_groups({**state, "stray.weight": torch.zeros(1)})
 
 
 def test_classifier_blocks_and_spectral_norm_stay_inside_groups() -> None:
     cfg = ModelConfig(classifier_depth=1, spectral_norm=True)
     model = build_model(cfg, num_classes=3)
-    keys = model.group_keys()
+    keys = split_groups(model.state_dict())
     assert any(".blocks." in k for k in keys["classifier"])
     assert any("parametrizations" in k for k in keys["discriminator"])
     assert sum(len(v) for v in keys.values()) == len(model.state_dict())

@@ -10,11 +10,12 @@ import pytest
 from common.config import ConfigError
 from common.data import partition as P
 from common.data.base import UNLABELLED
+from common.data.config import data_config, partition_config
 from common.data.errors import DataError
-from common.data.registry import load_dataset, load_real_site_data, site_partitions
+from common.data.registry import load_dataset, load_real_site_data, load_site_data, site_partitions
 from common.data.report import partition_report
-from common.data.sites import load_site_data, synthetic_site_sizes
-from tests.data_fixtures import NCT_CLASSES, write_class_folders, write_pcam
+from common.data.synthetic_site import synthetic_site_sizes
+from tests.data_fixtures import ALL_LABELS, NCT_CLASSES, write_class_folders, write_pcam
 
 LABELS = np.repeat(np.arange(5), [120, 80, 60, 30, 10])  # 300 patches, unbalanced classes
 
@@ -123,7 +124,7 @@ def nct_root(tmp_path_factory) -> Path:
 
 
 def nct(root: Path, **options) -> dict:
-    return {"name": "nct_crc", "root": str(root), **options}
+    return {"name": "nct_crc", "root": str(root), **ALL_LABELS, **options}
 
 
 @pytest.mark.parametrize("spec", [{"name": "iid"}, {"name": "dirichlet", "alpha": 0.5, "min_size": 3},
@@ -163,18 +164,20 @@ def test_natural_partition_without_ids_and_unknown_names_fail(nct_root: Path) ->
     with pytest.raises(DataError, match="site 39 of 40 gets 2 training and 0 test patches"):
         load_real_site_data(nct(nct_root), {"name": "iid"}, 39, 40, 16, seed=0)
     with pytest.raises(ConfigError, match="data.name 'mnist' is not a known data set"):
-        load_real_site_data({"name": "mnist", "root": str(nct_root)}, {"name": "iid"}, 0, 2, 16, seed=0)
+        load_real_site_data({**nct(nct_root), "name": "mnist"}, {"name": "iid"}, 0, 2, 16, seed=0)
 
 
 def test_load_site_data_dispatches_real_sets(tmp_path: Path) -> None:
     write_pcam(tmp_path, "train", [0, 1] * 6, size=8)
     write_pcam(tmp_path, "test", [0, 1] * 3, size=8)
-    site = load_site_data({"name": "pcam", "root": str(tmp_path)}, {"name": "iid"}, 2, 3, 8, seed=0)
+    site = load_site_data({"name": "pcam", "root": str(tmp_path), **ALL_LABELS}, {"name": "iid"}, 2, 3, 8, seed=0)
     assert site.name == "site-2" and len(site.train) == 4 and len(site.test) == 2
     assert site.report() == {"site": "site-2", "train": {"normal": 2, "tumour": 2},
                              "test": {"normal": 1, "tumour": 1}}
     with pytest.raises(DataError, match=r"data\.root is not set"):
-        load_site_data({"name": "pcam", "root": None}, {"name": "iid"}, 0, 3, 8, seed=0)
+        load_site_data({"name": "pcam", "root": None, **ALL_LABELS}, {"name": "iid"}, 0, 3, 8, seed=0)
+    with pytest.raises(ConfigError, match=r"data: missing required key\(s\) \['labeled_fraction'"):
+        load_site_data({"name": "pcam", "root": str(tmp_path)}, {"name": "iid"}, 0, 3, 8, seed=0)
 
 
 def test_none_partition_gives_each_site_everything(nct_root: Path) -> None:
@@ -185,14 +188,15 @@ def test_none_partition_gives_each_site_everything(nct_root: Path) -> None:
 
 # ---------------------------------------------------------------- synthetic set and report
 def test_synthetic_quantity_skew_shares_the_totals() -> None:
-    data = {"name": "synthetic", "train_per_site": 40, "test_per_site": 10}
-    spec = {"name": "quantity", "alpha": 0.5, "min_size": 4}
+    data = data_config({"name": "synthetic", "root": None, "train_per_site": 40, "test_per_site": 10,
+                        "stain_shift": 1.0, **ALL_LABELS})
+    spec = partition_config({"name": "quantity", "alpha": 0.5, "min_size": 4})
     sizes = [synthetic_site_sizes(data, spec, k, 4, seed=3) for k in range(4)]
     assert sum(s[0] for s in sizes) == 160 and sum(s[1] for s in sizes) == 40
     assert min(s[0] for s in sizes) >= 4 and len({s[0] for s in sizes}) > 1
     assert sizes == [synthetic_site_sizes(data, spec, k, 4, seed=3) for k in range(4)]
-    assert synthetic_site_sizes(data, {"name": "iid"}, 0, 4, seed=3) == (40, 10)
-    site = load_site_data({**data, "stain_shift": 1.0}, spec, 1, 4, 16, seed=3)
+    assert synthetic_site_sizes(data, partition_config({"name": "iid"}), 0, 4, seed=3) == (40, 10)
+    site = load_site_data(data, spec, 1, 4, 16, seed=3)
     assert (len(site.train), len(site.test)) == sizes[1]
 
 
@@ -207,3 +211,14 @@ def test_partition_report_is_a_markdown_table_of_all_hospitals() -> None:
     assert "| site-1 | test | 1 | 0 | 0 | 1 |" in lines
     assert "| **all** | train | 3 | 6 | 4 | 13 |" in lines
     assert partition_report({r["site"]: r for r in rows}) == text
+
+
+def test_partition_config_names_the_missing_or_bad_key() -> None:
+    with pytest.raises(ConfigError, match=r"partition\.alpha is required for partition=dirichlet"):
+        partition_config({"name": "dirichlet", "min_size": 3})
+    with pytest.raises(ConfigError, match=r"partition\.min_size is required for partition=quantity"):
+        partition_config({"name": "quantity", "alpha": 1.0})
+    with pytest.raises(ConfigError, match=r"partition: unknown key\(s\) \['alhpa'\]"):
+        partition_config({"name": "iid", "alhpa": 1.0})
+    with pytest.raises(ConfigError, match=r"partition\.alpha must be > 0"):
+        partition_config({"name": "quantity", "alpha": 0, "min_size": 1})

@@ -18,7 +18,7 @@ from client.local_run import LOCAL_META
 from client.site_state import SiteStateStore
 from common import protocol
 from common.config import compose_config, plain_config
-from common.model import GROUPS, build_model, model_preset
+from common.model import GROUPS, build_model, model_preset, split_groups
 from common.privacy.accounting import noisy_counts
 from common.privacy.budget import REAL_DATA_METRICS
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
@@ -85,7 +85,7 @@ def test_epsilon_is_cumulative_matches_opacus_and_the_report_says_what_is_not_co
     for context in grid.contexts.values():
         meta = json.loads(str(context.state.config_records[LOCAL_META]["meta-json"]))
         assert [(a["kind"], a["steps"]) for a in meta["dp_attempts"]] == [("counts", 1), ("sgd", K), ("sgd", K), ("sgd", K)]
-    store = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path))
+    store = SiteStateStore.for_run(tmp_path / "sites" / "site-0", str(tmp_path), keep_last=2)
     assert not any(k.startswith("trainer/privacy.") for k in load_file(str(store.path(3))))  # no RNG state kept
     ledger = PrivacyLedger.in_folder(tmp_path / "sites" / "site-1")
     content = ledger.load()
@@ -219,9 +219,9 @@ def test_discriminator_scope_covers_every_shared_group_and_closes_side_channels(
     assert metrics["weight/cls_real"] == 1.0  # fixed loss weights
     reply = grid.replies[0]
     assert protocol.CLASS_COUNTS_JSON not in reply.content.config_records[protocol.SITE]
-    reference = build_model(model_preset("tiny"), 5, seed=0).group_keys()
+    reference = split_groups(build_model(model_preset("tiny"), 5, seed=0).state_dict())
     for group in GROUPS:
-        assert list(reply.content.array_records[group].keys()) == reference[group]
+        assert list(reply.content.array_records[group].keys()) == list(reference[group])
     report = json.loads((tmp_path / "privacy" / "report.json").read_text())
     site = report["sites"]["site-0"]
     assert sorted(site["covered_groups"]) == sorted(GROUPS) and site["not_covered_groups"] == []

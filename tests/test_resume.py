@@ -55,3 +55,14 @@ def test_resume_refuses_every_change_but_rounds_timeouts_and_device(tmp_path: Pa
             resolve_resume(run_dir, [f"resume={run_dir}", override])
     with pytest.raises(ConfigError, match="no summary.json"):
         resolve_resume(tmp_path / "missing", [])
+
+
+def test_resume_takes_keys_added_to_conf_since_the_run_started_but_keeps_the_saved_values(tmp_path: Path) -> None:
+    saved = {"federation": {"rounds": 2, "score_bins": 10}, "privacy": {"enabled": True}}
+    (tmp_path / "summary.json").write_text(json.dumps({"config": saved}))
+    newer = {"federation": {"rounds": 9, "score_bins": 1000, "evaluate_batch_size": 256}, "privacy": {"enabled": False},
+             "samples_per_class": 8}
+    resumed = resolve_resume(tmp_path, [f"resume={tmp_path}"], newer_keys_from=newer)
+    assert resumed["federation"] == {"rounds": 2, "score_bins": 10, "evaluate_batch_size": 256}
+    assert resumed["privacy"] == {"enabled": True} and resumed["samples_per_class"] == 8
+    assert "evaluate_batch_size" not in resolve_resume(tmp_path, [f"resume={tmp_path}"])["federation"]

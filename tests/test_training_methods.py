@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.sites import load_site_data
+from common.data.registry import load_site_data
 from common.model import ModelConfig, build_model
 from common.train import LocalTrainer, TrainConfig
 from common.train.config import SemiSupervisedConfig
 from common.train.selection import SelectionConfig
 from common.train.streams import training_batches
 
-DATA = {"name": "synthetic", "train_per_site": 120, "test_per_site": 20, "stain_shift": 1.0,
+DATA = {"name": "synthetic", "root": None, "train_per_site": 120, "test_per_site": 20, "stain_shift": 1.0,
         "labeled_fraction": 1.0, "labeled_per_class": 2, "val_fraction": 0.0, "drop_unlabelled": False}
 IID = {"name": "iid"}
 

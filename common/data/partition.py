@@ -8,7 +8,8 @@ arguments. Impossible requests (too few items or groups for the sites) raise ``V
 - ``dirichlet_partition``: label skew; each class is spread over the sites in Dirichlet(alpha)
   proportions (smaller alpha, more skew). ``dirichlet_proportions`` + ``split_by_proportions``
   let a test split follow the same proportions as the train split.
-- ``quantity_partition``: quantity skew; site sizes in Dirichlet(alpha) shares, classes mixed.
+- ``quantity_partition``: quantity skew; site sizes in Dirichlet(alpha) shares, classes mixed;
+  ``quantity_split`` cuts a train and a test split with the same shares.
 - ``hospital_partition``: the natural split by a recorded hospital id (Camelyon17 ``center``).
 - ``group_partition``: whole groups (patients, slides) per site, balanced in patch count.
 - ``split_by_groups``: a patient-level train/val/test split, stratified by class.
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from common.seeds import held_out_seed
 
 _IID, _DIRICHLET, _QUANTITY, _GROUPS, _SPLIT = 11, 13, 17, 19, 23  # stream tags of the seeded rngs
 
@@ -127,6 +130,15 @@ def split_by_shares(num_items: int, shares: np.ndarray, seed: int, min_size: int
         sizes[np.argmin(sizes)] += 1
     order = np.random.default_rng([seed, _QUANTITY, 1]).permutation(num_items)
     return [np.sort(p).astype(np.int64) for p in _cut(order, sizes)]
+
+
+def quantity_split(num_train: int, num_test: int, num_sites: int, alpha: float, seed: int,
+                   min_size: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Quantity skew of a train and a test split alike: one set of Dirichlet(alpha) site shares cuts
+    both (at least ``min_size`` training and one held-out patch per site)."""
+    shares = quantity_shares(num_sites, alpha, seed)
+    return (split_by_shares(num_train, shares, seed, min_size),
+            split_by_shares(num_test, shares, held_out_seed(seed), 1))
 
 
 def quantity_partition(num_items: int, num_sites: int, alpha: float, seed: int,

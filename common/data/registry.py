@@ -1,17 +1,22 @@
-"""Data set names -> loaders, and one hospital's data from a real data set and a partition.
+"""Data set names -> loaders, and one hospital's data from a data set and a partition.
 
-``data.name`` picks the loader (``conf/data/<name>.yaml`` holds its options); every loader is
-``load(root, cfg, split, image_size) -> PatchDataset`` and ``splits(cfg) -> {split: on-disk name}``.
-A hospital trains on its partition of ``data.train_split`` (labels withheld per
-``data.labeled_fraction`` / ``data.labeled_per_class``) and evaluates on its part of
-``data.test_split``: its own patches under the natural partition, otherwise the test split
-partitioned the same way (same class proportions or size shares as its training part).
+``data.name`` picks the data set (``conf/data/<name>.yaml`` holds its options) from ``DATA_SETS``,
+one entry per data set: how a hospital gets its ``SiteData`` and how the classes are named before
+any data is read. The built-in synthetic set generates each hospital's patches
+(``common.data.synthetic_site``); every other set is read from ``data.root`` by a file loader
+(``LOADERS``: ``load(root, cfg, split, image_size) -> PatchDataset`` and
+``splits(cfg) -> {split: on-disk name}``). A hospital of a file-backed set trains on its partition
+of ``data.train_split`` (labels withheld per ``data.labeled_fraction`` / ``data.labeled_per_class``)
+and evaluates on its part of ``data.test_split``: its own patches under the natural partition,
+otherwise the test split partitioned the same way (same class proportions or size shares as its
+training part).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,11 +25,13 @@ import numpy as np
 
 import common.data.partition as partitioning
 from common.config import ConfigError, to_plain
-from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam
+from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam, synthetic_site
 from common.data.base import PatchDataset, PatchSubset
+from common.data.config import DataConfig, PartitionConfig, data_config, partition_config
 from common.data.errors import DataError
 from common.data.options import data_root
 from common.data.sites import SiteData, finish_site
+from common.seeds import held_out_seed, site_seed
 
 logger = logging.getLogger("fedvitgan.data")
 
@@ -38,7 +45,6 @@ LOADERS: dict[str, ModuleType] = {
 }
 #: Split each hospital trains on and evaluates on, unless ``data.train_split`` / ``data.test_split``.
 DEFAULT_SITE_SPLITS: dict[str, tuple[str, str]] = {"camelyon17": ("train", "id_val")}
-PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural", "none")
 
 
 def _loader(cfg: Mapping[str, Any]) -> ModuleType:
@@ -94,52 +100,44 @@ def _natural(train: PatchDataset, test: PatchDataset, num_sites: int, seed: int,
         return train_parts, test_parts
     if train.groups is not None and test.groups is not None:
         return (partitioning.group_partition(train.groups, num_sites, seed),
-                partitioning.group_partition(test.groups, num_sites, seed + 1))
+                partitioning.group_partition(test.groups, num_sites, held_out_seed(seed)))
     raise DataError(f"{where}: the natural partition needs hospital or patient ids, and this data set records "
                     f"neither; use partition=iid, dirichlet or quantity")
 
 
-def site_partitions(train: PatchDataset, test: PatchDataset, spec: Mapping[str, Any], num_sites: int,
-                    seed: int, where: str = "data") -> tuple[list[np.ndarray], list[np.ndarray]]:
+def site_partitions(train: PatchDataset, test: PatchDataset, spec: PartitionConfig | Mapping[str, Any],
+                    num_sites: int, seed: int, where: str = "data") -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Index arrays per site into ``train`` and ``test`` under partition ``spec`` (its config section)."""
-    name = str(spec.get("name", "iid"))
-    alpha = float(spec.get("alpha", 0.5))
-    min_size = int(spec.get("min_size", 1))
+    spec = partition_config(spec)
+    name = spec.name
     try:
         if name == "iid":
             return (partitioning.iid_partition(train.labels, num_sites, seed),
-                    partitioning.iid_partition(test.labels, num_sites, seed + 1))
+                    partitioning.iid_partition(test.labels, num_sites, held_out_seed(seed)))
         if name == "dirichlet":
-            proportions = partitioning.dirichlet_proportions(train.labels, num_sites, alpha, seed, min_size)
+            proportions = partitioning.dirichlet_proportions(train.labels, num_sites, spec.skew_alpha, seed,
+                                                             spec.skew_min_size)
             rows = max(len(proportions), int(test.labels.max()) + 1 if len(test) else 0)
             if rows > len(proportions):  # a class only the test split has: spread it evenly
                 proportions = np.vstack([proportions, np.full((rows - len(proportions), num_sites), 1 / num_sites)])
             return (partitioning.split_by_proportions(train.labels, proportions, seed),
-                    partitioning.split_by_proportions(test.labels, proportions, seed + 1))
+                    partitioning.split_by_proportions(test.labels, proportions, held_out_seed(seed)))
         if name == "quantity":
-            shares = partitioning.quantity_shares(num_sites, alpha, seed)
-            return (partitioning.split_by_shares(len(train), shares, seed, min_size),
-                    partitioning.split_by_shares(len(test), shares, seed + 1, 1))
+            return partitioning.quantity_split(len(train), len(test), num_sites, spec.skew_alpha, seed,
+                                               spec.skew_min_size)
         if name == "natural":
             return _natural(train, test, num_sites, seed, where)
-        if name == "none":
-            return [np.arange(len(train))] * num_sites, [np.arange(len(test))] * num_sites
+        return [np.arange(len(train))] * num_sites, [np.arange(len(test))] * num_sites  # none
     except ValueError as error:
         raise DataError(f"{where}: partition {name!r} over {num_sites} sites is impossible: {error}") from error
-    raise ConfigError(f"partition.name {name!r} is not known; choose one of {list(PARTITIONS)}")
 
 
-def load_real_site_data(
-    data: Mapping[str, Any],
-    partition: Mapping[str, Any],
-    site: int,
-    num_sites: int,
-    image_size: int,
-    seed: int,
-) -> SiteData:
-    """Hospital ``site``'s ``SiteData`` from a real data set: its training part (labels withheld as
-    configured) and its held-out part."""
-    cfg, spec = to_plain(data), to_plain(partition)
+def load_real_site_data(data: DataConfig | Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any],
+                        site: int, num_sites: int, image_size: int, seed: int) -> SiteData:
+    """Hospital ``site``'s ``SiteData`` from a file-backed data set: its training part (labels withheld
+    as configured) and its held-out part."""
+    typed, spec = data_config(data), partition_config(partition)
+    cfg = typed.section
     train_split, test_split = site_splits(cfg)
     train = load_dataset(cfg, train_split, image_size)
     test = load_dataset(cfg, test_split, image_size)
@@ -152,7 +150,69 @@ def load_real_site_data(
     train_idx, test_idx = train_parts[site], test_parts[site]
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise DataError(f"{where}: site {site} of {num_sites} gets {len(train_idx)} training and "
-                        f"{len(test_idx)} test patches under partition {spec.get('name', 'iid')!r}; expected "
+                        f"{len(test_idx)} test patches under partition {spec.name!r}; expected "
                         f"some of each (use fewer sites or another partition)")
-    return finish_site(f"site-{site}", train, train_idx, PatchSubset(test, test_idx), cfg, seed * 1000 + site)
+    return finish_site(f"site-{site}", train, train_idx, PatchSubset(test, test_idx), typed, site_seed(seed, site))
 
+
+def _named_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """A file-backed set's classes: ``data.class_names`` (the loaders check the files against them)."""
+    names = data.get("class_names")
+    if not names:
+        raise ConfigError(f"data.class_names is not set for data set {data.get('name')!r}; list the classes "
+                          "(in label order) in its conf/data file or on the command line")
+    return tuple(str(n) for n in names)
+
+
+def _folder_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """Class folders name the classes when ``data.class_names`` is unset and ``data.root`` is readable here."""
+    if data.get("class_names"):
+        return _named_class_names(data)
+    try:
+        return imagefolder.default_class_names(data)
+    except DataError as error:
+        raise ConfigError(f"data.class_names is not set, and the class folders cannot be read here to name "
+                          f"the classes: {error}. List the classes (in label order) as data.class_names") from error
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """One entry of ``DATA_SETS``: a hospital's data, and the class names known before any data is read."""
+
+    load_site: Callable[[DataConfig, PartitionConfig, int, int, int, int], SiteData]
+    class_names: Callable[[Mapping[str, Any]], tuple[str, ...]]
+
+
+#: Every data set ``data.name`` can pick.
+DATA_SETS: dict[str, DataSet] = {
+    "synthetic": DataSet(synthetic_site.load_site, synthetic_site.class_names),
+    **{name: DataSet(load_real_site_data, _named_class_names) for name in LOADERS},
+    "imagefolder": DataSet(load_real_site_data, _folder_class_names),
+}
+
+
+def _data_set(data: Mapping[str, Any]) -> DataSet:
+    name = data.get("name")
+    if name not in DATA_SETS:
+        raise ConfigError(f"data.name {name!r} is not a known data set; choose one of {sorted(DATA_SETS)}")
+    return DATA_SETS[str(name)]
+
+
+def load_site_data(data: DataConfig | Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any], site: int,
+                   num_sites: int, image_size: int, seed: int) -> SiteData:
+    """The data of hospital ``site`` (0-based) out of ``num_sites``, at ``image_size`` pixels."""
+    typed, spec = data_config(data), partition_config(partition)
+    if not 0 <= site < num_sites:
+        raise ConfigError(f"site {site} is outside 0..{num_sites - 1}")
+    return _data_set(typed.section).load_site(typed, spec, site, num_sites, image_size, seed)
+
+
+def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """Class names the federation's model is built for, known before any hospital's data is read.
+
+    The synthetic set's are fixed; a file-backed set's come from ``data.class_names`` in its config
+    (the loaders check each hospital's data against them), or, for class folders, from the folder
+    names under ``data.root`` when it is readable here.
+    """
+    data = to_plain(data)
+    return _data_set(data).class_names(data)

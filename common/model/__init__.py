@@ -1,7 +1,15 @@
 """The unified ViT cGAN-classifier: generator, projection discriminator, classification head."""
 
 from common.model.config import ModelConfig, model_preset, preset_names
-from common.model.unified import GROUPS, DiscriminatorOutput, UnifiedViTGAN, build_model
+from common.model.unified import (
+    GROUPS,
+    DiscriminatorOutput,
+    UnifiedViTGAN,
+    build_model,
+    group_entries,
+    group_of,
+    split_groups,
+)
 
 __all__ = [
     "GROUPS",
@@ -9,6 +17,9 @@ __all__ = [
     "ModelConfig",
     "UnifiedViTGAN",
     "build_model",
+    "group_entries",
+    "group_of",
     "model_preset",
     "preset_names",
+    "split_groups",
 ]

@@ -7,7 +7,9 @@ aggregates each group on its own; every entry, buffers included, is in exactly o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +19,34 @@ from common.model.discriminator import ClassifierHead, ProjectionDiscriminator, 
 from common.model.generator import ViTGenerator
 
 GROUPS: tuple[str, ...] = ("generator", "discriminator", "classifier")
+
+V = TypeVar("V")
+
+
+def group_of(key: str) -> str:
+    """The group of a state-dict key; raises KeyError for a key outside every group."""
+    group = key.split(".", 1)[0]
+    if group not in GROUPS:
+        raise KeyError(f"state-dict key {key!r} belongs to no group {GROUPS}")
+    return group
+
+
+def group_entries(state: Mapping[str, V], groups: Iterable[str]) -> dict[str, V]:
+    """The entries of ``state`` (a state dict, or arrays under its keys) in the given groups, keys
+    unchanged and in ``state``'s order; entries of other groups are left out."""
+    wanted = tuple(f"{g}." for g in groups)
+    return {k: v for k, v in state.items() if k.startswith(wanted)}
+
+
+def split_groups(state: Mapping[str, V]) -> dict[str, dict[str, V]]:
+    """``state`` split into its groups (every group present, keys unchanged, ``state``'s order).
+
+    The one place a state dict is split by group prefix: the server's per-group records, the
+    hospital's reply and its local groups all go through here or ``group_entries``.
+    """
+    for key in state:
+        group_of(key)
+    return {g: group_entries(state, (g,)) for g in GROUPS}
 
 
 @dataclass
@@ -67,26 +97,6 @@ class UnifiedViTGAN(nn.Module):
         """Images of the given classes in [-1, 1], with noise drawn from ``generator``."""
         z = torch.randn(len(labels), self.cfg.z_dim, generator=generator).to(labels.device)
         return self.generator(z, labels)
-
-    def group_of(self, key: str) -> str:
-        """The group of a state-dict key; raises KeyError for a key outside every group."""
-        group = key.split(".", 1)[0]
-        if group not in GROUPS:
-            raise KeyError(f"state-dict key {key!r} belongs to no group {GROUPS}")
-        return group
-
-    def group_keys(self) -> dict[str, list[str]]:
-        """State-dict keys of each group, in state-dict order."""
-        keys: dict[str, list[str]] = {g: [] for g in GROUPS}
-        for key in self.state_dict():
-            keys[self.group_of(key)].append(key)
-        return keys
-
-    def group_state_dict(self, group: str) -> dict[str, torch.Tensor]:
-        """The entries of one group, keys unchanged (still prefixed by the group)."""
-        if group not in GROUPS:
-            raise KeyError(f"unknown group {group!r}; groups: {GROUPS}")
-        return {k: v for k, v in self.state_dict().items() if k.startswith(group + ".")}
 
     def group_module(self, group: str) -> nn.Module:
         if group not in GROUPS:

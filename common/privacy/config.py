@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping
+from common.privacy.scopes import SCOPES as SCOPE_TABLE
 
-SCOPES = ("classifier", "discriminator")
+#: ``privacy.scope`` values, from the one covering least to the one covering most.
+SCOPES: tuple[str, ...] = tuple(SCOPE_TABLE)
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -50,11 +52,6 @@ class PrivacyConfig:
             if self.noise_multiplier is not None and self.target_epsilon is not None:
                 raise ValueError("noise_multiplier and target_epsilon are both set: set noise_multiplier=null "
                                  "to derive the noise from target_epsilon, or target_epsilon=null")
-
-    @property
-    def covered_groups(self) -> tuple[str, ...]:
-        """Parameter groups whose real-image gradients get per-sample clipping and noise."""
-        return ("classifier",) if self.scope == "classifier" else ("discriminator", "classifier")
 
 
 def privacy_config(section: Any) -> PrivacyConfig:

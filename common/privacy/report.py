@@ -28,75 +28,7 @@ from common.privacy.accounting import (
 )
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
-
-NO_END_TO_END = (
-    "No end-to-end guarantee. The epsilon bounds only what the classifier head's DP-SGD updates reveal, "
-    "given the discriminator trunk and the generator. Those are trained on the same real patches without "
-    "differential privacy and are shared as well, so the released model as a whole has no formal "
-    "differential-privacy guarantee: do not describe this run as private. For a guarantee that covers "
-    "every shared group, run with privacy.scope=discriminator."
-)
-DISCRIMINATOR_GUARANTEE = (
-    "(epsilon, delta)-DP at the level of one training patch for everything this hospital shares through its "
-    "model updates: every discriminator and classifier parameter that a real patch's gradient reaches is "
-    "trained with DP-SGD, and the generator, which sees real patches only through the discriminator, is "
-    "private by post-processing. The real-data side channels are closed as listed below."
-)
-
-COVERAGE: dict[str, dict[str, Any]] = {
-    "classifier": {
-        "covered_groups": ["classifier"],
-        "covered": {
-            "classifier": "DP-SGD on the classifier head's real-patch gradients (per-sample clipping, Gaussian noise), "
-                          "with the trunk's features taken as given",
-        },
-        "not_covered_groups": ["generator", "discriminator"],
-        "not_covered": {
-            "discriminator": "trained on this hospital's real patches with ordinary, non-private gradients and sent "
-                             "to the server every round: its weights can reveal training patches directly, and the "
-                             "head's epsilon is conditional on it",
-            "generator": "trained against that non-private discriminator and sent every round: what it learns "
-                         "about the real patches is not bounded",
-        },
-        "side_channels": {
-            "loss weights": "learned from real-patch losses without DP (local state, steers the head's training): "
-                            "not covered",
-            "class centroids": "real-feature centroids steer which generated images teach the classifier, without "
-                               "DP: not covered",
-            "train metrics and class counts": "real-image losses, realised batch sizes and per-class counts are "
-                                              "sent without DP: not covered",
-        },
-        "end_to_end_guarantee": False,
-        "statement": NO_END_TO_END,
-    },
-    "discriminator": {
-        "covered_groups": ["discriminator", "classifier", "generator"],
-        "covered": {
-            "discriminator": "DP-SGD on every parameter (trunk, adversarial head, class projection) for the real "
-                             "patches' gradients",
-            "classifier": "DP-SGD on every parameter for the real patches' gradients",
-            "generator": "private by post-processing: it never sees a real patch, only the private discriminator "
-                         "and classifier",
-        },
-        "not_covered_groups": [],
-        "not_covered": {},
-        "side_channels": {
-            "loss weights": "disabled: fixed weights (learned ones would be fitted to real-patch losses)",
-            "class centroids": "disabled: generated images are selected by the private classifier's confidence "
-                               "alone",
-            "train metrics": "real-image losses and realised batch sizes are left out of the reply",
-            "class counts": "not sent",
-            "training-set size": "released once per data set with Gaussian noise (accounted, see count_release); "
-                                 "the exact size and labelled count are never used for the mechanism nor sent",
-            "assumed public": "the configuration, and the wall-clock time of a round",
-            "evaluation": "metrics on the held-out split are computed on other patches than the training split "
-                          "this guarantee is about",
-        },
-        "end_to_end_guarantee": True,
-        "statement": DISCRIMINATOR_GUARANTEE,
-    },
-}
-
+from common.privacy.scopes import SCOPES
 
 RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded afresh from the "
               "OS's CSPRNG for every training attempt, never stored nor sent, so a repeated round never repeats a draw; "
@@ -164,25 +96,35 @@ def _lifetime_from_ledger(folder: Path, run_id: str, delta: float, kind: str) ->
 def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: list[tuple[int, dict[str, Any]]],
                 cfg: PrivacyConfig, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One hospital's entry of report.json."""
-    latest = max([*trained, *stopped], key=lambda item: item[0])[1]
+    replies = [*trained, *stopped]
+    latest = max(replies, key=lambda item: item[0])[1]
+    # 1. This run's epsilon by both accountants from the last reported history, at the reported delta;
+    #    the configured accountant's figure is never below what the hospital itself reported.
     history = _history(latest)
     delta = _finite(latest.get(protocol.DP_DELTA)) or 0.0
     both = epsilons(history, delta) if history else {"rdp": 0.0, "prv": 0.0}
-    reported = max([_finite(m.get(protocol.DP_EPSILON)) or 0.0 for _, m in [*trained, *stopped]], default=0.0)
-    configured = max(both[cfg.accountant], reported)  # never report less than the hospital did
-    lifetime_reported = {
-        "steps_total": int(_finite(latest.get(protocol.DP_STEPS_LIFETIME)) or 0),
-        "epsilon": max(_finite(m.get(protocol.DP_EPSILON_LIFETIME)) or 0.0 for _, m in [*trained, *stopped]),
-        "source": "the hospital's replies",
+    reported = max([_finite(m.get(protocol.DP_EPSILON)) or 0.0 for _, m in replies], default=0.0)
+    # 2. The lifetime figure: the hospital's ledger where it is reachable (a simulation), else its replies.
+    lifetime = _lifetime(name, latest, replies, cfg, config, run_dir, delta)
+    # 3. The entry: mechanism, this run's figures, what the scope covers, the budget stop, per round.
+    return {
+        **_mechanism(latest, cfg, config, delta),
+        "steps_total": max(int(_finite(m.get(protocol.DP_STEPS_TOTAL)) or 0) for _, m in replies),
+        "epsilon": max(both[cfg.accountant], reported),
+        "epsilon_rdp": both["rdp"],
+        "epsilon_prv": both["prv"],
+        "history": [list(e) for e in history],
+        "neighbouring_relation": NEIGHBOURING,
+        "sampling": SAMPLING,
+        "count_release": _count_release(latest),
+        **_coverage(cfg),
+        **_budget(latest, trained, stopped),
+        "lifetime": lifetime,
     }
-    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name), str(config.get("output_dir")),
-                                   delta, cfg.accountant) if delta > 0 else None
-    lifetime = lifetime_reported
-    if ledger is not None:
-        lifetime = {**ledger, "epsilon": max(ledger["epsilon"], lifetime_reported["epsilon"]),
-                    "steps_total": max(ledger["steps_total"], lifetime_reported["steps_total"])}
-    coverage = COVERAGE[cfg.scope]
-    max_epsilon = _finite(latest.get(protocol.DP_MAX_EPSILON))
+
+
+def _mechanism(latest: dict[str, Any], cfg: PrivacyConfig, config: dict[str, Any], delta: float) -> dict[str, Any]:
+    """The mechanism and its parameters, as the hospital last reported them."""
     return {
         "mechanism": MECHANISM,
         "scope": cfg.scope,
@@ -193,28 +135,49 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "delta": delta,
         "accountant": cfg.accountant,
         "steps_per_round": int((config.get("train") or {}).get("local_steps", 0)),
-        "steps_total": max(int(_finite(m.get(protocol.DP_STEPS_TOTAL)) or 0) for _, m in [*trained, *stopped]),
-        "epsilon": configured,
-        "epsilon_rdp": both["rdp"],
-        "epsilon_prv": both["prv"],
-        "history": [list(e) for e in history],
-        "neighbouring_relation": NEIGHBOURING,
-        "sampling": SAMPLING,
-        "count_release": _count_release(latest),
-        "covered_groups": list(coverage["covered_groups"]),
-        "covered": dict(coverage["covered"]),
-        "not_covered_groups": list(coverage["not_covered_groups"]),
-        "not_covered": dict(coverage["not_covered"]),
-        "side_channels": {**coverage["side_channels"], "randomness": SEEDED if cfg.seed is not None else RANDOMNESS},
-        "end_to_end_guarantee": coverage["end_to_end_guarantee"] and cfg.seed is None,
-        "max_epsilon": max_epsilon,
+    }
+
+
+def _lifetime(name: str, latest: dict[str, Any], replies: list[tuple[int, dict[str, Any]]], cfg: PrivacyConfig,
+              config: dict[str, Any], run_dir: Path, delta: float) -> dict[str, Any]:
+    """Lifetime steps and epsilon: the larger of the ledger's (where readable) and the replies' figures."""
+    reported = {
+        "steps_total": int(_finite(latest.get(protocol.DP_STEPS_LIFETIME)) or 0),
+        "epsilon": max(_finite(m.get(protocol.DP_EPSILON_LIFETIME)) or 0.0 for _, m in replies),
+        "source": "the hospital's replies",
+    }
+    ledger = _lifetime_from_ledger(_ledger_folder(config, run_dir, name), str(config.get("output_dir")),
+                                   delta, cfg.accountant) if delta > 0 else None
+    if ledger is None:
+        return reported
+    return {**ledger, "epsilon": max(ledger["epsilon"], reported["epsilon"]),
+            "steps_total": max(ledger["steps_total"], reported["steps_total"])}
+
+
+def _coverage(cfg: PrivacyConfig) -> dict[str, Any]:
+    """What the scope covers and leaves out, in plain words (``common.privacy.scopes``)."""
+    scope = SCOPES[cfg.scope]
+    return {
+        "covered_groups": list(scope.covered),
+        "covered": dict(scope.covered),
+        "not_covered_groups": list(scope.not_covered),
+        "not_covered": dict(scope.not_covered),
+        "side_channels": {**scope.side_channels, "randomness": SEEDED if cfg.seed is not None else RANDOMNESS},
+        "end_to_end_guarantee": scope.end_to_end_guarantee and cfg.seed is None,
+    }
+
+
+def _budget(latest: dict[str, Any], trained: list[tuple[int, dict[str, Any]]],
+            stopped: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The lifetime budget, whether and when the budget stop triggered, and each trained round's epsilons."""
+    return {
+        "max_epsilon": _finite(latest.get(protocol.DP_MAX_EPSILON)),
         "budget_exhausted": bool(stopped),
         "budget_exhausted_rounds": [r for r, _ in stopped],
         "budget_message": str(stopped[0][1].get("message", "")) if stopped else "",
         "rounds": [{"round": r, "steps": int(_finite(m.get(protocol.DP_STEPS_ROUND)) or 0),
                     "epsilon": _finite(m.get(protocol.DP_EPSILON)),
                     "epsilon_lifetime": _finite(m.get(protocol.DP_EPSILON_LIFETIME))} for r, m in trained],
-        "lifetime": lifetime,
     }
 
 
@@ -232,9 +195,9 @@ def build_report(run_dir: Path | str) -> dict[str, Any]:
                               "rounds": len(summary.get("rounds", [])), "sites": {}}
     if not cfg.enabled:
         return report
-    coverage = COVERAGE[cfg.scope]
-    statement = coverage["statement"] if cfg.seed is None else f"{SEEDED}. {coverage['statement']}"
-    report.update({"end_to_end_guarantee": coverage["end_to_end_guarantee"] and cfg.seed is None,
+    scope = SCOPES[cfg.scope]
+    statement = scope.statement if cfg.seed is None else f"{SEEDED}. {scope.statement}"
+    report.update({"end_to_end_guarantee": scope.end_to_end_guarantee and cfg.seed is None,
                    "statement": statement,
                    "composition_across_hospitals": "none: epsilons are per hospital and are never summed"})
     trained: dict[str, list[tuple[int, dict[str, Any]]]] = {}

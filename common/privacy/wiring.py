@@ -11,7 +11,7 @@ and the sum is divided by the expected batch size: Opacus' ``DPOptimizer`` arith
 of :meth:`DPTraining.privatize` is one noisy step and is recorded in the accountant history, an
 empty Poisson batch included (it releases pure noise, and is counted like any other step).
 
-Covered parameters per scope (``COVERED``):
+Covered parameters per scope (``common.privacy.scopes.SCOPES``, its ``dp_groups``):
 
 - ``classifier``: the classifier head (``classifier.*``), on features of the discriminator trunk
   that are treated as given (detached);
@@ -45,13 +45,12 @@ from common.config import ConfigError
 from common.model import UnifiedViTGAN
 from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
+from common.privacy.scopes import SCOPES
 from common.privacy.step import dp_unified_step
 from common.train.losses import labelled_cross_entropy, real_adversarial_terms
 
 if TYPE_CHECKING:
     from common.train.engine import LocalTrainer
-
-COVERED: dict[str, tuple[str, ...]] = {"classifier": ("classifier",), "discriminator": ("discriminator", "classifier")}
 
 
 def secret_seed() -> int:
@@ -163,12 +162,13 @@ class DPTraining:
     def __init__(self, model: UnifiedViTGAN, plan: PrivacyPlan, seed: int | None = None,
                  on_step: Callable[[int], None] | None = None) -> None:
         self.plan = plan
-        self.groups = COVERED[plan.scope]
         if plan.scope == "discriminator" and model.cfg.spectral_norm:
             raise ConfigError("privacy.scope=discriminator does not support model.spectral_norm=true (its power "
                               "iteration updates buffers inside the per-sample gradient computation)")
         self.adapter: nn.Module = HeadAdapter(model) if plan.scope == "classifier" else DiscriminatorAdapter(model)
         self.names = [n for n, p in self.adapter.named_parameters() if p.requires_grad]
+        if {n.split(".", 1)[0] for n in self.names} != set(SCOPES[plan.scope].dp_groups):
+            raise RuntimeError(f"privacy.scope={plan.scope}: the adapter's parameters are not the scope's groups")
         self.history: History = []
         self.round_steps = 0
         self.on_step = on_step

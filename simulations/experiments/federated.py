@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping
-from common.data.sites import SiteData, configured_class_names
+from common.data.registry import configured_class_names
+from common.data.sites import SiteData
 from common.model import ModelConfig, build_model
 from server.checkpoint import CheckpointStore
 from simulations.experiments.inprocess import CurvePoint, evaluate_point, final_metrics

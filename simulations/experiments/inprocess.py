@@ -20,6 +20,7 @@ from common.data.base import PatchDataset
 from common.data.sites import SiteData
 from common.evaluation.metrics import classification_metrics, predict_probabilities
 from common.model import ModelConfig, UnifiedViTGAN, build_model
+from common.seeds import batch_seed, site_seed
 from common.train import LocalTrainer, train_config
 from common.train.streams import training_batches
 
@@ -100,8 +101,8 @@ def train_sites(
     ``eval_every`` steps, and each curve point pools every site's predictions on its own held-out
     patches; its ``seconds`` is the training time of all sites together on this machine.
     """
-    trainers = [build_trainer(run, site, seed * 1000 + k) for k, site in enumerate(sites)]
-    batches = [training_batches(site.train, t.cfg, seed * 1_000_003 + k) for k, (site, t) in enumerate(zip(sites, trainers))]
+    trainers = [build_trainer(run, site, site_seed(seed, k)) for k, site in enumerate(sites)]
+    batches = [training_batches(site.train, t.cfg, batch_seed(seed, k)) for k, (site, t) in enumerate(zip(sites, trainers))]
     trained = [TrainedSite(t, 0.0) for t in trainers]
     done = 0
     while done < steps:

@@ -10,6 +10,7 @@ import torch
 from common.data.sites import SiteData
 from common.evaluation.frechet import generator_quality
 from common.model import UnifiedViTGAN
+from common.seeds import site_seed
 
 
 def _images(site: SiteData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +30,7 @@ def site_generator_quality(sites: Sequence[SiteData], models: Sequence[UnifiedVi
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        fake = model.generate(labels.to(device), torch.Generator().manual_seed(seed * 1000 + k)).cpu()
+        fake = model.generate(labels.to(device), torch.Generator().manual_seed(site_seed(seed, k))).cpu()
         model.train(was_training)
         reports.append(generator_quality(real, real_labels, fake, labels, site.class_names))
     names = sorted({name for r in reports for name in r["frechet_per_class"]})  # type: ignore[union-attr]

@@ -34,9 +34,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
-from common.data.sites import SiteData, load_site_data, pool_sites  # noqa: E402
+from common.data.registry import load_site_data  # noqa: E402
+from common.data.sites import SiteData, pool_sites  # noqa: E402
 from common.model import UnifiedViTGAN  # noqa: E402
 from common.train import train_config  # noqa: E402
+from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
 from simulations.experiments.inprocess import CurvePoint, final_metrics, train_sites  # noqa: E402
 from simulations.experiments.quality import site_generator_quality  # noqa: E402
@@ -207,12 +209,4 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 def main(argv: list[str]) -> int:
     """Run ``fedvitgan experiment`` with ``argv`` (Hydra overrides and flags)."""
-    sys.argv = ["fedvitgan experiment", *argv]
-    try:
-        _hydra_entry()
-    except SystemExit as stop:
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-            return 1
-        return int(stop.code or 0)
-    return 0
+    return run_hydra_main(_hydra_entry, "fedvitgan experiment", argv)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from common.data.base import ArrayPatches, ConcatPatches, PatchSubset, tensor_to_uint8
 from common.data.sites import SiteData
+from common.seeds import site_seed
 from common.train import LocalTrainer
 from simulations.experiments.inprocess import CurvePoint, TrainedSite, train_sites
 from simulations.experiments.variants import apply_overrides, load_variant
@@ -70,7 +71,7 @@ def train_two_stage(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
     gan_seconds = sum(t.seconds for t in stage_one)
     augmented, info = [], {"gan_steps": gan_steps, "gan_seconds": gan_seconds, "kept": [], "acceptance": []}
     for k, (site, trained) in enumerate(zip(sites, stage_one)):
-        synthetic, rates = selected_synthetic_set(trained.trainer, cfg.generated_per_class, seed * 1000 + k)
+        synthetic, rates = selected_synthetic_set(trained.trainer, cfg.generated_per_class, site_seed(seed, k))
         labelled = PatchSubset(site.train, np.flatnonzero(site.train.labels >= 0))
         parts = [labelled, synthetic] if len(synthetic) else [labelled]
         augmented.append(SiteData(site.name, ConcatPatches(parts), site.test, site.val))
