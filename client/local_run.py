@@ -47,7 +47,7 @@ from common.records import (
     tensors_to_arrayrecord,
     to_arrayrecord,
 )
-from common.seeds import site_seed
+from common.seeds import batch_seed, round_stream, site_seed
 from common.train import LocalTrainer, RoundMetrics, train_config
 from common.train.config import TrainConfig
 from common.train.streams import training_batches
@@ -210,7 +210,7 @@ class LocalRun:
         model = self._model(data.train.num_classes)
         trainer = self._trainer(model, tcfg, data, saved, None)
         loader = training_batches(
-            data.train, tcfg, seed=int(self.run["seed"]) * 1_000_003 + self.site.site_id * 1009 + self.server_round,
+            data.train, tcfg, seed=batch_seed(int(self.run["seed"]), round_stream(self.site.site_id, self.server_round)),
             pin_memory=torch.device(self.site.device).type == "cuda")
         metrics = self._train_round(trainer, loader, tcfg.local_steps)
         self._save_local(trainer, model, {})
