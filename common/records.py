@@ -8,6 +8,7 @@ unchanged. Local state (optimisers, loss weights, selection statistics) never go
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
@@ -37,6 +38,29 @@ def encode_tensor(tensor: torch.Tensor, transport: str) -> np.ndarray:
     return tensor.contiguous().numpy().copy()
 
 
+def wire_array(array: Array) -> np.ndarray:
+    """The NumPy array an ``Array`` carries, as a read-only view of its ``.npy`` payload: no copy.
+
+    ``Array.numpy()`` (``np.load``) copies the payload; a server holding many replies only reads
+    them, so it reads them in place. Raises ``TypeError`` for another serialisation and
+    ``ValueError`` for a payload that is not a ``.npy`` file of a plain dtype, as ``np.load`` does.
+    """
+    if array.stype != "numpy.ndarray":
+        raise TypeError(f"unsupported serialisation {str(array.stype)[:40]!r}, expected 'numpy.ndarray'")
+    stream = io.BytesIO(array.data)  # shares the bytes until written to
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:  # a format this reader does not parse: let NumPy read (and copy) it
+        return array.numpy()
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    flat = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=stream.tell())
+    return flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)
+
+
 def decode_array(array: np.ndarray, like: torch.Tensor, transport: str) -> torch.Tensor:
     """Back to a tensor of ``like``'s dtype (the receiver's own model defines the dtype)."""
     if like.is_floating_point() and check_transport_dtype(transport) == torch.bfloat16:
@@ -62,7 +86,7 @@ def from_arrayrecord(
     extra = sorted(set(record.keys()) - set(reference))
     if missing or extra:
         raise ValueError(f"array record keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
-    return {k: decode_array(record[k].numpy(), reference[k], transport) for k in reference}
+    return {k: decode_array(wire_array(record[k]), reference[k], transport) for k in reference}
 
 
 def payload_bytes(record: ArrayRecord) -> int:
