@@ -14,11 +14,13 @@ hospital whose weight for the group is 0 does not). Before any rule, ``clip_upda
 clips each hospital's update (its group minus the current global group) to ``k`` times the median
 update norm of the round.
 
-Memory. ``fedavg`` streams: a running weighted sum (``WeightedSum``, float64 accumulators) takes
-one update at a time and never keeps or copies one, so it needs O(model) memory however many
-hospitals reply; clipping only needs each update's norm first (one pass, key by key), and the
-weight cap only the weights. ``median`` and ``trimmed_mean`` genuinely need every hospital's value
-of a coordinate at once: they stack the updates one key at a time (O(hospitals x largest key)).
+Memory. ``fedavg`` is a running weighted sum in float64, never a stack of the updates: over
+updates already in memory (the server's case: Flower hands it a round's replies together) one key
+at a time (``weighted_mean``: O(largest key) beyond the result), or over updates that arrive one
+at a time (``WeightedSum``: O(model)); neither keeps or copies an update. Clipping only needs each
+update's norm first (one pass, key by key), and the weight cap only the weights. ``median`` and
+``trimmed_mean`` genuinely need every hospital's value of a coordinate at once: they stack the
+updates one key at a time (O(hospitals x largest key)).
 """
 
 from __future__ import annotations
@@ -77,12 +79,28 @@ def _stack(updates: Sequence[GroupArrays], key: str, clipping: Clipping | None =
     return stacked
 
 
+def _add_scaled(total: np.ndarray, value: np.ndarray, weight: float, scratch: np.ndarray) -> None:
+    """``total += weight * value`` in float64 through ``scratch``: widen, scale, add (three same-dtype
+    passes over a buffer that stays in cache; NumPy's mixed float32 x float64 multiply is slower)."""
+    product = scratch[: total.size].reshape(total.shape)
+    product[...] = value
+    product *= weight
+    total += product
+
+
+def _checked(update: GroupArrays, key: str, shape: tuple[int, ...], index: int) -> np.ndarray:
+    value = np.asarray(update[key])
+    if value.shape != shape:
+        raise ValueError(f"{key}: shape {value.shape} in update {index}, expected {shape}")
+    return value
+
+
 class WeightedSum:
-    """A running ``sum_i w_i x_i`` of updates, key by key, in float64: streaming FedAvg.
+    """A running ``sum_i w_i x_i`` of updates that arrive one at a time, in float64.
 
     It holds one float64 accumulator per key and one float64 scratch buffer the size of the largest
     key. ``add`` reads an update once and keeps no reference to it or copy of it, so the memory is
-    O(model) however many updates are added, and updates can be added as they arrive.
+    O(model) however many updates are added. Every product is formed and added in float64.
     """
 
     def __init__(self, like: GroupArrays) -> None:
@@ -90,26 +108,30 @@ class WeightedSum:
         self.sums = {key: np.zeros(np.shape(value), dtype=np.float64) for key, value in like.items()}
         self._scratch = np.empty(max((a.size for a in self.sums.values()), default=0), dtype=np.float64)
         self.updates_added = 0
+        self.total_weight = 0.0
 
     def add(self, update: GroupArrays, weight: float, floating_weight: float | None = None) -> None:
         """Add ``weight * update`` (``floating_weight`` instead for floating-point entries, if given)."""
         if set(update.keys()) != self.keys:
             raise ValueError(f"update {self.updates_added} has other keys than update 0")
         for key, total in self.sums.items():
-            value = np.asarray(update[key])
-            if value.shape != total.shape:
-                raise ValueError(f"{key}: shape {value.shape} in update {self.updates_added}, expected {total.shape}")
+            value = _checked(update, key, total.shape, self.updates_added)
             w = floating_weight if floating_weight is not None and _is_float(value) else weight
-            if w == 0.0:
-                continue
-            product = self._scratch[: total.size].reshape(total.shape)
-            np.multiply(value, np.float64(w), out=product)
-            total += product
+            if w != 0.0:
+                _add_scaled(total, value, w, self._scratch)
         self.updates_added += 1
+        self.total_weight += weight
 
     def result(self, like: GroupArrays) -> dict[str, np.ndarray]:
         """The sums in ``like``'s dtypes (integer entries rounded)."""
         return {key: _like(total, np.asarray(like[key])) for key, total in self.sums.items()}
+
+    def mean(self, like: GroupArrays) -> dict[str, np.ndarray]:
+        """The sums divided by the total ``weight`` added, in ``like``'s dtypes: FedAvg of updates
+        added as they arrived, their weights not known in advance."""
+        if not self.total_weight > 0:
+            raise ValueError("nothing to average: no update with a weight > 0 was added")
+        return {key: _like(total / self.total_weight, np.asarray(like[key])) for key, total in self.sums.items()}
 
 
 def _normalised(weights: Sequence[float], count: int) -> np.ndarray:
@@ -121,26 +143,77 @@ def _normalised(weights: Sequence[float], count: int) -> np.ndarray:
     return w / w.sum()
 
 
+#: float32 updates are summed in float32 in blocks of this many, each block then added to the key's
+#: float64 total: two same-dtype passes per update instead of three, and at most this many float32
+#: roundings (about 6e-8 relative each) before the float64 sum, however many hospitals reply.
+FLOAT32_BLOCK = 8
+
+
+class _KeySum:
+    """The float64 running sum of one key over updates in memory, float32 entries summed in blocks."""
+
+    def __init__(self, shape: tuple[int, ...], scratch: np.ndarray) -> None:
+        size = int(np.prod(shape, dtype=np.int64))
+        self.total = np.zeros(shape, dtype=np.float64)
+        self._wide = scratch[:size].reshape(shape)
+        narrow = scratch[size : 2 * size].view(np.float32)  # 2 x size float32 in size float64
+        self._product = narrow[:size].reshape(shape)
+        self._block = narrow[size:].reshape(shape)
+        self._in_block = 0
+
+    def add(self, value: np.ndarray, weight: float) -> None:
+        if value.dtype != np.float32:
+            self._wide[...] = value
+            self._wide *= weight
+            self.total += self._wide
+            return
+        if self._in_block == 0:
+            np.multiply(value, np.float32(weight), out=self._block)
+        else:
+            np.multiply(value, np.float32(weight), out=self._product)
+            self._block += self._product
+        self._in_block += 1
+        if self._in_block == FLOAT32_BLOCK:
+            self.flush()
+
+    def flush(self) -> np.ndarray:
+        if self._in_block:
+            self.total += self._block
+            self._in_block = 0
+        return self.total
+
+
 def weighted_mean(updates: Sequence[GroupArrays], weights: Sequence[float],
                   clipping: Clipping | None = None) -> dict[str, np.ndarray]:
-    """``sum_i w_i x_i / sum_i w_i`` key by key, computed in float64, returned in each key's dtype.
+    """``sum_i w_i x_i / sum_i w_i`` key by key, summed in float64, returned in each key's dtype.
 
-    Streams through the updates with ``WeightedSum`` (no stack, no copy of an update). Integer
-    entries (counters) are averaged too and rounded back to their integer dtype. With ``clipping``,
-    update ``i``'s floating-point entries count as ``c + s_i (x_i - c)``: its share ``a_i`` goes as
+    A running sum per key over updates already in memory: the key's accumulators stay in cache
+    while every update's entry is added (float32 entries in float32 blocks of ``FLOAT32_BLOCK``,
+    each block then added in float64), and no update is stacked or copied. Integer entries
+    (counters) are averaged too and rounded back to their integer dtype. With ``clipping``, update
+    ``i``'s floating-point entries count as ``c + s_i (x_i - c)``: its share ``a_i`` goes as
     ``a_i s_i`` to ``x_i`` and the rest, summed over the updates, to ``c`` once.
     """
-    _check_updates(updates)
-    shares = _normalised(weights, len(updates))
-    running = WeightedSum(updates[0])
-    towards_current = 0.0
-    for i, (update, share) in enumerate(zip(updates, shares)):
-        scale = 1.0 if clipping is None else float(clipping.scales[i])
-        running.add(update, float(share), floating_weight=float(share) * scale)
-        towards_current += float(share) * (1.0 - scale)
-    if clipping is not None and towards_current > 0.0:
-        running.add(clipping.current, 0.0, floating_weight=towards_current)
-    return running.result(updates[0])
+    keys = _check_updates(updates)
+    shares = [float(a) for a in _normalised(weights, len(updates))]
+    scales = [1.0] * len(updates) if clipping is None else [float(s) for s in clipping.scales]
+    towards_current = sum(a * (1.0 - s) for a, s in zip(shares, scales))
+    scratch = np.empty(2 * max(np.asarray(updates[0][k]).size for k in keys), dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        like = np.asarray(updates[0][key])
+        floating = _is_float(like)
+        running = _KeySum(like.shape, scratch)
+        for index, (update, share, scale) in enumerate(zip(updates, shares, scales)):
+            value = _checked(update, key, like.shape, index)
+            weight = share * scale if floating else share
+            if weight != 0.0:
+                running.add(value, weight)
+        total = running.flush()
+        if clipping is not None and floating and towards_current > 0.0:
+            _add_scaled(total, np.asarray(clipping.current[key]), towards_current, scratch[: total.size])
+        out[key] = _like(total, like)
+    return out
 
 
 def coordinate_median(updates: Sequence[GroupArrays], clipping: Clipping | None = None) -> dict[str, np.ndarray]:
