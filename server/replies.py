@@ -16,6 +16,7 @@ the reply is left out, the hospital named in the log and in ``summary.json``, an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -75,10 +76,26 @@ def decoded(wire: np.ndarray, like: torch.Tensor, transport: str) -> np.ndarray:
 
 
 def _numpy_dtype(like: torch.Tensor) -> np.dtype | None:
+    return _numpy_dtype_of(like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_dtype_of(dtype: torch.dtype) -> np.dtype | None:
     try:
-        return torch.empty((), dtype=like.dtype).numpy().dtype
+        return torch.empty((), dtype=dtype).numpy().dtype
     except TypeError:  # a dtype NumPy lacks (bfloat16)
         return None
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite. Fast path: ``x . x`` is a sum of non-negative terms, so it is
+    finite only if every ``x`` is (an inf or NaN makes it inf or NaN); when it is not finite, which
+    also happens for finite values beyond about 1e19 in float32, the values are checked one by one."""
+    flat = values.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if flat.size and np.isfinite(np.dot(flat, flat)):
+            return True
+    return bool(np.isfinite(flat).all())
 
 
 class DecodedGroup(Mapping[str, np.ndarray]):
@@ -257,7 +274,7 @@ def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -
         raise ReplyError(f"{key}: declared dtype {str(array.dtype)[:20]}, expected {wire.name}")
     if tuple(array.shape) != tuple(like.shape):
         raise ReplyError(f"{key}: declared shape {tuple(array.shape)[:8]}, expected {tuple(like.shape)}")
-    payload = wire_array(array)
+    payload = wire_array(array, (wire, tuple(like.shape)))
     if payload.dtype != wire:
         raise ReplyError(f"{key}: decoded dtype {payload.dtype}, expected {wire.name}")
     if payload.shape != tuple(like.shape) or payload.size != like.numel():
@@ -266,7 +283,7 @@ def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -
     value = decoded(payload, like, transport)
     if value.shape != tuple(like.shape) or value.dtype != _numpy_dtype(like):
         raise ReplyError(f"{key}: decodes to {value.dtype} {value.shape}")
-    if like.is_floating_point() and not np.isfinite(value).all():
+    if like.is_floating_point() and not all_finite(value):
         raise ReplyError(f"{key}: non-finite values")
     return payload
 
