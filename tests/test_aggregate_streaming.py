@@ -5,19 +5,20 @@ place from their payload."""
 from __future__ import annotations
 
 import gc
+import io
 import weakref
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import common.aggregate as aggregate
 from common import protocol
 from common.aggregate import AggregationError, GroupPolicy, WeightedSum, aggregate_group, capped_shares
-from common.records import decode_array, to_arrayrecord
-from server.replies import ReplyLimits, check_train_reply
+from common.records import decode_array, to_arrayrecord, wire_array
+from server.replies import ReplyLimits, all_finite, check_train_reply
 
 
 def _stacked_reference(current: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]], weights: list[float],
@@ -84,6 +85,25 @@ def test_streaming_fedavg_equals_the_stacked_computation() -> None:
     assert checked > 200
 
 
+def test_replies_summed_as_they_arrive_give_the_same_mean() -> None:
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 8, 9, 30):  # around and beyond one float32 block
+        current, updates = _random_group(rng, n)
+        weights = [float(x) for x in rng.integers(1, 500, size=n)]
+        running = WeightedSum(current)
+        for update, weight in zip(updates, weights):
+            running.add(update, weight)
+        streamed = running.mean(current)
+        stacked = _stacked_reference(current, updates, weights, GroupPolicy())
+        in_memory = aggregate_group(current, updates, weights, GroupPolicy()).arrays
+        for key, value in stacked.items():
+            if np.issubdtype(value.dtype, np.integer):
+                assert streamed[key].tolist() == value.tolist() == in_memory[key].tolist()
+            else:
+                np.testing.assert_allclose(streamed[key], value, rtol=2e-6, atol=1e-6, err_msg=key)
+                np.testing.assert_allclose(in_memory[key], value, rtol=2e-6, atol=1e-6, err_msg=key)
+
+
 def test_fedavg_never_stacks_updates_even_with_clipping_and_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     current, updates = _random_group(np.random.default_rng(1), 6)
     expected = aggregate_group(current, updates, [1, 2, 3, 4, 5, 6], GroupPolicy(max_weight_share=0.3,
@@ -119,6 +139,7 @@ def test_the_running_sum_keeps_no_update_and_does_not_grow() -> None:
     result = running.result(like)
     np.testing.assert_allclose(result["w"], 0.5 * sum(range(1, 51)))
     assert result["n"].dtype == np.int64 and result["n"].tolist() == [round(0.5 * sum(range(1, 51)))]
+    np.testing.assert_allclose(running.mean(like)["b"], sum(range(1, 51)) / 50)  # the plain mean: weights 0.5 each
     with pytest.raises(ValueError, match="other keys"):
         running.add({"w": like["w"]}, 1.0)
 
@@ -159,3 +180,25 @@ def test_a_float32_reply_is_read_in_place_and_a_float16_reply_decoded_per_access
         assert value.dtype == np.float32 and value.shape == tuple(like.shape)
         wire = half.content.array_records["classifier"][key].numpy()
         np.testing.assert_array_equal(value, decode_array(wire, like, "float16").numpy())
+
+
+def test_the_finite_check_catches_nan_and_inf_and_accepts_huge_finite_values() -> None:
+    values = np.ones((40, 25), np.float32)
+    assert all_finite(values)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = values.copy()
+        broken[17, 3] = bad
+        assert not all_finite(broken), bad
+    huge = values.copy()
+    huge[0, 0] = 3e38  # its square overflows float32: the slow path must still accept it
+    assert all_finite(huge)
+
+
+def test_a_payload_in_another_npy_layout_is_parsed_not_misread() -> None:
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for version, order in (((2, 0), "C"), ((1, 0), "F")):
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, np.asarray(values, order=order), version=version)
+        array = Array("float32", (3, 4), "numpy.ndarray", buffer.getvalue())
+        read = wire_array(array, (np.dtype(np.float32), (3, 4)))
+        np.testing.assert_array_equal(read, values)
