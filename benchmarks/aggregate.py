@@ -17,7 +17,7 @@ read identical bytes.
   dropped: the traced peak beyond the global model after 10 replies and after all of them.
 
 Both strategies get every reply of a round at once (Flower's Grid hands them over as one batch), so
-N replies of the base preset need N x 106 MiB in memory; ```--replies`` is lowered to what fits in
+N replies of the base preset need N x 106 MiB in memory; ``--replies`` is lowered to what fits in
 70 % of the available memory, and the output says so.
 
     python benchmarks/aggregate.py [--preset base] [--replies 100] [--repeats 3]
