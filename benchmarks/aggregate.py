@@ -20,7 +20,7 @@ Both strategies get every reply of a round at once (Flower's Grid hands them ove
 N replies of the base preset need N x 106 MiB in memory; ``--replies`` is lowered to what fits in
 70 % of the available memory, and the output says so.
 
-    python benchmarks/aggregate.py [--preset base] [--replies 100] [--repeats 3]
+    python benchmarks/aggregate.py [--preset base] [--replies 100] [--repeats 5] [--stream-replies 100]
 
 Ends with ``aggregate/flower time ratio: R, peak memory M MiB for a model of N MiB`` (M: the
 server path's own peak at N replies).
@@ -53,7 +53,6 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from common import protocol  # noqa: E402
-from common.aggregate import WeightedSum  # noqa: E402
 from common.config import compose_config, plain_config  # noqa: E402
 from common.model import GROUPS, build_model, model_preset  # noqa: E402
 from server.replies import ReplyLimits, check_train_reply  # noqa: E402
@@ -187,6 +186,8 @@ def _stream_child(preset: str, count: int, queue: Any) -> None:
     """Replies checked and summed one at a time: the traced peak after 10 replies and after ``count``."""
     import torch
 
+    from common.aggregate import WeightedSum
+
     setup = make_setup(preset)
     reference = {g: {k: torch.from_numpy(setup.state[k]) for k in keys} for g, keys in setup.groups.items()}
     weight_keys = {g: protocol.WEIGHT_KEYS[setup.aggregation.rules[g].weight] for g in GROUPS}
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replies", type=int, default=100,
                         help="replies both strategies aggregate (default: 100; lowered to what fits in memory)")
     parser.add_argument("--stream-replies", type=int, default=100,
-                        help="replies streamed one at a time through the running sum (default: 100)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed aggregations of each kind (default: 3)")
+                        help="replies streamed one at a time through the running sum (default: 100; 0: skip)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed aggregations of each kind (default: 5)")
     args = parser.parse_args(argv)
 
     setup = make_setup(args.preset)
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
               f"in 70 % of the {available_bytes() / 1024**3:.1f} GiB available)", flush=True)
 
     memory = {kind: in_child(_memory_child, kind, args.preset, count) for kind in KINDS}
-    stream = in_child(_stream_child, args.preset, args.stream_replies)
+    stream = in_child(_stream_child, args.preset, args.stream_replies) if args.stream_replies > 0 else None
 
     start = time.perf_counter()
     replies = [make_reply(setup, i) for i in range(count)]
@@ -287,11 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:>36}: {count} replies, median {medians[kind]:7.2f} s ({medians[kind] / count * 1e3:6.1f} ms "
               f"per reply) over {args.repeats}, peak memory beyond the replies {memory[kind]:7.1f} MiB", flush=True)
     print(f"largest difference from Flower's FedAvg on the groups weighted alike: {worst:.2e}")
-    peaks = stream["peaks"]
-    print(f"streamed {args.stream_replies} replies one at a time (checked, summed, dropped) in "
-          f"{stream['seconds']:.1f} s of checking and summing: traced peak beyond the model "
-          + ", ".join(f"{peak:.1f} MiB after {n}" for n, peak in sorted(peaks.items()))
-          + f" (one reply of {model_mib:.1f} MiB in flight)")
+    if stream is not None:
+        print(f"streamed {args.stream_replies} replies one at a time (checked, summed, dropped) in "
+              f"{stream['seconds']:.1f} s of checking and summing: traced peak beyond the model "
+              + ", ".join(f"{peak:.1f} MiB after {n}" for n, peak in sorted(stream["peaks"].items()))
+              + f" (one reply of {model_mib:.1f} MiB in flight)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"aggregate/flower time ratio: {medians['server'] / medians['flower']:.2f}, "
           f"peak memory {memory['server']:.0f} MiB for a model of {model_mib:.0f} MiB")
