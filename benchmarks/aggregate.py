@@ -131,7 +131,7 @@ def server_strategy(setup: Setup, count: int) -> GroupedStrategy:
 
     reference = {k: torch.from_numpy(v) for k, v in setup.state.items()}
     return GroupedStrategy(reference, setup.aggregation, "float32", "{}", setup.limits, count, min_sites=1,
-                           wait_for_sites_s=0.0)
+                           wait_for_sites_s=0.0, phase_timeout_s=3600.0)
 
 
 def aggregate_once(kind: str, setup: Setup, replies: list[tuple[Message, Message]]) -> tuple[float, ArrayRecord]:
