@@ -2,9 +2,9 @@
 
 A train reply is used only if every record in it is expected, every group carries exactly the
 global model's keys, and every array's payload has the byte size its reference implies, decodes to
-exactly the reference's shape, wire dtype and element count, and holds finite values. A checked
-group is read in place from the reply's payload (``DecodedGroup``): no copy of a reply is made. Metrics follow
-a schema: the aggregation weights are integer counts in range (``num-examples`` at most
+exactly the reference's shape, wire dtype and element count, and holds finite values (a checked
+group is then read in place from the reply's payload, ``DecodedGroup``: no copy of a reply is
+made). Metrics follow a schema: the aggregation weights are integer counts in range (``num-examples`` at most
 ``federation.max_site_examples``, ``generator-steps`` at most ``train.local_steps``), other metrics
 are finite numbers with printable names, and lists are allowed only where the protocol has them. Class
 counts are a small JSON object of known class names and integer counts. An evaluate reply carries
