@@ -13,6 +13,14 @@ Median and trimmed mean count every hospital once (weights only decide who takes
 hospital whose weight for the group is 0 does not). Before any rule, ``clip_update_norm = k``
 clips each hospital's update (its group minus the current global group) to ``k`` times the median
 update norm of the round.
+
+Memory. ``fedavg`` is a running weighted sum in float64, never a stack of the updates: over
+updates already in memory (the server's case: Flower hands it a round's replies together) one key
+at a time (``weighted_mean``: O(largest key) beyond the result), or over updates that arrive one
+at a time (``WeightedSum``: O(model)); neither keeps or copies an update. Clipping only needs each
+update's norm first (one pass, key by key), and the weight cap only the weights. ``median`` and
+``trimmed_mean`` genuinely need every hospital's value of a coordinate at once: they stack the
+updates one key at a time (O(hospitals x largest key)).
 """
 
 from __future__ import annotations
@@ -48,44 +56,187 @@ def _like(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.asarray(values).astype(reference.dtype)
 
 
-def _stack(updates: Sequence[GroupArrays], key: str) -> np.ndarray:
-    return np.stack([np.asarray(u[key], dtype=np.float64) for u in updates])
+def _is_float(array: np.ndarray) -> bool:
+    return bool(np.issubdtype(array.dtype, np.floating))
 
 
-def weighted_mean(updates: Sequence[GroupArrays], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """``sum_i w_i x_i / sum_i w_i`` key by key, computed in float64, returned in each key's dtype.
+@dataclass(frozen=True)
+class Clipping:
+    """Clipped updates without copies: update ``i`` stands for ``current + scales[i] * (x_i - current)``
+    in its floating-point entries (integer entries are never clipped)."""
 
-    Integer entries (counters) are averaged too and rounded back to their integer dtype.
+    current: GroupArrays
+    scales: Sequence[float]
+
+
+def _stack(updates: Sequence[GroupArrays], key: str, clipping: Clipping | None = None) -> np.ndarray:
+    """One key of every update, stacked in float64 (clipped rows scaled towards ``current``)."""
+    stacked = np.stack([np.asarray(u[key], dtype=np.float64) for u in updates])
+    if clipping is not None and _is_float(np.asarray(clipping.current[key])):
+        base = np.asarray(clipping.current[key], dtype=np.float64)
+        scales = np.asarray(clipping.scales, dtype=np.float64).reshape((-1,) + (1,) * base.ndim)
+        stacked = base + scales * (stacked - base)
+    return stacked
+
+
+def _add_scaled(total: np.ndarray, value: np.ndarray, weight: float, scratch: np.ndarray) -> None:
+    """``total += weight * value`` in float64 through ``scratch``: widen, scale, add (three same-dtype
+    passes over a buffer that stays in cache; NumPy's mixed float32 x float64 multiply is slower)."""
+    product = scratch[: total.size].reshape(total.shape)
+    product[...] = value
+    product *= weight
+    total += product
+
+
+def _checked(update: GroupArrays, key: str, shape: tuple[int, ...], index: int) -> np.ndarray:
+    value = np.asarray(update[key])
+    if value.shape != shape:
+        raise ValueError(f"{key}: shape {value.shape} in update {index}, expected {shape}")
+    return value
+
+
+class WeightedSum:
+    """A running ``sum_i w_i x_i`` of updates that arrive one at a time, in float64.
+
+    It holds one float64 accumulator per key and one float64 scratch buffer the size of the largest
+    key. ``add`` reads an update once and keeps no reference to it or copy of it, so the memory is
+    O(model) however many updates are added. Every product is formed and added in float64.
     """
-    keys = _check_updates(updates)
-    if len(updates) != len(weights):
-        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+
+    def __init__(self, like: GroupArrays) -> None:
+        self.keys = frozenset(like)
+        self.sums = {key: np.zeros(np.shape(value), dtype=np.float64) for key, value in like.items()}
+        self._scratch = np.empty(max((a.size for a in self.sums.values()), default=0), dtype=np.float64)
+        self.updates_added = 0
+        self.total_weight = 0.0
+
+    def add(self, update: GroupArrays, weight: float, floating_weight: float | None = None) -> None:
+        """Add ``weight * update`` (``floating_weight`` instead for floating-point entries, if given)."""
+        if set(update.keys()) != self.keys:
+            raise ValueError(f"update {self.updates_added} has other keys than update 0")
+        for key, total in self.sums.items():
+            value = _checked(update, key, total.shape, self.updates_added)
+            w = floating_weight if floating_weight is not None and _is_float(value) else weight
+            if w != 0.0:
+                _add_scaled(total, value, w, self._scratch)
+        self.updates_added += 1
+        self.total_weight += weight
+
+    def result(self, like: GroupArrays) -> dict[str, np.ndarray]:
+        """The sums in ``like``'s dtypes (integer entries rounded)."""
+        return {key: _like(total, np.asarray(like[key])) for key, total in self.sums.items()}
+
+    def mean(self, like: GroupArrays) -> dict[str, np.ndarray]:
+        """The sums divided by the total ``weight`` added, in ``like``'s dtypes: FedAvg of updates
+        added as they arrived, their weights not known in advance."""
+        if not self.total_weight > 0:
+            raise ValueError("nothing to average: no update with a weight > 0 was added")
+        return {key: _like(total / self.total_weight, np.asarray(like[key])) for key, total in self.sums.items()}
+
+
+def _normalised(weights: Sequence[float], count: int) -> np.ndarray:
+    if count != len(weights):
+        raise ValueError(f"{count} updates but {len(weights)} weights")
     w = np.asarray(weights, dtype=np.float64)
     if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0 or not np.isfinite(w.sum()):
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(weights)}")
-    w = w / w.sum()
+    return w / w.sum()
+
+
+#: float32 updates are summed in float32 in blocks of this many, each block then added to the key's
+#: float64 total: two same-dtype passes per update instead of three, and at most this many float32
+#: roundings (about 6e-8 relative each) before the float64 sum, however many hospitals reply.
+FLOAT32_BLOCK = 8
+
+
+class _KeySum:
+    """The float64 running sum of one key over updates in memory, float32 entries summed in blocks."""
+
+    def __init__(self, shape: tuple[int, ...], scratch: np.ndarray) -> None:
+        size = int(np.prod(shape, dtype=np.int64))
+        self.total = np.zeros(shape, dtype=np.float64)
+        self._wide = scratch[:size].reshape(shape)
+        narrow = scratch[size : 2 * size].view(np.float32)  # 2 x size float32 in size float64
+        self._product = narrow[:size].reshape(shape)
+        self._block = narrow[size:].reshape(shape)
+        self._in_block = 0
+
+    def add(self, value: np.ndarray, weight: float) -> None:
+        if value.dtype != np.float32:
+            self._wide[...] = value
+            self._wide *= weight
+            self.total += self._wide
+            return
+        if self._in_block == 0:
+            np.multiply(value, np.float32(weight), out=self._block)
+        else:
+            np.multiply(value, np.float32(weight), out=self._product)
+            self._block += self._product
+        self._in_block += 1
+        if self._in_block == FLOAT32_BLOCK:
+            self.flush()
+
+    def flush(self) -> np.ndarray:
+        if self._in_block:
+            self.total += self._block
+            self._in_block = 0
+        return self.total
+
+
+def weighted_mean(updates: Sequence[GroupArrays], weights: Sequence[float],
+                  clipping: Clipping | None = None) -> dict[str, np.ndarray]:
+    """``sum_i w_i x_i / sum_i w_i`` key by key, summed in float64, returned in each key's dtype.
+
+    A running sum per key over updates already in memory: the key's accumulators stay in cache
+    while every update's entry is added (float32 entries in float32 blocks of ``FLOAT32_BLOCK``,
+    each block then added in float64), and no update is stacked or copied. Integer entries
+    (counters) are averaged too and rounded back to their integer dtype. With ``clipping``, update
+    ``i``'s floating-point entries count as ``c + s_i (x_i - c)``: its share ``a_i`` goes as
+    ``a_i s_i`` to ``x_i`` and the rest, summed over the updates, to ``c`` once.
+    """
+    keys = _check_updates(updates)
+    shares = [float(a) for a in _normalised(weights, len(updates))]
+    scales = [1.0] * len(updates) if clipping is None else [float(s) for s in clipping.scales]
+    towards_current = sum(a * (1.0 - s) for a, s in zip(shares, scales))
+    scratch = np.empty(2 * max(np.asarray(updates[0][k]).size for k in keys), dtype=np.float64)
     out: dict[str, np.ndarray] = {}
     for key in keys:
-        total = np.tensordot(w, _stack(updates, key), axes=1)
-        out[key] = _like(total, np.asarray(updates[0][key]))
+        like = np.asarray(updates[0][key])
+        floating = _is_float(like)
+        running = _KeySum(like.shape, scratch)
+        for index, (update, share, scale) in enumerate(zip(updates, shares, scales)):
+            value = _checked(update, key, like.shape, index)
+            weight = share * scale if floating else share
+            if weight != 0.0:
+                running.add(value, weight)
+        total = running.flush()
+        if clipping is not None and floating and towards_current > 0.0:
+            _add_scaled(total, np.asarray(clipping.current[key]), towards_current, scratch[: total.size])
+        out[key] = _like(total, like)
     return out
 
 
-def coordinate_median(updates: Sequence[GroupArrays]) -> dict[str, np.ndarray]:
-    """The coordinate-wise median of the updates (the mean of the two middle values for even n)."""
+def coordinate_median(updates: Sequence[GroupArrays], clipping: Clipping | None = None) -> dict[str, np.ndarray]:
+    """The coordinate-wise median of the updates (the mean of the two middle values for even n).
+
+    Needs every update's value of a coordinate at once: stacks one key at a time."""
     keys = _check_updates(updates)
-    return {key: _like(np.median(_stack(updates, key), axis=0), np.asarray(updates[0][key])) for key in keys}
+    return {key: _like(np.median(_stack(updates, key, clipping), axis=0), np.asarray(updates[0][key]))
+            for key in keys}
 
 
-def trimmed_mean(updates: Sequence[GroupArrays], trim_fraction: float) -> dict[str, np.ndarray]:
-    """Per coordinate, the mean after dropping the ``int(trim_fraction * n)`` lowest and highest values."""
+def trimmed_mean(updates: Sequence[GroupArrays], trim_fraction: float,
+                 clipping: Clipping | None = None) -> dict[str, np.ndarray]:
+    """Per coordinate, the mean after dropping the ``int(trim_fraction * n)`` lowest and highest values.
+
+    Needs every update's value of a coordinate at once: stacks one key at a time."""
     keys = _check_updates(updates)
     if not 0.0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must lie in [0, 0.5), got {trim_fraction}")
     cut = int(trim_fraction * len(updates))
     out: dict[str, np.ndarray] = {}
     for key in keys:
-        ordered = np.sort(_stack(updates, key), axis=0)
+        ordered = np.sort(_stack(updates, key, clipping), axis=0)
         out[key] = _like(ordered[cut : len(updates) - cut].mean(axis=0), np.asarray(updates[0][key]))
     return out
 
@@ -125,42 +276,44 @@ def capped_shares(weights: Sequence[float], max_share: float = 1.0) -> np.ndarra
 
 
 def update_norm(update: GroupArrays, current: GroupArrays) -> float:
-    """L2 norm of ``update - current`` over the group's floating-point entries."""
+    """L2 norm of ``update - current`` over the group's floating-point entries (float64, one key at a time)."""
     total = 0.0
     for key, value in current.items():
         value = np.asarray(value)
-        if np.issubdtype(value.dtype, np.floating):
-            diff = np.asarray(update[key], dtype=np.float64) - value.astype(np.float64)
-            total += float(np.dot(diff.ravel(), diff.ravel()))
+        if _is_float(value):
+            diff = np.subtract(update[key], value, dtype=np.float64).ravel()
+            total += float(np.dot(diff, diff))
     return float(np.sqrt(total))
 
 
-def clip_updates(current: GroupArrays, updates: Sequence[GroupArrays], factor: float
-                 ) -> tuple[list[dict[str, np.ndarray]], list[float], float]:
-    """Each update's difference from ``current`` clipped to ``factor`` x the median difference norm.
-
-    Returns the clipped updates, the original norms and the clipping threshold. Integer entries
-    (counters) are left as they are.
-    """
+def clip_scales(current: GroupArrays, updates: Sequence[GroupArrays], factor: float
+                ) -> tuple[list[float], list[float], float]:
+    """Per update, the factor that clips its difference from ``current`` to ``factor`` x the median
+    difference norm (1.0 for an update within it). Returns the scales, the norms and the threshold."""
     if not factor > 0:
         raise ValueError(f"clip_update_norm must be > 0, got {factor}")
     norms = [update_norm(u, current) for u in updates]
     threshold = float(factor * np.median(norms))
+    scales = [threshold / norm if norm > threshold else 1.0 for norm in norms]
+    return scales, norms, threshold
+
+
+def clip_updates(current: GroupArrays, updates: Sequence[GroupArrays], factor: float
+                 ) -> tuple[list[dict[str, np.ndarray]], list[float], float]:
+    """Each update's difference from ``current`` clipped to ``factor`` x the median difference norm,
+    as new arrays (the aggregation rules clip without these copies, through ``Clipping``).
+
+    Returns the clipped updates, the original norms and the clipping threshold. Integer entries
+    (counters) are left as they are.
+    """
+    scales, norms, threshold = clip_scales(current, updates, factor)
     clipped: list[dict[str, np.ndarray]] = []
-    for update, norm in zip(updates, norms):
-        if norm <= threshold:
+    for update, scale in zip(updates, scales):
+        if scale == 1.0:
             clipped.append({k: np.asarray(v) for k, v in update.items()})
             continue
-        scale = threshold / norm
-        out: dict[str, np.ndarray] = {}
-        for key, value in update.items():
-            base = np.asarray(current[key])
-            if np.issubdtype(base.dtype, np.floating):
-                diff = np.asarray(value, dtype=np.float64) - base.astype(np.float64)
-                out[key] = (base.astype(np.float64) + scale * diff).astype(np.asarray(value).dtype)
-            else:
-                out[key] = np.asarray(value)
-        clipped.append(out)
+        alone = Clipping(current, [scale])
+        clipped.append({key: _like(_stack([update], key, alone)[0], np.asarray(value)) for key, value in update.items()})
     return clipped, norms, threshold
 
 
@@ -208,25 +361,31 @@ def aggregate_group(current: GroupArrays, updates: Sequence[GroupArrays], weight
     if not np.all(np.isfinite(w)) or (w < 0).any():
         raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
     members = [i for i in range(len(updates)) if w[i] > 0]
-    unchanged = {k: np.array(v, copy=True) for k, v in current.items()}
     if not members:
-        return GroupOutcome(unchanged, kept="no hospital has a weight > 0 for this group")
+        return GroupOutcome(_copy(current), kept="no hospital has a weight > 0 for this group")
     chosen = [updates[i] for i in members]
     clipped: list[int] = []
+    clipping: Clipping | None = None
     if policy.clip_update_norm is not None:
-        chosen, norms, threshold = clip_updates(current, chosen, policy.clip_update_norm)
+        scales, norms, threshold = clip_scales(current, chosen, policy.clip_update_norm)
+        clipping = Clipping(current, scales)
         clipped = [members[j] for j, norm in enumerate(norms) if norm > threshold]
     if policy.rule == "median":
-        return GroupOutcome(coordinate_median(chosen), members, [1.0 / len(members)] * len(members), clipped)
+        return GroupOutcome(coordinate_median(chosen, clipping), members, [1.0 / len(members)] * len(members), clipped)
     if policy.rule == "trimmed_mean":
-        return GroupOutcome(trimmed_mean(chosen, policy.trim_fraction), members,
+        return GroupOutcome(trimmed_mean(chosen, policy.trim_fraction, clipping), members,
                             [1.0 / len(members)] * len(members), clipped)
     try:
         shares = capped_shares(w[members], policy.max_weight_share)
     except AggregationError as error:
-        return GroupOutcome(unchanged, members, clipped=clipped, kept=str(error))
+        return GroupOutcome(_copy(current), members, clipped=clipped, kept=str(error))
     uncapped = policy.max_weight_share >= 1.0  # then the plain weighted mean of the weights themselves
-    return GroupOutcome(weighted_mean(chosen, w[members] if uncapped else shares), members, shares.tolist(), clipped)
+    mean = weighted_mean(chosen, w[members] if uncapped else shares, clipping)
+    return GroupOutcome(mean, members, shares.tolist(), clipped)
+
+
+def _copy(arrays: GroupArrays) -> dict[str, np.ndarray]:
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}
 
 
 def aggregate_groups(
@@ -254,7 +413,7 @@ def aggregate_group_outcomes(
     result: dict[str, GroupOutcome] = {}
     for group, arrays in current.items():
         if group in local_groups:
-            result[group] = GroupOutcome({k: np.array(v, copy=True) for k, v in arrays.items()}, kept="local")
+            result[group] = GroupOutcome(_copy(arrays), kept="local")
             continue
         policy = (policies or {}).get(group, GroupPolicy())
         result[group] = aggregate_group(arrays, [u[group] for u in updates], weights[group], policy)

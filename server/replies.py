@@ -2,8 +2,9 @@
 
 A train reply is used only if every record in it is expected, every group carries exactly the
 global model's keys, and every array's payload has the byte size its reference implies, decodes to
-exactly the reference's shape, wire dtype and element count, and holds finite values. Metrics follow
-a schema: the aggregation weights are integer counts in range (``num-examples`` at most
+exactly the reference's shape, wire dtype and element count, and holds finite values (a checked
+group is then read in place from the reply's payload, ``DecodedGroup``: no copy of a reply is
+made). Metrics follow a schema: the aggregation weights are integer counts in range (``num-examples`` at most
 ``federation.max_site_examples``, ``generator-steps`` at most ``train.local_steps``), other metrics
 are finite numbers with printable names, and lists are allowed only where the protocol has them. Class
 counts are a small JSON object of known class names and integer counts. An evaluate reply carries
@@ -15,10 +16,11 @@ the reply is left out, the hospital named in the log and in ``summary.json``, an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ from flwr.app import Array, Message
 
 from common import protocol
 from common.evaluation import EvaluationSummary
-from common.records import decode_array, expected_wire_dtype
+from common.records import decode_array, expected_wire_dtype, wire_array
 
 #: A site name: what simulations/certs.py allows for a hospital's key files.
 SITE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -66,14 +68,67 @@ class ReplyLimits:
         return len(self.class_names)
 
 
+def decoded(wire: np.ndarray, like: torch.Tensor, transport: str) -> np.ndarray:
+    """A wire array in ``like``'s dtype: ``wire`` itself when it already has it, else a conversion."""
+    if not (like.is_floating_point() and transport == "bfloat16") and wire.dtype == _numpy_dtype(like):
+        return wire
+    return decode_array(wire, like, transport).numpy()
+
+
+def _numpy_dtype(like: torch.Tensor) -> np.dtype | None:
+    return _numpy_dtype_of(like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_dtype_of(dtype: torch.dtype) -> np.dtype | None:
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError:  # a dtype NumPy lacks (bfloat16)
+        return None
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite. Fast path: ``x . x`` is a sum of non-negative terms, so it is
+    finite only if every ``x`` is (an inf or NaN makes it inf or NaN); when it is not finite, which
+    also happens for finite values beyond about 1e19 in float32, the values are checked one by one."""
+    flat = values.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if flat.size and np.isfinite(np.dot(flat, flat)):
+            return True
+    return bool(np.isfinite(flat).all())
+
+
+class DecodedGroup(Mapping[str, np.ndarray]):
+    """A checked group's arrays in the reference dtypes, read from the reply's payload on access.
+
+    Where the wire dtype is the reference dtype (float32 transport of a float32 model) an entry is
+    a read-only view of the payload: no copy. Otherwise (float16, bfloat16 transport) each access
+    converts that one entry afresh, so a reply never holds a decoded copy of its groups.
+    """
+
+    def __init__(self, wire: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor], transport: str) -> None:
+        self._wire = dict(wire)
+        self._reference = reference
+        self._transport = transport
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return decoded(self._wire[key], self._reference[key], self._transport)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._wire)
+
+    def __len__(self) -> int:
+        return len(self._wire)
+
+
 @dataclass
 class SiteReply:
-    """A checked reply: who sent it, its metrics, and its groups decoded to the reference dtypes."""
+    """A checked reply: who sent it, its metrics, and its groups (read in the reference dtypes)."""
 
     node_id: int
     site: str
     metrics: dict[str, Any]
-    groups: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    groups: dict[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
     bytes_received: int = 0
     class_counts: dict[str, Any] | None = None
     evaluation: EvaluationSummary | None = None
@@ -201,7 +256,10 @@ def train_metrics(msg: Message, limits: ReplyLimits) -> dict[str, Any]:
 
 
 def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -> np.ndarray:
-    """One array: payload size, declared and decoded dtype and shape, element count, finite values."""
+    """One array: payload size, declared and decoded dtype and shape, element count, finite values.
+
+    Returns the wire array, a read-only view of the payload (``DecodedGroup`` turns it into the
+    reference dtype when read)."""
     wire = expected_wire_dtype(like, transport)
     expected = like.numel() * wire.itemsize
     data = array.data
@@ -216,18 +274,18 @@ def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -
         raise ReplyError(f"{key}: declared dtype {str(array.dtype)[:20]}, expected {wire.name}")
     if tuple(array.shape) != tuple(like.shape):
         raise ReplyError(f"{key}: declared shape {tuple(array.shape)[:8]}, expected {tuple(like.shape)}")
-    decoded = array.numpy()
-    if decoded.dtype != wire:
-        raise ReplyError(f"{key}: decoded dtype {decoded.dtype}, expected {wire.name}")
-    if decoded.shape != tuple(like.shape) or decoded.size != like.numel():
-        raise ReplyError(f"{key}: decoded shape {decoded.shape[:8]} ({decoded.size} elements), "
+    payload = wire_array(array, (wire, tuple(like.shape)))
+    if payload.dtype != wire:
+        raise ReplyError(f"{key}: decoded dtype {payload.dtype}, expected {wire.name}")
+    if payload.shape != tuple(like.shape) or payload.size != like.numel():
+        raise ReplyError(f"{key}: decoded shape {payload.shape[:8]} ({payload.size} elements), "
                          f"expected {tuple(like.shape)} ({like.numel()})")
-    tensor = decode_array(decoded, like, transport)
-    if tuple(tensor.shape) != tuple(like.shape) or tensor.dtype != like.dtype:
-        raise ReplyError(f"{key}: decodes to {tensor.dtype} {tuple(tensor.shape)}")
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    value = decoded(payload, like, transport)
+    if value.shape != tuple(like.shape) or value.dtype != _numpy_dtype(like):
+        raise ReplyError(f"{key}: decodes to {value.dtype} {value.shape}")
+    if like.is_floating_point() and not all_finite(value):
         raise ReplyError(f"{key}: non-finite values")
-    return tensor.numpy()
+    return payload
 
 
 def class_counts(msg: Message, site: str, limits: ReplyLimits) -> dict[str, Any] | None:
@@ -276,7 +334,7 @@ def check_train_reply(
     _expect_records(msg, list(reference))
     name = site or site_name(msg)
     metrics = train_metrics(msg, limits)
-    groups: dict[str, dict[str, np.ndarray]] = {}
+    groups: dict[str, Mapping[str, np.ndarray]] = {}
     received = 0
     for group, state in reference.items():
         record = msg.content.array_records[group]
@@ -284,7 +342,8 @@ def check_train_reply(
         if keys != set(state):
             missing, extra = sorted(set(state) - keys), sorted(str(k)[:60] for k in keys - set(state))
             raise ReplyError(f"group {group!r} keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-        groups[group] = {key: decode_checked(record[key], like, transport, key) for key, like in state.items()}
+        groups[group] = DecodedGroup({key: decode_checked(record[key], like, transport, key) for key, like in state.items()},
+                                     state, transport)
         received += sum(int(like.numel()) * expected_wire_dtype(like, transport).itemsize for like in state.values())
     return SiteReply(int(msg.metadata.src_node_id), name, metrics, groups, received, class_counts(msg, name, limits))
 

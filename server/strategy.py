@@ -29,7 +29,7 @@ from common.aggregate import RULES, GroupOutcome, GroupPolicy, aggregate_group_o
 from common.config import ConfigError, dataclass_from_mapping
 from common.evaluation import pooled_metrics, summary_metrics
 from common.model import GROUPS, split_groups
-from common.records import payload_bytes, to_arrayrecord
+from common.records import payload_bytes, to_arrayrecord, wire_array
 from server.identity import SiteRegistry, Verdict
 from server.replies import (
     ReplyError,
@@ -287,14 +287,16 @@ class GroupedStrategy(Strategy):
     def aggregate_arrays(self, current: ArrayRecord, replies: Sequence[SiteReply],
                          record: RoundRecord | None = None) -> ArrayRecord:
         """The new global ArrayRecord from checked replies (pure math in ``common.aggregate``)."""
-        current_groups = {g: {k: current[k].numpy() for k in self.reference[g]} for g in GROUPS}
+        current_groups = {g: {k: wire_array(current[k]) for k in self.reference[g]} for g in GROUPS}
         local = [g for g in GROUPS if self.rules[g].local]
         outcomes = aggregate_group_outcomes(current_groups, [r.groups for r in replies], self.group_weights(replies),
                                             local, {g: self.aggregation.policy(g) for g in GROUPS})
         if record is not None:
             record.groups = {g: self._describe(g, outcome, replies) for g, outcome in outcomes.items() if g not in local}
         flat = {k: v for outcome in outcomes.values() for k, v in outcome.arrays.items()}
-        return ArrayRecord({k: Array(np.ascontiguousarray(flat[k].astype(current[k].numpy().dtype))) for k in current.keys()})
+        current_dtypes = {k: v.dtype for arrays in current_groups.values() for k, v in arrays.items()}
+        return ArrayRecord({k: Array(np.ascontiguousarray(flat[k].astype(current_dtypes[k], copy=False)))
+                            for k in current.keys()})
 
     def _describe(self, group: str, outcome: GroupOutcome, replies: Sequence[SiteReply]) -> dict[str, Any]:
         rule = self.rules[group]
