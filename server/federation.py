@@ -181,6 +181,7 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
         started = time.perf_counter()
         _progress(f"[round {rnd}/{total_rounds}] training at the hospitals ...")
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
+        phases = {"train": time.perf_counter() - started}  # sent, trained at the hospitals, received
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         train = strategy.train_record
         evaluate = None
@@ -188,8 +189,10 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
             arrays = new_arrays
             failed_in_a_row = 0
             if fed.get("evaluate_each_round", True):
+                sent = time.perf_counter()
                 replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
                                                 timeout=timeout)
+                phases["evaluate"] = time.perf_counter() - sent
                 strategy.aggregate_evaluate(rnd, replies)
                 evaluate = strategy.evaluate_record
         else:
@@ -207,6 +210,7 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
         if train.class_counts:
             write_partition_report(run_dir, train.class_counts)
         entry["seconds"] = time.perf_counter() - started
+        entry["phase_seconds"] = phases
         entry["checkpoint"] = str(checkpoint.relative_to(run_dir))
         if strategy.notes:
             entry["notes"], strategy.notes = list(strategy.notes), []
