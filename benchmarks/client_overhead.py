@@ -1,21 +1,27 @@
 """A hospital's per-message overhead beyond its training and evaluation, in simulation and deployment.
 
-Overhead = the wall time of one hospital-message minus the time spent in training steps (the
-reply's ``seconds``) and in evaluation (forward passes and the confusion/score summary).
+Overhead = the wall time of one hospital-message minus the time of its training steps (the reply's
+``seconds``) and of its evaluation, taken as the evaluation of a hospital whose data set is already
+in memory (forward passes and the confusion/score summary: the median over the evaluate messages of
+the in-process, cache-on run below). Loading or rebuilding anything counts as overhead.
 
-- **simulation**: the real ServerApp loop and the real ClientApp handlers driven in this one
-  process, one message after another (``tests/fakes.py``'s in-process grid: what a simulation
-  worker does for each of its hospitals, without Ray's message passing). Each message is timed
-  around the ClientApp call; evaluation is timed around ``predict_probabilities`` and
-  ``summarise_predictions``. Run twice, same seed and data: the process keeps its hospitals
-  (``client.cache=true``, the default) and rebuilds them for every message (``client.cache=false``).
-  The figure is the median over the messages after round 1 (round 1 builds every hospital).
+- **simulation** (the figure of the last line): ``fedvitgan simulate``, Flower's simulation engine
+  (Ray), with one worker (``federation.backend.num_cpus`` = all cores) so that hospital-messages run
+  one at a time; per phase, the server's wall time from sending to the last reply
+  (``phase_seconds`` in summary.json) minus the hospitals' training and evaluation, divided by the
+  hospitals. Median over the phases after round 1 (round 1 builds every hospital and starts Ray's
+  worker; printed apart).
+- **in process**: the real ServerApp loop and the real ClientApp handlers driven in this process
+  (``tests/fakes.py``'s in-process grid), each message timed around the ClientApp call: the
+  hospital's own share of the overhead, without Ray's message passing.
+
+  Both run twice, same seed and data: with the hospitals kept between messages
+  (``client.cache=true``, the default) and rebuilt for every message (``client.cache=false``).
 - **deployment**: ``simulations.deploy_loopback`` (SuperLink + one SuperNode per hospital on
-  127.0.0.1, TLS, node authentication). Per phase the server's wall time from sending to the last
-  reply (``phase_seconds`` in summary.json) minus the slowest hospital's training ``seconds``, or
-  for evaluation the evaluation time of the same hospital in a fresh process (measured here, in
-  process, for the same config). Flower starts a new ClientApp process for every message, so the
-  hospital cache cannot act there; the overhead is Flower's polling plus process start and imports.
+  127.0.0.1, TLS, node authentication); per phase, ``phase_seconds`` minus the slowest hospital's
+  training ``seconds``, or for evaluation the evaluation of a fresh hospital for the same config
+  (measured here). Flower starts a new ClientApp process for every message, so the hospital cache
+  cannot act there: the overhead is Flower's polling, the process start and the imports.
 
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/client_overhead.py
     PYTHONPATH=. .venv/bin/python benchmarks/client_overhead.py --sites 100 --rounds 2 --skip-deployment
@@ -27,6 +33,7 @@ D <= 3 s on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,10 +60,16 @@ class Timed:
     kind: list[str] = field(default_factory=list)
     round: list[int] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
-    work: list[float] = field(default_factory=list)  # training or evaluation seconds
+    work: list[float] = field(default_factory=list)  # training seconds (the reply's)
+    evaluation: list[float] = field(default_factory=list)  # measured around the evaluation calls
 
-    def overhead(self, first_round: bool) -> list[float]:
-        return [w - c for r, w, c in zip(self.round, self.wall, self.work) if (r == 1) == first_round]
+    def evaluation_seconds(self) -> float:
+        """Median evaluation of an evaluate message after round 1 (the data set in memory when kept)."""
+        return _median([e for k, r, e in zip(self.kind, self.round, self.evaluation) if "evaluate" in k and r > 1])
+
+    def overhead(self, first_round: bool, evaluation_s: float) -> list[float]:
+        return [w - c - (evaluation_s if "evaluate" in k else 0.0)
+                for k, r, w, c in zip(self.kind, self.round, self.wall, self.work) if (r == 1) == first_round]
 
 
 def _timer(store: list[float], fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,14 +109,17 @@ def simulate_in_process(folder: Path, overrides: list[str]) -> tuple[Timed, dict
             timed.round.append(int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND]))
             metrics = reply.content.metric_records.get(protocol.METRICS) if not reply.has_error() else None
             training = float(metrics.get("seconds", 0.0)) if metrics is not None and "train" in timed.kind[-1] else 0.0
-            timed.work.append(training + sum(evaluating))
+            timed.work.append(training)
+            timed.evaluation.append(sum(evaluating))
             return reply
 
     run = plain_config(compose_config(overrides))
     run["output_dir"] = str(folder)
     builds = HOSPITALS.builds
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        run_federation(TimedGrid(client_app, int(run["federation"]["num_sites"])), run, folder)
+        with open(folder.parent / f"{folder.name}.log", "w") as log, contextlib.redirect_stdout(log):
+            run_federation(TimedGrid(client_app, int(run["federation"]["num_sites"])), run, folder)
     finally:
         local_run.predict_probabilities, local_run.summarise_predictions = originals
     kept = {"hospitals_built": HOSPITALS.builds - builds, "hospitals_kept": len(HOSPITALS),
@@ -112,15 +128,36 @@ def simulate_in_process(folder: Path, overrides: list[str]) -> tuple[Timed, dict
     return timed, kept
 
 
+def simulate_engine(folder: Path, overrides: list[str], evaluation_s: float) -> tuple[list[float], list[float]]:
+    """``fedvitgan simulate`` with one Ray worker; per-message overhead per phase (round 1, later rounds)."""
+    cores = os.cpu_count() or 1
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--quiet", *overrides,
+               f"federation.backend.num_cpus={cores}", f"hydra.run.dir={folder}"]
+    with open(folder.parent / f"{folder.name}.log", "w") as log:
+        subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log,
+                       check=True)
+    summary = json.loads((folder / "summary.json").read_text())
+    first, later = [], []
+    for entry in summary["rounds"]:
+        sites = [s for s in entry["sites"].values() if "train" in s]
+        phases = entry["phase_seconds"]
+        overheads = [(phases["train"] - sum(s["train"]["seconds"] for s in sites)) / len(sites)]
+        if "evaluate" in phases:
+            overheads.append(phases["evaluate"] / len(sites) - evaluation_s)
+        (first if entry["round"] == 1 else later).extend(overheads)
+    return first, later
+
+
 def deployment(folder: Path, args: argparse.Namespace, eval_s: float) -> list[float]:
     """Per-message overhead of a loopback deployment (one figure per phase and round)."""
     from simulations.deploy_loopback import LoopbackOptions, run_loopback
+    from simulations.deployment import FINISHED_COMPLETED
 
     options = LoopbackOptions(out=folder, rounds=args.deploy_rounds, sites=args.deploy_sites,
                               local_steps=args.local_steps, train_per_site=args.deploy_train,
                               test_per_site=args.deploy_test, overrides=["samples_per_class=1"])
     result = run_loopback(options)
-    if result.error or result.status != "completed":
+    if result.error or result.status != FINISHED_COMPLETED:
         raise SystemExit(f"the loopback deployment did not complete: {result.error or result.status} (see {folder})")
     summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
     overheads = []
@@ -174,24 +211,37 @@ def main(argv: list[str] | None = None) -> int:
           f"python {platform.python_version()}, torch {torch.__version__}; folders under {out}")
     common = ["model=tiny", f"train.local_steps={args.local_steps}", "samples_per_class=1", "console.progress=off",
               f"federation.num_sites={args.sites}", f"federation.rounds={args.rounds}"]
-    print(f"simulation: {args.sites} hospitals x {args.rounds} rounds x {args.local_steps} local steps, tiny preset, "
-          f"synthetic data; ClientApp handlers driven in this process, one message at a time")
+    switches = {"cache on": "client.cache=true", "cache off": "client.cache=false"}
+    print(f"{args.sites} hospitals x {args.rounds} rounds x {args.local_steps} local steps, tiny preset, synthetic "
+          f"data (600 training and 300 test patches per hospital)")
     figures: dict[str, dict[str, Any]] = {}
-    for label, switch in (("cache on", "client.cache=true"), ("cache off", "client.cache=false")):
+    evaluation_s = float("nan")
+    for label, switch in switches.items():
         started = time.perf_counter()
-        timed, kept = simulate_in_process(out / f"simulation-{label.replace(' ', '-')}", [*common, switch])
-        warm, cold = timed.overhead(first_round=False), timed.overhead(first_round=True)
-        figures[label] = {"warm": _median(warm), "cold": _median(cold), "wall": _median(timed.wall),
-                          "messages": len(timed.wall), "minutes": (time.perf_counter() - started) / 60, **kept}
-        f = figures[label]
-        print(f"  {label:9s}: overhead per hospital-message {f['warm']:.3f} s after round 1 (median of "
-              f"{len(warm)}), {f['cold']:.3f} s in round 1; wall per message {f['wall']:.3f} s; "
-              f"{f['hospitals_built']} hospitals built, {f['hospitals_kept']} kept ({f['kept_mib']:.0f} MiB); "
+        timed, kept = simulate_in_process(out / f"in-process-{label.replace(' ', '-')}", [*common, switch])
+        if label == "cache on":
+            evaluation_s = timed.evaluation_seconds()
+            print(f"evaluation of a hospital with its data in memory: {evaluation_s:.3f} s (median)")
+        warm, cold = timed.overhead(False, evaluation_s), timed.overhead(True, evaluation_s)
+        figures[f"in process, {label}"] = f = {
+            "later": _median(warm), "round1": _median(cold), "wall": _median(timed.wall), "messages": len(timed.wall),
+            "minutes": (time.perf_counter() - started) / 60, **kept}
+        print(f"in process, {label:9s}: overhead per hospital-message {f['later']:.3f} s after round 1 (median of "
+              f"{len(warm)} messages), {f['round1']:.3f} s in round 1; wall per message {f['wall']:.3f} s; "
+              f"{f['hospitals_built']} hospitals built, {f['hospitals_kept']} kept at the end ({f['kept_mib']:.0f} MiB); "
               f"{f['minutes']:.1f} min")
-    ratio = figures["cache off"]["warm"] / figures["cache on"]["warm"]
-    print(f"  cache off / cache on overhead ratio: {ratio:.1f}x; peak memory of this process "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
-    simulation_s = figures["cache on"]["warm"]
+    print(f"  peak memory of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    for label, switch in switches.items():
+        started = time.perf_counter()
+        first, later = simulate_engine(out / f"simulation-{label.replace(' ', '-')}", [*common, switch], evaluation_s)
+        figures[f"simulation, {label}"] = f = {"later": _median(later), "round1": _median(first),
+                                               "minutes": (time.perf_counter() - started) / 60}
+        print(f"simulation (Flower engine, 1 worker), {label:9s}: overhead per hospital-message {f['later']:.3f} s "
+              f"after round 1 (median of {len(later)} phases), {f['round1']:.3f} s in round 1; {f['minutes']:.1f} min")
+    for where in ("in process", "simulation"):
+        on, off = figures[f"{where}, cache on"]["later"], figures[f"{where}, cache off"]["later"]
+        print(f"{where}: cache off / cache on overhead ratio {off / on:.1f}x ({off:.3f} s / {on:.3f} s)")
+    simulation_s = figures["simulation, cache on"]["later"]
     deployment_s = float("nan")
     if not args.skip_deployment:
         # Evaluation time of a fresh hospital (a deployed message's situation) for the deployment's config.
@@ -199,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             "model=tiny", f"train.local_steps={args.local_steps}", "samples_per_class=1", "console.progress=off",
             "federation.num_sites=1", "federation.rounds=1", f"data.train_per_site={args.deploy_train}",
             f"data.test_per_site={args.deploy_test}", "client.cache=false"])
-        eval_s = sum(w for k, w in zip(probe.kind, probe.work) if "evaluate" in k)
+        eval_s = sum(e for k, e in zip(probe.kind, probe.evaluation) if "evaluate" in k)
         imports = fresh_import_seconds()
         print(f"deployment: loopback, {args.deploy_sites} SuperNode(s) x {args.deploy_rounds} rounds x "
               f"{args.local_steps} local steps; evaluation of one fresh hospital {eval_s:.3f} s; importing the "

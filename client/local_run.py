@@ -1,8 +1,11 @@
-"""One message's worth of hospital work: rebuild model and local state, train or evaluate, reply.
+"""One message's worth of hospital work: load model and local state, train or evaluate, reply.
 
-Training with DP (``privacy.enabled``) goes through the hospital's policy (``client.policy``), its
-privacy ledger and the count release before any step; every attempt draws fresh randomness. The
-local state lives per run (``client.site_state``) and remembers this run's DP releases.
+The hospital's data set and built model are kept between messages (``client.hospital_cache``);
+the global groups and the local state are loaded afresh for every message. Training with DP
+(``privacy.enabled``, ``client.private_round``, imported only then) goes through the hospital's
+policy (``client.policy``), its privacy ledger and the count release before any step; every
+attempt draws fresh randomness. The local state lives per run (``client.site_state``) and
+remembers this run's DP releases.
 """
 
 from __future__ import annotations
