@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["train.local_steps=2", "train.batch_size=8", "data.train_per_site=24", "data.test_per_site=10",
          "train.selection.warmup_steps=1", "train.selection.min_history=2", "samples_per_class=1",
          "federation.num_sites=2", "console.progress=off"]
-
-
-@pytest.fixture(autouse=True)
-def empty_cache() -> Iterator[None]:
-    HOSPITALS.clear()
-    yield
-    HOSPITALS.clear()
 
 
 def _run(folder: Path, overrides: list[str], resume: bool = False) -> None:
