@@ -1,45 +1,39 @@
-"""One message's worth of hospital work: rebuild model and local state, train or evaluate, reply.
+"""One message's worth of hospital work: load model and local state, train or evaluate, reply.
 
-Training with DP (``privacy.enabled``) goes through the hospital's policy (``client.policy``), its
-privacy ledger and the count release before any step; every attempt draws fresh randomness. The
-local state lives per run (``client.site_state``) and remembers this run's DP releases.
+The hospital's data set and built model are kept between messages (``client.hospital_cache``);
+the global groups and the local state are loaded afresh for every message. Training with DP
+(``privacy.enabled``, ``client.private_round``, imported only then) goes through the hospital's
+policy (``client.policy``), its privacy ledger and the count release before any step; every
+attempt draws fresh randomness. The local state lives per run (``client.site_state``) and
+remembers this run's DP releases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
-from client.policy import check_derived_noise, check_privacy, effective_max_epsilon
+from client.hospital_cache import HOSPITALS, Hospital, cache_config, fingerprint
+from client.policy import check_privacy
 from client.site import SiteIdentity
 from client.site_state import SiteStateStore, run_key
 from common import protocol
 from common.config import ConfigError, dataclass_from_mapping
 from common.data.registry import load_site_data
 from common.data.sites import SiteData
-from common.evaluation import predict_probabilities, summarise_predictions
+from common.evaluation.metrics import predict_probabilities, summarise_predictions
 from common.federation_config import FederationConfig, federation_config
 from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model, group_entries
-from common.privacy.accounting import build_plan
-from common.privacy.budget import (
-    HospitalPrivacy,
-    attempts_from_json,
-    attempts_to_json,
-    private_train_config,
-    shared_train_metrics,
-)
-from common.privacy.config import PrivacyConfig, privacy_config
-from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
-from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
+from common.privacy.config import privacy_config
 from common.progress import training_progress
 from common.records import (
     arrayrecord_to_tensors,
@@ -51,6 +45,9 @@ from common.seeds import batch_seed, round_stream, site_seed
 from common.train import LocalTrainer, RoundMetrics, train_config
 from common.train.config import TrainConfig
 from common.train.streams import training_batches
+
+if TYPE_CHECKING:
+    from common.privacy.wiring import DPTraining
 
 logger = logging.getLogger("fedvitgan.client")
 
@@ -95,6 +92,7 @@ class LocalRun:
     site: SiteIdentity
     server_round: int
     transport: str
+    _hospital: Hospital | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> LocalRun:
@@ -121,11 +119,60 @@ class LocalRun:
     def local_groups(self) -> list[str]:
         return [g for g in GROUPS if self.run["federation"]["aggregation"][g]["local"]]
 
-    def _model(self, num_classes: int, inclusive: bool = False) -> UnifiedViTGAN:
-        """The model with the received global groups and this hospital's local groups loaded."""
+    @property
+    def cache_key(self) -> tuple[str, str]:
+        """This hospital's key in the process's cache of built hospitals."""
+        return (self.run_id, f"{self.site.site_id}:{self.site.name}")
+
+    def _build_hospital(self) -> Hospital:
+        data = load_site_data(self.site.data, self.run["partition"], self.site.site_id, self.site.num_sites,
+                              int(self.run["model"]["image_size"]), int(self.run["seed"]))
+        return Hospital(data, self._build_model)
+
+    def _build_model(self, num_classes: int) -> UnifiedViTGAN:
         cfg = dataclass_from_mapping(ModelConfig, self.run["model"], "model")
-        model = build_model(cfg, num_classes, seed=int(self.run["seed"]))
-        state = model.state_dict()
+        return build_model(cfg, num_classes, seed=int(self.run["seed"]))
+
+    @property
+    def hospital(self) -> Hospital | None:
+        """This hospital's data set and model kept from earlier messages (None: ``client.cache`` off)."""
+        if self._hospital is None:
+            config = cache_config(self.run.get("client"))
+            HOSPITALS.config = config
+            if not config.cache:
+                return None
+            self._hospital = HOSPITALS.get(self.cache_key, fingerprint(self.run, self.site), self._build_hospital)
+        return self._hospital
+
+    def data(self) -> SiteData:
+        """The hospital's data set (kept between messages)."""
+        hospital = self.hospital
+        return hospital.data if hospital is not None else site_data(self.run, self.site)
+
+    @contextlib.contextmanager
+    def _kept(self) -> Iterator[None]:
+        """Around one action: a failure drops the kept hospital (nothing half-done is reused);
+        afterwards the cache is brought back within its bounds."""
+        try:
+            yield
+        except BaseException:
+            HOSPITALS.discard(self.cache_key)
+            raise
+        finally:
+            if self._hospital is not None:
+                self._hospital.release()
+        if self._hospital is not None:
+            HOSPITALS.done(self.cache_key)
+
+    def loaded_model(self, num_classes: int, inclusive: bool = False) -> UnifiedViTGAN:
+        """The model with the received global groups and this hospital's local groups loaded (the
+        kept model starts from its freshly built weights every time, as a new one would)."""
+        hospital = self.hospital
+        if hospital is not None:
+            model, state = hospital.checkout(num_classes)
+        else:
+            model = self._build_model(num_classes)
+            state = model.state_dict()
         for group in GROUPS:
             if group in self.msg.content.array_records:
                 reference = group_entries(state, [group])
@@ -140,7 +187,7 @@ class LocalRun:
     def _store(self) -> SiteStateStore:
         return SiteStateStore.for_run(self.site.state_dir, self.run_id, self.federation.local_state_keep_last)
 
-    def _load_local(self, inclusive: bool = False) -> SavedLocal | None:
+    def load_local(self, inclusive: bool = False) -> SavedLocal | None:
         """The local state saved before this round (``inclusive``: or in it), from context.state if
         it belongs to this run, else from the hospital's state folder for this run."""
         state = self.context.state
@@ -161,10 +208,10 @@ class LocalRun:
 
     def _saved_local(self, inclusive: bool = False) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """(round, trainer state, local groups) saved before this round (``inclusive``: or in it)."""
-        saved = self._load_local(inclusive)
+        saved = self.load_local(inclusive)
         return None if saved is None else (saved.round, saved.trainer, saved.groups)
 
-    def _save_local(self, trainer: LocalTrainer, model: UnifiedViTGAN, meta: dict[str, Any]) -> None:
+    def save_local(self, trainer: LocalTrainer, model: UnifiedViTGAN, meta: dict[str, Any]) -> None:
         trainer_state = trainer.state_dict()
         groups = group_entries(model.state_dict(), self.local_groups)
         meta = {"site": self.site.name, "round": self.server_round, "run": self.run_id, **meta}
@@ -183,7 +230,7 @@ class LocalRun:
             record[protocol.CLASS_COUNTS_JSON] = json.dumps(data.report())
         return record
 
-    def _reply(self, model: UnifiedViTGAN, flat: dict[str, Any], data: SiteData | None) -> RecordDict:
+    def reply(self, model: UnifiedViTGAN, flat: dict[str, Any], data: SiteData | None) -> RecordDict:
         content = RecordDict({protocol.METRICS: MetricRecord(flat), protocol.SITE: self._site_record(data)})
         state = model.state_dict()
         for group in GROUPS:
@@ -192,35 +239,42 @@ class LocalRun:
         return content
 
     @staticmethod
-    def _state_metrics(saved: SavedLocal | None) -> dict[str, float]:
+    def state_metrics(saved: SavedLocal | None) -> dict[str, float]:
         return {protocol.STATE_FILES_SKIPPED: float(len(saved.skipped) if saved else 0),
                 protocol.STATE_RESTORED_ROUND: float(saved.round if saved else -1)}
 
     # ------------------------------------------------------------- actions
     def train(self) -> RecordDict:
+        """Local training on this round's global groups; the reply holds the shared groups and metrics."""
         pcfg = privacy_config(self.run.get("privacy"))
         check_privacy(pcfg, self.site.policy)  # before any patch is read
-        data = site_data(self.run, self.site)
-        tcfg = private_train_config(train_config(self.run["train"]), pcfg)
-        saved = self._load_local()
-        if pcfg.enabled:
-            return self._train_private(data, tcfg, pcfg, saved)
+        with self._kept():
+            if pcfg.enabled:  # the DP modules (Opacus, the accountants) are imported only here
+                from client.private_round import train_private
+
+                return train_private(self, pcfg)
+            return self._train()
+
+    def _train(self) -> RecordDict:
+        data = self.data()
+        tcfg = train_config(self.run["train"])
+        saved = self.load_local()
         if len(data.train) < 2:
             raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
-        model = self._model(data.train.num_classes)
-        trainer = self._trainer(model, tcfg, data, saved, None)
+        model = self.loaded_model(data.train.num_classes)
+        trainer = self.trainer(model, tcfg, data, saved, None)
         loader = training_batches(
             data.train, tcfg, seed=batch_seed(int(self.run["seed"]), round_stream(self.site.site_id, self.server_round)),
             pin_memory=torch.device(self.site.device).type == "cuda")
-        metrics = self._train_round(trainer, loader, tcfg.local_steps)
-        self._save_local(trainer, model, {})
+        metrics = self.run_steps(trainer, loader, tcfg.local_steps)
+        self.save_local(trainer, model, {})
         flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
         flat.update({protocol.REAL_EXAMPLES: len(data.train), protocol.LABELLED_EXAMPLES: int((data.train.labels >= 0).sum()),
-                     protocol.GENERATOR_STEPS: metrics.steps, **self._state_metrics(saved)})
-        self._log_round(metrics.steps, metrics.images_per_second)
-        return self._reply(model, flat, data)
+                     protocol.GENERATOR_STEPS: metrics.steps, **self.state_metrics(saved)})
+        self.log_round(metrics.steps, metrics.images_per_second)
+        return self.reply(model, flat, data)
 
-    def _trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
+    def trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
                  dp: DPTraining | None) -> LocalTrainer:
         trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp)
@@ -228,64 +282,24 @@ class LocalRun:
             trainer.load_state_dict(saved.trainer)
         return trainer
 
-    def _train_round(self, trainer: LocalTrainer, loader: Iterable[Any], steps: int) -> RoundMetrics:
+    def run_steps(self, trainer: LocalTrainer, loader: Iterable[Any], steps: int) -> RoundMetrics:
         """One round of local training, with a progress line when the run's console asks for one."""
         progress = training_progress(self.run.get("console"), f"{self.site.name} round {self.server_round}", steps)
         if progress is not None:
             loader = progress.count(loader)
         return trainer.train_round(loader, steps, progress=progress)
 
-    def _log_round(self, steps: int, images_per_second: float) -> None:
+    def log_round(self, steps: int, images_per_second: float) -> None:
         logger.info("%s round %d: %d steps, %.1f images/s", self.site.name, self.server_round, steps, images_per_second)
-
-    def _train_private(self, data: SiteData, tcfg: TrainConfig, pcfg: PrivacyConfig, saved: SavedLocal | None) -> RecordDict:
-        """DP-SGD: released counts, plan, budget stop, one recorded attempt with fresh randomness."""
-        privacy = self._privacy(saved)
-        seed_for = (lambda _attempt: secret_seed()) if pcfg.seed is None else \
-            (lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt))
-        labelled = int((data.train.labels >= 0).sum())
-        counts = privacy.release_counts(pcfg, len(data.train), labelled, seed_for)
-        max_epsilon, source = effective_max_epsilon(pcfg, self.site.policy)
-        plan = build_plan(pcfg, counts.examples, counts.labelled, tcfg.batch_size, tcfg.local_steps,
-                          int(self.run["federation"]["rounds"]), max_epsilon)
-        check_derived_noise(plan.noise_multiplier, pcfg, self.site.policy)
-        privacy.plan, privacy.budget_source = plan, source
-        check = privacy.check_budget()  # BEFORE any training: the lifetime history + planned steps
-        if check.exhausted:
-            logger.warning("%s round %d: %s", self.site.name, self.server_round, check.message)
-            record = ConfigRecord({protocol.SITE_NAME: self.site.name, protocol.STATUS: protocol.STATUS_BUDGET_EXHAUSTED,
-                                   protocol.STATUS_MESSAGE: check.message})
-            return RecordDict({protocol.METRICS: MetricRecord(privacy.metrics(0, check)), protocol.SITE: record})
-        model = self._model(data.train.num_classes)
-        attempt = privacy.begin_training()
-        dp = DPTraining(model, plan, seed_for(attempt.number), on_step=lambda step: privacy.ledger.step(attempt, step))
-        trainer = self._trainer(model, tcfg, data, saved, dp)
-        metrics = self._train_round(trainer, dp.poisson_loader(data.train, tcfg.local_steps), tcfg.local_steps)
-        privacy.finish_training(attempt, dp.round_steps)  # in the ledger before anything can leave
-        flat = shared_train_metrics({k: float(v) for k, v in metrics.as_flat_dict().items()}, pcfg)
-        flat.update(privacy.metrics(dp.round_steps, check))
-        self._save_local(trainer, model, {"dp_attempts": attempts_to_json(privacy.run)})
-        # The released noisy counts, never the exact ones (they would single out an added patch).
-        flat.update({protocol.REAL_EXAMPLES: counts.examples, protocol.LABELLED_EXAMPLES: counts.labelled,
-                     protocol.GENERATOR_STEPS: metrics.steps, **self._state_metrics(saved)})
-        self._log_round(metrics.steps, metrics.images_per_second)
-        # scope=discriminator: class counts are real-data statistics outside the DP-SGD; not sent.
-        return self._reply(model, flat, data if pcfg.scope != "discriminator" else None)
-
-    def _privacy(self, saved: SavedLocal | None) -> HospitalPrivacy:
-        """The hospital's ledger (its state folder, or privacy.ledger_dir/<site> in a simulation) and
-        this run's releases from the ledger and the local state."""
-        ledger_dir = (self.run.get("privacy") or {}).get("ledger_dir")
-        folder = Path(str(ledger_dir)).expanduser() / self.site.name if ledger_dir and not self.site.deployed else self.site.state_dir
-        ledger = PrivacyLedger.in_folder(folder, marker_folder=self.site.state_dir)
-        dataset, description = dataset_fingerprint(self.site.data, self.site.site_id, int(self.run["seed"]))
-        remembered = attempts_from_json((saved.meta if saved else {}).get("dp_attempts"))
-        return HospitalPrivacy.open(ledger, dataset, description, self.run_id, self.server_round, remembered)
 
     def evaluate(self) -> RecordDict:
         """Counts on the held-out split (confusion matrix, binned class scores): no single patch's prediction."""
-        data = site_data(self.run, self.site)
-        model = self._model(data.test.num_classes, inclusive=True).to(self.site.device)
+        with self._kept():
+            return self._evaluate()
+
+    def _evaluate(self) -> RecordDict:
+        data = self.data()
+        model = self.loaded_model(data.test.num_classes, inclusive=True).to(self.site.device)
         loader = DataLoader(data.test, batch_size=self.federation.evaluate_batch_size, shuffle=False, num_workers=0)
         labels, probs = predict_probabilities(model, loader, self.site.device)
         keep = labels >= 0

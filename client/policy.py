@@ -31,7 +31,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping
-from common.privacy.accounting import counts_noise_multiplier
 from common.privacy.config import SCOPES, PrivacyConfig
 
 
@@ -160,6 +159,8 @@ def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
         if cfg.noise_multiplier is not None and cfg.noise_multiplier < policy.min_noise_multiplier:
             raise Refusal("privacy.noise_multiplier",
                           f"{cfg.noise_multiplier:g} is below this hospital's floor ({floor})")
+        from common.privacy.accounting import counts_noise_multiplier  # Opacus: only when DP is asked for
+
         if counts_noise_multiplier(cfg.count_noise_std) < policy.min_noise_multiplier:
             raise Refusal("privacy.count_noise_std",
                           f"{cfg.count_noise_std:g} gives the count release a noise multiplier of "

@@ -213,20 +213,25 @@ def _transport_entry(transport: str, reference: dict[str, torch.Tensor], sent_gr
 
 
 def _train_and_evaluate(grid: Grid, federation: _Federation, rnd: int, arrays: ArrayRecord
-                        ) -> tuple[ArrayRecord, RoundRecord, RoundRecord | None]:
-    """One round's phases: the new global arrays (or the old ones), the train and evaluate records."""
+                        ) -> tuple[ArrayRecord, RoundRecord, RoundRecord | None, dict[str, float]]:
+    """One round's phases: the new global arrays (or the old ones), the train and evaluate records,
+    and each phase's seconds (sent, worked on at the hospitals, received)."""
     strategy, fed = federation.strategy, federation.fed
+    started = time.perf_counter()
     replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
                                     timeout=fed.round_timeout_s)
+    phases = {"train": time.perf_counter() - started}
     new_arrays, _ = strategy.aggregate_train(rnd, replies)
     if new_arrays is None:
-        return arrays, strategy.train_record, None
+        return arrays, strategy.train_record, None, phases
     if not fed.evaluate_each_round:
-        return new_arrays, strategy.train_record, None
+        return new_arrays, strategy.train_record, None, phases
+    sent = time.perf_counter()
     replies = grid.send_and_receive(strategy.configure_evaluate(rnd, new_arrays, ConfigRecord(), grid),
                                     timeout=fed.round_timeout_s)
+    phases["evaluate"] = time.perf_counter() - sent
     strategy.aggregate_evaluate(rnd, replies)
-    return new_arrays, strategy.train_record, strategy.evaluate_record
+    return new_arrays, strategy.train_record, strategy.evaluate_record, phases
 
 
 def _play_round(grid: Grid, federation: _Federation, rnd: int, arrays: ArrayRecord
@@ -235,7 +240,7 @@ def _play_round(grid: Grid, federation: _Federation, rnd: int, arrays: ArrayReco
     run, run_dir, total_rounds = federation.run, federation.run_dir, federation.fed.rounds
     started = time.perf_counter()
     _progress(f"[round {rnd}/{total_rounds}] training at the hospitals ...")
-    arrays, train, evaluate = _train_and_evaluate(grid, federation, rnd, arrays)
+    arrays, train, evaluate, phases = _train_and_evaluate(grid, federation, rnd, arrays)
     state = arrayrecord_to_tensors(arrays)
     checkpoint = federation.store.save(rnd, state, federation.fingerprint,
                                        {"train_aggregated": train.aggregated,
@@ -251,6 +256,7 @@ def _play_round(grid: Grid, federation: _Federation, rnd: int, arrays: ArrayReco
     if train.class_counts:
         write_partition_report(run_dir, train.class_counts)
     entry["seconds"] = time.perf_counter() - started
+    entry["phase_seconds"] = phases
     entry["checkpoint"] = str(checkpoint.relative_to(run_dir))
     strategy = federation.strategy
     if strategy.notes:

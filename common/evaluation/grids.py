@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from common.data.base import tensor_to_uint8
+from common.model import UnifiedViTGAN
 
-from common.data.base import tensor_to_uint8  # noqa: E402
-from common.model import UnifiedViTGAN  # noqa: E402
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported when a grid is drawn (not by a
+    hospital's process, which only imports this package for its metrics)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def class_grid(images: np.ndarray, class_names: Sequence[str], path: Path | str, title: str = "") -> Path:
@@ -23,6 +31,7 @@ def class_grid(images: np.ndarray, class_names: Sequence[str], path: Path | str,
     rows, cols = images.shape[:2]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9 + 1.4, rows * 0.9 + 0.4), squeeze=False)
     for r in range(rows):
         for c in range(cols):

@@ -1,0 +1,83 @@
+"""One DP-SGD round at a hospital: released counts, plan, budget stop, one recorded attempt.
+
+Imported only when a message asks for ``privacy.enabled``: Opacus and the accountants stay out of
+the hospital's process otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from client.policy import check_derived_noise, effective_max_epsilon
+from common import protocol
+from common.privacy.accounting import build_plan
+from common.privacy.budget import (
+    HospitalPrivacy,
+    attempts_from_json,
+    attempts_to_json,
+    private_train_config,
+    shared_train_metrics,
+)
+from common.privacy.config import PrivacyConfig
+from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
+from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
+from common.train import train_config
+
+if TYPE_CHECKING:
+    from client.local_run import LocalRun, SavedLocal
+
+logger = logging.getLogger("fedvitgan.client")
+
+
+def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
+    """DP-SGD on ``local``'s hospital under ``pcfg``; every attempt draws fresh randomness and is in
+    the hospital's ledger before anything leaves."""
+    data = local.data()
+    tcfg = private_train_config(train_config(local.run["train"]), pcfg)
+    saved = local.load_local()
+    privacy = _hospital_privacy(local, saved)
+    seed_for = (lambda _attempt: secret_seed()) if pcfg.seed is None else \
+        (lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt))
+    labelled = int((data.train.labels >= 0).sum())
+    counts = privacy.release_counts(pcfg, len(data.train), labelled, seed_for)
+    max_epsilon, source = effective_max_epsilon(pcfg, local.site.policy)
+    plan = build_plan(pcfg, counts.examples, counts.labelled, tcfg.batch_size, tcfg.local_steps,
+                      int(local.run["federation"]["rounds"]), max_epsilon)
+    check_derived_noise(plan.noise_multiplier, pcfg, local.site.policy)
+    privacy.plan, privacy.budget_source = plan, source
+    check = privacy.check_budget()  # BEFORE any training: the lifetime history + planned steps
+    if check.exhausted:
+        logger.warning("%s round %d: %s", local.site.name, local.server_round, check.message)
+        record = ConfigRecord({protocol.SITE_NAME: local.site.name, protocol.STATUS: protocol.STATUS_BUDGET_EXHAUSTED,
+                               protocol.STATUS_MESSAGE: check.message})
+        return RecordDict({protocol.METRICS: MetricRecord(privacy.metrics(0, check)), protocol.SITE: record})
+    model = local.loaded_model(data.train.num_classes)
+    attempt = privacy.begin_training()
+    dp = DPTraining(model, plan, seed_for(attempt.number), on_step=lambda step: privacy.ledger.step(attempt, step))
+    trainer = local.trainer(model, tcfg, data, saved, dp)
+    metrics = local.run_steps(trainer, dp.poisson_loader(data.train, tcfg.local_steps), tcfg.local_steps)
+    privacy.finish_training(attempt, dp.round_steps)  # in the ledger before anything can leave
+    flat = shared_train_metrics({k: float(v) for k, v in metrics.as_flat_dict().items()}, pcfg)
+    flat.update(privacy.metrics(dp.round_steps, check))
+    local.save_local(trainer, model, {"dp_attempts": attempts_to_json(privacy.run)})
+    # The released noisy counts, never the exact ones (they would single out an added patch).
+    flat.update({protocol.REAL_EXAMPLES: counts.examples, protocol.LABELLED_EXAMPLES: counts.labelled,
+                 protocol.GENERATOR_STEPS: metrics.steps, **local.state_metrics(saved)})
+    local.log_round(metrics.steps, metrics.images_per_second)
+    # scope=discriminator: class counts are real-data statistics outside the DP-SGD; not sent.
+    return local.reply(model, flat, data if pcfg.scope != "discriminator" else None)
+
+
+def _hospital_privacy(local: LocalRun, saved: SavedLocal | None) -> HospitalPrivacy:
+    """The hospital's ledger (its state folder, or privacy.ledger_dir/<site> in a simulation) and
+    this run's releases from the ledger and the local state."""
+    ledger_dir = (local.run.get("privacy") or {}).get("ledger_dir")
+    folder = Path(str(ledger_dir)).expanduser() / local.site.name if ledger_dir and not local.site.deployed else local.site.state_dir
+    ledger = PrivacyLedger.in_folder(folder, marker_folder=local.site.state_dir)
+    dataset, description = dataset_fingerprint(local.site.data, local.site.site_id, int(local.run["seed"]))
+    remembered = attempts_from_json((saved.meta if saved else {}).get("dp_attempts"))
+    return HospitalPrivacy.open(ledger, dataset, description, local.run_id, local.server_round, remembered)
