@@ -165,8 +165,10 @@ class HospitalCache:
         self._sizes.pop(key, None)
 
     def clear(self) -> None:
+        """Forget every kept hospital and the build count."""
         self._entries.clear()
         self._sizes.clear()
+        self.builds = 0
 
     def nbytes(self) -> int:
         """Bytes held by the kept hospitals, as last measured."""
