@@ -262,7 +262,7 @@ class LocalRun:
         if len(data.train) < 2:
             raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
         model = self.loaded_model(data.train.num_classes)
-        trainer = self.trainer(model, tcfg, data, saved, None)
+        trainer = self.build_trainer(model, tcfg, data, saved, None)
         loader = training_batches(
             data.train, tcfg, seed=batch_seed(int(self.run["seed"]), round_stream(self.site.site_id, self.server_round)),
             pin_memory=torch.device(self.site.device).type == "cuda")
@@ -274,7 +274,7 @@ class LocalRun:
         self.log_round(metrics.steps, metrics.images_per_second)
         return self.reply(model, flat, data)
 
-    def trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
+    def build_trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
                  dp: DPTraining | None) -> LocalTrainer:
         trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp)

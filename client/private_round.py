@@ -58,7 +58,7 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     model = local.loaded_model(data.train.num_classes)
     attempt = privacy.begin_training()
     dp = DPTraining(model, plan, seed_for(attempt.number), on_step=lambda step: privacy.ledger.step(attempt, step))
-    trainer = local.trainer(model, tcfg, data, saved, dp)
+    trainer = local.build_trainer(model, tcfg, data, saved, dp)
     metrics = local.run_steps(trainer, dp.poisson_loader(data.train, tcfg.local_steps), tcfg.local_steps)
     privacy.finish_training(attempt, dp.round_steps)  # in the ledger before anything can leave
     flat = shared_train_metrics({k: float(v) for k, v in metrics.as_flat_dict().items()}, pcfg)

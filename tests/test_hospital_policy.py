@@ -165,7 +165,7 @@ class _RecordingDP:
 @pytest.mark.parametrize("mode", ["deployed", "seeded simulation"])
 def test_two_train_messages_for_the_same_round_draw_different_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      mode: str) -> None:
-    monkeypatch.setattr("client.local_run.DPTraining", _RecordingDP)
+    monkeypatch.setattr("client.private_round.DPTraining", _RecordingDP)
     _RecordingDP.draws = []
     weights = build_model(model_preset("tiny"), 5, seed=0).state_dict()
     other = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
