@@ -372,13 +372,12 @@ class LocalTrainer:
                                      cfg.classifier_score)
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
-        self.selector.update_real(out.features[:b][labelled], labels[labelled])
-        if cfg.pseudo_label.enabled:
-            self.pseudo.update_real(out.features[:b][labelled], labels[labelled])
-        keep = self.selector.select(
-            out.features[b:], F.softmax(out.logits[b:].detach(), dim=1), fake_labels.cpu(), self.global_step
-        ).to(self.device)
-        with self.autocast():
+            self.selector.update_real(out.features[:b][labelled], labels[labelled])
+            if cfg.pseudo_label.enabled:
+                self.pseudo.update_real(out.features[:b][labelled], labels[labelled])
+            keep = self.selector.select(
+                out.features[b:], F.softmax(out.logits[b:].detach(), dim=1), fake_labels.cpu(), self.global_step
+            ).to(self.device)
             cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
             cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
             loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
