@@ -136,7 +136,7 @@ class PrivacyPlan:
     accountant: str
     noise_multiplier: float
     max_grad_norm: float
-    expected_batch: int  # B: the configured batch size; the divisor of the noisy sum and the generated count
+    expected_batch: int  # B: the configured batch size; the divisor of the noisy sum
     sample_rate: float  # q = min(1, B / n~)
     delta: float
     steps_per_round: int
@@ -144,6 +144,7 @@ class PrivacyPlan:
     num_examples: int  # n~: the released (noisy) training-set size, never the exact one
     labelled_fraction: float  # l~ / n~ from the released counts
     max_epsilon: float | None
+    clipping: str = "bookkeeping"  # how the clipped sum is computed (common/privacy/bookkeeping.py or torch.func)
 
     def next_round(self) -> tuple[float, float, int]:
         """The history entry the coming round adds if it trains."""
@@ -182,4 +183,5 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         planned_rounds=int(planned_rounds), num_examples=int(num_examples),
         labelled_fraction=(num_labelled / num_examples) if num_labelled > 0 else 1.0,
         max_epsilon=max_epsilon if max_epsilon is not None else (None if cfg.max_epsilon is None else float(cfg.max_epsilon)),
+        clipping=cfg.clipping,
     )

@@ -11,6 +11,8 @@ from common.privacy.scopes import SCOPES as SCOPE_TABLE
 #: ``privacy.scope`` values, from the one covering least to the one covering most.
 SCOPES: tuple[str, ...] = tuple(SCOPE_TABLE)
 ACCOUNTANTS = ("rdp", "prv")
+#: ``privacy.clipping``: how per-example gradients are clipped (the same arithmetic either way).
+CLIPPINGS = ("bookkeeping", "vmap")
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,13 @@ class PrivacyConfig:
     ledger_dir: str | None = None
     seed: int | None = None
     count_noise_std: float = 10.0
+    clipping: str = "bookkeeping"
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.clipping not in CLIPPINGS:
+            raise ValueError(f"clipping must be one of {CLIPPINGS}, got {self.clipping!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:

@@ -2,8 +2,9 @@
 
 Differences from the plain step (``common/train/engine.py``), all needed for the guarantee:
 
-- the real batch is a Poisson sample (its size varies and may be 0); the generated batch has the
-  fixed, public size B (the expected real batch), and real patches are augmented with the DP
+- the real batch is a Poisson sample (its size varies and may be 0); the generated batch has a
+  fixed, public size (``train.generated_batch_size``, or B, the expected real batch, when that is
+  null), and real patches are augmented with the DP
   generator's randomness, so nothing the trainer's own generator drives depends on the realised size;
 - real-image losses are summed per example and divided by B, not averaged over the realised batch;
 - the covered parameters receive ``(sum_i clip_C(g_i) + N(0, sigma^2 C^2)) / B`` for the real patches'
@@ -12,7 +13,10 @@ Differences from the plain step (``common/train/engine.py``), all needed for the
 - scope=classifier: the head's real-image gradient is the private one; the trunk still learns from the
   real images without DP through a copy of the head with frozen weights (declared: no end-to-end
   guarantee);
-- scope=discriminator: D and C learn from real images only through the private gradient. The two
+- scope=discriminator: D and C learn from real images only through the private gradient. With
+  ``privacy.clipping=bookkeeping`` (default) real and generated images share one D/C pass whose
+  real rows are clipped and noised (``common/privacy/bookkeeping.py``); with ``vmap`` the generated
+  half has its own pass and the real half's per-sample gradients come from ``torch.func``. The two
   real-data side channels are disabled here: the loss weights are fixed (the trainer is built with
   ``weighting.enabled=false``, see ``common/privacy/budget.py``), and selective augmentation keeps a
   generated image by the (private) classifier's confidence alone, without real class centroids.
@@ -122,19 +126,33 @@ def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tens
     w_real, w_syn = weights["cls_real"], weights["cls_synthetic"]
     aug_real = _augment_real(trainer, dp, real)
     aug_fake = diff_augment(fake.detach(), cfg.augment, trainer.rng)
-    # Generated half: ordinary gradient (a function of the private D, C and G only).
-    out = model.discriminate(aug_fake, fake_labels)
-    adv_fake = fake_adversarial_terms(out.score, cfg.adversarial_loss).mean()
-    keep = select_by_confidence(trainer, F.softmax(out.logits.detach(), dim=1), fake_labels).to(trainer.device)
-    cls_syn = masked_cross_entropy(out.logits, fake_labels, keep)
-    loss_fake = w_adv * adv_fake + (w_syn * cls_syn if cls_syn is not None else 0.0)
-    trainer.zero_discriminator_grads()
-    loss_fake.backward()
-    # Real half: per-sample clipped, noised gradient of every D and C parameter it reaches.
-    noisy, losses = dp.discriminator_gradient(aug_real, labels, cfg.adversarial_loss, w_adv, w_real)
+    parts: dict[str, torch.Tensor | None] = {}
+
+    def generated_loss(score: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The generated half's loss: its gradient is an ordinary one (a function of the private D, C and G only)."""
+        adv_fake = fake_adversarial_terms(score, cfg.adversarial_loss).mean()
+        keep = select_by_confidence(trainer, F.softmax(logits.detach(), dim=1), fake_labels).to(trainer.device)
+        cls_syn = masked_cross_entropy(logits, fake_labels, keep)
+        parts.update(adv_fake=adv_fake, cls_syn=cls_syn, keep=keep)
+        return w_adv * adv_fake + (w_syn * cls_syn if cls_syn is not None else 0.0)
+
+    if dp.bookkeeping is not None:
+        # One D/C pass over real and generated images; the real rows' gradients clipped and noised.
+        noisy, losses = dp.discriminator_gradient_with_generated(aug_real, labels, cfg.adversarial_loss, w_adv,
+                                                                 w_real, aug_fake, fake_labels, generated_loss)
+        trainer.zero_discriminator_grads()
+    else:
+        # Two passes: the generated half's ordinary backward, then the real half's torch.func gradients.
+        out = model.discriminate(aug_fake, fake_labels)
+        loss_fake = generated_loss(out.score, out.logits)
+        trainer.zero_discriminator_grads()
+        loss_fake.backward()
+        noisy, losses = dp.discriminator_gradient(aug_real, labels, cfg.adversarial_loss, w_adv, w_real)
     _add_grads(model.discriminator, noisy, "discriminator")
     _add_grads(model.classifier, noisy, "classifier")
     trainer.step_discriminator(weights_learned=False)
+    adv_fake, cls_syn, keep = parts["adv_fake"], parts["cls_syn"], parts["keep"]
+    assert adv_fake is not None and keep is not None
     # "real_loss" (the real patches' summed losses / B) is a local diagnostic only: real-image losses
     # are left out of the reply in this scope (see REAL_DATA_METRICS in common/privacy/budget.py).
     step = {"adv_discriminator_generated": float(adv_fake.detach()),
@@ -149,7 +167,8 @@ def dp_unified_step(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, l
     """One unified step of ``trainer`` with DP-SGD (``dp``) on the covered parameters; counts one DP step."""
     model = trainer.model
     real, labels = real.to(trainer.device), labels.to(trainer.device)
-    m = dp.plan.expected_batch  # public, fixed: the realised real batch size is not revealed
+    # Public and fixed (train.generated_batch_size, else B): the realised real batch size is not revealed.
+    m = trainer.cfg.generated_batch_size or dp.plan.expected_batch
     fake_labels = trainer.balanced_labels(m)
     z = torch.randn(m, model.cfg.z_dim, generator=trainer.rng).to(trainer.device)
     fake = model.generator(z, fake_labels)

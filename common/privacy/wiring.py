@@ -45,6 +45,7 @@ from common.config import ConfigError
 from common.model import UnifiedViTGAN
 from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
+from common.privacy.bookkeeping import Bookkeeping, RecordedPass
 from common.privacy.scopes import SCOPES
 from common.privacy.step import dp_unified_step
 from common.train.losses import labelled_cross_entropy, real_adversarial_terms
@@ -78,6 +79,9 @@ class HeadAdapter(nn.Module):
 
 class DiscriminatorAdapter(nn.Module):
     """Trunk, adversarial head with class projection, and classifier head: all a real patch reaches."""
+
+    #: Parameters the trunk adds to (or concatenates with) every image's tokens.
+    broadcast_parameters = ("discriminator.trunk.cls_token", "discriminator.trunk.pos_embed")
 
     def __init__(self, model: UnifiedViTGAN) -> None:
         super().__init__()
@@ -125,6 +129,11 @@ def per_sample_gradients(adapter: nn.Module, names: list[str], example_loss: Cal
     return grads, values
 
 
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus' flat clipping factors: ``min(1, C / (norm + 1e-6))`` per example."""
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 def clip_and_sum(per_sample: dict[str, torch.Tensor], max_grad_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Opacus' flat clipping: scale each example's gradient (all tensors together) to norm <= C, sum.
 
@@ -135,7 +144,7 @@ def clip_and_sum(per_sample: dict[str, torch.Tensor], max_grad_norm: float) -> t
     if b == 0:
         return {n: torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for n, g in per_sample.items()}, first.new_zeros(0)
     norms = torch.stack([g.reshape(b, -1).norm(2, dim=1) for g in per_sample.values()], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    factor = clip_factors(norms, max_grad_norm)
     return {n: torch.einsum("i,i...->...", factor.to(g.dtype), g) for n, g in per_sample.items()}, norms
 
 
@@ -169,6 +178,13 @@ class DPTraining:
         self.names = [n for n, p in self.adapter.named_parameters() if p.requires_grad]
         if {n.split(".", 1)[0] for n in self.names} != set(SCOPES[plan.scope].dp_groups):
             raise RuntimeError(f"privacy.scope={plan.scope}: the adapter's parameters are not the scope's groups")
+        self.bookkeeping: Bookkeeping | None = None
+        if plan.clipping == "bookkeeping":
+            try:
+                self.bookkeeping = Bookkeeping(self.adapter, self.names,
+                                               getattr(self.adapter, "broadcast_parameters", ()))
+            except ValueError as error:
+                raise ConfigError(f"privacy.clipping=bookkeeping: {error}") from error
         self.history: History = []
         self.round_steps = 0
         self.on_step = on_step
@@ -191,10 +207,16 @@ class DPTraining:
 
     def privatize(self, per_sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B; counts one DP step."""
+        summed, _ = clip_and_sum(per_sample, self.plan.max_grad_norm)
+        return self.add_noise(summed)
+
+    def add_noise(self, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(summed + N(0, (sigma C)^2)) / B for a sum of clipped gradients; counts one DP step.
+
+        The noise is drawn per parameter in ``names`` order (the order of ``summed``)."""
         plan = self.plan
         if self.on_step is not None:
             self.on_step(self.round_steps + 1)  # counted before its noise exists
-        summed, _ = clip_and_sum(per_sample, plan.max_grad_norm)
         std = plan.noise_multiplier * plan.max_grad_norm
         out: dict[str, torch.Tensor] = {}
         for name, total in summed.items():
@@ -220,12 +242,7 @@ class DPTraining:
                          label: torch.Tensor) -> torch.Tensor:
             return scale * labelled_cross_entropy(logits, label)
 
-        if labels.shape[0] == 0:
-            per_sample, losses = self._empty_per_sample(features.device), features.new_zeros(0)
-        else:
-            per_sample, losses = per_sample_gradients(self.adapter, self.names, example_loss,
-                                                      (tokens.detach(), features.detach()), (labels,))
-        return self.privatize(per_sample), losses
+        return self._private_sum((tokens.detach(), features.detach()), (labels,), example_loss)
 
     def discriminator_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
                                weight_adv: float, weight_cls: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -234,6 +251,11 @@ class DPTraining:
         Example i's loss is ``weight_adv * adv_i + weight_cls * CE_i / labelled_fraction`` (the real
         half of the discriminator loss plus the real classification loss, fixed weights).
         """
+        example_loss = self._discriminator_example_loss(adversarial_loss, weight_adv, weight_cls)
+        return self._private_sum((images, labels), (), example_loss)
+
+    def _discriminator_example_loss(self, adversarial_loss: str, weight_adv: float, weight_cls: float
+                                    ) -> Callable[..., torch.Tensor]:
         scale = weight_cls / self.plan.labelled_fraction
 
         def example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Tensor,
@@ -241,11 +263,57 @@ class DPTraining:
             score, logits = outputs
             return weight_adv * real_adversarial_terms(score, adversarial_loss) + scale * labelled_cross_entropy(logits, label)
 
-        if labels.shape[0] == 0:
-            per_sample, losses = self._empty_per_sample(images.device), images.new_zeros(0)
-        else:
-            per_sample, losses = per_sample_gradients(self.adapter, self.names, example_loss, (images, labels))
-        return self.privatize(per_sample), losses
+        return example_loss
+
+    def _private_sum(self, inputs: tuple[torch.Tensor, ...], extras: tuple[torch.Tensor, ...],
+                     example_loss: Callable[..., torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The noisy gradient of ``sum_i example_loss(adapter(*inputs_i), *inputs_i, *extras_i)`` over the
+        rows of ``inputs`` (per-example clipping by ``plan.clipping``); counts one DP step. Returns (noisy
+        gradient by parameter name, per-example losses)."""
+        rows = inputs[0].shape[0]
+        if rows == 0:
+            empty = self._empty_per_sample(inputs[0].device)
+            return self.add_noise(clip_and_sum(empty, self.plan.max_grad_norm)[0]), inputs[0].new_zeros(0)
+        if self.bookkeeping is None:
+            per_sample, losses = per_sample_gradients(self.adapter, self.names, example_loss, inputs, extras)
+            return self.privatize(per_sample), losses
+        with self.bookkeeping.record(rows) as (record, forward):
+            outputs = forward(*inputs)
+        losses = example_loss(outputs, *inputs, *extras)
+        self.bookkeeping.backward(record, losses.sum())
+        return self.add_noise(self.clipped_sum(record, rows)), losses.detach()
+
+    def clipped_sum(self, record: RecordedPass, real_rows: int, other_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        """Book-keeping: the sum of the first ``real_rows`` rows' gradients, each clipped to C, plus
+        ``other_weight`` times the (unclipped) gradient of the remaining rows of ``record``."""
+        assert self.bookkeeping is not None
+        norms = self.bookkeeping.squared_norms(record, slice(0, real_rows)).sqrt()
+        factors = clip_factors(norms, self.plan.max_grad_norm)
+        rest = factors.new_full((record.rows - real_rows,), float(other_weight))
+        return self.bookkeeping.weighted_sum(record, torch.cat([factors, rest]))
+
+    def discriminator_gradient_with_generated(
+        self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str, weight_adv: float, weight_cls: float,
+        generated: torch.Tensor, generated_labels: torch.Tensor,
+        generated_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """scope=discriminator with book-keeping: the real patches' noisy gradient (as
+        :meth:`discriminator_gradient`) plus the ordinary gradient of ``generated_loss(score, logits)``
+        of the generated images, from one forward and one backward pass over both.
+
+        Returns (the D/C gradient: ``(clipped real sum + noise) / B + generated gradient``, the real
+        patches' per-example losses). Counts one DP step.
+        """
+        assert self.bookkeeping is not None
+        b = images.shape[0]
+        rows = b + generated.shape[0]
+        with self.bookkeeping.record(rows) as (record, forward):
+            score, logits = forward(torch.cat([images, generated]), torch.cat([labels, generated_labels]))
+        real_losses = self._discriminator_example_loss(adversarial_loss, weight_adv, weight_cls)(
+            (score[:b], logits[:b]), images, labels)
+        self.bookkeeping.backward(record, real_losses.sum() + generated_loss(score[b:], logits[b:]))
+        # Generated rows weigh B here, so that the division by B in add_noise leaves their gradient as is.
+        return self.add_noise(self.clipped_sum(record, b, other_weight=self.plan.expected_batch)), real_losses.detach()
 
     # -------------------------------------------------------------- data
     def poisson_loader(self, dataset: Dataset, steps: int) -> DataLoader:

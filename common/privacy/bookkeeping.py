@@ -1,0 +1,235 @@
+"""Per-sample clipping by book-keeping: per-example gradient norms and the clipped sum from one
+ordinary forward and one backward pass, without materialising a gradient per example.
+
+For a layer applied token-wise, ``y = a W^T + b`` with example i's inputs ``a_i`` (T x d_in) and
+loss gradient at its outputs ``g_i`` (T x d_out), example i's weight gradient is ``g_i^T a_i``.
+Its squared norm is either computed from that product (cost T d_in d_out per example) or as the
+"ghost norm" ``<a_i a_i^T, g_i g_i^T>`` (cost T^2 (d_in + d_out)), whichever is cheaper; and any
+row-weighted sum ``sum_i w_i g_i^T a_i = (w * g)^T a`` is one matrix product, the same one an
+ordinary backward pass would compute. This is the book-keeping technique of Bu et al. (2023,
+"Differentially private optimization on large model at small cost"), with Li et al.'s ghost norm
+(2022) chosen per layer.
+
+What one example's gradient is made of, per covered parameter:
+
+- ``nn.Linear`` (any leading shape, tokens flattened per example), ``nn.Conv2d`` whose kernel
+  equals its stride (a patch embedding: a linear map of non-overlapping patches);
+- ``nn.LayerNorm`` (weight: ``sum_t g * x_hat``; bias: ``sum_t g``);
+- ``nn.Embedding`` looked up once per example (one index per row);
+- *broadcast parameters*: a parameter with leading size 1 that the model adds or concatenates to
+  every example (a ViT's CLS token and position embedding). It is given to the forward pass as an
+  (R, ...) copy, one row per example, whose gradient is the per-example gradient itself.
+
+Examples must not interact in the forward pass (no batch norm): every row's gradient then comes
+from its own loss only. Every covered parameter must be one of the above; :class:`Bookkeeping`
+refuses anything else at construction, naming the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding)
+
+
+@dataclass
+class _Call:
+    """One supported module's forward during a recorded pass."""
+
+    inputs: torch.Tensor  # detached input
+    output: torch.Tensor  # the output, in the graph
+    grad: torch.Tensor | None = None  # d loss / d output, after backward
+
+
+@dataclass
+class RecordedPass:
+    """Everything one recorded forward pass left for the norms and sums."""
+
+    rows: int
+    calls: dict[str, _Call] = field(default_factory=dict)
+    broadcast: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (R, ...) copy in the graph
+    broadcast_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_conv(name: str, conv: nn.Conv2d) -> None:
+    if (conv.kernel_size != conv.stride or conv.padding not in ((0, 0), 0) or conv.dilation != (1, 1)
+            or conv.groups != 1 or conv.padding_mode != "zeros"):
+        raise ValueError(f"book-keeping clipping supports Conv2d only as a patch embedding (kernel == stride, "
+                         f"no padding, dilation 1, groups 1); {name!r} is {conv}")
+
+
+class Bookkeeping:
+    """Per-example gradient norms and row-weighted gradient sums of ``module``'s parameters ``names``.
+
+    ``broadcast``: names of the parameters the forward pass broadcasts over the batch (leading
+    size 1). Raises ``ValueError`` naming any covered parameter it cannot handle.
+    """
+
+    def __init__(self, module: nn.Module, names: list[str], broadcast: tuple[str, ...] = ()) -> None:
+        self.module = module
+        self.names = list(names)
+        params = dict(module.named_parameters())
+        self.broadcast = [n for n in self.names if n in broadcast]
+        for name in self.broadcast:
+            if params[name].shape[0] != 1:
+                raise ValueError(f"broadcast parameter {name!r} must have leading size 1, has shape "
+                                 f"{tuple(params[name].shape)}")
+        #: module name -> its covered parameters ({"weight": full name, "bias": full name})
+        self.layers: dict[str, dict[str, str]] = {}
+        owned: set[str] = set(self.broadcast)
+        for module_name, sub in module.named_modules():
+            own = {local: f"{module_name}.{local}" if module_name else local
+                   for local, _ in sub.named_parameters(recurse=False)}
+            own = {local: full for local, full in own.items() if full in self.names and full not in owned}
+            if not own:
+                continue
+            if not isinstance(sub, SUPPORTED):
+                continue  # reported below as unsupported parameters
+            if isinstance(sub, nn.Conv2d):
+                _check_conv(module_name, sub)
+            self.layers[module_name] = own
+            owned.update(own.values())
+        missing = [n for n in self.names if n not in owned]
+        if missing:
+            raise ValueError("book-keeping clipping cannot compute per-example gradients of "
+                             f"{', '.join(missing)} (not in a Linear, LayerNorm, patch Conv2d or Embedding "
+                             "layer, nor a declared broadcast parameter); use privacy.clipping=vmap")
+        self._modules = dict(module.named_modules())
+
+    # ------------------------------------------------------------------ recording
+    @contextmanager
+    def record(self, rows: int) -> Iterator[tuple[RecordedPass, Callable[..., Any]]]:
+        """Record one forward pass over ``rows`` examples: yields (the pass, a forward function
+        that calls the module with the broadcast parameters given per row)."""
+        record = RecordedPass(rows)
+        params = dict(self.module.named_parameters())
+        for name in self.broadcast:
+            p = params[name].detach()
+            record.broadcast[name] = p.expand(rows, *p.shape[1:]).clone().requires_grad_(True)
+        handles = []
+        for module_name in self.layers:
+            def hook(sub: nn.Module, args: tuple[Any, ...], output: torch.Tensor, _name: str = module_name) -> None:
+                if _name in record.calls:
+                    raise RuntimeError(f"book-keeping clipping: {_name!r} ran twice in one pass (supported: once)")
+                record.calls[_name] = _Call(args[0].detach(), output)
+            handles.append(self._modules[module_name].register_forward_hook(hook))
+
+        def forward(*args: Any) -> Any:
+            if record.broadcast:
+                return functional_call(self.module, record.broadcast, args, strict=False)
+            return self.module(*args)
+
+        try:
+            yield record, forward
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def backward(self, record: RecordedPass, loss: torch.Tensor) -> None:
+        """The loss gradient at every recorded output (no parameter gradient is computed)."""
+        names = list(record.calls)
+        targets = [record.calls[n].output for n in names] + list(record.broadcast.values())
+        grads = torch.autograd.grad(loss, targets, allow_unused=True)
+        for name, g in zip(names, grads[:len(names)]):
+            record.calls[name].grad = torch.zeros_like(record.calls[name].output) if g is None else g.detach()
+        for name, g in zip(record.broadcast, grads[len(names):]):
+            record.broadcast_grads[name] = torch.zeros_like(record.broadcast[name]) if g is None else g.detach()
+
+    # ------------------------------------------------------------------ per-layer algebra
+    def _tokens(self, module_name: str, call: _Call) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, g) as (R, T, d_in) and (R, T, d_out) for a linear-like layer."""
+        sub = self._modules[module_name]
+        rows = call.grad.shape[0]  # type: ignore[union-attr]
+        if isinstance(sub, nn.Conv2d):
+            a = F.unfold(call.inputs, sub.kernel_size, stride=sub.stride).transpose(1, 2)
+            g = call.grad.flatten(2).transpose(1, 2)  # type: ignore[union-attr]
+            return a, g
+        return call.inputs.reshape(rows, -1, call.inputs.shape[-1]), call.grad.reshape(rows, -1, call.grad.shape[-1])  # type: ignore[union-attr]
+
+    def _layer_norms(self, module_name: str, call: _Call, rows: slice) -> torch.Tensor:
+        """Squared per-example gradient norm of this layer's covered parameters, for ``rows``."""
+        sub, own = self._modules[module_name], self.layers[module_name]
+        g_all = call.grad
+        assert g_all is not None
+        if isinstance(sub, nn.Embedding):
+            return g_all[rows].reshape(g_all[rows].shape[0], -1).pow(2).sum(1)
+        if isinstance(sub, nn.LayerNorm):
+            g = g_all[rows].reshape(g_all[rows].shape[0], -1, g_all.shape[-1])
+            total = g.new_zeros(g.shape[0])
+            if "weight" in own:
+                x_hat = F.layer_norm(call.inputs[rows], sub.normalized_shape, eps=sub.eps)
+                total = total + (g * x_hat.reshape(g.shape)).sum(1).pow(2).sum(1)
+            if "bias" in own:
+                total = total + g.sum(1).pow(2).sum(1)
+            return total
+        a, g = self._tokens(module_name, call)
+        a, g = a[rows], g[rows]
+        total = g.new_zeros(g.shape[0])
+        if "weight" in own:
+            t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+            if t * t * (d_in + d_out) < t * d_in * d_out:  # ghost norm
+                total = total + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            else:
+                total = total + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+        if "bias" in own:
+            total = total + g.sum(1).pow(2).sum(1)
+        return total
+
+    def squared_norms_by_part(self, record: RecordedPass, rows: slice) -> dict[str, torch.Tensor]:
+        """Each example's squared gradient norm per layer (module name) and broadcast parameter, for ``rows``."""
+        parts = {name: self._layer_norms(name, call, rows) for name, call in record.calls.items()}
+        for name, grad in record.broadcast_grads.items():
+            g = grad[rows]
+            parts[name] = g.reshape(g.shape[0], -1).pow(2).sum(1)
+        return parts
+
+    def squared_norms(self, record: RecordedPass, rows: slice) -> torch.Tensor:
+        """Squared L2 norm of each example's gradient over every covered parameter, for ``rows``."""
+        total = torch.zeros(len(range(record.rows)[rows]), device=self._device())
+        if total.numel() == 0:
+            return total
+        for part in self.squared_norms_by_part(record, rows).values():
+            total = total + part
+        return total
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def weighted_sum(self, record: RecordedPass, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``sum_r weights[r] * (row r's gradient)`` for every covered parameter, in ``names`` order."""
+        out: dict[str, torch.Tensor] = {}
+        for module_name, call in record.calls.items():
+            sub, own = self._modules[module_name], self.layers[module_name]
+            g_all = call.grad
+            assert g_all is not None
+            if isinstance(sub, nn.Embedding):
+                g = g_all.reshape(g_all.shape[0], -1) * weights[:, None]
+                grad = torch.zeros_like(sub.weight)
+                out[own["weight"]] = grad.index_add_(0, call.inputs.reshape(-1), g)
+                continue
+            if isinstance(sub, nn.LayerNorm):
+                g = (g_all * weights.view(-1, *[1] * (g_all.dim() - 1))).reshape(-1, g_all.shape[-1])
+                if "weight" in own:
+                    x_hat = F.layer_norm(call.inputs, sub.normalized_shape, eps=sub.eps).reshape(g.shape)
+                    out[own["weight"]] = (g * x_hat).sum(0)
+                if "bias" in own:
+                    out[own["bias"]] = g.sum(0)
+                continue
+            a, g = self._tokens(module_name, call)
+            g = (g * weights.view(-1, 1, 1)).reshape(-1, g.shape[-1])
+            if "weight" in own:
+                out[own["weight"]] = (g.t() @ a.reshape(-1, a.shape[-1])).reshape(sub.weight.shape)
+            if "bias" in own:
+                out[own["bias"]] = g.sum(0)
+        for name, grad in record.broadcast_grads.items():
+            out[name] = torch.einsum("r,r...->...", weights, grad).unsqueeze(0)
+        params = dict(self.module.named_parameters())  # a layer the pass did not reach: zero gradient
+        return {name: out[name] if name in out else torch.zeros_like(params[name]) for name in self.names}

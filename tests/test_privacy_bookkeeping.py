@@ -1,0 +1,174 @@
+"""Book-keeping clipping (common/privacy/bookkeeping.py) against torch.func's per-sample gradients:
+the same norms, the same clipped sums, the same DP step; and a clear refusal of what it cannot do."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from common.config import ConfigError
+from common.model import ModelConfig, build_model
+from common.privacy.accounting import PrivacyPlan
+from common.privacy.bookkeeping import Bookkeeping
+from common.privacy.budget import private_train_config
+from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.wiring import DiscriminatorAdapter, DPTraining, clip_and_sum, per_sample_gradients
+from common.train import LocalTrainer, TrainConfig
+from common.train.losses import labelled_cross_entropy, real_adversarial_terms
+from common.train.selection import SelectionConfig
+
+
+def _plan(scope: str, clipping: str, sigma: float = 0.0, clip: float = 0.5, batch: int = 4) -> PrivacyPlan:
+    return PrivacyPlan(scope=scope, accountant="rdp", noise_multiplier=sigma, max_grad_norm=clip,
+                       expected_batch=batch, sample_rate=batch / 40, delta=1e-5, steps_per_round=3,
+                       planned_rounds=2, num_examples=40, labelled_fraction=0.5, max_epsilon=None,
+                       clipping=clipping)
+
+
+def _example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    score, logits = outputs
+    return real_adversarial_terms(score, "hinge") + 0.7 * labelled_cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("classifier_depth", [0, 1])
+def test_norms_and_weighted_sums_equal_per_sample_gradients(tiny_cfg: ModelConfig, classifier_depth: int) -> None:
+    """Every covered parameter (blocks, patch embedding, CLS token, position embedding, class
+    projection, heads): per-example norms and an arbitrary row-weighted sum match torch.func."""
+    model = build_model(dataclasses.replace(tiny_cfg, classifier_depth=classifier_depth), 5, seed=0)
+    adapter = DiscriminatorAdapter(model)
+    names = [n for n, p in adapter.named_parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([0, -1, 3, 4, 1])  # one unlabelled patch: no projection, no cross-entropy
+
+    per_sample, losses = per_sample_gradients(adapter, names, _example_loss, (images, labels))
+    _, want_norms = clip_and_sum(per_sample, 1.0)
+    weights = torch.tensor([0.3, 1.0, -0.5, 2.0, 0.1])
+
+    book = Bookkeeping(adapter, names, DiscriminatorAdapter.broadcast_parameters)
+    with book.record(5) as (record, forward):
+        outputs = forward(images, labels)
+    got_losses = _example_loss(outputs, images, labels)
+    book.backward(record, got_losses.sum())
+    torch.testing.assert_close(got_losses.detach(), losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(book.squared_norms(record, slice(None)).sqrt(), want_norms, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(book.squared_norms(record, slice(1, 3)).sqrt(), want_norms[1:3], rtol=1e-4, atol=1e-6)
+    # Layer by layer, so that a small layer's error cannot hide in the total.
+    parts = book.squared_norms_by_part(record, slice(None))
+    owners = {**{n: n for n in book.broadcast}, **{full: layer for layer, own in book.layers.items() for full in own.values()}}
+    assert set(owners) == set(names) and set(parts) == set(owners.values())
+    for layer, got in parts.items():
+        want = sum(per_sample[n].reshape(5, -1).pow(2).sum(1) for n in names if owners[n] == layer)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9, msg=layer)
+    summed = book.weighted_sum(record, weights)
+    assert list(summed) == names
+    for name in names:
+        want = torch.einsum("i,i...->...", weights, per_sample[name])
+        torch.testing.assert_close(summed[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    # The recording left nothing behind: no hook fires outside the pass, no parameter has a gradient.
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_ghost_norm_and_the_materialised_norm_agree() -> None:
+    """The two per-layer norm formulas: a layer wide enough for the ghost norm and one narrow enough
+    for the materialised one, each against the per-example gradient by hand."""
+    torch.manual_seed(1)
+    for tokens, d_in, d_out in ((3, 40, 50), (30, 4, 3)):  # ghost: 9*90 < 3*2000; materialised otherwise
+        layer = nn.Linear(d_in, d_out)
+        x = torch.randn(4, tokens, d_in)
+        book = Bookkeeping(layer, ["weight", "bias"])
+        with book.record(4) as (record, forward):
+            out = forward(x)
+        loss = (out ** 2).sum(dim=(1, 2)) * torch.arange(1.0, 5.0)
+        book.backward(record, loss.sum())
+        want = []
+        for i in range(4):
+            grads = torch.autograd.grad(((layer(x[i]) ** 2).sum() * (i + 1)), [layer.weight, layer.bias])
+            want.append(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+        torch.testing.assert_close(book.squared_norms(record, slice(None)).sqrt(), torch.stack(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_a_private_gradient_is_the_same_with_either_clipping(tiny_cfg: ModelConfig, scope: str) -> None:
+    """Same seed, same batch: book-keeping and vmap give the same noisy gradient (noise included)."""
+    model = build_model(tiny_cfg, 5, seed=0)
+    torch.manual_seed(2)
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([0, -1, 2, 3, 1, 4])
+    results = {}
+    for clipping in ("bookkeeping", "vmap"):
+        dp = DPTraining(model, _plan(scope, clipping, sigma=1.0, clip=0.05), seed=7)
+        assert (dp.bookkeeping is not None) == (clipping == "bookkeeping")
+        if scope == "classifier":
+            trunk = model.trunk(images)
+            noisy, losses = dp.head_gradient(trunk.tokens, trunk.features, labels, weight=0.8)
+        else:
+            noisy, losses = dp.discriminator_gradient(images, labels, "hinge", weight_adv=1.0, weight_cls=0.5)
+        assert dp.history == [(1.0, 0.1, 1)]
+        results[clipping] = (noisy, losses)
+    assert list(results["bookkeeping"][0]) == list(results["vmap"][0])
+    for name, want in results["vmap"][0].items():
+        torch.testing.assert_close(results["bookkeeping"][0][name], want, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(results["bookkeeping"][1], results["vmap"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_one_pass_unified_step_updates_the_model_as_the_two_pass_step(tiny_cfg: ModelConfig) -> None:
+    """scope=discriminator: real and generated images in one pass (book-keeping) against the
+    generated half's ordinary backward plus the real half's torch.func gradients (vmap), for three
+    steps with selection active: every weight, the selection counts and the reported losses agree."""
+    models, metrics = {}, {}
+    for clipping in ("bookkeeping", "vmap"):
+        model = build_model(tiny_cfg, 5, seed=0)
+        plan = _plan("discriminator", clipping, sigma=1.0, clip=0.5, batch=6)
+        dp = DPTraining(model, plan, seed=3)
+        cfg = private_train_config(
+            TrainConfig(batch_size=6, selection=SelectionConfig(warmup_steps=0, min_history=1, confidence_threshold=0.0)),
+            PrivacyConfig(enabled=True, scope="discriminator"))
+        trainer = LocalTrainer(model, cfg, seed=0, privacy=dp)
+        torch.manual_seed(4)
+        steps = []
+        for size in (6, 4, 0):  # Poisson batches vary, and may be empty
+            images = torch.rand(size, 3, 32, 32) * 2 - 1
+            steps.append(trainer.unified_step(images, torch.arange(size) % 5 - (torch.arange(size) == 1).long() * 10))
+        models[clipping], metrics[clipping] = model, steps
+        assert dp.steps_total == 3
+    assert sum(s["selected"] for s in metrics["vmap"]) > 0
+    for got, want in zip(metrics["bookkeeping"], metrics["vmap"]):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    trained = dict(models["vmap"].named_parameters())
+    for name, p in models["bookkeeping"].named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_layer_it_cannot_handle_is_refused_by_name(tiny_cfg: ModelConfig) -> None:
+    class WithBatchNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+            self.norm = nn.BatchNorm1d(2)
+
+    with pytest.raises(ValueError, match=r"norm\.weight, norm\.bias.*privacy\.clipping=vmap"):
+        Bookkeeping(WithBatchNorm(), ["linear.weight", "linear.bias", "norm.weight", "norm.bias"])
+    with pytest.raises(ValueError, match="patch embedding"):
+        Bookkeeping(nn.Conv2d(3, 4, 3, padding=1), ["weight", "bias"])
+    with pytest.raises(ValueError, match="leading size 1"):
+        Bookkeeping(nn.Linear(3, 2), ["weight"], broadcast=("weight",))
+    # Through the DP wiring, a config error that names the key.
+    model = build_model(tiny_cfg, 5, seed=0)
+    model.discriminator.trunk.extra = nn.Parameter(torch.zeros(2, 4))
+    with pytest.raises(ConfigError, match=r"privacy\.clipping=bookkeeping.*discriminator\.trunk\.extra"):
+        DPTraining(model, _plan("discriminator", "bookkeeping"), seed=0)
+    DPTraining(model, _plan("discriminator", "vmap"), seed=0)  # the generic path takes it
+
+
+def test_the_clipping_key_is_validated() -> None:
+    assert privacy_config({"enabled": True}).clipping == "bookkeeping"
+    assert privacy_config({"enabled": True, "clipping": "vmap"}).clipping == "vmap"
+    with pytest.raises(ConfigError, match="clipping"):
+        privacy_config({"enabled": True, "clipping": "ghost"})
