@@ -47,6 +47,7 @@ class _Call:
     inputs: torch.Tensor  # detached input
     output: torch.Tensor  # the output, in the graph
     grad: torch.Tensor | None = None  # d loss / d output, after backward
+    derived: dict[str, Any] = field(default_factory=dict)  # (a, g) token views, LayerNorm's x_hat: computed once
 
 
 @dataclass
@@ -146,13 +147,25 @@ class Bookkeeping:
     # ------------------------------------------------------------------ per-layer algebra
     def _tokens(self, module_name: str, call: _Call) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, g) as (R, T, d_in) and (R, T, d_out) for a linear-like layer."""
-        sub = self._modules[module_name]
-        rows = call.grad.shape[0]  # type: ignore[union-attr]
-        if isinstance(sub, nn.Conv2d):
-            a = F.unfold(call.inputs, sub.kernel_size, stride=sub.stride).transpose(1, 2)
-            g = call.grad.flatten(2).transpose(1, 2)  # type: ignore[union-attr]
-            return a, g
-        return call.inputs.reshape(rows, -1, call.inputs.shape[-1]), call.grad.reshape(rows, -1, call.grad.shape[-1])  # type: ignore[union-attr]
+        if "tokens" not in call.derived:
+            sub, grad = self._modules[module_name], call.grad
+            assert grad is not None
+            if isinstance(sub, nn.Conv2d):
+                a = F.unfold(call.inputs, sub.kernel_size, stride=sub.stride).transpose(1, 2)
+                call.derived["tokens"] = a, grad.flatten(2).transpose(1, 2)
+            else:
+                rows = grad.shape[0]
+                call.derived["tokens"] = (call.inputs.reshape(rows, -1, call.inputs.shape[-1]),
+                                          grad.reshape(rows, -1, grad.shape[-1]))
+        return call.derived["tokens"]
+
+    @staticmethod
+    def _normalised(sub: nn.LayerNorm, call: _Call) -> torch.Tensor:
+        """LayerNorm's normalised input x_hat, (R, T, d)."""
+        if "x_hat" not in call.derived:
+            x_hat = F.layer_norm(call.inputs, sub.normalized_shape, eps=sub.eps)
+            call.derived["x_hat"] = x_hat.reshape(x_hat.shape[0], -1, x_hat.shape[-1])
+        return call.derived["x_hat"]
 
     def _layer_norms(self, module_name: str, call: _Call, rows: slice) -> torch.Tensor:
         """Squared per-example gradient norm of this layer's covered parameters, for ``rows``."""
@@ -162,11 +175,10 @@ class Bookkeeping:
         if isinstance(sub, nn.Embedding):
             return g_all[rows].reshape(g_all[rows].shape[0], -1).pow(2).sum(1)
         if isinstance(sub, nn.LayerNorm):
-            g = g_all[rows].reshape(g_all[rows].shape[0], -1, g_all.shape[-1])
+            g = g_all.reshape(g_all.shape[0], -1, g_all.shape[-1])[rows]
             total = g.new_zeros(g.shape[0])
             if "weight" in own:
-                x_hat = F.layer_norm(call.inputs[rows], sub.normalized_shape, eps=sub.eps)
-                total = total + (g * x_hat.reshape(g.shape)).sum(1).pow(2).sum(1)
+                total = total + (g * self._normalised(sub, call)[rows]).sum(1).pow(2).sum(1)
             if "bias" in own:
                 total = total + g.sum(1).pow(2).sum(1)
             return total
@@ -218,8 +230,7 @@ class Bookkeeping:
             if isinstance(sub, nn.LayerNorm):
                 g = (g_all * weights.view(-1, *[1] * (g_all.dim() - 1))).reshape(-1, g_all.shape[-1])
                 if "weight" in own:
-                    x_hat = F.layer_norm(call.inputs, sub.normalized_shape, eps=sub.eps).reshape(g.shape)
-                    out[own["weight"]] = (g * x_hat).sum(0)
+                    out[own["weight"]] = (g * self._normalised(sub, call).reshape(g.shape)).sum(0)
                 if "bias" in own:
                     out[own["bias"]] = g.sum(0)
                 continue
