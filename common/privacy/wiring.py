@@ -1,15 +1,18 @@
 """DP-SGD on the covered parameters, without wrapping or renaming any module.
 
-Per-sample gradients of the *real* patches' losses are computed with ``torch.func`` (``vmap`` of
-``grad`` over ``functional_call``) for the covered parameters only, through small adapter modules
-that hold the model's own sub-modules under their own names (``classifier.*``,
-``discriminator.*``), so nothing is hooked into the model and its state-dict keys never change
-(no ``_module.`` prefix can reach the server). Each per-sample gradient is clipped to an L2 norm
-of at most ``max_grad_norm`` (over all covered parameters together, Opacus' flat clipping), the
-clipped gradients are summed, Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added
-and the sum is divided by the expected batch size: Opacus' ``DPOptimizer`` arithmetic. Every call
-of :meth:`DPTraining.privatize` is one noisy step and is recorded in the accountant history, an
-empty Poisson batch included (it releases pure noise, and is counted like any other step).
+The *real* patches' losses are differentiated for the covered parameters only, through small
+adapter modules that hold the model's own sub-modules under their own names (``classifier.*``,
+``discriminator.*``), so no module is wrapped and the state-dict keys never change (no
+``_module.`` prefix can reach the server). Each example's gradient is clipped to an L2 norm of at
+most ``max_grad_norm`` (over all covered parameters together, Opacus' flat clipping), the clipped
+gradients are summed, Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added and the
+sum is divided by the expected batch size: Opacus' ``DPOptimizer`` arithmetic. ``plan.clipping``
+says how the clipped sum is computed: ``bookkeeping`` (``common/privacy/bookkeeping.py``: norms
+and the row-weighted sum from one ordinary pass, forward hooks present only during that pass) or
+``vmap`` (per-sample gradients with ``torch.func``, ``vmap`` of ``grad`` over ``functional_call``).
+Every call of :meth:`DPTraining.add_noise` is one noisy step and is recorded in the accountant
+history, an empty Poisson batch included (it releases pure noise, and is counted like any other
+step).
 
 Covered parameters per scope (``common.privacy.scopes.SCOPES``, its ``dp_groups``):
 
