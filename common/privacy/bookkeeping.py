@@ -167,40 +167,52 @@ class Bookkeeping:
             call.derived["x_hat"] = x_hat.reshape(x_hat.shape[0], -1, x_hat.shape[-1])
         return call.derived["x_hat"]
 
+    def _ghost(self, module_name: str, call: _Call) -> bool:
+        """Whether this linear-like layer's weight norm is cheaper as a ghost norm than materialised."""
+        a, g = self._tokens(module_name, call)
+        t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        return t * t * (d_in + d_out) < t * d_in * d_out
+
+    def _per_row(self, module_name: str, call: _Call) -> dict[str, torch.Tensor]:
+        """Every row's gradient of this layer's parameters, (R, *shape), where holding it is cheap: all
+        but the weight of a linear-like layer whose ghost norm is cheaper. An Embedding's entry is the
+        gradient of the one row each example looked up, (R, d)."""
+        if "rows" not in call.derived:
+            sub, own, grad = self._modules[module_name], self.layers[module_name], call.grad
+            assert grad is not None
+            rows: dict[str, torch.Tensor] = {}
+            if isinstance(sub, nn.Embedding):
+                rows["weight"] = grad.reshape(grad.shape[0], -1)
+            elif isinstance(sub, nn.LayerNorm):
+                g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+                if "weight" in own:
+                    rows["weight"] = (g * self._normalised(sub, call)).sum(1)
+                if "bias" in own:
+                    rows["bias"] = g.sum(1)
+            else:
+                a, g = self._tokens(module_name, call)
+                if "weight" in own and not self._ghost(module_name, call):
+                    rows["weight"] = torch.bmm(g.transpose(1, 2), a)
+                if "bias" in own:
+                    rows["bias"] = g.sum(1)
+            call.derived["rows"] = rows
+        return call.derived["rows"]
+
     def _layer_norms(self, module_name: str, call: _Call, rows: slice) -> torch.Tensor:
         """Squared per-example gradient norm of this layer's covered parameters, for ``rows``."""
-        sub, own = self._modules[module_name], self.layers[module_name]
-        g_all = call.grad
-        assert g_all is not None
-        if isinstance(sub, nn.Embedding):
-            return g_all[rows].reshape(g_all[rows].shape[0], -1).pow(2).sum(1)
-        if isinstance(sub, nn.LayerNorm):
-            g = g_all.reshape(g_all.shape[0], -1, g_all.shape[-1])[rows]
-            total = g.new_zeros(g.shape[0])
-            if "weight" in own:
-                total = total + (g * self._normalised(sub, call)[rows]).sum(1).pow(2).sum(1)
-            if "bias" in own:
-                total = total + g.sum(1).pow(2).sum(1)
-            return total
-        a, g = self._tokens(module_name, call)
-        a, g = a[rows], g[rows]
-        total = g.new_zeros(g.shape[0])
-        if "weight" in own:
-            t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-            if t * t * (d_in + d_out) < t * d_in * d_out:  # ghost norm
-                total = total + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-            else:
-                total = total + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
-        if "bias" in own:
-            total = total + g.sum(1).pow(2).sum(1)
-        return total
+        per_row = self._per_row(module_name, call)
+        total = sum(torch.linalg.vector_norm(r[rows].flatten(1), dim=1).square() for r in per_row.values())
+        if "weight" in self.layers[module_name] and "weight" not in per_row:  # the ghost norm
+            a, g = self._tokens(module_name, call)
+            a, g = a[rows], g[rows]
+            total = total + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return total  # type: ignore[return-value]
 
     def squared_norms_by_part(self, record: RecordedPass, rows: slice) -> dict[str, torch.Tensor]:
         """Each example's squared gradient norm per layer (module name) and broadcast parameter, for ``rows``."""
         parts = {name: self._layer_norms(name, call, rows) for name, call in record.calls.items()}
         for name, grad in record.broadcast_grads.items():
-            g = grad[rows]
-            parts[name] = g.reshape(g.shape[0], -1).pow(2).sum(1)
+            parts[name] = torch.linalg.vector_norm(grad[rows].flatten(1), dim=1).square()
         return parts
 
     def squared_norms(self, record: RecordedPass, rows: slice) -> torch.Tensor:
@@ -220,26 +232,16 @@ class Bookkeeping:
         out: dict[str, torch.Tensor] = {}
         for module_name, call in record.calls.items():
             sub, own = self._modules[module_name], self.layers[module_name]
-            g_all = call.grad
-            assert g_all is not None
-            if isinstance(sub, nn.Embedding):
-                g = g_all.reshape(g_all.shape[0], -1) * weights[:, None]
-                grad = torch.zeros_like(sub.weight)
-                out[own["weight"]] = grad.index_add_(0, call.inputs.reshape(-1), g)
-                continue
-            if isinstance(sub, nn.LayerNorm):
-                g = (g_all * weights.view(-1, *[1] * (g_all.dim() - 1))).reshape(-1, g_all.shape[-1])
-                if "weight" in own:
-                    out[own["weight"]] = (g * self._normalised(sub, call).reshape(g.shape)).sum(0)
-                if "bias" in own:
-                    out[own["bias"]] = g.sum(0)
-                continue
-            a, g = self._tokens(module_name, call)
-            g = (g * weights.view(-1, 1, 1)).reshape(-1, g.shape[-1])
-            if "weight" in own:
+            for local, per_row in self._per_row(module_name, call).items():
+                if isinstance(sub, nn.Embedding):
+                    grad = torch.zeros_like(sub.weight)
+                    out[own[local]] = grad.index_add_(0, call.inputs.reshape(-1), per_row * weights[:, None])
+                else:
+                    out[own[local]] = (weights @ per_row.flatten(1)).reshape(getattr(sub, local).shape)
+            if "weight" in own and own["weight"] not in out:  # ghost layer: (w * g)^T a, one product
+                a, g = self._tokens(module_name, call)
+                g = (g * weights.view(-1, 1, 1)).reshape(-1, g.shape[-1])
                 out[own["weight"]] = (g.t() @ a.reshape(-1, a.shape[-1])).reshape(sub.weight.shape)
-            if "bias" in own:
-                out[own["bias"]] = g.sum(0)
         for name, grad in record.broadcast_grads.items():
             out[name] = torch.einsum("r,r...->...", weights, grad).unsqueeze(0)
         params = dict(self.module.named_parameters())  # a layer the pass did not reach: zero gradient
