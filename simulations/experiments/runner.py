@@ -1,7 +1,7 @@
 """``fedvitgan experiment``: run every (variant, setting, seed) and write results.json, results.md, curves.png.
 
     fedvitgan experiment                                   # conf/experiment/few_labels_quick.yaml
-    fedvitgan experiment experiment=few_labels             # the default experiment (about 2 hours on 2 cores)
+    fedvitgan experiment experiment=few_labels             # the default experiment (about 1 hour on 2 cores)
     fedvitgan experiment experiment.seeds=[0,1,2] experiment.steps=1000 data.labeled_per_class=5
     fedvitgan experiment hydra.run.dir=runs/exp1           # a stopped experiment continues in its folder
 
