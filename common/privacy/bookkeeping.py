@@ -77,7 +77,7 @@ class Bookkeeping:
     def __init__(self, module: nn.Module, names: list[str], broadcast: tuple[str, ...] = ()) -> None:
         self.module = module
         self.names = list(names)
-        params = dict(module.named_parameters())
+        self._params = params = dict(module.named_parameters())  # updated in place by the optimisers
         self.broadcast = [n for n in self.names if n in broadcast]
         for name in self.broadcast:
             if params[name].shape[0] != 1:
@@ -111,9 +111,8 @@ class Bookkeeping:
         """Record one forward pass over ``rows`` examples: yields (the pass, a forward function
         that calls the module with the broadcast parameters given per row)."""
         record = RecordedPass(rows)
-        params = dict(self.module.named_parameters())
         for name in self.broadcast:
-            p = params[name].detach()
+            p = self._params[name].detach()
             record.broadcast[name] = p.expand(rows, *p.shape[1:]).clone().requires_grad_(True)
         handles = []
         for module_name in self.layers:
@@ -225,7 +224,7 @@ class Bookkeeping:
         return total
 
     def _device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return self._params[self.names[0]].device
 
     def weighted_sum(self, record: RecordedPass, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``sum_r weights[r] * (row r's gradient)`` for every covered parameter, in ``names`` order."""
@@ -244,5 +243,5 @@ class Bookkeeping:
                 out[own["weight"]] = (g.t() @ a.reshape(-1, a.shape[-1])).reshape(sub.weight.shape)
         for name, grad in record.broadcast_grads.items():
             out[name] = torch.einsum("r,r...->...", weights, grad).unsqueeze(0)
-        params = dict(self.module.named_parameters())  # a layer the pass did not reach: zero gradient
-        return {name: out[name] if name in out else torch.zeros_like(params[name]) for name in self.names}
+        # A layer the pass did not reach: zero gradient.
+        return {name: out[name] if name in out else torch.zeros_like(self._params[name]) for name in self.names}
