@@ -105,11 +105,47 @@ def test_compiled_trunk_and_generator_compute_the_eager_losses(tiny_cfg: ModelCo
     base = TrainConfig(batch_size=4, generated_batch_size=4)
     eager, compiled = _trainer(tiny_cfg, base), _trainer(tiny_cfg, replace(base, compile=True))
     assert set(compiled.model.state_dict()) == set(eager.model.state_dict())  # keys as without compile
+    model = compiled.model
+    for module in (model.discriminator.trunk, model.generator, model.classifier):
+        assert module._compiled_call_impl is not None, type(module).__name__
     images, labels = _batch(4)
     for _ in range(2):
         out_eager, out_compiled = eager.unified_step(images, labels), compiled.unified_step(images, labels)
     for key in ("adv_discriminator", "cls_real", "adv_generator", "aux_generated"):
         assert out_compiled[key] == pytest.approx(out_eager[key], rel=1e-3, abs=1e-4), key
+
+
+def test_fused_optimisers_give_the_loop_update(tiny_cfg: ModelConfig) -> None:
+    """optim.fused=true (one kernel per optimiser step; the CUDA default) trains as the per-parameter
+    loop does, up to rounding: the losses, the whole update and the loss weights after three steps.
+    (Single weights may differ by ~lr: Adam turns the rounding noise of a zero gradient, such as an
+    attention key bias's, into a full-size step.)"""
+    base = TrainConfig(batch_size=8, generated_batch_size=8,
+                       selection=SelectionConfig(warmup_steps=0, min_history=1, confidence_threshold=0.0,
+                                                 centroid_distance=False))
+    loop = _trainer(tiny_cfg, replace(base, optim=replace(base.optim, fused=False)))
+    fused = _trainer(tiny_cfg, replace(base, optim=replace(base.optim, fused=True)))
+    assert fused.opt_discriminator.defaults["fused"] and not loop.opt_discriminator.defaults["fused"]
+    images, labels = _batch()
+    start = torch.cat([p.flatten() for p in _params(loop.model).values()])
+    for _ in range(3):
+        out_loop, out_fused = loop.unified_step(images, labels), fused.unified_step(images, labels)
+        assert out_fused["selected"] == out_loop["selected"] > 0
+        for key, value in out_loop.items():
+            assert out_fused[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    step_loop = torch.cat([p.flatten() for p in _params(loop.model).values()]) - start
+    step_fused = torch.cat([p.flatten() for p in _params(fused.model).values()]) - start
+    assert float((step_fused - step_loop).norm() / step_loop.norm()) < 0.02
+    torch.testing.assert_close(fused.weighting.log_vars, loop.weighting.log_vars, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_optimisers_default_to_cuda_only() -> None:
+    optim = TrainConfig().optim
+    assert optim.fused is None
+    assert optim.use_fused(torch.device("cuda")) and not optim.use_fused(torch.device("cpu"))
+    assert not replace(optim, fused=False).use_fused(torch.device("cuda"))
+    with pytest.raises(ValueError, match="fused"):
+        replace(optim, fused="yes")
 
 
 def test_private_training_refuses_the_speed_switches(tiny_cfg: ModelConfig) -> None:
@@ -149,3 +185,23 @@ def test_the_shuffle_order_is_that_of_a_plain_seeded_loader_with_or_without_work
     for workers in (0, 1):
         stream = _endless(items, batch, seed=3, workers=workers)  # type: ignore[arg-type]
         assert [next(stream).tolist() for _ in expected] == expected
+
+
+def test_a_host_mask_picks_the_rows_a_device_mask_picks() -> None:
+    """masked_cross_entropy with a host mask (indices, no wait for the GPU) gives the boolean-mask
+    value and gradient; no row: None."""
+    from common.train.losses import masked_cross_entropy
+    from common.train.transfer import host_rows, to_device
+
+    logits = torch.randn(7, 5, requires_grad=True)
+    labels = torch.tensor([0, 4, 2, 1, 3, 0, 2])
+    mask = torch.tensor([True, False, True, True, False, False, True])
+    got = masked_cross_entropy(logits, labels, mask)
+    (grad_got,) = torch.autograd.grad(got, logits)
+    want = F.cross_entropy(logits[mask], labels[mask])
+    (grad_want,) = torch.autograd.grad(want, logits)
+    assert torch.equal(got, want) and torch.equal(grad_got, grad_want)
+    assert masked_cross_entropy(logits, labels, torch.zeros(7, dtype=torch.bool)) is None
+    assert host_rows(mask, "cpu").tolist() == [0, 2, 3, 6]
+    host = torch.arange(3)
+    assert to_device(host, "cpu") is host  # nothing copied on the CPU

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.train.transfer import to_device
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -26,7 +28,7 @@ class AugmentConfig:
 
 
 def _uniform(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.rand(shape, generator=gen).to(device=like.device, dtype=like.dtype)
+    return to_device(torch.rand(shape, generator=gen), like.device).to(like.dtype)
 
 
 def _color(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -62,7 +64,7 @@ def _cutout(x: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor
 
 def _flip_rotate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each image gets one of the 8 symmetries of the square (dihedral group D4)."""
-    choice = torch.randint(0, 8, (x.shape[0],), generator=gen).to(x.device)
+    choice = to_device(torch.randint(0, 8, (x.shape[0],), generator=gen), x.device)
     out = x
     flip = (choice >= 4).view(-1, 1, 1, 1)
     out = torch.where(flip, out.flip(-1), out)

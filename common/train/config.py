@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from common.config import dataclass_from_mapping
 from common.train.augment import AugmentConfig
 from common.train.losses import ADVERSARIAL_LOSSES
@@ -37,8 +39,11 @@ class OptimConfig:
     classifier_weight_decay: float = 1e-4
     schedule: str = "constant"  # constant | cosine (every learning rate decays to 0 over schedule_steps)
     schedule_steps: int | None = None  # the run's total local steps per hospital (needed by cosine)
+    fused: bool | None = None  # fused Adam/AdamW kernels; None: on CUDA, not on the CPU
 
     def __post_init__(self) -> None:
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be true, false or null (on CUDA only), got {self.fused!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.schedule == "cosine" and (self.schedule_steps is None or self.schedule_steps < 1):
@@ -50,6 +55,10 @@ class OptimConfig:
             object.__setattr__(self, "discriminator_betas", tuple(float(b) for b in self.discriminator_betas))
             if len(self.discriminator_betas) != 2:
                 raise ValueError(f"discriminator_betas needs two values, got {self.discriminator_betas}")
+
+    def use_fused(self, device: torch.device) -> bool:
+        """Whether the optimisers on ``device`` use fused kernels (``fused``; null: on CUDA only)."""
+        return self.fused if self.fused is not None else device.type == "cuda"
 
     @property
     def trunk_betas(self) -> tuple[float, float]:

@@ -39,6 +39,7 @@ from common.train.config import TrainConfig, learning_rate_factor
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
 from common.train.selection import SampleSelector
+from common.train.transfer import host_rows, to_device, to_floats
 from common.train.weighting import DynamicLossWeighting
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -160,18 +161,23 @@ class LocalTrainer:
                 functorch_config.donated_buffer = False
             model.discriminator.trunk.compile()
             model.generator.compile()
+            model.classifier.compile()
         o = cfg.optim
-        self.opt_generator = torch.optim.Adam(model.generator.parameters(), lr=o.lr_generator, betas=o.gan_betas)
+        # One fused kernel per optimiser step instead of a few per parameter; the same update up to
+        # rounding. ``None`` leaves torch's own choice (foreach kernels on CUDA, a loop on the CPU).
+        fused = True if o.use_fused(self.device) else None
+        self.opt_generator = torch.optim.Adam(model.generator.parameters(), lr=o.lr_generator, betas=o.gan_betas,
+                                              fused=fused)
         trunk_optimizer = torch.optim.AdamW if o.discriminator_weight_decay else torch.optim.Adam
         self.opt_discriminator = trunk_optimizer(
             model.discriminator.parameters(), lr=o.lr_discriminator, betas=o.trunk_betas,
-            weight_decay=o.discriminator_weight_decay,
+            weight_decay=o.discriminator_weight_decay, fused=fused,
         )
         self.opt_classifier = torch.optim.AdamW(
-            model.classifier.parameters(), lr=o.lr_classifier, weight_decay=o.classifier_weight_decay
+            model.classifier.parameters(), lr=o.lr_classifier, weight_decay=o.classifier_weight_decay, fused=fused
         )
         self.weighting = DynamicLossWeighting(weighted_loss_names(cfg), cfg.weighting).to(self.device)
-        self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights)
+        self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights, fused=fused)
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
         self.pseudo = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.pseudo_label)
         self.rng = torch.Generator().manual_seed(int(seed))
@@ -188,10 +194,22 @@ class LocalTrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def balanced_labels(self, n: int) -> torch.Tensor:
-        """``n`` class labels as even over the classes as ``n`` allows, in an order from the trainer's generator."""
+    def balanced_labels_host(self, n: int) -> torch.Tensor:
+        """``n`` class labels as even over the classes as ``n`` allows, in an order from the trainer's
+        generator, on the host."""
         labels = torch.arange(n) % self.num_classes
-        return labels[torch.randperm(n, generator=self.rng)].to(self.device)
+        return labels[torch.randperm(n, generator=self.rng)]
+
+    def balanced_labels(self, n: int) -> torch.Tensor:
+        """``balanced_labels_host(n)`` on the trainer's device."""
+        return to_device(self.balanced_labels_host(n), self.device)
+
+    def _inputs(self, real: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch on the trainer's device, and its labels on the host too: every mask a step takes
+        from the labels is then known without waiting for the GPU (labels from a loader are on the host)."""
+        labels_host = labels.cpu()
+        on_device = labels.to(self.device) if labels.device.type != "cpu" else to_device(labels_host, self.device)
+        return real.to(self.device, non_blocking=True), on_device, labels_host
 
     def _projected(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels D's class projection sees: all -1 (psi alone) when ``class_projection`` is off."""
@@ -267,12 +285,12 @@ class LocalTrainer:
 
     @torch.no_grad()
     def _pseudo_labels(self, unlabelled: torch.Tensor) -> torch.Tensor:
-        """Pseudo-labels of unlabelled patches from a weak view (-1 where the rule rejects them)."""
+        """Pseudo-labels of unlabelled patches from a weak view (-1 where the rule rejects them), on the host."""
         with self.autocast():
             trunk = self.model.trunk(diff_augment(unlabelled, self.cfg.classifier_augment, self.rng))
             probs = F.softmax(self.model.classifier(trunk).float(), dim=1)
-        predicted = probs.argmax(dim=1)
-        keep = self.pseudo.select(trunk.features, probs, predicted.cpu(), self.global_step).to(self.device)
+        predicted = probs.argmax(dim=1).cpu()
+        keep = self.pseudo.select(trunk.features, probs, predicted, self.global_step)
         return torch.where(keep, predicted, torch.full_like(predicted, -1))
 
     # ----------------------------------------------------------------- the steps
@@ -289,7 +307,6 @@ class LocalTrainer:
         self._schedule_learning_rates()
         if self.privacy is not None or self.cfg.method == "unified":
             return self.unified_step(real, labels)
-        real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         result = self.supervised_step(real, labels) if self.cfg.method == "supervised" \
             else self.semi_supervised_step(real, labels)
         self.global_step += 1
@@ -297,12 +314,16 @@ class LocalTrainer:
 
     def supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """The plain baseline: trunk + head on the labelled rows, label-safe augmentation, no generator."""
-        labelled = labels >= 0
+        real, labels, labels_host = self._inputs(real, labels)
+        labelled = labels_host >= 0
         if not bool(labelled.any()):
             raise ValueError("a supervised step got a batch without labelled patches")
-        images = diff_augment(real[labelled], self.cfg.classifier_augment, self.rng)
+        if not bool(labelled.all()):
+            rows = host_rows(labelled, self.device)
+            real, labels = real.index_select(0, rows), labels.index_select(0, rows)
+        images = diff_augment(real, self.cfg.classifier_augment, self.rng)
         with self.autocast():
-            loss = F.cross_entropy(self.model.classify(images), labels[labelled])
+            loss = F.cross_entropy(self.model.classify(images), labels)
         self.zero_discriminator_grads()
         loss.backward()
         self.step_discriminator(weights_learned=False)
@@ -311,15 +332,17 @@ class LocalTrainer:
     def semi_supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """FixMatch: labelled weak views, plus unlabelled strong views learning confident weak-view labels."""
         cfg = self.cfg.semi_supervised
-        labelled = labels >= 0
-        weak = diff_augment(real[labelled], self.cfg.classifier_augment, self.rng)
-        unlabelled = real[~labelled]
+        real, labels, labels_host = self._inputs(real, labels)
+        labelled_rows = host_rows(labels_host >= 0, self.device)
+        labelled_labels = labels.index_select(0, labelled_rows)
+        weak = diff_augment(real.index_select(0, labelled_rows), self.cfg.classifier_augment, self.rng)
+        unlabelled = real.index_select(0, host_rows(labels_host < 0, self.device))
         n = weak.shape[0]
         step: dict[str, float] = {"selected": 0.0}
         if unlabelled.shape[0] == 0:
             with self.autocast():
                 logits = self.model.classify(weak)
-                loss = F.cross_entropy(logits, labels[labelled])
+                loss = F.cross_entropy(logits, labelled_labels)
             step["cls_real"] = float(loss.detach())
         else:
             with torch.no_grad(), self.autocast():
@@ -332,7 +355,7 @@ class LocalTrainer:
             strong = diff_augment(unlabelled, self.cfg.augment, self.rng)
             with self.autocast():
                 logits = self.model.classify(torch.cat([weak, strong]))
-                cls_real = F.cross_entropy(logits[:n], labels[labelled])
+                cls_real = F.cross_entropy(logits[:n], labelled_labels)
                 cls_pseudo = (F.cross_entropy(logits[n:], pseudo, reduction="none") * mask).mean()
             loss = cls_real + cfg.unlabelled_weight * cls_pseudo
             step.update(cls_real=float(cls_real.detach()), cls_pseudo=float(cls_pseudo.detach()),
@@ -347,22 +370,25 @@ class LocalTrainer:
         if self.privacy is not None:
             return self.privacy.unified_step(self, real, labels)
         model, cfg = self.model, self.cfg
-        real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        real, labels, labels_host = self._inputs(real, labels)
         b = real.shape[0]
-        labelled, unlabelled = labels >= 0, labels < 0
+        labelled, unlabelled = labels_host >= 0, labels_host < 0  # host masks: no wait for the GPU
         m = cfg.generated_batch_size or b
         same_pass = cfg.generator_update == "same_pass"
-        fake_labels = self.balanced_labels(m)
-        z = torch.randn(m, model.cfg.z_dim, generator=self.rng).to(self.device)
+        fake_labels_host = self.balanced_labels_host(m)
+        fake_labels = to_device(fake_labels_host, self.device)
+        z = to_device(torch.randn(m, model.cfg.z_dim, generator=self.rng), self.device)
         with self.autocast():
             fake = model.generator(z, fake_labels)
 
         # (0) pseudo-labels of the unlabelled rows (weak view, no gradient).
-        pseudo_labels = torch.full_like(labels, -1)
+        pseudo_host = torch.full_like(labels_host, -1)
         if cfg.pseudo_label.enabled and bool(unlabelled.any()):
-            pseudo_labels[unlabelled] = self._pseudo_labels(real[unlabelled])
-        kept_pseudo = pseudo_labels >= 0
-        conditioning = torch.where(kept_pseudo, pseudo_labels, labels) if cfg.pseudo_condition_discriminator else labels
+            pseudo_host[unlabelled] = self._pseudo_labels(real.index_select(0, host_rows(unlabelled, self.device)))
+        kept_pseudo = pseudo_host >= 0
+        pseudo_labels = to_device(pseudo_host, self.device)
+        conditioning = (torch.where(to_device(kept_pseudo, self.device), pseudo_labels, labels)
+                        if cfg.pseudo_condition_discriminator else labels)
 
         # (1) D/C update on real + generated images, selection from the same pass. The generated
         # images are detached unless G also learns from this pass (generator_update=same_pass).
@@ -372,18 +398,13 @@ class LocalTrainer:
                                      cfg.classifier_score)
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
-            self.selector.update_real(out.features[:b][labelled], labels[labelled])
-            if cfg.pseudo_label.enabled:
-                self.pseudo.update_real(out.features[:b][labelled], labels[labelled])
-            keep = self.selector.select(
-                out.features[b:], F.softmax(out.logits[b:].detach(), dim=1), fake_labels.cpu(), self.global_step
-            ).to(self.device)
+            keep = self._select_generated(out, b, labels_host, fake_labels_host)
             cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
             cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
             loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
             entropy = None
             if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):
-                log_probs = F.log_softmax(out.logits[:b][unlabelled], dim=1)
+                log_probs = F.log_softmax(out.logits[:b].index_select(0, host_rows(unlabelled, self.device)), dim=1)
                 entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
                 loss_d = loss_d + cfg.unlabelled_entropy_weight * entropy
             if same_pass:  # G's loss against D and C as they were before this step's update
@@ -400,19 +421,29 @@ class LocalTrainer:
             adv_g, aux = self.generator_step(fake, fake_labels, out.features[:b])
 
         self.global_step += 1
-        step = {
-            "adv_discriminator": float(adv_d.detach()),
-            "adv_generator": float(adv_g.detach()),
-            "aux_generated": float(aux.detach()),
-            "selected": float(keep.sum()),
-        }
-        for name, value in (("cls_real", cls_real), ("cls_synthetic", cls_syn), ("cls_pseudo", cls_pseudo),
-                            ("unlabelled_entropy", entropy)):
-            if value is not None:
-                step[name] = float(value.detach())
+        losses = {"adv_discriminator": adv_d, "adv_generator": adv_g, "aux_generated": aux, "cls_real": cls_real,
+                  "cls_synthetic": cls_syn, "cls_pseudo": cls_pseudo, "unlabelled_entropy": entropy}
+        step = to_floats({k: v for k, v in losses.items() if v is not None})
+        step["selected"] = float(keep.sum())
         if cfg.pseudo_label.enabled:
             step["pseudo_selected"] = float(kept_pseudo.sum())
         return step
+
+    @torch.no_grad()
+    def _select_generated(self, out: DiscriminatorOutput, b: int, labels_host: torch.Tensor,
+                          fake_labels_host: torch.Tensor) -> torch.Tensor:
+        """Fold the labelled real rows of D/C's pass into the selectors' statistics, then the host mask
+        of the generated rows (after the first ``b``) the classifier may learn from. The features and
+        class probabilities come to the host in one copy: the step's one wait for the GPU before its
+        backward pass."""
+        probs = F.softmax(out.logits.detach().float(), dim=1)
+        host = torch.cat([out.features.detach().float(), probs], dim=1).cpu()
+        features, probs = host[:, : out.features.shape[1]], host[:, out.features.shape[1]:]
+        labelled = labels_host >= 0
+        self.selector.update_real(features[:b][labelled], labels_host[labelled])
+        if self.cfg.pseudo_label.enabled:
+            self.pseudo.update_real(features[:b][labelled], labels_host[labelled])
+        return self.selector.select(features[b:], probs[b:], fake_labels_host, self.global_step)
 
     # ----------------------------------------------------------------- a round
     def train_round(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.train.transfer import host_rows
+
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
 
 
@@ -43,7 +45,13 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """Mean cross-entropy over the rows where ``mask`` is true; None when no row is."""
+    """Mean cross-entropy over the rows where ``mask`` is true; None when no row is.
+
+    A mask on the host selects its rows by index, so logits on a GPU need no wait for the GPU.
+    """
     if not bool(mask.any()):
         return None
+    if mask.device.type == "cpu":
+        rows = host_rows(mask, logits.device)
+        return F.cross_entropy(logits.index_select(0, rows), labels.index_select(0, rows))
     return F.cross_entropy(logits[mask], labels[mask])
