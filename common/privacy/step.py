@@ -39,6 +39,7 @@ from common.train.losses import (
     masked_cross_entropy,
     real_adversarial_terms,
 )
+from common.train.transfer import host_rows, to_device, to_floats
 
 if TYPE_CHECKING:
     from common.privacy.wiring import DPTraining
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 def select_by_confidence(trainer: LocalTrainer, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Selective augmentation without real-data statistics: keep a generated image of class y when
-    the classifier's confidence in y reaches the threshold (after the warm-up); counts as ``select``."""
+    the classifier's confidence in y reaches the threshold (after the warm-up); counts as ``select``.
+    Returns a host mask."""
     selector, cfg = trainer.selector, trainer.selector.cfg
     probs, labels = probs.detach().float().cpu(), labels.cpu()
     selector.proposed += torch.bincount(labels, minlength=selector.num_classes)
@@ -77,7 +79,8 @@ def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -
 
 
 def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,
-                      fake: torch.Tensor, fake_labels: torch.Tensor) -> dict[str, float]:
+                      labels_host: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
+                      fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
     model, cfg = trainer.model, trainer.cfg
     b, big_b = real.shape[0], dp.plan.expected_batch
     both = torch.cat([_augment_real(trainer, dp, real), diff_augment(fake.detach(), cfg.augment, trainer.rng)])
@@ -86,7 +89,7 @@ def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor,
     score = model.discriminator.score(trunk.features, all_labels)
     adv_d = real_adversarial_terms(score[:b], cfg.adversarial_loss).sum() / big_b \
         + fake_adversarial_terms(score[b:], cfg.adversarial_loss).mean()
-    labelled = labels >= 0
+    labelled = labels_host >= 0
     real_trunk = TrunkOutput(trunk.tokens[:b], trunk.features[:b])
     fake_trunk = TrunkOutput(trunk.tokens[b:], trunk.features[b:])
     # The trunk learns from the real labels (no DP: not covered) through a frozen copy of the head;
@@ -98,9 +101,10 @@ def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor,
         cls_real = labelled_cross_entropy(logits_real, labels).sum() / (big_b * dp.plan.labelled_fraction)
     logits_fake = model.classifier(fake_trunk)
     # Class centroids of real features steer selection here without DP (declared, not covered).
-    trainer.selector.update_real(trunk.features[:b][labelled], labels[labelled])
-    keep = trainer.selector.select(trunk.features[b:], F.softmax(logits_fake.detach(), dim=1), fake_labels.cpu(),
-                                   trainer.global_step).to(trainer.device)
+    labelled_rows = host_rows(labelled, trainer.device)
+    trainer.selector.update_real(trunk.features[:b].index_select(0, labelled_rows), labels_host[labelled])
+    keep = trainer.selector.select(trunk.features[b:], F.softmax(logits_fake.detach(), dim=1), fake_labels_host,
+                                   trainer.global_step)
     cls_syn = masked_cross_entropy(logits_fake, fake_labels, keep)
     loss_d = trainer.discriminator_objective(adv_d, cls_real, cls_syn)
     trainer.zero_discriminator_grads()
@@ -110,16 +114,17 @@ def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor,
     noisy, _ = dp.head_gradient(trunk.tokens[:b], trunk.features[:b], labels, weight)
     _add_grads(model.classifier, noisy, "classifier")
     trainer.step_discriminator(weights_learned=cfg.weighting.enabled)
-    step = {"adv_discriminator": float(adv_d.detach()), "selected": float(keep.sum())}
+    step: dict[str, torch.Tensor | float] = {"adv_discriminator": adv_d, "selected": float(keep.sum())}
     if cls_real is not None:
-        step["cls_real"] = float(cls_real.detach())
+        step["cls_real"] = cls_real
     if cls_syn is not None:
-        step["cls_synthetic"] = float(cls_syn.detach())
+        step["cls_synthetic"] = cls_syn
     return step
 
 
 def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,
-                         fake: torch.Tensor, fake_labels: torch.Tensor) -> dict[str, float]:
+                         labels_host: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
+                         fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
     model, cfg = trainer.model, trainer.cfg
     weights = trainer.weighting.weights()  # fixed in this scope (weighting.enabled is false)
     w_adv = weights.get("adv_discriminator", 1.0) if cfg.weighting.include_adversarial else 1.0
@@ -131,7 +136,7 @@ def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tens
     def generated_loss(score: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The generated half's loss: its gradient is an ordinary one (a function of the private D, C and G only)."""
         adv_fake = fake_adversarial_terms(score, cfg.adversarial_loss).mean()
-        keep = select_by_confidence(trainer, F.softmax(logits.detach(), dim=1), fake_labels).to(trainer.device)
+        keep = select_by_confidence(trainer, F.softmax(logits.detach(), dim=1), fake_labels_host)
         cls_syn = masked_cross_entropy(logits, fake_labels, keep)
         parts.update(adv_fake=adv_fake, cls_syn=cls_syn, keep=keep)
         return w_adv * adv_fake + (w_syn * cls_syn if cls_syn is not None else 0.0)
@@ -155,10 +160,10 @@ def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tens
     assert adv_fake is not None and keep is not None
     # "real_loss" (the real patches' summed losses / B) is a local diagnostic only: real-image losses
     # are left out of the reply in this scope (see REAL_DATA_METRICS in common/privacy/budget.py).
-    step = {"adv_discriminator_generated": float(adv_fake.detach()),
-            "real_loss": float(losses.sum()) / dp.plan.expected_batch, "selected": float(keep.sum())}
+    step: dict[str, torch.Tensor | float] = {"adv_discriminator_generated": adv_fake, "real_loss": losses.sum(),
+                                             "selected": float(keep.sum())}
     if cls_syn is not None:
-        step["cls_synthetic"] = float(cls_syn.detach())
+        step["cls_synthetic"] = cls_syn
     return step
 
 
@@ -166,17 +171,22 @@ def dp_unified_step(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, l
                     ) -> dict[str, float]:
     """One unified step of ``trainer`` with DP-SGD (``dp``) on the covered parameters; counts one DP step."""
     model = trainer.model
-    real, labels = real.to(trainer.device), labels.to(trainer.device)
+    dp.prefetch(trainer.device)  # the step's noise, drawn on the host while the device computes
+    labels_host = labels.cpu()
+    real, labels = real.to(trainer.device, non_blocking=True), to_device(labels_host, trainer.device)
     # Public and fixed (train.generated_batch_size, else B): the realised real batch size is not revealed.
     m = trainer.cfg.generated_batch_size or dp.plan.expected_batch
-    fake_labels = trainer.balanced_labels(m)
-    z = torch.randn(m, model.cfg.z_dim, generator=trainer.rng).to(trainer.device)
+    fake_labels_host = trainer.balanced_labels_host(m)
+    fake_labels = to_device(fake_labels_host, trainer.device)
+    z = to_device(torch.randn(m, model.cfg.z_dim, generator=trainer.rng), trainer.device)
     fake = model.generator(z, fake_labels)
-    if dp.plan.scope == "classifier":
-        step = _classifier_scope(trainer, dp, real, labels, fake, fake_labels)
-    else:
-        step = _discriminator_scope(trainer, dp, real, labels, fake, fake_labels)
+    scope = _classifier_scope if dp.plan.scope == "classifier" else _discriminator_scope
+    parts = scope(trainer, dp, real, labels, labels_host, fake, fake_labels, fake_labels_host)
     adv_g, aux = trainer.generator_step(fake, fake_labels)
     trainer.global_step += 1
-    step.update({"adv_generator": float(adv_g.detach()), "aux_generated": float(aux.detach())})
+    parts.update(adv_generator=adv_g, aux_generated=aux)
+    step = {k: v for k, v in parts.items() if not isinstance(v, torch.Tensor)}
+    step.update(to_floats({k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}))
+    if "real_loss" in step:
+        step["real_loss"] /= dp.plan.expected_batch
     return step

@@ -27,7 +27,8 @@ The real-data loader samples with Opacus' ``UniformWithReplacementSampler`` (Poi
 rate q = B / n~, n~ the released noisy training-set size). Noise, sampling and real-patch
 augmentation draw from generators seeded afresh for every training attempt (``secret_seed``, or
 ``attempt_seed`` in the reproducible test mode): nothing random is saved or restored, so a train
-message sent twice for one round never repeats a draw.
+message sent twice for one round never repeats a draw. On a GPU each step's noise is drawn ahead on a
+host thread (``common/privacy/noise.py``): the same numbers, drawn while the step computes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from common.model import UnifiedViTGAN
 from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
 from common.privacy.bookkeeping import Bookkeeping, RecordedPass
+from common.privacy.noise import NoiseSource
 from common.privacy.scopes import SCOPES
 from common.privacy.step import dp_unified_step
 from common.train.losses import labelled_cross_entropy, real_adversarial_terms
@@ -167,8 +169,9 @@ class DPTraining:
 
     ``history`` is this attempt's accountant history (Opacus' (noise, rate, steps) entries). The
     lasting record is the hospital's privacy ledger: ``on_step(k)`` is called before step k's noise
-    is drawn (the ledger counts it then). ``seed``: None draws a fresh secret seed; an integer is
-    for tests and the reproducible simulation mode only.
+    is added to a gradient (the ledger counts it then; the noise itself may be drawn earlier).
+    ``seed``: None draws a fresh secret seed; an integer is for tests and the reproducible
+    simulation mode only.
     """
 
     def __init__(self, model: UnifiedViTGAN, plan: PrivacyPlan, seed: int | None = None,
@@ -194,6 +197,11 @@ class DPTraining:
         base = secret_seed() if seed is None else int(seed)
         self.sampler_rng = torch.Generator().manual_seed(base)
         self.noise_rng = torch.Generator().manual_seed(base ^ 0x5DEECE66D)
+        params = dict(self.adapter.named_parameters())
+        self.noise = NoiseSource(self.noise_rng, [tuple(params[n].shape) for n in self.names],
+                                 plan.noise_multiplier * plan.max_grad_norm)
+        # Draw each step's noise ahead on a host thread: None = when the covered parameters are on a GPU.
+        self.prefetch_noise: bool | None = None
         # Augmentation of real patches draws from its own generator, so the trainer's generator
         # (fake images, their augmentation) never depends on the realised Poisson batch size.
         self.augment_rng = torch.Generator().manual_seed(base ^ 0x2545F4914F6CDD1D)
@@ -216,17 +224,29 @@ class DPTraining:
     def add_noise(self, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """(summed + N(0, (sigma C)^2)) / B for a sum of clipped gradients; counts one DP step.
 
-        The noise is drawn per parameter in ``names`` order (the order of ``summed``)."""
+        The noise is drawn per parameter in ``names`` order (``summed`` must hold exactly those, in
+        that order), by ``prefetch`` earlier in the step or here."""
         plan = self.plan
+        if list(summed) != self.names:
+            raise RuntimeError(f"add_noise: the summed gradient's parameters {list(summed)[:3]}... are not the "
+                               f"covered ones in order {self.names[:3]}...")
+        if self.noise.std != plan.noise_multiplier * plan.max_grad_norm:
+            raise RuntimeError("add_noise: the noise source's std no longer matches the plan's sigma * C")
         if self.on_step is not None:
-            self.on_step(self.round_steps + 1)  # counted before its noise exists
-        std = plan.noise_multiplier * plan.max_grad_norm
+            self.on_step(self.round_steps + 1)  # counted before its noise reaches a gradient
         out: dict[str, torch.Tensor] = {}
-        for name, total in summed.items():
-            noise = torch.normal(0.0, std, size=tuple(total.shape), generator=self.noise_rng, dtype=torch.float32)
-            out[name] = (total + noise.to(device=total.device, dtype=total.dtype)) / plan.expected_batch
+        for (name, total), noise in zip(summed.items(), self.noise.take()):
+            noise = noise.to(device=total.device, dtype=total.dtype, non_blocking=noise.is_pinned())
+            out[name] = (total + noise) / plan.expected_batch
         self.record_step()
         return out
+
+    def prefetch(self, device: torch.device) -> None:
+        """Start drawing this step's noise on a host thread (``prefetch_noise``; default: on a GPU)."""
+        on_gpu = device.type == "cuda"
+        if self.prefetch_noise if self.prefetch_noise is not None else on_gpu:
+            self.noise.pin = on_gpu
+            self.noise.prefetch()
 
     def _empty_per_sample(self, device: torch.device) -> dict[str, torch.Tensor]:
         params = dict(self.adapter.named_parameters())
