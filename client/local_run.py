@@ -15,7 +15,6 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,21 +53,6 @@ logger = logging.getLogger("fedvitgan.client")
 LOCAL_STATE = "local-state"  # context.state key: the trainer's state (ArrayRecord)
 LOCAL_GROUPS = "local-groups"  # context.state key: groups kept at the hospital (ArrayRecord)
 LOCAL_META = "local-meta"  # context.state key: round, run and metadata of the saved state (ConfigRecord)
-
-
-@lru_cache(maxsize=8)
-def _cached_site_data(key: str) -> SiteData:
-    args = json.loads(key)
-    return load_site_data(args["data"], args["partition"], args["site"], args["num_sites"],
-                          args["image_size"], args["seed"])
-
-
-def site_data(run: dict[str, Any], site: SiteIdentity) -> SiteData:
-    """The hospital's data, loaded once per process for the same configuration."""
-    key = json.dumps({"data": site.data, "partition": run["partition"], "site": site.site_id,
-                      "num_sites": site.num_sites, "image_size": run["model"]["image_size"],
-                      "seed": run["seed"]}, sort_keys=True)
-    return _cached_site_data(key)
 
 
 @dataclass
@@ -124,10 +108,12 @@ class LocalRun:
         """This hospital's key in the process's cache of built hospitals."""
         return (self.run_id, f"{self.site.site_id}:{self.site.name}")
 
-    def _build_hospital(self) -> Hospital:
-        data = load_site_data(self.site.data, self.run["partition"], self.site.site_id, self.site.num_sites,
+    def _load_data(self) -> SiteData:
+        return load_site_data(self.site.data, self.run["partition"], self.site.site_id, self.site.num_sites,
                               int(self.run["model"]["image_size"]), int(self.run["seed"]))
-        return Hospital(data, self._build_model)
+
+    def _build_hospital(self) -> Hospital:
+        return Hospital(self._load_data(), self._build_model)
 
     def _build_model(self, num_classes: int) -> UnifiedViTGAN:
         cfg = dataclass_from_mapping(ModelConfig, self.run["model"], "model")
@@ -145,9 +131,9 @@ class LocalRun:
         return self._hospital
 
     def data(self) -> SiteData:
-        """The hospital's data set (kept between messages)."""
+        """The hospital's data set: kept between messages, or read afresh with ``client.cache=false``."""
         hospital = self.hospital
-        return hospital.data if hospital is not None else site_data(self.run, self.site)
+        return hospital.data if hospital is not None else self._load_data()
 
     @contextlib.contextmanager
     def _kept(self) -> Iterator[None]:

@@ -210,3 +210,24 @@ def test_a_round_without_privacy_imports_no_opacus_nor_matplotlib(tmp_path: Path
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], [], ["opacus"]]
+
+
+def test_with_the_cache_off_every_message_reads_its_data_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """client.cache=false keeps nothing between messages, the data set included."""
+    import client.local_run as local_run
+
+    loads: list[int] = []
+    real_load = local_run.load_site_data
+
+    def counting(*args: object, **kwargs: object) -> object:
+        loads.append(1)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(local_run, "load_site_data", counting)
+    grid = InProcessGrid(client_app, 2)
+    for _ in range(2):
+        _groups(grid.answer(_instruction(tmp_path / "off", ["client.cache=false"])))
+    assert len(loads) == 2
+    _groups(grid.answer(_instruction(tmp_path / "on", [])))
+    _groups(grid.answer(_instruction(tmp_path / "on", [])))
+    assert len(loads) == 3  # kept: read once for both messages
