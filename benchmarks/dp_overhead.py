@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.profiling import profile_kind, sync_points  # noqa: E402
 from benchmarks.timing import describe_device, interleaved_medians, step_timing_parser  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.privacy.accounting import build_plan  # noqa: E402
@@ -59,6 +60,10 @@ def _make(kind: tuple[str, str] | None, preset: str, batch: int, num_classes: in
 def main() -> None:
     parser = step_timing_parser(__doc__)
     parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--sync-points", action="store_true",
+                        help="after timing, list where one step of each kind makes the host wait for the GPU")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many steps of each kind after timing (GPU: busy share, top kernels)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -66,13 +71,21 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     size = model_preset(args.preset).image_size
     images = (torch.rand(args.batch_size, 3, size, size, generator=gen) * 2 - 1).to(device)
-    labels = (torch.arange(args.batch_size) % args.num_classes).to(device)
+    labels = torch.arange(args.batch_size) % args.num_classes  # on the host, as a data loader yields them
+    if device.type == "cuda":
+        labels = labels.pin_memory()
     medians = interleaved_medians(steps, images, labels, warmup=args.warmup, timed=args.steps, block=args.block,
                                   device=device)
     print(describe_device(device))
     print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, blocks of {args.block}")
     for kind, median in medians.items():
         print(f"{kind:>21} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s")
+    if args.sync_points:
+        for kind, step in steps.items():
+            sync_points(kind, step, images, labels)
+    if args.profile:
+        for kind, step in steps.items():
+            profile_kind(kind, step, images, labels, device, args.profile)
     print(f"dp-discriminator-vmap/no-dp step time ratio: {medians['dp-discriminator-vmap'] / medians['no-dp']:.2f}")
     print(f"dp-discriminator/no-dp step time ratio: {medians['dp-discriminator'] / medians['no-dp']:.2f}")
     print(f"dp-head/no-dp step time ratio: {medians['dp-head'] / medians['no-dp']:.2f}")

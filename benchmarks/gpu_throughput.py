@@ -12,6 +12,10 @@ trainer (matrix products, convolutions and attention, forward and backward); mod
     python benchmarks/gpu_throughput.py --preset base --peak-tflops 989
     python benchmarks/gpu_throughput.py --preset tiny --device cpu --steps 3   # the CPU path (amp, compile off)
 
+The real images sit on the device (data already loaded); the labels stay on the host, as a data
+loader yields them, so the step's masks need no wait for the GPU. ``--profile`` adds, per kind, how
+much of a step's wall time the GPU spends in kernels and which kernels take it (``torch.profiler``).
+
 Ends with ``unified MFU: M % (F TFLOP/s of P)``.
 """
 
@@ -26,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.profiling import profile_kind, sync_points  # noqa: E402
 from benchmarks.timing import describe_device, interleaved_medians, step_timing_parser, sync  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.train import LocalTrainer, TrainConfig  # noqa: E402
@@ -46,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default="after_discriminator", help="train.generator_update of the unified step")
     parser.add_argument("--generated-batch-size", type=int, default=None,
                         help="generated images per unified step (default: half the real batch, the default's ratio)")
+    parser.add_argument("--sync-points", action="store_true",
+                        help="after timing, list where one step of each kind makes the host wait for the GPU")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many steps of each kind after timing: GPU busy share and top kernels")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the card's peak TFLOP/s for --amp's precision (dense bf16: 989 on an H100 SXM or "
                              "H200); without it MFU is not printed")
@@ -69,16 +78,20 @@ def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor
     size = model_preset(args.preset).image_size
     gen = torch.Generator().manual_seed(0)
     images = (torch.rand(args.batch_size, 3, size, size, generator=gen) * 2 - 1).to(device)
-    return images, (torch.arange(args.batch_size) % NUM_CLASSES).to(device)
+    labels = torch.arange(args.batch_size) % NUM_CLASSES
+    return images, labels.pin_memory() if device.type == "cuda" else labels
 
 
-def flops_per_step(trainer: LocalTrainer, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """FLOPs of one step (forward and backward), counted on an eager trainer after one untimed step."""
+def flops_per_step(trainer: LocalTrainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of one step (forward and backward), counted on an eager trainer after one untimed step:
+    (all, those of attention)."""
     trainer.step(images, labels)
     counter = FlopCounterMode(display=False)
     with counter:
         trainer.step(images, labels)
-    return int(counter.get_total_flops())
+    by_op = counter.get_flop_counts().get("Global", {})
+    attention = sum(f for op, f in by_op.items() if "attention" in str(op))
+    return int(counter.get_total_flops()), int(attention)
 
 
 def peak_memory_gib(step, images: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int = 3) -> float:
@@ -93,6 +106,19 @@ def peak_memory_gib(step, images: torch.Tensor, labels: torch.Tensor, device: to
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def _print_ceiling(kind: str, families: dict[str, float], flops: int, attention: int, peak: float | None) -> None:
+    """What the matrix-product and attention kernels achieve alone, and the MFU if nothing else ran."""
+    products_ms, attention_ms = families.get("matrix products", 0.0), families.get("attention", 0.0)
+    if products_ms <= 0 or attention_ms <= 0:
+        return
+    line = (f"  {kind}: matrix products {(flops - attention) / products_ms / 1e9:.0f} TFLOP/s, attention "
+            f"{attention / attention_ms / 1e9:.0f} TFLOP/s")
+    if peak:
+        ceiling = 100.0 * flops / ((products_ms + attention_ms) / 1e3) / 1e12 / peak
+        line += f"; MFU if only these kernels ran: {ceiling:.1f} %"
+    print(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -104,10 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"preset: {args.preset}, batch: {args.batch_size} real (+{_generated(args)} generated in the unified step), "
           f"amp: {args.amp}, compile: {args.compile}, generator_update: {args.generator_update}, "
           f"timed steps each: {args.steps}", flush=True)
-    flops = {}
+    flops, attention_flops = {}, {}
     for kind in KINDS:
         eager = _trainer("supervised" if kind == "classifier" else "unified", args, device, eager=True)
-        flops[kind] = flops_per_step(eager, images, labels)
+        flops[kind], attention_flops[kind] = flops_per_step(eager, images, labels)
         del eager
     trainers = {kind: _trainer("supervised" if kind == "classifier" else "unified", args, device) for kind in KINDS}
     steps = {kind: trainer.step for kind, trainer in trainers.items()}
@@ -123,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
             mfu[kind] = 100.0 * achieved / args.peak_tflops
             line += f", MFU {mfu[kind]:5.1f} %"
         print(line, flush=True)
+    if args.sync_points:
+        for kind in KINDS:
+            sync_points(kind, steps[kind], images, labels)
+    if args.profile:
+        for kind in KINDS:
+            families = profile_kind(kind, steps[kind], images, labels, device, args.profile)
+            _print_ceiling(kind, families, flops[kind], attention_flops[kind], args.peak_tflops)
     print(f"unified/classifier step time ratio: {medians['unified'] / medians['classifier']:.2f}")
     if args.peak_tflops:
         achieved = flops["unified"] / medians["unified"] / 1e12
