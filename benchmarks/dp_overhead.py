@@ -41,9 +41,10 @@ KINDS: dict[str, tuple[str, str] | None] = {
 }
 
 
-def _make(kind: tuple[str, str] | None, preset: str, batch: int, num_classes: int, device: torch.device):
+def _make(kind: tuple[str, str] | None, preset: str, batch: int, num_classes: int, device: torch.device,
+          host_memory: str = "retain"):
     model = build_model(model_preset(preset), num_classes, seed=0)
-    cfg = TrainConfig(batch_size=batch)
+    cfg = TrainConfig(batch_size=batch, host_memory=host_memory)
     dp = None
     if kind is not None:
         scope, clipping = kind
@@ -60,6 +61,8 @@ def _make(kind: tuple[str, str] | None, preset: str, batch: int, num_classes: in
 def main() -> None:
     parser = step_timing_parser(__doc__)
     parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--host-memory", choices=("retain", "release"), default="retain",
+                        help="train.host_memory for every kind (process-wide; default: retain, the default)")
     parser.add_argument("--sync-points", action="store_true",
                         help="after timing, list where one step of each kind makes the host wait for the GPU")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -67,7 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    steps = {kind: _make(spec, args.preset, args.batch_size, args.num_classes, device) for kind, spec in KINDS.items()}
+    steps = {kind: _make(spec, args.preset, args.batch_size, args.num_classes, device, args.host_memory)
+             for kind, spec in KINDS.items()}
     gen = torch.Generator().manual_seed(0)
     size = model_preset(args.preset).image_size
     images = (torch.rand(args.batch_size, 3, size, size, generator=gen) * 2 - 1).to(device)
@@ -77,7 +81,8 @@ def main() -> None:
     medians = interleaved_medians(steps, images, labels, warmup=args.warmup, timed=args.steps, block=args.block,
                                   device=device)
     print(describe_device(device))
-    print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, blocks of {args.block}")
+    print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, blocks of {args.block}, "
+          f"train.host_memory: {args.host_memory}")
     for kind, median in medians.items():
         print(f"{kind:>21} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s")
     if args.sync_points:

@@ -10,6 +10,7 @@ import torch
 
 from common.config import dataclass_from_mapping
 from common.train.augment import AugmentConfig
+from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
 from common.train.selection import SelectionConfig
 from common.train.weighting import WeightingConfig
@@ -115,6 +116,7 @@ class TrainConfig:
     amp: str = "none"  # bf16: forward passes under autocast (GPU); none: float32
     compile: bool = False  # torch.compile the trunk and the generator (GPU; slow first steps)
     loader_workers: int = 0  # DataLoader worker processes for the real batches (pinned memory on CUDA)
+    host_memory: str = "retain"  # retain: freed host memory is reused, not returned (glibc; common/train/host_memory.py)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color=False))
     classifier_augment: AugmentConfig = field(
@@ -145,6 +147,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.loader_workers < 0:
             raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.host_memory not in HOST_MEMORY_POLICIES:
+            raise ValueError(f"host_memory must be one of {HOST_MEMORY_POLICIES}, got {self.host_memory!r}")
 
     @property
     def uses_generator(self) -> bool:

@@ -36,6 +36,7 @@ from common.model import UnifiedViTGAN
 from common.model.unified import DiscriminatorOutput
 from common.train.augment import diff_augment
 from common.train.config import TrainConfig, learning_rate_factor
+from common.train.host_memory import apply_host_memory_policy
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
 from common.train.selection import SampleSelector
@@ -141,6 +142,7 @@ class LocalTrainer:
         device: torch.device | str = "cpu",
         privacy: PrivateStep | None = None,
     ) -> None:
+        apply_host_memory_policy(cfg.host_memory)  # process-wide, once: freed host memory kept for reuse
         self.model = model.to(device)
         self.cfg = cfg
         self.device = torch.device(device)
