@@ -7,8 +7,8 @@ its heap to the system when more than a threshold is free; each step then pays p
 memory it just gave back. ``train.host_memory=retain`` (the default) sets glibc's mmap threshold
 to its largest value (32 MiB) and stops the trimming, so freed blocks are reused: the process
 keeps its peak host memory instead of returning it between steps. Measured on a 2-core CPU: a
-DP step (privacy.scope=discriminator, tiny preset) went from 1.24-1.27x to 1.07-1.08x a plain
-step, which itself did not change (``benchmarks/README.md``, ``dp_overhead``). ``release`` leaves
+DP step (privacy.scope=discriminator, tiny preset) went from 1.21-1.23x to 1.06-1.08x a plain
+step, and the plain step got about 7 % faster (``benchmarks/README.md``, ``dp_overhead``). ``release`` leaves
 the C library's own behaviour. The setting is process-wide and applied once; it does nothing
 where the C library is not glibc (macOS, musl) and changes no number a step computes.
 """
@@ -16,7 +16,7 @@ where the C library is not glibc (macOS, musl) and changes no number a step comp
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 from typing import Protocol
 
 HOST_MEMORY_POLICIES = ("retain", "release")
@@ -26,17 +26,18 @@ M_MMAP_THRESHOLD = -3
 LARGEST_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum on 64-bit systems
 NO_TRIM = 2**31 - 1  # mallopt takes an int: about 2 GiB of free heap top before any is returned
 
-_applied: str | None = None
+_retained = False  # this process already took the retain settings
 
 
 class _Mallopt(Protocol):
     def mallopt(self, param: int, value: int) -> int: ...
 
 
+@functools.cache
 def _glibc() -> _Mallopt | None:
-    name = ctypes.util.find_library("c")
+    """The process's own C library if it is glibc (its symbols, no library search), else None."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: raises AttributeError elsewhere)
         return libc  # type: ignore[return-value]
     except (OSError, AttributeError, TypeError):
@@ -46,15 +47,15 @@ def _glibc() -> _Mallopt | None:
 def apply_host_memory_policy(policy: str, libc: _Mallopt | None = None) -> bool:
     """Apply ``policy`` (``retain`` or ``release``) to this process once; True if the C library took
     the ``retain`` settings. ``libc`` is for tests; by default the process's glibc, if any."""
-    global _applied
+    global _retained
     if policy not in HOST_MEMORY_POLICIES:
         raise ValueError(f"host_memory must be one of {HOST_MEMORY_POLICIES}, got {policy!r}")
-    if policy == "release" or (_applied == "retain" and libc is None):
-        return _applied == "retain"
+    if policy == "release" or (_retained and libc is None):
+        return _retained
     lib = libc if libc is not None else _glibc()
     if lib is None:
         return False
     ok = lib.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) == 1 and lib.mallopt(M_TRIM_THRESHOLD, NO_TRIM) == 1
-    if libc is None and ok:
-        _applied = "retain"
+    if libc is None:
+        _retained = ok
     return ok
