@@ -7,8 +7,8 @@ its heap to the system when more than a threshold is free; each step then pays p
 memory it just gave back. ``train.host_memory=retain`` (the default) sets glibc's mmap threshold
 to its largest value (32 MiB) and stops the trimming, so freed blocks are reused: the process
 keeps its peak host memory instead of returning it between steps. Measured on a 2-core CPU: a
-DP step (privacy.scope=discriminator, tiny preset) went from 1.21-1.23x to 1.06-1.08x a plain
-step, and the plain step got about 7 % faster (``benchmarks/README.md``, ``dp_overhead``). ``release`` leaves
+DP step (privacy.scope=discriminator, tiny preset) went from 1.21-1.24x to 1.06-1.15x a plain
+step (median 1.10 over 9 runs), and the plain step got up to 7 % faster (``benchmarks/README.md``, ``dp_overhead``). ``release`` leaves
 the C library's own behaviour. The setting is process-wide and applied once; it does nothing
 where the C library is not glibc (macOS, musl) and changes no number a step computes.
 """
