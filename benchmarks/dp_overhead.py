@@ -11,7 +11,9 @@ do the same amount of work per step (Poisson batches only vary around B).
 
 Ends with the lines ``dp-discriminator/no-dp step time ratio: R`` (target: <= 1.1) and
 ``dp-head/no-dp step time ratio: R`` (target: <= 1.3). Every kind uses the default training config
-(``train.generated_batch_size`` generated images per step, DP or not).
+(``train.generated_batch_size`` generated images per step, DP or not). ``--flops`` also counts
+each kind's FLOPs per step by operator: where the time ratio exceeds the FLOP ratio, the extra time
+is in how the work runs (batched per-example products, memory-bound passes), not in its amount.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.profiling import profile_kind, sync_points  # noqa: E402
+from benchmarks.profiling import flop_breakdown, profile_kind, sync_points  # noqa: E402
 from benchmarks.timing import describe_device, interleaved_medians, step_timing_parser  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.privacy.accounting import build_plan  # noqa: E402
@@ -67,6 +69,8 @@ def main() -> None:
                         help="after timing, list where one step of each kind makes the host wait for the GPU")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many steps of each kind after timing (GPU: busy share, top kernels)")
+    parser.add_argument("--flops", action="store_true",
+                        help="after timing, count each kind's FLOPs per step by operator (torch.utils.flop_counter)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -88,6 +92,14 @@ def main() -> None:
     if args.sync_points:
         for kind, step in steps.items():
             sync_points(kind, step, images, labels)
+    if args.flops:
+        counts = {kind: flop_breakdown(step, images, labels) for kind, step in steps.items()}
+        for kind, by_op in counts.items():
+            ops = ", ".join(f"{op} {f / 1e9:.3f}" for op, f in sorted(by_op.items(), key=lambda kv: -kv[1]))
+            print(f"{kind:>21} FLOPs per step: {sum(by_op.values()) / 1e9:.3f} G ({ops})")
+        for kind in counts:
+            if kind != "no-dp":
+                print(f"{kind}/no-dp FLOP ratio: {sum(counts[kind].values()) / sum(counts['no-dp'].values()):.3f}")
     if args.profile:
         for kind, step in steps.items():
             profile_kind(kind, step, images, labels, device, args.profile)

@@ -97,3 +97,17 @@ def sync_points(kind: str, step: Callable[[torch.Tensor, torch.Tensor], object],
     print(f"sync points {kind}: {sum(places.values())} in one step")
     for place, count in sorted(places.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    x{count:<3} {place}")
+
+
+def flop_breakdown(step: Callable[[torch.Tensor, torch.Tensor], object], images: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one step by operator (``torch.utils.flop_counter``: matrix products, convolutions and,
+    where the kernel reports them, attention), after one uncounted step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step(images, labels)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(images, labels)
+    return {str(op).removeprefix("aten."): int(f) for op, f in counter.get_flop_counts().get("Global", {}).items()}
+
