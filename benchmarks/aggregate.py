@@ -2,9 +2,9 @@
 
 Each reply is the preset's three groups (generator, discriminator, classifier) of a hospital: the
 global model plus its own random perturbation, float32 on the wire, in the shape the ClientApp
-sends (one ArrayRecord per group, a metrics record, a site record). The very same ``Array``
-objects also make a Flower-shaped reply (one ArrayRecord, ``num-examples``), so both strategies
-read identical bytes.
+sends (one packed ArrayRecord per group, ``common/records.py``; a metrics record, a site record).
+The same values also make a Flower-shaped reply (one ArrayRecord with one array per tensor,
+``num-examples``), so both strategies read identical numbers.
 
 - time: ``GroupedStrategy.aggregate_train`` (every reply checked, then per-group FedAvg, as
   ``server/federation.py`` calls it) against ``flwr.serverapp.strategy.FedAvg.aggregate_train``
@@ -14,7 +14,9 @@ read identical bytes.
   what was traced just before it (the replies): the aggregation's own memory;
 - streaming: in one more child, ``--stream-replies`` replies made one at a time, each checked
   (``check_train_reply``), added to the running sums (``common.aggregate.WeightedSum``) and
-  dropped: the traced peak beyond the global model after 10 replies and after all of them.
+  dropped: the traced peak beyond the global model while a reply is checked and summed (the reply
+  in hand, the sums, and what checking and summing take; building the next reply, which is the
+  benchmark's own work, is left out), after 10 replies and after all of them.
 
 Both strategies get every reply of a round at once (Flower's Grid hands them over as one batch), so
 N replies of the base preset need N x 106 MiB in memory; ``--replies`` is lowered to what fits in
@@ -45,6 +47,7 @@ from queue import Empty
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,6 +58,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from common import protocol  # noqa: E402
 from common.config import compose_config, plain_config  # noqa: E402
 from common.model import GROUPS, build_model, model_preset  # noqa: E402
+from common.records import to_arrayrecord  # noqa: E402
 from server.replies import ReplyLimits, check_train_reply  # noqa: E402
 from server.strategy import AggregationConfig, GroupedStrategy  # noqa: E402
 
@@ -99,19 +103,24 @@ def _perturbed(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return noise
 
 
-def make_reply(setup: Setup, index: int) -> tuple[Message, Message]:
-    """Hospital ``index``'s reply as the server gets it, and the same arrays as Flower's FedAvg wants them."""
+def make_reply(setup: Setup, index: int, flower_too: bool = True) -> tuple[Message, Message | None]:
+    """Hospital ``index``'s reply as the server gets it, and (``flower_too``) the same values as
+    Flower's FedAvg wants them."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
     rng = np.random.default_rng(1000 + index)
-    arrays = {k: Array(_perturbed(v, rng)) for k, v in setup.state.items()}
+    values = {k: _perturbed(v, rng) for k, v in setup.state.items()}
     examples = int(rng.integers(50, 500))
     node = index + 1
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({g: ArrayRecord({k: arrays[k] for k in keys}) for g, keys in setup.groups.items()})
+    content = RecordDict({g: to_arrayrecord({k: torch.from_numpy(values[k]) for k in keys}, "float32")
+                          for g, keys in setup.groups.items()})
     content[protocol.METRICS] = MetricRecord({protocol.REAL_EXAMPLES: examples, protocol.LABELLED_EXAMPLES: examples // 2,
                                               protocol.GENERATOR_STEPS: LOCAL_STEPS})
     content[protocol.SITE] = ConfigRecord({protocol.SITE_NAME: f"site-{index}", protocol.STATUS: "ok"})
-    flower = RecordDict({"arrays": ArrayRecord(dict(arrays)), "metrics": MetricRecord({"num-examples": examples})})
+    if not flower_too:
+        return Message(content, reply_to=instruction), None
+    flower = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in values.items()}),
+                         "metrics": MetricRecord({"num-examples": examples})})
     return (Message(content, reply_to=instruction),
             Message(flower, reply_to=Message(RecordDict(), dst_node_id=node, message_type="train")))
 
@@ -127,8 +136,6 @@ class Nodes:
 
 
 def server_strategy(setup: Setup, count: int) -> GroupedStrategy:
-    import torch
-
     reference = {k: torch.from_numpy(v) for k, v in setup.state.items()}
     return GroupedStrategy(reference, setup.aggregation, "float32", "{}", setup.limits, count, min_sites=1,
                            wait_for_sites_s=0.0, phase_timeout_s=3600.0)
@@ -179,13 +186,11 @@ def _memory_child(kind: str, preset: str, count: int, queue: Any) -> None:
 def streamed(setup: Setup, count: int) -> Iterator[Message]:
     """Replies made one at a time, as they would arrive."""
     for index in range(count):
-        yield make_reply(setup, index)[0]
+        yield make_reply(setup, index, flower_too=False)[0]
 
 
 def _stream_child(preset: str, count: int, queue: Any) -> None:
     """Replies checked and summed one at a time: the traced peak after 10 replies and after ``count``."""
-    import torch
-
     from common.aggregate import WeightedSum
 
     setup = make_setup(preset)
@@ -197,15 +202,21 @@ def _stream_child(preset: str, count: int, queue: Any) -> None:
     sums = {g: WeightedSum({k: setup.state[k] for k in keys}) for g, keys in setup.groups.items()}
     peaks: dict[int, float] = {}
     seconds = 0.0
+    highest = 0
     for index, msg in enumerate(streamed(setup, count), start=1):
+        tracemalloc.reset_peak()  # from here: the reply in hand, the running sums and what checking them takes
         start = time.perf_counter()
         reply = check_train_reply(msg, reference, "float32", setup.limits)
         for group, running in sums.items():
             running.add(reply.groups[group], float(reply.metrics[weight_keys[group]]))
         seconds += time.perf_counter() - start
+        highest = max(highest, tracemalloc.get_traced_memory()[1])
         del reply, msg
+        gc.collect()  # a Message sits in reference cycles: without this, a dropped reply waits for the cyclic GC,
+        # which few allocations (packed groups) trigger late, and the next replies pile up beside it
         if index in (min(10, count), count):
-            peaks[index] = (tracemalloc.get_traced_memory()[1] - before) / MIB
+            peaks[index] = (highest - before) / MIB
+    tracemalloc.reset_peak()
     result = {g: running.mean({k: setup.state[k] for k in setup.groups[g]}) for g, running in sums.items()}
     peaks[count] = max(peaks[count], (tracemalloc.get_traced_memory()[1] - before) / MIB)
     tracemalloc.stop()

@@ -1,8 +1,9 @@
 """Checking a hospital's reply before anything in it is used.
 
 A train reply is used only if every record in it is expected, every group carries exactly the
-global model's keys, and every array's payload has the byte size its reference implies, decodes to
-exactly the reference's shape, wire dtype and element count, and holds finite values (a checked
+packed arrays of the global model's group (``common/records.py``), every packed array's payload has
+the byte size the reference implies and decodes to exactly the expected wire dtype and element
+count, and every tensor in it holds finite values (a checked
 group is then read in place from the reply's payload, ``DecodedGroup``: no copy of a reply is
 made). Metrics follow a schema: the aggregation weights are integer counts in range (``num-examples`` at most
 ``federation.max_site_examples``, ``generator-steps`` at most ``train.local_steps``), other metrics
@@ -30,7 +31,16 @@ from flwr.app import Array, Message
 
 from common import protocol
 from common.evaluation import EvaluationSummary
-from common.records import decode_array, expected_wire_dtype, wire_array
+from common.records import (
+    PACKED_PREFIX,
+    PackedSlot,
+    check_packed_keys,
+    decode_array,
+    expected_wire_dtype,
+    packed_layout,
+    packed_size,
+    wire_array,
+)
 
 #: A site name: what simulations/certs.py allows for a hospital's key files.
 SITE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -255,37 +265,59 @@ def train_metrics(msg: Message, limits: ReplyLimits) -> dict[str, Any]:
     return metrics
 
 
-def decode_checked(array: Array, like: torch.Tensor, transport: str, key: str) -> np.ndarray:
-    """One array: payload size, declared and decoded dtype and shape, element count, finite values.
-
-    Returns the wire array, a read-only view of the payload (``DecodedGroup`` turns it into the
-    reference dtype when read)."""
-    wire = expected_wire_dtype(like, transport)
-    expected = like.numel() * wire.itemsize
+def checked_payload(array: Array, wire: np.dtype, shape: tuple[int, ...], key: str) -> np.ndarray:
+    """One array's payload: its size, declared and decoded dtype and shape, element count. Returns it
+    as a read-only view (no copy)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    expected = count * wire.itemsize
     data = array.data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ReplyError(f"{key}: payload is a {type(data).__name__}")
     if not expected <= len(data) <= expected + NPY_HEADER_MAX:
-        raise ReplyError(f"{key}: payload of {len(data)} bytes; {tuple(like.shape)} {wire} takes {expected} "
+        raise ReplyError(f"{key}: payload of {len(data)} bytes; {shape} {wire} takes {expected} "
                          f"(+ at most {NPY_HEADER_MAX} of header)")
     if array.stype != "numpy.ndarray":
         raise ReplyError(f"{key}: serialisation {str(array.stype)[:40]!r}, expected 'numpy.ndarray'")
     if str(array.dtype) != wire.name:
         raise ReplyError(f"{key}: declared dtype {str(array.dtype)[:20]}, expected {wire.name}")
-    if tuple(array.shape) != tuple(like.shape):
-        raise ReplyError(f"{key}: declared shape {tuple(array.shape)[:8]}, expected {tuple(like.shape)}")
-    payload = wire_array(array, (wire, tuple(like.shape)))
+    if tuple(array.shape) != shape:
+        raise ReplyError(f"{key}: declared shape {tuple(array.shape)[:8]}, expected {shape}")
+    payload = wire_array(array, (wire, shape))
     if payload.dtype != wire:
         raise ReplyError(f"{key}: decoded dtype {payload.dtype}, expected {wire.name}")
-    if payload.shape != tuple(like.shape) or payload.size != like.numel():
+    if payload.shape != shape or payload.size != count:
         raise ReplyError(f"{key}: decoded shape {payload.shape[:8]} ({payload.size} elements), "
-                         f"expected {tuple(like.shape)} ({like.numel()})")
+                         f"expected {shape} ({count})")
+    return payload
+
+
+def checked_value(payload: np.ndarray, like: torch.Tensor, transport: str, key: str) -> np.ndarray:
+    """One tensor's wire values (``payload``, shaped like ``like``): they decode to ``like``'s dtype
+    and shape and, for a floating tensor, are all finite. Returns ``payload``."""
     value = decoded(payload, like, transport)
     if value.shape != tuple(like.shape) or value.dtype != _numpy_dtype(like):
         raise ReplyError(f"{key}: decodes to {value.dtype} {value.shape}")
     if like.is_floating_point() and not all_finite(value):
         raise ReplyError(f"{key}: non-finite values")
     return payload
+
+
+def unpack_checked(record: Any, state: Mapping[str, torch.Tensor], transport: str, group: str) -> dict[str, np.ndarray]:
+    """A reply's packed group, checked: exactly the expected packed arrays, each payload checked, then
+    every tensor's values (errors name the tensor's key). Returns read-only views, one per key."""
+    layout: dict[str, list[PackedSlot]] = packed_layout(state, transport)
+    try:
+        check_packed_keys(record, layout, f"group {group!r}")
+    except ValueError as error:
+        raise ReplyError(str(error)) from None
+    views: dict[str, np.ndarray] = {}
+    for name, slots in layout.items():
+        wire = np.dtype(name.removeprefix(PACKED_PREFIX))
+        flat = checked_payload(record[name], wire, (packed_size(slots),), f"{group} {name}")
+        for slot in slots:
+            view = flat[slot.offset: slot.offset + slot.count].reshape(slot.shape)
+            views[slot.key] = checked_value(view, state[slot.key], transport, slot.key)
+    return {key: views[key] for key in state}
 
 
 def class_counts(msg: Message, site: str, limits: ReplyLimits) -> dict[str, Any] | None:
@@ -337,12 +369,7 @@ def check_train_reply(
     groups: dict[str, Mapping[str, np.ndarray]] = {}
     received = 0
     for group, state in reference.items():
-        record = msg.content.array_records[group]
-        keys = set(record.keys())
-        if keys != set(state):
-            missing, extra = sorted(set(state) - keys), sorted(str(k)[:60] for k in keys - set(state))
-            raise ReplyError(f"group {group!r} keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-        groups[group] = DecodedGroup({key: decode_checked(record[key], like, transport, key) for key, like in state.items()},
+        groups[group] = DecodedGroup(unpack_checked(msg.content.array_records[group], state, transport, group),
                                      state, transport)
         received += sum(int(like.numel()) * expected_wire_dtype(like, transport).itemsize for like in state.values())
     return SiteReply(int(msg.metadata.src_node_id), name, metrics, groups, received, class_counts(msg, name, limits))

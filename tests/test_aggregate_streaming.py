@@ -17,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import common.aggregate as aggregate
 from common import protocol
 from common.aggregate import AggregationError, GroupPolicy, WeightedSum, aggregate_group, capped_shares
-from common.records import decode_array, to_arrayrecord, wire_array
+from common.records import decode_array, to_arrayrecord, unpack, wire_array
 from server.replies import ReplyLimits, all_finite, check_train_reply
 
 
@@ -168,18 +168,20 @@ def test_a_float32_reply_is_read_in_place_and_a_float16_reply_decoded_per_access
     msg = _reply(reference, "float32")
     reply = check_train_reply(msg, {"classifier": reference}, "float32", LIMITS)
     record: ArrayRecord = msg.content.array_records["classifier"]
+    assert list(record.keys()) == ["packed:float32"]  # both tensors in one array
     for key, like in reference.items():
         value = reply.groups["classifier"][key]
-        assert _payload_of(value) is record[key].data, f"{key} was copied out of the reply"
+        assert _payload_of(value) is record["packed:float32"].data, f"{key} was copied out of the reply"
         assert not value.flags.writeable and value.dtype == np.float32
         np.testing.assert_array_equal(value, like.numpy())
     half = _reply(reference, "float16")
     reply = check_train_reply(half, {"classifier": reference}, "float16", LIMITS)
+    wires = unpack(half.content.array_records["classifier"], reference, "float16")
     for key, like in reference.items():
         value = reply.groups["classifier"][key]
         assert value.dtype == np.float32 and value.shape == tuple(like.shape)
-        wire = half.content.array_records["classifier"][key].numpy()
-        np.testing.assert_array_equal(value, decode_array(wire, like, "float16").numpy())
+        np.testing.assert_array_equal(value, decode_array(wires[key], like, "float16").numpy())
+        np.testing.assert_allclose(value, like.numpy(), rtol=1e-3, atol=1e-3)
 
 
 def test_the_finite_check_catches_nan_and_inf_and_accepts_huge_finite_values() -> None:

@@ -19,7 +19,8 @@ from client.app import app as client_app
 from client.local_run import LOCAL_GROUPS, LOCAL_STATE
 from client.site_state import SiteStateStore
 from common.config import ConfigError, compose_config, plain_config
-from common.model import GROUPS
+from common.model import GROUPS, split_groups
+from common.records import unpack
 from server.federation import run_federation
 from tests.fakes import InProcessGrid
 
@@ -83,11 +84,13 @@ def test_local_state_persists_across_rounds_and_is_never_sent(tmp_path: Path) ->
         assert "weighting.log_vars" in state and "selection.centroids" in state
         assert any(k.startswith("opt_discriminator.") for k in state.keys())
     local_keys = set(next(iter(grid.contexts.values())).state.array_records[LOCAL_STATE].keys())
+    reference = split_groups(load_file(str(tmp_path / "checkpoints" / "round-0002.safetensors")))
     for msg in grid.replies + grid.sent:
         for name, record in msg.content.array_records.items():
-            assert name in GROUPS
-            assert all(k.startswith(name + ".") for k in record.keys())
-            assert not local_keys & set(record.keys())
+            assert name in GROUPS and list(record.keys()) == ["packed:float32"]
+            # exactly the group's tensors, no more (unpack checks the packed array's size)
+            sent = unpack(record, reference[name], "float32")
+            assert all(k.startswith(name + ".") for k in sent) and not local_keys & set(sent)
         metric_names = set().union(*(set(r.keys()) for r in msg.content.metric_records.values()))
         assert not any(k.startswith(("opt_", "selection.", "rng")) for k in metric_names)
     # Round 2's train metrics show the log-variances continuing from round 1, not restarting.

@@ -23,6 +23,7 @@ from common.privacy.accounting import noisy_counts
 from common.privacy.budget import REAL_DATA_METRICS
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import attempt_seed
+from common.records import unpack
 from server.federation import run_federation
 from simulations.cli import main as cli_main
 from tests.fakes import InProcessGrid
@@ -221,7 +222,7 @@ def test_discriminator_scope_covers_every_shared_group_and_closes_side_channels(
     assert protocol.CLASS_COUNTS_JSON not in reply.content.config_records[protocol.SITE]
     reference = split_groups(build_model(model_preset("tiny"), 5, seed=0).state_dict())
     for group in GROUPS:
-        assert list(reply.content.array_records[group].keys()) == list(reference[group])
+        assert list(unpack(reply.content.array_records[group], reference[group], "float32")) == list(reference[group])
     report = json.loads((tmp_path / "privacy" / "report.json").read_text())
     site = report["sites"]["site-0"]
     assert sorted(site["covered_groups"]) == sorted(GROUPS) and site["not_covered_groups"] == []

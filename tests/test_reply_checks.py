@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from safetensors.torch import load_file
@@ -24,7 +25,8 @@ from common import protocol
 from common.aggregate import weighted_mean
 from common.config import compose_config, plain_config
 from common.evaluation import METRIC_NAMES, EvaluationSummary, pooled_metrics
-from common.model import GROUPS
+from common.model import GROUPS, split_groups
+from common.records import unpack
 from server.federation import run_federation
 from server.strategy import GroupedStrategy
 from tests.fakes import InProcessGrid, ReplayGrid
@@ -72,8 +74,9 @@ def _replay(tmp: Path, recorded: dict, tamper: Tamper | None = None, node: int =
     return grid, json.loads((tmp / "summary.json").read_text())
 
 
-def _arrays(content: RecordDict, group: str) -> dict[str, np.ndarray]:
-    return {k: content.array_records[group][k].numpy() for k in content.array_records[group].keys()}
+def _arrays(content: RecordDict, group: str, saved: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A reply's group unpacked, its layout taken from a checkpoint of the same model."""
+    return unpack(content.array_records[group], split_groups(saved)[group], "float32")
 
 
 def _assert_global_is_mean_of(tmp: Path, recorded: dict, nodes: list[int], at_round: int = 2) -> None:
@@ -84,7 +87,7 @@ def _assert_global_is_mean_of(tmp: Path, recorded: dict, nodes: list[int], at_ro
     for group in GROUPS:
         contents = [recorded[(n, "train")] for n in nodes]
         weights = [float(c.metric_records[protocol.METRICS][keys[group]]) for c in contents]
-        expected = weighted_mean([_arrays(c, group) for c in contents], weights)
+        expected = weighted_mean([_arrays(c, group, saved) for c in contents], weights)
         for key, value in expected.items():
             np.testing.assert_array_equal(saved[key].numpy(), value, err_msg=key)
 
@@ -107,6 +110,12 @@ def _first_key(reply: Message, group: str) -> str:
     return next(iter(reply.content.array_records[group].keys()))
 
 
+def _set_packed(reply: Message, group: str, make: Callable[[Array], Array]) -> Message:
+    """Replace ``group``'s (one) packed array by ``make(the array)``."""
+    key = _first_key(reply, group)
+    return _set_array(reply, group, key, make(reply.content.array_records[group][key]))
+
+
 def _set_metric(key: str, value: object) -> Tamper:
     def tamper(reply: Message) -> Message:
         reply.content.metric_records[protocol.METRICS][key] = value  # type: ignore[assignment]
@@ -122,17 +131,19 @@ def _set_counts(text: str) -> Tamper:
 
 
 def _lying_shape(reply: Message) -> Message:
-    # A single value that claims the bias's shape (5,): it would fill every element of the average.
-    return _set_array(reply, "classifier", CLASSIFIER_BIAS, Array("float32", (5,), "numpy.ndarray", _npy(np.float32(0.5))))
+    # The right number of bytes, but a column: broadcasting it would turn the average into a matrix.
+    return _set_packed(reply, "classifier", lambda a: Array("float32", tuple(a.shape), "numpy.ndarray",
+                                                           _npy(np.full((a.shape[0], 1), 0.5, np.float32))))
 
 
-def _wrong_count(reply: Message) -> Message:
-    return _set_array(reply, "classifier", CLASSIFIER_BIAS,
-                      Array("float32", (5,), "numpy.ndarray", _npy(np.zeros(6, np.float32))))
+def _wrong_count(reply: Message) -> Message:  # one value more than the declared shape
+    return _set_packed(reply, "classifier", lambda a: Array("float32", tuple(a.shape), "numpy.ndarray",
+                                                           _npy(np.zeros(a.shape[0] + 1, np.float32))))
 
 
 def _unreadable(reply: Message) -> Message:  # the right size, but not a .npy file: np.load raises
-    return _set_array(reply, "classifier", CLASSIFIER_BIAS, Array("float32", (5,), "numpy.ndarray", bytes(148)))
+    return _set_packed(reply, "classifier", lambda a: Array("float32", tuple(a.shape), "numpy.ndarray",
+                                                           bytes(len(a.data))))
 
 
 def _oversized(reply: Message) -> Message:
@@ -142,10 +153,8 @@ def _oversized(reply: Message) -> Message:
                                                      array.data + bytes(8_000_000)))
 
 
-def _float64(reply: Message) -> Message:
-    key = _first_key(reply, "discriminator")
-    return _set_array(reply, "discriminator", key, Array(reply.content.array_records["discriminator"][key].numpy()
-                                                         .astype(np.float64)))
+def _float64(reply: Message) -> Message:  # the same bytes, declared as float64
+    return _set_packed(reply, "discriminator", lambda a: Array("float64", tuple(a.shape), a.stype, a.data))
 
 
 def _extra_key(reply: Message) -> Message:
@@ -164,14 +173,14 @@ def _nan(reply: Message) -> Message:
 
 
 CASES: dict[str, tuple[Tamper, str]] = {
-    "lying shape": (_lying_shape, "decoded shape ()"),
-    "wrong element count": (_wrong_count, "decoded shape (6,) (6 elements)"),
+    "lying shape": (_lying_shape, "classifier packed:float32: decoded shape (325, 1)"),
+    "wrong element count": (_wrong_count, "elements), expected ("),
     "oversized payload": (_oversized, "payload of"),
     "unreadable payload": (_unreadable, "ValueError: "),
     "wrong dtype": (_float64, "declared dtype float64"),
     "unexpected key": (_extra_key, "unexpected ['generator.evil']"),
     "unexpected record": (_extra_record, "unexpected records ['evil']"),
-    "infinite values": (_nan, "non-finite"),
+    "infinite values": (_nan, f"{CLASSIFIER_BIAS}: non-finite"),
     "nested class-count JSON": (_set_counts("[" * 20_000 + "]" * 20_000), "RecursionError"),
     "fractional class counts": (_set_counts(json.dumps({"train": {"tumour": 2.5}})), "expected an integer count"),
     "unknown class": (_set_counts(json.dumps({"train": {"cats": 3}})), "unknown classes"),
@@ -205,9 +214,9 @@ def test_a_malformed_train_reply_is_left_out_by_name_and_the_others_are_averaged
 
 
 def test_an_odd_length_bfloat16_payload_is_left_out(tmp_path: Path, recorded_bf16: dict) -> None:
-    def odd(reply: Message) -> Message:  # declares int16 (bfloat16's wire type) but holds 11 bytes
-        return _set_array(reply, "classifier", CLASSIFIER_BIAS,
-                          Array("int16", (5,), "numpy.ndarray", _npy(np.arange(11, dtype=np.uint8))))
+    def odd(reply: Message) -> Message:  # declares int16 (bfloat16's wire type) but holds an odd number of bytes
+        return _set_packed(reply, "classifier", lambda a: Array("int16", tuple(a.shape), "numpy.ndarray",
+                                                               _npy(np.arange(2 * a.shape[0] + 1, dtype=np.uint8))))
 
     _, summary = _replay(tmp_path, recorded_bf16, odd, overrides=["federation.transport_dtype=bfloat16"])
     entry = summary["rounds"][1]
@@ -318,7 +327,7 @@ def test_each_weighting_rule_matches_a_hand_computation(tmp_path: Path, recorded
     saved = load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors"))
     w = np.array([1.0, 1.0, 1.0] if column is None else [WEIGHTS[n][column] for n in (1, 2, 3)])
     for group in GROUPS:
-        replies = [_arrays(recorded[(n, "train")], group) for n in (1, 2, 3)]
+        replies = [_arrays(recorded[(n, "train")], group, saved) for n in (1, 2, 3)]
         for key in replies[0]:
             hand = (w[0] * replies[0][key].astype(np.float64) + w[1] * replies[1][key] + w[2] * replies[2][key]) / w.sum()
             np.testing.assert_allclose(saved[key].numpy(), hand, rtol=1e-6, atol=1e-7, err_msg=key)
@@ -340,7 +349,7 @@ def test_no_site_takes_more_than_max_weight_share(tmp_path: Path, recorded: dict
     shares = entry["aggregation"]["discriminator"]["shares"]
     assert shares == pytest.approx({"site-0": 0.2, "site-1": 0.4, "site-2": 0.4})
     saved = load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors"))
-    replies = [_arrays(recorded[(n, "train")], "discriminator") for n in (1, 2, 3)]
+    replies = [_arrays(recorded[(n, "train")], "discriminator", saved) for n in (1, 2, 3)]
     for key in replies[0]:
         hand = 0.2 * replies[0][key].astype(np.float64) + 0.4 * replies[1][key] + 0.4 * replies[2][key]
         np.testing.assert_allclose(saved[key].numpy(), hand, rtol=1e-6, atol=1e-7, err_msg=key)
