@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from common import protocol
 from common.evaluation import EvaluationSummary
 from common.records import (
     PACKED_PREFIX,
-    PackedSlot,
     check_packed_keys,
     decode_array,
     expected_wire_dtype,
@@ -302,10 +301,11 @@ def checked_value(payload: np.ndarray, like: torch.Tensor, transport: str, key: 
     return payload
 
 
-def unpack_checked(record: Any, state: Mapping[str, torch.Tensor], transport: str, group: str) -> dict[str, np.ndarray]:
+def unpack_checked(record: ArrayRecord, state: Mapping[str, torch.Tensor], transport: str, group: str
+                   ) -> dict[str, np.ndarray]:
     """A reply's packed group, checked: exactly the expected packed arrays, each payload checked, then
     every tensor's values (errors name the tensor's key). Returns read-only views, one per key."""
-    layout: dict[str, list[PackedSlot]] = packed_layout(state, transport)
+    layout = packed_layout(state, transport)
     try:
         check_packed_keys(record, layout, f"group {group!r}")
     except ValueError as error:
