@@ -36,14 +36,19 @@ def check_transport_dtype(name: str) -> torch.dtype:
     return TRANSPORT_DTYPES[name]
 
 
-def encode_tensor(tensor: torch.Tensor, transport: str) -> np.ndarray:
-    """One tensor as the NumPy array that travels."""
+def _wire_values(tensor: torch.Tensor, transport: str) -> np.ndarray:
+    """A tensor's values as they travel (a view of ``tensor`` where no conversion is needed)."""
     tensor = tensor.detach().cpu()
     if tensor.is_floating_point():
         tensor = tensor.to(check_transport_dtype(transport))
         if tensor.dtype == torch.bfloat16:
-            return tensor.view(torch.int16).numpy().copy()
-    return tensor.contiguous().numpy().copy()
+            tensor = tensor.view(torch.int16)
+    return tensor.contiguous().numpy()
+
+
+def encode_tensor(tensor: torch.Tensor, transport: str) -> np.ndarray:
+    """One tensor as the NumPy array that travels (a copy)."""
+    return _wire_values(tensor, transport).copy()
 
 
 def wire_array(array: Array, expected: tuple[np.dtype, tuple[int, ...]] | None = None) -> np.ndarray:
@@ -134,14 +139,9 @@ def packed_size(slots: list[PackedSlot]) -> int:
     return slots[-1].offset + slots[-1].count if slots else 0
 
 
-def _wire_view(tensor: torch.Tensor, transport: str) -> np.ndarray:
-    """A tensor's wire values, flat (a view where no conversion is needed: the caller copies)."""
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        tensor = tensor.to(check_transport_dtype(transport))
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.int16)
-    return tensor.contiguous().reshape(-1).numpy()
+def slot_views(flat: np.ndarray, slots: list[PackedSlot]) -> dict[str, np.ndarray]:
+    """Each slot's tensor as a view of the packed array ``flat`` (no copy), by key."""
+    return {s.key: flat[s.offset: s.offset + s.count].reshape(s.shape) for s in slots}
 
 
 def to_arrayrecord(state: Mapping[str, torch.Tensor], transport: str = "float32") -> ArrayRecord:
@@ -152,7 +152,7 @@ def to_arrayrecord(state: Mapping[str, torch.Tensor], transport: str = "float32"
     for name, slots in layout.items():
         flat = np.empty(packed_size(slots), dtype=np.dtype(name.removeprefix(PACKED_PREFIX)))
         for slot in slots:
-            flat[slot.offset: slot.offset + slot.count] = _wire_view(state[slot.key], transport)
+            flat[slot.offset: slot.offset + slot.count] = _wire_values(state[slot.key], transport).reshape(-1)
         record[name] = Array(flat)
         del flat
     return ArrayRecord(record)
@@ -179,8 +179,7 @@ def unpack(record: ArrayRecord, reference: Mapping[str, torch.Tensor], transport
         flat = wire_array(record[name], (wire, (size,)))
         if flat.dtype != wire or flat.shape != (size,):
             raise ValueError(f"{what}: {name} holds {flat.dtype} {flat.shape}, expected {wire.name} ({size},)")
-        for slot in slots:
-            views[slot.key] = flat[slot.offset: slot.offset + slot.count].reshape(slot.shape)
+        views.update(slot_views(flat, slots))
     return {key: views[key] for key in reference}
 
 

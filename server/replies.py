@@ -38,6 +38,7 @@ from common.records import (
     expected_wire_dtype,
     packed_layout,
     packed_size,
+    slot_views,
     wire_array,
 )
 
@@ -314,9 +315,8 @@ def unpack_checked(record: ArrayRecord, state: Mapping[str, torch.Tensor], trans
     for name, slots in layout.items():
         wire = np.dtype(name.removeprefix(PACKED_PREFIX))
         flat = checked_payload(record[name], wire, (packed_size(slots),), f"{group} {name}")
-        for slot in slots:
-            view = flat[slot.offset: slot.offset + slot.count].reshape(slot.shape)
-            views[slot.key] = checked_value(view, state[slot.key], transport, slot.key)
+        for key, view in slot_views(flat, slots).items():
+            views[key] = checked_value(view, state[key], transport, key)
     return {key: views[key] for key in state}
 
 
