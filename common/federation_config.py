@@ -23,6 +23,7 @@ class FederationConfig:
     rounds: int
     transport_dtype: str
     round_timeout_s: float
+    reply_poll_s: float
     min_sites: int
     max_failed_rounds: int
     wait_for_sites_s: float
@@ -51,6 +52,10 @@ class FederationConfig:
             if not float(getattr(self, key)) >= 0:
                 raise ValueError(f"{key} must be >= 0 seconds, got {getattr(self, key)!r}")
             object.__setattr__(self, key, float(getattr(self, key)))
+        if isinstance(self.reply_poll_s, bool) or not isinstance(self.reply_poll_s, (int, float)) \
+                or not 0 < self.reply_poll_s <= 60:
+            raise ValueError(f"reply_poll_s must be between 0 (excluded) and 60 seconds, got {self.reply_poll_s!r}")
+        object.__setattr__(self, "reply_poll_s", float(self.reply_poll_s))
         if not isinstance(self.evaluate_each_round, bool):
             raise ValueError(f"evaluate_each_round must be true or false, got {self.evaluate_each_round!r}")
 

@@ -41,6 +41,7 @@ from common.federation_config import FederationConfig, federation_config
 from common.model import ModelConfig, build_model, split_groups
 from common.records import arrayrecord_to_tensors, state_nbytes, tensors_to_arrayrecord
 from server.checkpoint import CheckpointStore, LatestCheckpoint
+from server.collect import send_and_collect
 from server.identity import SiteRegistry
 from server.partition_report import write_partition_report
 from server.replies import ReplyLimits
@@ -218,8 +219,8 @@ def _train_and_evaluate(grid: Grid, federation: _Federation, rnd: int, arrays: A
     and each phase's seconds (sent, worked on at the hospitals, received)."""
     strategy, fed = federation.strategy, federation.fed
     started = time.perf_counter()
-    replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
-                                    timeout=fed.round_timeout_s)
+    replies = send_and_collect(grid, strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                               timeout_s=fed.round_timeout_s, poll_s=fed.reply_poll_s)
     phases = {"train": time.perf_counter() - started}
     new_arrays, _ = strategy.aggregate_train(rnd, replies)
     if new_arrays is None:
@@ -227,8 +228,8 @@ def _train_and_evaluate(grid: Grid, federation: _Federation, rnd: int, arrays: A
     if not fed.evaluate_each_round:
         return new_arrays, strategy.train_record, None, phases
     sent = time.perf_counter()
-    replies = grid.send_and_receive(strategy.configure_evaluate(rnd, new_arrays, ConfigRecord(), grid),
-                                    timeout=fed.round_timeout_s)
+    replies = send_and_collect(grid, strategy.configure_evaluate(rnd, new_arrays, ConfigRecord(), grid),
+                               timeout_s=fed.round_timeout_s, poll_s=fed.reply_poll_s)
     phases["evaluate"] = time.perf_counter() - sent
     strategy.aggregate_evaluate(rnd, replies)
     return new_arrays, strategy.train_record, strategy.evaluate_record, phases

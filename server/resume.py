@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from common.config import ConfigError
 
 #: Keys a resumed run may change; everything else must match the stopped run.
-RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "federation.wait_for_sites_s",
+RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "federation.reply_poll_s",
+                  "federation.wait_for_sites_s",
                   "federation.max_failed_rounds", "faults", "device")
 #: Sections about how a command reports (not what it trains): always the current command's.
 REPORTING_SECTIONS = ("console", "tracking")
