@@ -9,9 +9,12 @@
 # String values in NODE_CONFIG must be double-quoted. NODE_CONFIG is the hospital's own policy too
 # (data-root, state-dir, privacy-required, privacy-scope, min-noise-multiplier, max-epsilon,
 # max-grad-norm): the coordinator's run config can never loosen it (docs/deployment.md).
-# Extra flags go to flower-supernode, e.g. `--port 9095` when two SuperNodes share a host. Keep the
-# default subprocess isolation; `--isolation process` needs a SuperExec secured with TLS and
-# --superexec-auth-secret-file, never --insecure (docs/deployment.md).
+# Extra flags go to flower-supernode, e.g. `--port 9095` when two SuperNodes share a host, except:
+#   --warm  run each message's ClientApp as a fork of a process that imported torch once
+#           (`fedvitgan superexec`, started here beside `flower-supernode --isolation process`,
+#           both authenticated by a random secret in $FLWR_HOME/superexec.secret): about 3 s less
+#           per message. Without it Flower starts a fresh `flwr-clientapp` for every message.
+# Do not pass --isolation yourself; for a SuperExec in another container see docs/deployment.md.
 # Only outgoing HTTPS to SUPERLINK_ADDRESS is needed; the local Runtime API stays on 127.0.0.1.
 set -euo pipefail
 if [[ $# -lt 4 ]]; then
@@ -28,9 +31,31 @@ for f in "$CA_PEM" "$PRIVATE_KEY"; do
 done
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_HOME=${FLWR_HOME:-$HOME/.flwr}
+WARM=0
+RUNTIME_PORT=9094
+FLAGS=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --warm) WARM=1; shift ;;
+        --port) RUNTIME_PORT=${2:?supernode.sh: --port needs a value}; FLAGS+=("$1" "$2"); shift 2 ;;
+        --port=*) RUNTIME_PORT=${1#--port=}; FLAGS+=("$1"); shift ;;
+        --isolation|--isolation=*) echo "supernode.sh: do not pass --isolation (use --warm or nothing)" >&2; exit 2 ;;
+        *) FLAGS+=("$1"); shift ;;
+    esac
+done
+if [[ $WARM == 1 ]]; then
+    SECRET="$FLWR_HOME/superexec.secret"
+    if [[ ! -s "$SECRET" ]]; then
+        (umask 077 && mkdir -p "$FLWR_HOME" && head -c 32 /dev/urandom > "$SECRET")
+    fi
+    # The SuperExec stops when this process (the SuperNode, after exec) does.
+    fedvitgan superexec --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --insecure \
+        --superexec-auth-secret-file "$SECRET" --parent-pid $$ &
+    FLAGS+=(--isolation process --superexec-auth-secret-file "$SECRET")
+fi
 exec flower-supernode \
     --superlink "$SUPERLINK" \
     --root-certificates "$CA_PEM" \
     --auth-supernode-private-key "$PRIVATE_KEY" \
     --node-config "$NODE_CONFIG" \
-    "$@"
+    ${FLAGS[@]+"${FLAGS[@]}"}

@@ -91,6 +91,7 @@ class LoopbackOptions:
     status_every_s: float = 30.0
     restart_after_round: int | None = None
     kill_supernode_in_round: int | None = None
+    warm: bool = False
 
 
 @dataclass
@@ -379,7 +380,7 @@ class LoopbackDeployment:
                        "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
         return self.group.start(
             label, supernode_command(self.address, self.certs / CA_CERT, self.certs / SITES_DIR / name, node_config,
-                                     ["--port", str(self.node_ports[site_id])]),
+                                     ["--port", str(self.node_ports[site_id]), *(["--warm"] if self.options.warm else [])]),
             self.logs / f"{name}.log", flower_env(home / "flwr-home", self.options.threads), cwd=home)
 
     def start_intruders(self) -> None:
@@ -627,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kill-supernode-in-round", type=int, metavar="R",
                         help="kill the last hospital's SuperNode while it trains round R (with DP: after its first "
                              "DP step), restart it, and expect it back in the next round")
+    parser.add_argument("--warm", action="store_true",
+                        help="start each SuperNode with deploy/supernode.sh --warm: its ClientApps are forks of a "
+                             "process that imported torch once (fedvitgan superexec)")
     return parser
 
 
@@ -636,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     options = LoopbackOptions(args.out, args.rounds, args.sites, args.local_steps, args.train_per_site,
                               args.test_per_site, args.override, args.with_intruders, args.threads, args.timeout,
                               restart_after_round=args.restart_after_round,
-                              kill_supernode_in_round=args.kill_supernode_in_round)
+                              kill_supernode_in_round=args.kill_supernode_in_round, warm=args.warm)
     started = time.monotonic()
     try:
         result = run_loopback(options)

@@ -126,6 +126,25 @@ def test_supernode_trusting_another_ca_cannot_connect(deployment: LoopbackResult
     assert f"Activated node_id={deployment.node_ids[FOREIGN]}" not in _log(deployment, "SuperLink")
 
 
+def test_a_warm_supernode_forks_its_clientapps_from_one_warm_process(deployment: LoopbackResult,
+                                                                      tmp_path: Path) -> None:
+    """``deploy/supernode.sh --warm``: the same run completes, no ``flwr-clientapp`` process starts."""
+    options = LoopbackOptions(tmp_path / "warm", rounds=1, sites=1, local_steps=2, warm=True, timeout_s=300)
+    try:
+        warm = run_loopback(options)
+    except (DeploymentError, OSError) as error:
+        logs = sorted((options.out / "logs").glob("*.log"))
+        pytest.fail(f"warm loopback deployment failed: {error}\n"
+                    + "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in logs))
+    summary = _summary(warm)
+    assert warm.status == FINISHED_COMPLETED and summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [1] and set(summary["rounds"][0]["sites"]) == {"site-0"}
+    warm_log, cold_log = _log(warm, "SuperNode site-0"), _log(deployment, "SuperNode site-0")
+    assert "fedvitgan superexec: fork server ready" in warm_log
+    assert "Start `flwr-clientapp` process" not in warm_log and "Start `flwr-clientapp` process" in cold_log
+    assert warm.pids_left_running == [] and still_running({r.pid: None for r in warm.processes.values()}) == []
+
+
 def test_every_started_process_is_stopped(deployment: LoopbackResult) -> None:
     assert deployment.pids_left_running == []
     pids = {r.pid: None for r in deployment.processes.values()}
@@ -149,7 +168,7 @@ def test_documented_flags_exist_in_the_installed_flower(tmp_path: Path) -> None:
         [flower_bin("flwr-clientapp")], [flower_bin("flwr"), "run"], [flower_bin("flwr"), "supernode", "register"],
         [flower_bin("flwr"), "log"], [flower_bin("flwr"), "list"], [sys.executable, "-m", "simulations.cli", "certs"],
         [sys.executable, "-m", "simulations.cli", "data", "check"],
-        [sys.executable, "-m", "simulations.deploy_loopback"],
+        [sys.executable, "-m", "simulations.deploy_loopback"], [sys.executable, "-m", "simulations.cli", "superexec"],
     ]
     with ThreadPoolExecutor(max_workers=4) as pool:
         helps = "\n".join(pool.map(lambda c: _help(c, tmp_path), commands))

@@ -1,0 +1,94 @@
+"""``fedvitgan superexec``'s executor: ClientApp tasks forked from a process that imported the heavy modules once.
+
+Python keeps one fork server per process, started with the first executor's preload and the
+environment of that moment, so the tests share one executor (module scope).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+from client.warm_superexec import DEFAULT_PRELOAD, ForkServerExecutor, _parse_preload
+from tests.forkserver_probe import record_task
+
+
+def _spec(task_id: int, token: str, task_type: TaskType = TaskType.CLIENT_APP) -> ExecutionSpec:
+    return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token=token, insecure=True,
+                         root_certificates_path=None, runtime_dependency_install=False, parent_pid=os.getpid(),
+                         suppress_output=False, task_id=task_id)
+
+
+def _wait_for(condition, timeout_s: float = 30) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition(), "forked tasks did not get there in time"
+
+
+@pytest.fixture(scope="module")
+def probe_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    log = tmp_path_factory.mktemp("forkserver") / "probe.log"
+    os.environ["FEDVITGAN_PROBE_LOG"] = str(log)  # before the fork server starts: it keeps this environment
+    yield log
+    del os.environ["FEDVITGAN_PROBE_LOG"]
+
+
+@pytest.fixture(scope="module")
+def executor(probe_log: Path) -> Iterator[ForkServerExecutor]:
+    warm = ForkServerExecutor(preload=["tests.forkserver_probe"], task=record_task)
+    warm.warm_up()
+    yield warm
+    warm.close()
+
+
+def _lines(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_each_task_is_a_fork_of_a_server_that_imported_the_preload_once(executor: ForkServerExecutor,
+                                                                         probe_log: Path) -> None:
+    assert [kind for kind, *_ in _lines(probe_log)] == ["import"]  # warm_up: the server imported it
+    for task_id, token in ((1, "first"), (2, "second")):
+        assert executor.launch(_spec(task_id, token)) == LaunchResult.accepted()
+    _wait_for(lambda: not executor.running())
+    lines = _lines(probe_log)
+    imports = [pid for kind, pid, *_ in lines if kind == "import"]
+    tasks = {token: pid for kind, pid, token in (line for line in lines if line[0] == "task")}
+    assert len(imports) == 1, f"a forked task imported the preloaded module again: {lines}"
+    assert set(tasks) == {"first", "second"}
+    assert len(set(tasks.values())) == 2, "each task must be a process of its own"
+    assert imports[0] not in tasks.values() and str(os.getpid()) not in {*tasks.values(), *imports}
+
+
+def test_reconcile_forgets_finished_tasks_and_close_stops_running_ones(executor: ForkServerExecutor) -> None:
+    executor.launch(_spec(4, "sleep"))
+    executor.launch(_spec(5, "quick"))
+    _wait_for(lambda: executor.running() == [4])
+    executor.reconcile()
+    assert list(executor._tasks) == [4]
+    started = time.monotonic()
+    executor.close()
+    assert time.monotonic() - started < 10 and executor.running() == [] and not executor._tasks
+
+
+def test_other_task_types_are_started_as_flower_starts_them(executor: ForkServerExecutor,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[ExecutionSpec] = []
+    monkeypatch.setattr(SubprocessExecutor, "launch", lambda self, spec: started.append(spec) or LaunchResult.accepted())
+    spec = _spec(6, "serverapp", TaskType.SERVER_APP)
+    assert executor.launch(spec) == LaunchResult.accepted()
+    assert started == [spec] and executor.running() == []
+
+
+def test_preload_flag_is_taken_out_of_flowers_flags() -> None:
+    assert _parse_preload(["--insecure", "--preload", "torch, timm", "--runtime-api-address", "a:1"]) == (
+        ["torch", "timm"], ["--insecure", "--runtime-api-address", "a:1"])
+    assert _parse_preload(["--insecure"]) == (list(DEFAULT_PRELOAD), ["--insecure"])
