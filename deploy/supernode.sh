@@ -11,9 +11,11 @@
 # max-grad-norm): the coordinator's run config can never loosen it (docs/deployment.md).
 # Extra flags go to flower-supernode, e.g. `--port 9095` when two SuperNodes share a host, except:
 #   --warm  run each message's ClientApp as a fork of a process that imported torch once
-#           (`fedvitgan superexec`, started here beside `flower-supernode --isolation process`,
-#           both authenticated by a random secret in $FLWR_HOME/superexec.secret): about 3 s less
-#           per message. Without it Flower starts a fresh `flwr-clientapp` for every message.
+#           (`fedvitgan superexec`, started here beside `fedvitgan supernode --isolation process`,
+#           both authenticated by a random secret in $FLWR_HOME/superexec.secret), and look for
+#           messages every second instead of every 3 s (`--idle-poll-s S` changes it): about 5 s
+#           less per message. Without it: Flower's flower-supernode, a fresh `flwr-clientapp` per
+#           message.
 # Do not pass --isolation yourself; for a SuperExec in another container see docs/deployment.md.
 # Only outgoing HTTPS to SUPERLINK_ADDRESS is needed; the local Runtime API stays on 127.0.0.1.
 set -euo pipefail
@@ -52,8 +54,14 @@ if [[ $WARM == 1 ]]; then
     fedvitgan superexec --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --insecure \
         --superexec-auth-secret-file "$SECRET" --parent-pid $$ &
     FLAGS+=(--isolation process --superexec-auth-secret-file "$SECRET")
+    SUPERNODE=(fedvitgan supernode)
+else
+    for flag in ${FLAGS[@]+"${FLAGS[@]}"}; do
+        [[ $flag == --idle-poll-s* ]] && { echo "supernode.sh: --idle-poll-s needs --warm" >&2; exit 2; }
+    done
+    SUPERNODE=(flower-supernode)
 fi
-exec flower-supernode \
+exec "${SUPERNODE[@]}" \
     --superlink "$SUPERLINK" \
     --root-certificates "$CA_PEM" \
     --auth-supernode-private-key "$PRIVATE_KEY" \

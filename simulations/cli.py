@@ -9,6 +9,7 @@
     fedvitgan generate RUN --per-class N --out DIR   an ImageFolder of generated patches
     fedvitgan privacy-report RUN             the privacy-budget report of a run with DP on
     fedvitgan certs [options]                TLS certificates and hospital keys for a deployment
+    fedvitgan supernode [flower flags]       a hospital's SuperNode that polls more often than Flower's
     fedvitgan superexec [flower flags]       a hospital's SuperExec with warm ClientApp processes
 
 Run ``fedvitgan <command> --help`` for a command's options.
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("simulations.experiments.runner", "main"),
     "data": ("simulations.data_check", "data_command"),
     "certs": ("simulations.certs", "main"),
+    "supernode": ("client.supernode", "main"),
     "superexec": ("client.warm_superexec", "main"),
     "privacy-report": ("simulations.privacy_report", "main"),
     "report": ("simulations.report", "main"),

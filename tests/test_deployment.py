@@ -141,6 +141,7 @@ def test_a_warm_supernode_forks_its_clientapps_from_one_warm_process(deployment:
     assert [r["round"] for r in summary["rounds"]] == [1] and set(summary["rounds"][0]["sites"]) == {"site-0"}
     warm_log, cold_log = _log(warm, "SuperNode site-0"), _log(deployment, "SuperNode site-0")
     assert "fedvitgan superexec: fork server ready" in warm_log
+    assert "fedvitgan supernode: polling the SuperLink every 1 s when idle" in warm_log
     assert "Start `flwr-clientapp` process" not in warm_log and "Start `flwr-clientapp` process" in cold_log
     assert warm.pids_left_running == [] and still_running({r.pid: None for r in warm.processes.values()}) == []
 
@@ -169,6 +170,7 @@ def test_documented_flags_exist_in_the_installed_flower(tmp_path: Path) -> None:
         [flower_bin("flwr"), "log"], [flower_bin("flwr"), "list"], [sys.executable, "-m", "simulations.cli", "certs"],
         [sys.executable, "-m", "simulations.cli", "data", "check"],
         [sys.executable, "-m", "simulations.deploy_loopback"], [sys.executable, "-m", "simulations.cli", "superexec"],
+        [sys.executable, "-m", "simulations.cli", "supernode"],
     ]
     with ThreadPoolExecutor(max_workers=4) as pool:
         helps = "\n".join(pool.map(lambda c: _help(c, tmp_path), commands))
