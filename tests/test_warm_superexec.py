@@ -7,6 +7,9 @@ environment of that moment, so the tests share one executor (module scope).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,3 +95,21 @@ def test_preload_flag_is_taken_out_of_flowers_flags() -> None:
     assert _parse_preload(["--insecure", "--preload", "torch, timm", "--runtime-api-address", "a:1"]) == (
         ["torch", "timm"], ["--insecure", "--runtime-api-address", "a:1"])
     assert _parse_preload(["--insecure"]) == (list(DEFAULT_PRELOAD), ["--insecure"])
+
+
+def test_the_default_preload_does_not_touch_cuda() -> None:
+    """A fork of a process that initialised CUDA cannot use the GPU: importing the preload must not."""
+    probe = textwrap.dedent("""
+        import importlib, sys, torch
+        touched = []
+        count, lazy_init = torch._C._cuda_getDeviceCount, torch.cuda._lazy_init
+        torch._C._cuda_getDeviceCount = lambda *a: touched.append("device count") or count(*a)
+        torch.cuda._lazy_init = lambda *a: touched.append("lazy init") or lazy_init(*a)
+        for module in sys.argv[1:]:
+            importlib.import_module(module)
+        print("touched:", touched)
+    """)
+    done = subprocess.run([sys.executable, "-c", probe, *DEFAULT_PRELOAD], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "touched: []"
