@@ -14,8 +14,8 @@
 #           (`fedvitgan superexec`, started here beside `fedvitgan supernode --isolation process`,
 #           both authenticated by a random secret in $FLWR_HOME/superexec.secret), and look for
 #           messages every second instead of every 3 s (`--idle-poll-s S` changes it): about 5 s
-#           less per message. Without it: Flower's flower-supernode, a fresh `flwr-clientapp` per
-#           message.
+#           less per message. It assumes the Runtime API on 127.0.0.1 (`--port` may change).
+#           Without it: Flower's flower-supernode, a fresh `flwr-clientapp` per message.
 # Do not pass --isolation yourself; for a SuperExec in another container see docs/deployment.md.
 # Only outgoing HTTPS to SUPERLINK_ADDRESS is needed; the local Runtime API stays on 127.0.0.1.
 set -euo pipefail
@@ -50,9 +50,19 @@ if [[ $WARM == 1 ]]; then
     if [[ ! -s "$SECRET" ]]; then
         (umask 077 && mkdir -p "$FLWR_HOME" && head -c 32 /dev/urandom > "$SECRET")
     fi
-    # The SuperExec stops when this process (the SuperNode, after exec) does.
-    fedvitgan superexec --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --insecure \
-        --superexec-auth-secret-file "$SECRET" --parent-pid $$ &
+    command -v fedvitgan > /dev/null || { echo "supernode.sh: --warm needs the fedvitgan command on PATH" >&2; exit 1; }
+    # The SuperExec stops when this process (the SuperNode, after exec) does; if it stops while
+    # the SuperNode runs, it is started again.
+    (
+        while kill -0 $$ 2> /dev/null; do
+            fedvitgan superexec --runtime-api-address "127.0.0.1:$RUNTIME_PORT" --insecure \
+                --superexec-auth-secret-file "$SECRET" --parent-pid $$ || true
+            if kill -0 $$ 2> /dev/null; then
+                echo "supernode.sh: fedvitgan superexec stopped; starting it again in 2 s" >&2
+                sleep 2
+            fi
+        done
+    ) &
     FLAGS+=(--isolation process --superexec-auth-secret-file "$SECRET")
     SUPERNODE=(fedvitgan supernode)
 else
