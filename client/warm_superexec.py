@@ -78,11 +78,19 @@ class ForkServerExecutor:
 
     ``task`` is what a forked task runs, given the launch's Runtime API address, token, TLS settings,
     parent pid, dependency-install and output switches (``run_clientapp_task``; tests pass their own).
+
+    ``task_parent_pid``: the process whose end stops a task (Flower's ClientApp watches it). Flower
+    gives its SuperExec's pid, so a task dies with the SuperExec; a task stopped that way tells the
+    SuperNode it failed but sends no reply, and Flower 1.42's SuperNode then waits for that reply
+    for good. ``fedvitgan superexec`` passes the SuperNode's pid instead: a task outlives a
+    SuperExec that stops (and is started again) and replies as usual.
     """
 
-    def __init__(self, preload: Sequence[str] = DEFAULT_PRELOAD, task: TaskFunction = run_clientapp_task) -> None:
+    def __init__(self, preload: Sequence[str] = DEFAULT_PRELOAD, task: TaskFunction = run_clientapp_task,
+                 task_parent_pid: int | None = None) -> None:
         self.preload = tuple(preload)
         self.task = task
+        self.task_parent_pid = task_parent_pid
         self._context: ForkServerContext = multiprocessing.get_context("forkserver")  # type: ignore[assignment]
         self._context.set_forkserver_preload(list(self.preload))
         self._cold = SubprocessExecutor()
@@ -115,7 +123,8 @@ class ForkServerExecutor:
         task = self._context.Process(
             target=self.task, name=f"flwr-clientapp-task-{spec.task_id}",
             args=(spec.runtime_api_address, spec.token, spec.insecure, spec.root_certificates_path,
-                  spec.parent_pid, spec.runtime_dependency_install, spec.suppress_output))
+                  spec.parent_pid if self.task_parent_pid is None else self.task_parent_pid,
+                  spec.runtime_dependency_install, spec.suppress_output))
         try:
             task.start()
         except OSError as error:  # the fork server could not fork (memory, process limit)
@@ -137,13 +146,17 @@ class ForkServerExecutor:
                 del self._tasks[task_id]
 
     def close(self) -> None:
-        """Stop the tasks still running (each pushes its failure to the SuperNode on SIGTERM)."""
-        for task in self._tasks.values():
-            if task.is_alive():
-                task.terminate()
-        for task in self._tasks.values():
-            task.join(timeout=10)
+        """Forget the tasks; those still running finish their message (or end with their watched parent).
+
+        Stopping them here would leave their SuperNode waiting for replies that never come."""
         self._tasks.clear()
+
+
+def _flag_int(argv: list[str], flag: str) -> int | None:
+    """The integer value of ``flag`` in ``argv`` (``--flag N`` or ``--flag=N``), or None."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(flag, type=int, default=None)
+    return vars(parser.parse_known_args(argv)[0])[flag.lstrip("-").replace("-", "_")]
 
 
 def _parse_preload(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if executor_type != ExecutorType.SUBPROCESS:  # Flower turns the ValueError into a clean exit
             raise ValueError(f"fedvitgan superexec replaces the subprocess executor; for --executor {executor_type} "
                              "use flower-superexec")
-        executor = ForkServerExecutor(preload)
+        executor = ForkServerExecutor(preload, task_parent_pid=_flag_int(flower_args, "--parent-pid"))
         seconds = executor.warm_up()
         print(f"fedvitgan superexec: fork server ready ({', '.join(preload)} imported in {seconds:.1f} s)",
               flush=True)

@@ -1,7 +1,7 @@
 """Imported by a fork server in tests/test_warm_superexec.py: each import and each task leaves a line.
 
 When ``FEDVITGAN_PROBE_LOG`` names a file, it gets ``import <pid>`` whenever this module is
-imported and ``task <pid> <token>`` from each forked task: a task that had to import the module
+imported and ``task <pid> <token> <parent_pid>`` from each forked task: a task that had to import the module
 itself (not inherited from the fork server) adds an ``import`` line with its own pid.
 """
 
@@ -22,7 +22,7 @@ if "FEDVITGAN_PROBE_LOG" in os.environ:
 
 def record_task(runtime_api_address: str, token: str, insecure: bool, root_certificates_path: str | None,
                 parent_pid: int | None, runtime_dependency_install: bool, suppress_output: bool) -> None:
-    """A forked task that records itself, then sleeps if its token says ``sleep``."""
-    _write(f"task {os.getpid()} {token}")
+    """A forked task that records itself and the parent pid it was given, then sleeps 2 s if its token is ``sleep``."""
+    _write(f"task {os.getpid()} {token} {parent_pid}")
     if token == "sleep":
-        time.sleep(60)
+        time.sleep(2)

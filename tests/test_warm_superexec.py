@@ -22,6 +22,8 @@ from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExec
 from client.warm_superexec import DEFAULT_PRELOAD, ForkServerExecutor, _parse_preload
 from tests.forkserver_probe import record_task
 
+WATCHED = 4242  # the pid tasks are told to watch (the SuperNode's, in fedvitgan superexec)
+
 
 def _spec(task_id: int, token: str, task_type: TaskType = TaskType.CLIENT_APP) -> ExecutionSpec:
     return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token=token, insecure=True,
@@ -46,7 +48,7 @@ def probe_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def executor(probe_log: Path) -> Iterator[ForkServerExecutor]:
-    warm = ForkServerExecutor(preload=["tests.forkserver_probe"], task=record_task)
+    warm = ForkServerExecutor(preload=["tests.forkserver_probe"], task=record_task, task_parent_pid=WATCHED)
     warm.warm_up()
     yield warm
     warm.close()
@@ -64,22 +66,27 @@ def test_each_task_is_a_fork_of_a_server_that_imported_the_preload_once(executor
     _wait_for(lambda: not executor.running())
     lines = _lines(probe_log)
     imports = [pid for kind, pid, *_ in lines if kind == "import"]
-    tasks = {token: pid for kind, pid, token in (line for line in lines if line[0] == "task")}
+    tasks = {token: pid for kind, pid, token, _ in (line for line in lines if line[0] == "task")}
+    assert {watched for kind, _, _, watched in (line for line in lines if line[0] == "task")} == {str(WATCHED)}
     assert len(imports) == 1, f"a forked task imported the preloaded module again: {lines}"
     assert set(tasks) == {"first", "second"}
     assert len(set(tasks.values())) == 2, "each task must be a process of its own"
     assert imports[0] not in tasks.values() and str(os.getpid()) not in {*tasks.values(), *imports}
 
 
-def test_reconcile_forgets_finished_tasks_and_close_stops_running_ones(executor: ForkServerExecutor) -> None:
+def test_reconcile_forgets_finished_tasks_and_close_lets_running_ones_finish(executor: ForkServerExecutor) -> None:
+    # Stopping a task would leave Flower's SuperNode waiting for its reply for good.
     executor.launch(_spec(4, "sleep"))
     executor.launch(_spec(5, "quick"))
     _wait_for(lambda: executor.running() == [4])
     executor.reconcile()
     assert list(executor._tasks) == [4]
+    sleeping = executor._tasks[4]
     started = time.monotonic()
     executor.close()
-    assert time.monotonic() - started < 10 and executor.running() == [] and not executor._tasks
+    assert time.monotonic() - started < 1 and not executor._tasks and sleeping.is_alive()
+    sleeping.join(timeout=30)
+    assert sleeping.exitcode == 0
 
 
 def test_other_task_types_are_started_as_flower_starts_them(executor: ForkServerExecutor,
@@ -113,3 +120,11 @@ def test_the_default_preload_does_not_touch_cuda() -> None:
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "touched: []"
+
+
+def test_the_parent_pid_flag_is_read_for_the_tasks() -> None:
+    from client.warm_superexec import _flag_int
+
+    assert _flag_int(["--insecure", "--parent-pid", "77"], "--parent-pid") == 77
+    assert _flag_int(["--parent-pid=78"], "--parent-pid") == 78
+    assert _flag_int(["--insecure"], "--parent-pid") is None
