@@ -10,9 +10,11 @@ still gets a process of its own (nothing of one message's memory reaches the nex
 is imported in the task, as before); only the imports are shared, copy-on-write. Other task types
 (a ServerApp, a simulation) are started as Flower starts them.
 
-Use it with ``flower-supernode --isolation process`` (``deploy/supernode.sh --warm`` starts both)::
+Use it beside a SuperNode started with ``--isolation process``, with ``--parent-pid`` the
+SuperNode's pid: it stops with the SuperNode, and its tasks watch the SuperNode rather than it.
+``deploy/supernode.sh --warm`` starts both (the SuperNode as ``fedvitgan supernode``)::
 
-    fedvitgan superexec --runtime-api-address 127.0.0.1:9094 \\
+    fedvitgan superexec --runtime-api-address 127.0.0.1:9094 --parent-pid SUPERNODE_PID \\
         --root-certificates runtime-ca.pem --superexec-auth-secret-file superexec.secret
 
 ``fedvitgan superexec --help`` lists Flower's flags; ``--preload`` changes what the fork server
@@ -75,6 +77,9 @@ TaskFunction = Callable[[str, str, bool, "str | None", "int | None", bool, bool]
 
 class ForkServerExecutor:
     """Flower's executor interface; ClientApp tasks are forks of a process that imported ``preload``.
+
+    Python keeps one fork server per process: the first executor's ``preload`` (and the environment
+    of that moment) is the one every task inherits.
 
     ``task`` is what a forked task runs, given the launch's Runtime API address, token, TLS settings,
     parent pid, dependency-install and output switches (``run_clientapp_task``; tests pass their own).
