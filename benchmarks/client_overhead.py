@@ -188,6 +188,15 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _deploy_modes(text: str) -> list[str]:
+    """``--deploy-modes``: a comma-separated list of cold and warm, checked before anything runs."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("cold", "warm")]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes are cold and warm, got {text!r}")
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deploy-test", type=int, default=32, help="data.test_per_site in the deployment (default 32)")
     parser.add_argument("--skip-deployment", action="store_true", help="simulation only")
     parser.add_argument("--skip-simulation", action="store_true", help="deployment only")
-    parser.add_argument("--deploy-modes", default="cold,warm",
+    parser.add_argument("--deploy-modes", type=_deploy_modes, default="cold,warm",
                         help="deployments to run, in this order: cold (Flower's flwr-clientapp per message), warm "
                              "(deploy/supernode.sh --warm); default cold,warm. The last line reports warm if run")
     parser.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
@@ -265,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.local_steps} local steps; evaluation of one fresh hospital {eval_s:.3f} s; importing the "
               f"ClientApp in a fresh interpreter {imports:.2f} s (median of 3); "
               f"FLWR_SUPEREXEC_TASK_POLL_INTERVAL={os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', 'unset: 1 s cold, 0.2 s warm')}")
-        for mode in [m.strip() for m in args.deploy_modes.split(",") if m.strip()]:
-            if mode not in ("cold", "warm"):
-                raise SystemExit(f"--deploy-modes: unknown mode {mode!r} (cold, warm)")
+        for mode in args.deploy_modes:
             started = time.perf_counter()
             overheads = deployment(out / f"deployment-{mode}", args, eval_s, warm=mode == "warm")
             mean = sum(overheads) / len(overheads)

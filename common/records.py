@@ -154,7 +154,6 @@ def to_arrayrecord(state: Mapping[str, torch.Tensor], transport: str = "float32"
         for slot in slots:
             flat[slot.offset: slot.offset + slot.count] = _wire_values(state[slot.key], transport).reshape(-1)
         record[name] = Array(flat)
-        del flat
     return ArrayRecord(record)
 
 
