@@ -14,10 +14,15 @@ Ends with the lines ``dp-discriminator/no-dp step time ratio: R`` (target: <= 1.
 (``train.generated_batch_size`` generated images per step, DP or not). ``--flops`` also counts
 each kind's FLOPs per step by operator: where the time ratio exceeds the FLOP ratio, the extra time
 is in how the work runs (batched per-example products, memory-bound passes), not in its amount.
+
+``--bookkeeping-baseline FILE`` times one more kind beside them: scope=discriminator with the
+``Bookkeeping`` class of FILE, e.g. an earlier commit's (``git show REV:common/privacy/bookkeeping.py
+> FILE``), so that a change to book-keeping is measured against the code before it in one run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -60,6 +65,18 @@ def _make(kind: tuple[str, str] | None, preset: str, batch: int, num_classes: in
     return trainer.unified_step
 
 
+def _with_bookkeeping_from(step, path: Path):
+    """``step`` (a scope=discriminator unified step) with its Bookkeeping replaced by FILE's class."""
+    spec = importlib.util.spec_from_file_location("bookkeeping_baseline", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    dp = step.__self__.privacy
+    dp.bookkeeping = module.Bookkeeping(dp.adapter, dp.names, getattr(dp.adapter, "broadcast_parameters", ()))
+    return step
+
+
 def main() -> None:
     parser = step_timing_parser(__doc__)
     parser.add_argument("--num-classes", type=int, default=5)
@@ -71,11 +88,20 @@ def main() -> None:
                         help="profile this many steps of each kind after timing (GPU: busy share, top kernels)")
     parser.add_argument("--flops", action="store_true",
                         help="after timing, count each kind's FLOPs per step by operator (torch.utils.flop_counter)")
+    parser.add_argument("--bookkeeping-baseline", type=Path, metavar="FILE",
+                        help="also time scope=discriminator with the Bookkeeping class of FILE (an earlier "
+                             "common/privacy/bookkeeping.py), side by side")
     args = parser.parse_args()
+    if args.bookkeeping_baseline is not None and not args.bookkeeping_baseline.is_file():
+        parser.error(f"--bookkeeping-baseline: no such file {args.bookkeeping_baseline}")
     device = torch.device(args.device)
 
     steps = {kind: _make(spec, args.preset, args.batch_size, args.num_classes, device, args.host_memory)
              for kind, spec in KINDS.items()}
+    if args.bookkeeping_baseline is not None:
+        steps["dp-discriminator-baseline"] = _with_bookkeeping_from(
+            _make(KINDS["dp-discriminator"], args.preset, args.batch_size, args.num_classes, device, args.host_memory),
+            args.bookkeeping_baseline)
     gen = torch.Generator().manual_seed(0)
     size = model_preset(args.preset).image_size
     images = (torch.rand(args.batch_size, 3, size, size, generator=gen) * 2 - 1).to(device)
@@ -84,11 +110,12 @@ def main() -> None:
         labels = labels.pin_memory()
     medians = interleaved_medians(steps, images, labels, warmup=args.warmup, timed=args.steps, block=args.block,
                                   device=device)
+    width = max(map(len, steps))
     print(describe_device(device))
     print(f"preset: {args.preset}, batch: {args.batch_size}, timed steps each: {args.steps}, blocks of {args.block}, "
           f"train.host_memory: {args.host_memory}")
     for kind, median in medians.items():
-        print(f"{kind:>21} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s")
+        print(f"{kind:>{width}} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s")
     if args.sync_points:
         for kind, step in steps.items():
             sync_points(kind, step, images, labels)
@@ -96,13 +123,18 @@ def main() -> None:
         counts = {kind: flop_breakdown(step, images, labels) for kind, step in steps.items()}
         for kind, by_op in counts.items():
             ops = ", ".join(f"{op} {f / 1e9:.3f}" for op, f in sorted(by_op.items(), key=lambda kv: -kv[1]))
-            print(f"{kind:>21} FLOPs per step: {sum(by_op.values()) / 1e9:.3f} G ({ops})")
+            print(f"{kind:>{width}} FLOPs per step: {sum(by_op.values()) / 1e9:.3f} G ({ops})")
         for kind in counts:
             if kind != "no-dp":
                 print(f"{kind}/no-dp FLOP ratio: {sum(counts[kind].values()) / sum(counts['no-dp'].values()):.3f}")
     if args.profile:
         for kind, step in steps.items():
             profile_kind(kind, step, images, labels, device, args.profile)
+    if "dp-discriminator-baseline" in medians:
+        print(f"dp-discriminator-baseline/no-dp step time ratio: "
+              f"{medians['dp-discriminator-baseline'] / medians['no-dp']:.3f}")
+        print(f"dp-discriminator/dp-discriminator-baseline step time ratio: "
+              f"{medians['dp-discriminator'] / medians['dp-discriminator-baseline']:.3f}")
     print(f"dp-discriminator-vmap/no-dp step time ratio: {medians['dp-discriminator-vmap'] / medians['no-dp']:.2f}")
     print(f"dp-discriminator/no-dp step time ratio: {medians['dp-discriminator'] / medians['no-dp']:.2f}")
     print(f"dp-head/no-dp step time ratio: {medians['dp-head'] / medians['no-dp']:.2f}")

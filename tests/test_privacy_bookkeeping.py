@@ -37,7 +37,27 @@ def _example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Ten
 def test_norms_and_weighted_sums_equal_per_sample_gradients(tiny_cfg: ModelConfig, classifier_depth: int) -> None:
     """Every covered parameter (blocks, patch embedding, CLS token, position embedding, class
     projection, heads): per-example norms and an arbitrary row-weighted sum match torch.func."""
-    model = build_model(dataclasses.replace(tiny_cfg, classifier_depth=classifier_depth), 5, seed=0)
+    _assert_matches_torch_func(build_model(dataclasses.replace(tiny_cfg, classifier_depth=classifier_depth), 5, seed=0))
+
+
+def test_layer_norm_gradients_match_for_any_scale_and_shift(tiny_cfg: ModelConfig) -> None:
+    """A LayerNorm's per-example weight gradient is read from its output, ``(y - b) / w``, unless a
+    weight is near 0: both ways match torch.func once the LayerNorms have trained scales and shifts
+    (fresh ones are w = 1, b = 0, where the shift would not show)."""
+    model = build_model(dataclasses.replace(tiny_cfg, classifier_depth=1), 5, seed=0)
+    norms = [m for m in model.discriminator.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) >= 4
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=generator) + 0.5)
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=generator) * 0.5)
+        norms[1].weight[3] = 0.0  # a channel switched off: this one needs its input normalised again
+        norms[2].weight[0] = -1e-3
+    _assert_matches_torch_func(model)
+
+
+def _assert_matches_torch_func(model: nn.Module) -> None:
     adapter = DiscriminatorAdapter(model)
     names = [n for n, p in adapter.named_parameters() if p.requires_grad]
     torch.manual_seed(0)

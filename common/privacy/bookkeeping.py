@@ -39,6 +39,10 @@ from torch.func import functional_call
 
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.Embedding)
 
+#: On the CPU a LayerNorm's per-example weight gradient is read from its output divided by its
+#: weight when every |weight| is at least this; otherwise from its normalised input, computed again.
+MIN_LAYER_NORM_SCALE = 0.05
+
 
 @dataclass
 class _Call:
@@ -58,6 +62,8 @@ class RecordedPass:
     calls: dict[str, _Call] = field(default_factory=dict)
     broadcast: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (R, ...) copy in the graph
     broadcast_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The small per-row gradients side by side, (R, K), and each one's (name, parameter shape) in order.
+    packed: tuple[torch.Tensor, list[tuple[str, torch.Size]]] | None = None
 
 
 def _check_conv(name: str, conv: nn.Conv2d) -> None:
@@ -166,6 +172,25 @@ class Bookkeeping:
             call.derived["x_hat"] = x_hat.reshape(x_hat.shape[0], -1, x_hat.shape[-1])
         return call.derived["x_hat"]
 
+    def _layer_norm_weight_rows(self, sub: nn.LayerNorm, call: _Call, g: torch.Tensor,
+                                bias_rows: torch.Tensor) -> torch.Tensor:
+        """Every row's LayerNorm weight gradient ``sum_t g * x_hat``, (R, d).
+
+        On the CPU: the output is ``y = x_hat * w + b``, so ``sum_t g * x_hat = (sum_t g * y - b *
+        sum_t g) / w``, one product with the recorded output instead of normalising the input again
+        (LayerNorm is slow there). Where a weight is near 0 the division would lose precision, and on
+        a GPU, where normalising again is one fused kernel, reading the weights would make the host
+        wait: ``x_hat`` is recomputed in both cases."""
+        weight = sub.weight.detach()
+        if weight.device.type != "cpu" or bool((weight.abs() < MIN_LAYER_NORM_SCALE).any()):
+            return (g * self._normalised(sub, call)).sum(1)
+        y = call.output.detach()
+        y = y.reshape(y.shape[0], -1, y.shape[-1])
+        summed = (g * y).sum(1)
+        if sub.bias is not None:
+            summed = summed - sub.bias.detach() * bias_rows
+        return summed / weight
+
     def _ghost(self, module_name: str, call: _Call) -> bool:
         """Whether this linear-like layer's weight norm is cheaper as a ghost norm than materialised."""
         a, g = self._tokens(module_name, call)
@@ -184,10 +209,11 @@ class Bookkeeping:
                 rows["weight"] = grad.reshape(grad.shape[0], -1)
             elif isinstance(sub, nn.LayerNorm):
                 g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+                bias_rows = g.sum(1)
                 if "weight" in own:
-                    rows["weight"] = (g * self._normalised(sub, call)).sum(1)
+                    rows["weight"] = self._layer_norm_weight_rows(sub, call, g, bias_rows)
                 if "bias" in own:
-                    rows["bias"] = g.sum(1)
+                    rows["bias"] = bias_rows
             else:
                 a, g = self._tokens(module_name, call)
                 if "weight" in own and not self._ghost(module_name, call):
@@ -197,10 +223,37 @@ class Bookkeeping:
             call.derived["rows"] = rows
         return call.derived["rows"]
 
-    def _layer_norms(self, module_name: str, call: _Call, rows: slice) -> torch.Tensor:
-        """Squared per-example gradient norm of this layer's covered parameters, for ``rows``."""
-        per_row = self._per_row(module_name, call)
-        total = sum(torch.linalg.vector_norm(r[rows].flatten(1), dim=1).square() for r in per_row.values())
+    @staticmethod
+    def _packable(sub: nn.Module, local: str) -> bool:
+        """Whether a held per-row gradient goes into :meth:`_packed`: all but a linear-like layer's
+        weight (large: one product of its own) and an Embedding's looked-up rows (summed by index)."""
+        return not isinstance(sub, nn.Embedding) and not (local == "weight" and isinstance(sub, (nn.Linear, nn.Conv2d)))
+
+    def _packed(self, record: RecordedPass) -> tuple[torch.Tensor, list[tuple[str, torch.Size]]]:
+        """The small per-row gradients (LayerNorm parameters, biases, broadcast parameters) as one
+        (R, K) matrix, so that their norms and their weighted sum are one operation each, not one
+        per parameter."""
+        if record.packed is None:
+            pieces, layout = [], []
+            for module_name, call in record.calls.items():
+                sub, own = self._modules[module_name], self.layers[module_name]
+                for local, per_row in self._per_row(module_name, call).items():
+                    if self._packable(sub, local):
+                        pieces.append(per_row.reshape(record.rows, -1))
+                        layout.append((own[local], self._params[own[local]].shape))
+            for name, grad in record.broadcast_grads.items():
+                pieces.append(grad.reshape(record.rows, -1))
+                layout.append((name, self._params[name].shape))
+            matrix = torch.cat(pieces, dim=1) if pieces else torch.zeros(record.rows, 0, device=self._device())
+            record.packed = matrix, layout
+        return record.packed
+
+    def _layer_norms(self, module_name: str, call: _Call, rows: slice, packed: bool = False) -> torch.Tensor:
+        """Squared per-example gradient norm of this layer's covered parameters, for ``rows``
+        (``packed``: leaving out those in :meth:`_packed`)."""
+        sub, per_row = self._modules[module_name], self._per_row(module_name, call)
+        total = sum(torch.linalg.vector_norm(r[rows].flatten(1), dim=1).square() for local, r in per_row.items()
+                    if not (packed and self._packable(sub, local)))
         if "weight" in self.layers[module_name] and "weight" not in per_row:  # the ghost norm
             a, g = self._tokens(module_name, call)
             a, g = a[rows], g[rows]
@@ -208,7 +261,8 @@ class Bookkeeping:
         return total  # type: ignore[return-value]
 
     def squared_norms_by_part(self, record: RecordedPass, rows: slice) -> dict[str, torch.Tensor]:
-        """Each example's squared gradient norm per layer (module name) and broadcast parameter, for ``rows``."""
+        """Each example's squared gradient norm per layer (module name) and broadcast parameter, for
+        ``rows`` (one part at a time: for checks; :meth:`squared_norms` is the fast total)."""
         parts = {name: self._layer_norms(name, call, rows) for name, call in record.calls.items()}
         for name, grad in record.broadcast_grads.items():
             parts[name] = torch.linalg.vector_norm(grad[rows].flatten(1), dim=1).square()
@@ -219,8 +273,9 @@ class Bookkeeping:
         total = torch.zeros(len(range(record.rows)[rows]), device=self._device())
         if total.numel() == 0:
             return total
-        for part in self.squared_norms_by_part(record, rows).values():
-            total = total + part
+        total = total + torch.linalg.vector_norm(self._packed(record)[0][rows], dim=1).square()
+        for name, call in record.calls.items():
+            total = total + self._layer_norms(name, call, rows, packed=True)
         return total
 
     def _device(self) -> torch.device:
@@ -229,19 +284,21 @@ class Bookkeeping:
     def weighted_sum(self, record: RecordedPass, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``sum_r weights[r] * (row r's gradient)`` for every covered parameter, in ``names`` order."""
         out: dict[str, torch.Tensor] = {}
+        matrix, layout = self._packed(record)
+        summed = weights @ matrix
+        for (name, shape), piece in zip(layout, summed.split([s.numel() for _, s in layout])):
+            out[name] = piece.reshape(shape)
         for module_name, call in record.calls.items():
             sub, own = self._modules[module_name], self.layers[module_name]
             for local, per_row in self._per_row(module_name, call).items():
                 if isinstance(sub, nn.Embedding):
                     grad = torch.zeros_like(sub.weight)
                     out[own[local]] = grad.index_add_(0, call.inputs.reshape(-1), per_row * weights[:, None])
-                else:
-                    out[own[local]] = (weights @ per_row.flatten(1)).reshape(getattr(sub, local).shape)
+                elif not self._packable(sub, local):
+                    out[own[local]] = (weights @ per_row.flatten(1)).reshape(sub.weight.shape)
             if "weight" in own and own["weight"] not in out:  # ghost layer: (w * g)^T a, one product
                 a, g = self._tokens(module_name, call)
                 g = (g * weights.view(-1, 1, 1)).reshape(-1, g.shape[-1])
                 out[own["weight"]] = (g.t() @ a.reshape(-1, a.shape[-1])).reshape(sub.weight.shape)
-        for name, grad in record.broadcast_grads.items():
-            out[name] = torch.einsum("r,r...->...", weights, grad).unsqueeze(0)
         # A layer the pass did not reach: zero gradient.
         return {name: out[name] if name in out else torch.zeros_like(self._params[name]) for name in self.names}
