@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import MethodType
 
 import torch
 
@@ -65,8 +66,9 @@ def _make(kind: tuple[str, str] | None, preset: str, batch: int, num_classes: in
     return trainer.unified_step
 
 
-def _with_bookkeeping_from(step, path: Path):
-    """``step`` (a scope=discriminator unified step) with its Bookkeeping replaced by FILE's class."""
+def _with_bookkeeping_from(step: MethodType, path: Path) -> MethodType:
+    """``step`` (a trainer's scope=discriminator ``unified_step``) with its Bookkeeping replaced by
+    the class of the file ``path``."""
     spec = importlib.util.spec_from_file_location("bookkeeping_baseline", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
