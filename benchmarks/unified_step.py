@@ -10,6 +10,11 @@ as its peak RSS (dominated by importing torch) and the growth of its RSS over th
 
 ``--train KEY=VALUE`` sets a ``TrainConfig`` field of the timed unified step (repeatable);
 ``--with-default`` also times the unified step with the default config in the same interleaving.
+``--flops`` also counts each kind's FLOPs per step by operator (``torch.utils.flop_counter``; on the
+CPU it does not see the attention kernel) and prints their ratio: where the time ratio exceeds it,
+the extra time is in how the unified step's work runs (smaller products, more small operators, a
+third optimiser), not in its amount.
+
 Ends with the line ``unified/classifier step time ratio: R`` (for the unified step as configured).
 """
 
@@ -28,6 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.profiling import flop_breakdown  # noqa: E402
 from benchmarks.timing import describe_device, interleaved_medians, step_timing_parser, sync  # noqa: E402
 from common.model import build_model, model_preset  # noqa: E402
 from common.train import LocalTrainer, TrainConfig  # noqa: E402
@@ -133,6 +139,8 @@ def main() -> None:
                         help="a train config field of the timed unified step (repeatable)")
     parser.add_argument("--with-default", action="store_true",
                         help="also time the unified step with the default train config, side by side")
+    parser.add_argument("--flops", action="store_true",
+                        help="after timing, count each kind's FLOPs per step by operator (torch.utils.flop_counter)")
     args = parser.parse_args()
     device = torch.device(args.device)
     overrides = train_overrides(args.train)
@@ -157,6 +165,12 @@ def main() -> None:
         label = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (own process)"
         print(f"{kind:>15} step: median {median * 1e3:8.2f} ms, {args.batch_size / median:9.1f} real images/s, "
               f"{label}: {peak:.0f}, growth over the steps: {growth:.1f}")
+    if args.flops:
+        counts = {kind: flop_breakdown(step, images, labels) for kind, step in steps.items()}
+        for kind, by_op in counts.items():
+            ops = ", ".join(f"{op} {flops / 1e9:.3f}" for op, flops in sorted(by_op.items(), key=lambda kv: -kv[1]))
+            print(f"{kind:>15} FLOPs per step: {sum(by_op.values()) / 1e9:.3f} G ({ops})")
+        print(f"unified/classifier FLOP ratio: {sum(counts['unified'].values()) / sum(counts['classifier'].values()):.3f}")
     if args.with_default:
         print(f"default unified/classifier step time ratio: {timed['default unified'] / timed['classifier']:.2f}")
     print(f"unified/classifier step time ratio: {timed['unified'] / timed['classifier']:.2f}")
