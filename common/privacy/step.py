@@ -71,11 +71,13 @@ def _augment_real(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor) -> 
 
 
 def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -> None:
+    """Add ``grads`` (this step's own tensors, by full parameter name) to ``module``'s ``.grad``; a
+    parameter without a gradient takes its tensor as is (nothing else holds it: no copy)."""
     for name, p in module.named_parameters():
         extra = grads.get(f"{prefix}.{name}")
         if extra is None:
             continue
-        p.grad = extra.clone() if p.grad is None else p.grad + extra
+        p.grad = extra if p.grad is None else p.grad + extra
 
 
 def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,

@@ -237,7 +237,7 @@ class DPTraining:
         out: dict[str, torch.Tensor] = {}
         for (name, total), noise in zip(summed.items(), self.noise.take()):
             noise = noise.to(device=total.device, dtype=total.dtype, non_blocking=noise.is_pinned())
-            out[name] = (total + noise) / plan.expected_batch
+            out[name] = torch.add(total, noise).div_(plan.expected_batch)  # (total + noise) / B, one allocation
         self.record_step()
         return out
 
