@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
           f"data (600 training and 300 test patches per hospital)")
     figures: dict[str, dict[str, Any]] = {}
     evaluation_s = float("nan")
-    for label, switch in ({} if args.skip_simulation else switches).items():
+    simulated = {} if args.skip_simulation else switches
+    for label, switch in simulated.items():
         started = time.perf_counter()
         timed, kept = simulate_in_process(out / f"in-process-{label.replace(' ', '-')}", [*common, switch])
         if label == "cache on":
@@ -249,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['hospitals_built']} hospitals built, {f['hospitals_kept']} kept at the end ({f['kept_mib']:.0f} MiB); "
               f"{f['minutes']:.1f} min")
     print(f"  peak memory of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
-    for label, switch in ({} if args.skip_simulation else switches).items():
+    for label, switch in simulated.items():
         started = time.perf_counter()
         first, later = simulate_engine(out / f"simulation-{label.replace(' ', '-')}", [*common, switch], evaluation_s)
         figures[f"simulation, {label}"] = f = {"later": _median(later), "round1": _median(first),
                                                "minutes": (time.perf_counter() - started) / 60}
         print(f"simulation (Flower engine, 1 worker), {label:9s}: overhead per hospital-message {f['later']:.3f} s "
               f"after round 1 (median of {len(later)} phases), {f['round1']:.3f} s in round 1; {f['minutes']:.1f} min")
-    for where in () if args.skip_simulation else ("in process", "simulation"):
+    for where in ("in process", "simulation") if simulated else ():
         on, off = figures[f"{where}, cache on"]["later"], figures[f"{where}, cache off"]["later"]
         print(f"{where}: cache off / cache on overhead ratio {off / on:.1f}x ({off:.3f} s / {on:.3f} s)")
     simulation_s = figures["simulation, cache on"]["later"] if figures else float("nan")
