@@ -41,7 +41,7 @@ from common.records import (
     to_arrayrecord,
 )
 from common.seeds import batch_seed, round_stream, site_seed
-from common.train import LocalTrainer, RoundMetrics, train_config
+from common.train import LocalTrainer, RoundMetrics, run_train_config
 from common.train.config import TrainConfig
 from common.train.streams import training_batches
 
@@ -243,7 +243,7 @@ class LocalRun:
 
     def _train(self) -> RecordDict:
         data = self.data()
-        tcfg = train_config(self.run["train"])
+        tcfg = run_train_config(self.run)
         saved = self.load_local()
         if len(data.train) < 2:
             raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")

@@ -25,7 +25,7 @@ from common.privacy.budget import (
 from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
-from common.train import train_config
+from common.train import run_train_config
 
 if TYPE_CHECKING:
     from client.local_run import LocalRun, SavedLocal
@@ -37,7 +37,7 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     """DP-SGD on ``local``'s hospital under ``pcfg``; every attempt draws fresh randomness and is in
     the hospital's ledger before anything leaves."""
     data = local.data()
-    tcfg = private_train_config(train_config(local.run["train"]), pcfg)
+    tcfg = private_train_config(run_train_config(local.run), pcfg)
     saved = local.load_local()
     privacy = _hospital_privacy(local, saved)
     seed_for = (lambda _attempt: secret_seed()) if pcfg.seed is None else \

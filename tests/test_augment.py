@@ -24,7 +24,7 @@ def test_same_generator_state_same_output() -> None:
 
 def test_symmetries_only_permute_pixels() -> None:
     x = torch.rand(16, 3, 8, 8)
-    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, flip_rotate=True)
+    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, symmetries="d4")
     y = diff_augment(x, cfg, torch.Generator().manual_seed(1))
     for a, b in zip(x, y):
         torch.testing.assert_close(a.flatten().sort().values, b.flatten().sort().values)
@@ -43,7 +43,7 @@ def _symmetries(image: torch.Tensor) -> list[torch.Tensor]:
 
 def test_each_augmented_image_is_one_of_the_8_symmetries_and_all_occur_with_matching_gradients() -> None:
     x = torch.randn(64, 3, 8, 8, requires_grad=True)
-    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, flip_rotate=True)
+    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, symmetries="d4")
     y = diff_augment(x, cfg, torch.Generator().manual_seed(3))
     weights = torch.randn_like(y)
     (y * weights).sum().backward()
@@ -56,3 +56,28 @@ def test_each_augmented_image_is_one_of_the_8_symmetries_and_all_occur_with_matc
         # d(sum w * T(x)) / dx = T^-1(w): applying T to the gradient must give back w.
         torch.testing.assert_close(_symmetries(x.grad[i])[k], weights[i], msg=f"image {i}, transform {k}")
     assert seen == set(range(8))
+
+
+def test_flips_only_mirror_left_right_and_both_occur() -> None:
+    x = torch.randn(32, 3, 8, 8)
+    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, symmetries="flips")
+    y = diff_augment(x, cfg, torch.Generator().manual_seed(5))
+    kinds = []
+    for a, b in zip(x, y):
+        same, mirrored = torch.equal(a, b), torch.equal(a.flip(-1), b)
+        assert same or mirrored  # never a rotation or an up-down flip
+        kinds.append(mirrored)
+    assert any(kinds) and not all(kinds)
+
+
+def test_no_symmetries_leave_orientation_alone() -> None:
+    x = torch.randn(32, 3, 8, 8)
+    cfg = AugmentConfig(color=False, translation=0.0, cutout=0.0, symmetries="none")
+    torch.testing.assert_close(diff_augment(x, cfg, torch.Generator().manual_seed(5)), x)
+
+
+def test_unknown_symmetries_are_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="symmetries"):
+        AugmentConfig(symmetries="rotations")

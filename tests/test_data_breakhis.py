@@ -60,7 +60,7 @@ def test_split_is_by_patient_seeded_and_stratified(root: Path) -> None:
     other = [load_dataset(cfg(root, split_seed=s), "test", 32).paths for s in range(1, 6)]
     assert any(p != test.paths for p in other)
     assert dataset_splits(cfg(root)) == ("train", "test")
-    assert dataset_splits(cfg(root, val_fraction=0.25, test_fraction=0.25)) == ("train", "val", "test")
+    assert dataset_splits(cfg(root, patient_val_fraction=0.25, test_fraction=0.25)) == ("train", "val", "test")
 
 
 def test_natural_partition_gives_sites_disjoint_patients(root: Path) -> None:

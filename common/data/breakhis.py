@@ -7,7 +7,7 @@ Labels are the class folders (``data.label: binary`` -> benign/malignant) or the
 (``data.label: subtype`` -> the eight ``<type>`` folders, benign ones first). ``data.magnification``
 keeps one magnification (e.g. ``40X``), a list of them, or all (null). The data set has no official
 split: patients (the id after the last ``_`` of the patient folder, e.g. ``14-22549AB``) are split
-into train/val/test by ``data.val_fraction`` / ``data.test_fraction``, per class, seeded by
+into train/val/test by ``data.patient_val_fraction`` / ``data.test_fraction``, per class, seeded by
 ``data.split_seed``, so no patient is in two splits. ``groups`` are the patients.
 """
 
@@ -99,7 +99,7 @@ def _names(values: list[str], expected: tuple[str, ...] | None, what: str, breas
 
 
 def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> ImageFilesDataset:
-    """The BreakHis ``split`` (options: magnification, label, val_fraction, test_fraction, split_seed,
+    """The BreakHis ``split`` (options: magnification, label, patient_val_fraction, test_fraction, split_seed,
     class_names, skip_corrupt)."""
     if split not in SPLITS:
         raise DataError(f"data set {NAME!r} has no split {split!r}; its splits are {list(SPLITS)}")
@@ -114,23 +114,23 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> Ima
     index = {name: k for k, name in enumerate(class_names)}
     labels = np.array([index[v] for v in values], dtype=np.int64)
     group_ids = np.unique(np.asarray(patients), return_inverse=True)[1].astype(np.int64)
-    val, test = float(cfg.get("val_fraction", 0.0)), float(cfg.get("test_fraction", 0.3))
+    val, test = float(cfg.get("patient_val_fraction", 0.0)), float(cfg.get("test_fraction", 0.3))
     if split == "all":
         rows = np.arange(len(paths))
     else:
         if val < 0 or test < 0 or val + test >= 1:
-            raise DataError(f"data.val_fraction={val} and data.test_fraction={test} must be >= 0 and leave "
+            raise DataError(f"data.patient_val_fraction={val} and data.test_fraction={test} must be >= 0 and leave "
                             f"patients for training (sum < 1)")
         parts = split_by_groups(group_ids, labels, (1.0 - val - test, val, test), int(cfg.get("split_seed", 0)))
         rows = parts[SPLITS.index(split)]
         if len(rows) == 0:
-            raise DataError(f"BreakHis split {split!r} under {breast} gets no patient (data.val_fraction={val}, "
+            raise DataError(f"BreakHis split {split!r} under {breast} gets no patient (data.patient_val_fraction={val}, "
                             f"data.test_fraction={test}); expected at least one patient per split in use")
     return ImageFilesDataset([paths[i] for i in rows], labels[rows], class_names, image_size,
                              skip_corrupt=bool(cfg.get("skip_corrupt", False)), groups=group_ids[rows])
 
 
 def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """Split names: train/val/test by patient (val only with data.val_fraction > 0; ``all`` loads too)."""
-    names = ["train", "test"] if float(cfg.get("val_fraction", 0.0)) <= 0 else ["train", "val", "test"]
+    """Split names: train/val/test by patient (val only with data.patient_val_fraction > 0; ``all`` loads too)."""
+    names = ["train", "test"] if float(cfg.get("patient_val_fraction", 0.0)) <= 0 else ["train", "val", "test"]
     return {s: s for s in names}

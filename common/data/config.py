@@ -63,6 +63,10 @@ def partition_config(section: PartitionConfig | Mapping[str, Any] | Any) -> Part
 #: Keys every ``conf/data/<name>.yaml`` sets; the rest of the section is the data set's own options.
 SHARED_DATA_KEYS: tuple[str, ...] = ("name", "root", "labeled_fraction", "labeled_per_class", "val_fraction",
                                      "drop_unlabelled")
+#: Label-safe flips and rotations a data set may declare (``data.symmetries``): the 8 symmetries of
+#: the square (histology), left-right mirroring alone, or none (digits, text). Mirrors
+#: ``common.train.augment.SYMMETRIES``, which the data layer does not import.
+DATA_SYMMETRIES: tuple[str, ...] = ("d4", "flips", "none")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class DataConfig:
     def __post_init__(self) -> None:  # the ranges are checked where the labels are kept (common.data.labels)
         if not isinstance(self.drop_unlabelled, bool):
             raise ConfigError(f"data.drop_unlabelled must be true or false, got {self.drop_unlabelled!r}")
+        symmetries = self.section.get("symmetries")  # read by training (every conf/data yaml sets it), not by loaders
+        if symmetries is not None and symmetries not in DATA_SYMMETRIES:
+            raise ConfigError(f"data.symmetries must be one of {list(DATA_SYMMETRIES)}, got {symmetries!r}")
 
 
 def data_config(section: DataConfig | Mapping[str, Any] | Any) -> DataConfig:

@@ -1,8 +1,10 @@
-"""Differentiable augmentation (DiffAugment, Zhao et al. 2020) with label-safe histology moves.
+"""Differentiable augmentation (DiffAugment, Zhao et al. 2020) with the data set's label-safe symmetries.
 
 Applied to real and generated images alike before the discriminator, so gradients flow back to the
-generator through every transform. Flips and 90-degree rotations keep the tissue class of a
-histology patch; colour, translation and cutout are DiffAugment's. All randomness comes from the
+generator through every transform. Which flips and rotations keep an image's class is a property of
+the data set (``data.symmetries``): all 8 symmetries of the square (``d4``) for histology patches,
+left-right mirroring alone (``flips``) for upright scenes, none for digits or text (a rotated 6 is a
+9). Colour, translation and cutout are DiffAugment's. All randomness comes from the
 ``torch.Generator`` passed in, so a hospital's run is reproducible and resumable.
 """
 
@@ -15,6 +17,10 @@ import torch.nn.functional as F
 
 from common.train.transfer import to_device
 
+#: Label-safe symmetry groups a data set can declare (``data.symmetries``): the 8 symmetries of the
+#: square, left-right mirroring alone, or none.
+SYMMETRIES: tuple[str, ...] = ("d4", "flips", "none")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -24,7 +30,11 @@ class AugmentConfig:
     color: bool = True
     translation: float = 0.125  # max shift as a fraction of the side; 0 disables
     cutout: float = 0.25  # side of the erased square as a fraction; 0 disables
-    flip_rotate: bool = True
+    symmetries: str = "d4"  # d4 | flips | none: set from data.symmetries (``with_symmetries``), not by hand
+
+    def __post_init__(self) -> None:
+        if self.symmetries not in SYMMETRIES:
+            raise ValueError(f"symmetries must be one of {SYMMETRIES}, got {self.symmetries!r}")
 
 
 def _uniform(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -76,12 +86,20 @@ def _flip_rotate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return result
 
 
+def _mirror(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2."""
+    flip = to_device(torch.randint(0, 2, (x.shape[0],), generator=gen), x.device).bool().view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
 def diff_augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Augment a batch (B, 3, H, W) in a differentiable way; identity when disabled."""
     if not cfg.enabled:
         return x
-    if cfg.flip_rotate:
+    if cfg.symmetries == "d4":
         x = _flip_rotate(x, gen)
+    elif cfg.symmetries == "flips":
+        x = _mirror(x, gen)
     if cfg.color:
         x = _color(x, gen)
     if cfg.translation > 0:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from common.config import dataclass_from_mapping
+from common.config import ConfigError, dataclass_from_mapping
 from common.train.augment import AugmentConfig
 from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
@@ -156,6 +157,30 @@ class TrainConfig:
         return self.method == "unified"
 
 
-def train_config(section: Any) -> TrainConfig:
-    """Build a TrainConfig from the ``train`` config section (a mapping or DictConfig)."""
-    return dataclass_from_mapping(TrainConfig, section, "train")
+def train_config(section: Any, symmetries: str | None = None) -> TrainConfig:
+    """Build a TrainConfig from the ``train`` config section (a mapping or DictConfig).
+
+    ``symmetries`` (the data set's ``data.symmetries``) sets which flips and rotations every
+    augmentation may use; None keeps the dataclass default (d4, as for histology).
+    """
+    cfg = dataclass_from_mapping(TrainConfig, section, "train")
+    return cfg if symmetries is None else with_symmetries(cfg, symmetries)
+
+
+def with_symmetries(cfg: TrainConfig, symmetries: str) -> TrainConfig:
+    """``cfg`` with every augmentation (D's view, the classifier's view, FixMatch's weak and strong
+    views) limited to the label-safe ``symmetries`` of the data set."""
+    return replace(cfg, augment=replace(cfg.augment, symmetries=symmetries),
+                   classifier_augment=replace(cfg.classifier_augment, symmetries=symmetries))
+
+
+def run_train_config(run: Mapping[str, Any]) -> TrainConfig:
+    """The ``train`` section of a whole run config, with the symmetries its ``data`` section declares."""
+    data = run.get("data")
+    if not isinstance(data, Mapping) or data.get("symmetries") is None:
+        raise ConfigError("data.symmetries is not set: every conf/data/<name>.yaml sets it (d4 | flips | none)")
+    cfg = train_config(run["train"])
+    try:
+        return with_symmetries(cfg, str(data["symmetries"]))
+    except ValueError as error:
+        raise ConfigError(f"data.symmetries: {error}") from error

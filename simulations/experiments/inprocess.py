@@ -21,7 +21,7 @@ from common.data.sites import SiteData
 from common.evaluation.metrics import classification_metrics, predict_probabilities
 from common.model import ModelConfig, UnifiedViTGAN, build_model
 from common.seeds import batch_seed, site_seed
-from common.train import LocalTrainer, train_config
+from common.train import LocalTrainer, run_train_config
 from common.train.streams import training_batches
 
 EVAL_BATCH = 256
@@ -76,7 +76,7 @@ class TrainedSite:
 def build_trainer(run: dict[str, Any], site: SiteData, seed: int) -> LocalTrainer:
     """A fresh model and trainer for ``run``'s model and train sections (weights seeded by ``seed``)."""
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(site.class_names), seed=seed)
-    return LocalTrainer(model, train_config(run["train"]), seed=seed, class_names=site.class_names,
+    return LocalTrainer(model, run_train_config(run), seed=seed, class_names=site.class_names,
                         device=resolve_device(run.get("device", "cpu")))
 
 

@@ -37,7 +37,7 @@ from common.data.errors import DataError  # noqa: E402
 from common.data.registry import load_site_data  # noqa: E402
 from common.data.sites import SiteData, pool_sites  # noqa: E402
 from common.model import UnifiedViTGAN  # noqa: E402
-from common.train import train_config  # noqa: E402
+from common.train import run_train_config  # noqa: E402
 from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
 from simulations.experiments.inprocess import CurvePoint, final_metrics, train_sites  # noqa: E402
@@ -75,7 +75,7 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
     run = apply_overrides(base, variant.overrides, f"variant {variant_name} (conf/variants/{variant_name}.yaml)")
     run["seed"] = seed
     run["train"]["optim"]["schedule_steps"] = exp.steps  # a cosine schedule spans the whole budget
-    train_config(run["train"])  # a bad override fails here, naming the key, before any data is read
+    run_train_config(run)  # a bad override fails here, naming the key, before any data is read
     sites = load_sites(run, seed)
     started = time.perf_counter()
     entry: dict[str, Any] = {"variant": variant_name, "setting": setting, "seed": seed, "steps": exp.steps}
@@ -111,7 +111,7 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
     entry["test_examples"] = sum(len(s.test) for s in eval_sites)
     entry["val_balanced_accuracy"] = metrics.get("val_balanced_accuracy")
     entry["curve"] = [p.as_dict() for p in curve]
-    if exp.generator_quality.enabled and train_config(run["train"]).uses_generator and variant.procedure == "standard":
+    if exp.generator_quality.enabled and run_train_config(run).uses_generator and variant.procedure == "standard":
         if setting == "federated":
             from simulations.experiments.federated import final_global_model
 
