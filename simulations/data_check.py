@@ -167,9 +167,22 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+DATA_USAGE = """usage: fedvitgan data check ROOT --dataset NAME     validate a copy of a data set
+       fedvitgan data fetch NAME --out DIR           download a small real-image data set (network)
+
+Run 'fedvitgan data check --help' or 'fedvitgan data fetch --help' for the options."""
+
+
 def data_command(argv: list[str]) -> int:
-    """``fedvitgan data SUBCOMMAND ...``; ``check`` is the one subcommand."""
-    if not argv or argv[0] != "check":
-        print("usage: fedvitgan data check ROOT --dataset NAME", file=sys.stderr)
-        return 2  # a usage error, as argparse reports one
-    return main(argv[1:])
+    """``fedvitgan data SUBCOMMAND ...``: ``check`` (this module) or ``fetch`` (simulations/data_fetch.py)."""
+    if argv and argv[0] == "check":
+        return main(argv[1:])
+    if argv and argv[0] == "fetch":
+        from simulations.data_fetch import main as fetch_main  # only fetch needs it
+
+        return fetch_main(argv[1:])
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(DATA_USAGE)
+        return 0
+    print(DATA_USAGE, file=sys.stderr)
+    return 2  # a usage error, as argparse reports one
