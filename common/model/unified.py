@@ -49,6 +49,15 @@ def split_groups(state: Mapping[str, V]) -> dict[str, dict[str, V]]:
     return {g: group_entries(state, (g,)) for g in GROUPS}
 
 
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x * scale + x.detach() * (1.0 - scale)
+
+
 @dataclass
 class DiscriminatorOutput:
     """One pass of images through the trunk and both heads."""
@@ -74,18 +83,22 @@ class UnifiedViTGAN(nn.Module):
     def trunk(self, images: torch.Tensor) -> TrunkOutput:
         return self.discriminator.trunk(images)
 
-    def discriminate(self, images: torch.Tensor, labels: torch.Tensor, classifier_score: bool = False
-                     ) -> DiscriminatorOutput:
+    def discriminate(self, images: torch.Tensor, labels: torch.Tensor, classifier_score: bool = False,
+                     trunk_gradient_scale: float = 1.0) -> DiscriminatorOutput:
         """Adversarial score D(x, y), class logits C(phi(x)) and phi(x) from one trunk pass.
 
         With ``classifier_score`` the unconditional part of the score is ``log sum_k exp C_k(x)``
         instead of psi(phi(x)) (the semi-supervised GAN of Salimans et al. 2016: the classifier's
         K classes are the "real" classes, so every unlabelled patch teaches the classifier too).
+        ``trunk_gradient_scale`` scales the gradient that flows from psi and the class projection
+        back into the shared trunk (the forward values, and the gradients of psi, E and the head,
+        are unchanged): 0 keeps the adversarial loss out of the trunk the classifier reads.
         """
         trunk = self.trunk(images)
         logits = self.classifier(trunk)
         unconditional = torch.logsumexp(logits, dim=1) if classifier_score else None
-        return DiscriminatorOutput(self.discriminator.score(trunk.features, labels, unconditional), logits,
+        features = scale_gradient(trunk.features, trunk_gradient_scale)
+        return DiscriminatorOutput(self.discriminator.score(features, labels, unconditional), logits,
                                    trunk.features)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:

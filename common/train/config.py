@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from common.config import ConfigError, dataclass_from_mapping
+from common.train.adversarial_scale import AdversarialTrunkConfig
 from common.train.augment import AugmentConfig
 from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
@@ -119,6 +120,7 @@ class TrainConfig:
     loader_workers: int = 0  # DataLoader worker processes for the real batches (pinned memory on CUDA)
     host_memory: str = "retain"  # retain: freed host memory is reused, not returned (glibc; common/train/host_memory.py)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adversarial_trunk: AdversarialTrunkConfig = field(default_factory=AdversarialTrunkConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color=False))
     classifier_augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(color=False, translation=0.0, cutout=0.0))

@@ -34,6 +34,7 @@ from torch import nn
 
 from common.model import UnifiedViTGAN
 from common.model.unified import DiscriminatorOutput
+from common.train.adversarial_scale import AdversarialTrunkScale
 from common.train.augment import diff_augment
 from common.train.config import TrainConfig, learning_rate_factor
 from common.train.host_memory import apply_host_memory_policy
@@ -182,6 +183,7 @@ class LocalTrainer:
         self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights, fused=fused)
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
         self.pseudo = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.pseudo_label)
+        self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk)
         self.rng = torch.Generator().manual_seed(int(seed))
         self.global_step = 0
         self._optimizers = (self.opt_generator, self.opt_discriminator, self.opt_classifier)
@@ -397,7 +399,7 @@ class LocalTrainer:
         with self.autocast():
             both = diff_augment(torch.cat([real, fake if same_pass else fake.detach()]), cfg.augment, self.rng)
             out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])),
-                                     cfg.classifier_score)
+                                     cfg.classifier_score, self.adversarial_scale.value)
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
             keep = self._select_generated(out, b, labels_host, fake_labels_host)
@@ -417,6 +419,7 @@ class LocalTrainer:
         if same_pass:  # (2) G's gradients through the same graph, before D's weights change in place
             self._step_generator(loss_g)
         self.step_discriminator(weights_learned=cfg.weighting.enabled)
+        self.adversarial_scale.observe(out.score[:b])
 
         # (2) otherwise: G's update against the just-updated D and C, from a second pass.
         if not same_pass:
@@ -427,6 +430,8 @@ class LocalTrainer:
                   "cls_synthetic": cls_syn, "cls_pseudo": cls_pseudo, "unlabelled_entropy": entropy}
         step = to_floats({k: v for k, v in losses.items() if v is not None})
         step["selected"] = float(keep.sum())
+        if cfg.adversarial_trunk.adaptive:
+            step["adversarial_trunk_scale"] = self.adversarial_scale.value
         if cfg.pseudo_label.enabled:
             step["pseudo_selected"] = float(kept_pseudo.sum())
         return step
@@ -505,6 +510,7 @@ class LocalTrainer:
         state["weighting.log_vars"] = self.weighting.log_vars.detach().cpu().clone()
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
         state.update({f"pseudo.{k}": v for k, v in self.pseudo.state_dict().items()})
+        state.update({f"adversarial_scale.{k}": v for k, v in self.adversarial_scale.state_dict().items()})
         state["rng"] = self.rng.get_state().clone()
         state["global_step"] = torch.tensor(self.global_step, dtype=torch.long)
         if self.privacy is not None:
@@ -531,6 +537,8 @@ class LocalTrainer:
             {k[len("selection."):]: v for k, v in state.items() if k.startswith("selection.")}
         )
         self.pseudo.load_state_dict({k[len("pseudo."):]: v for k, v in state.items() if k.startswith("pseudo.")})
+        self.adversarial_scale.load_state_dict(
+            {k[len("adversarial_scale."):]: v for k, v in state.items() if k.startswith("adversarial_scale.")})
         self.rng.set_state(state["rng"].clone().to(torch.uint8))
         self.global_step = int(state["global_step"])
         if self.privacy is not None:

@@ -1,0 +1,75 @@
+"""How much of D's adversarial gradient reaches the trunk the classifier shares (a hospital's own state).
+
+The discriminator and the classifier read one trunk. When the generator cannot yet imitate the
+hospital's patches, D separates real from generated images outright, and its gradient turns the
+shared features towards spotting generator artefacts instead of telling classes apart. The scale
+multiplies the gradient of D's score into the trunk in the D/C update (the score's own layers and
+G's update are untouched).
+
+``adaptive`` follows adaptive discriminator augmentation (Karras et al. 2020): its overfitting
+signal ``r = E[sign D(x_real)]`` (0 when D cannot tell, 1 when it wins on every real patch), kept
+as a moving average over steps, lowers ``log scale`` by ``rate`` each step it stays above
+``target`` and raises it each step below, between ``min_scale`` and ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdversarialTrunkConfig:
+    """``conf/train/*.yaml``: ``adversarial_trunk``."""
+
+    scale: float = 1.0  # the scale (adaptive: its upper bound and starting value)
+    adaptive: bool = False
+    target: float = 0.6  # E[sign D(real)] above which D counts as winning (ADA's target)
+    rate: float = 0.01  # change of log(scale) per step
+    min_scale: float = 0.01  # adaptive: lower bound
+    momentum: float = 0.9  # moving average of the per-step signal
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 1.0:
+            raise ValueError(f"adversarial_trunk.scale must be in [0, 1], got {self.scale}")
+        if self.adaptive and not 0.0 < self.min_scale <= self.scale:
+            raise ValueError(f"adversarial_trunk.min_scale must be in (0, scale], got {self.min_scale}")
+        if not -1.0 < self.target < 1.0:
+            raise ValueError(f"adversarial_trunk.target must be in (-1, 1), got {self.target}")
+        if self.rate < 0 or not 0.0 <= self.momentum < 1.0:
+            raise ValueError("adversarial_trunk.rate must be >= 0 and momentum in [0, 1)")
+
+
+class AdversarialTrunkScale:
+    """The current scale and the overfitting signal behind it; ``state_dict`` stays at the hospital."""
+
+    def __init__(self, cfg: AdversarialTrunkConfig) -> None:
+        self.cfg = cfg
+        self.log_scale = math.log(cfg.scale) if cfg.scale > 0 else -math.inf
+        self.signal = 0.0
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log_scale) if self.cfg.adaptive else self.cfg.scale
+
+    def observe(self, real_scores: torch.Tensor) -> None:
+        """Fold one step's scores of real patches into the signal and move the scale (adaptive only)."""
+        if not self.cfg.adaptive or real_scores.numel() == 0:
+            return
+        step = float(torch.sign(real_scores.detach().float()).mean())
+        self.signal = self.cfg.momentum * self.signal + (1.0 - self.cfg.momentum) * step
+        direction = 1.0 if self.signal > self.cfg.target else -1.0
+        low, high = math.log(self.cfg.min_scale), math.log(self.cfg.scale)
+        self.log_scale = min(high, max(low, self.log_scale - direction * self.cfg.rate))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"log_scale": torch.tensor(self.log_scale, dtype=torch.float64),
+                "signal": torch.tensor(self.signal, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``; state saved before this existed (no keys) keeps the start values."""
+        if "log_scale" in state:
+            self.log_scale = float(state["log_scale"])
+            self.signal = float(state["signal"])

@@ -1,0 +1,96 @@
+"""train.adversarial_trunk: how much of D's adversarial gradient reaches the shared trunk."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.model import build_model
+from common.train import LocalTrainer, TrainConfig
+from common.train.adversarial_scale import AdversarialTrunkConfig, AdversarialTrunkScale
+
+
+def _grads(tiny_cfg, scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Gradients of sum(D's score) w.r.t. the trunk and to psi/E, at ``scale``, same model and batch."""
+    model = build_model(tiny_cfg, 4, seed=0)
+    images = torch.randn(6, 3, tiny_cfg.image_size, tiny_cfg.image_size, generator=torch.Generator().manual_seed(1))
+    out = model.discriminate(images, torch.tensor([0, 1, 2, 3, -1, -1]), trunk_gradient_scale=scale)
+    (out.score.sum() + 0.0 * out.logits.sum()).backward()
+    trunk = {n: p.grad.clone() for n, p in model.discriminator.trunk.named_parameters() if p.grad is not None}
+    heads = {n: p.grad.clone() for n, p in model.discriminator.named_parameters()
+             if not n.startswith("trunk.") and p.grad is not None}
+    return trunk, heads
+
+
+def test_the_scale_multiplies_the_trunks_adversarial_gradient_and_leaves_the_heads_alone(tiny_cfg) -> None:
+    full_trunk, full_heads = _grads(tiny_cfg, 1.0)
+    part_trunk, part_heads = _grads(tiny_cfg, 0.25)
+    none_trunk, none_heads = _grads(tiny_cfg, 0.0)
+    assert full_trunk and any(g.abs().sum() > 0 for g in full_trunk.values())
+    for name, grad in full_trunk.items():
+        torch.testing.assert_close(part_trunk[name], 0.25 * grad, msg=name)
+        assert name not in none_trunk or none_trunk[name].abs().sum() == 0, name
+    for heads in (part_heads, none_heads):  # psi and the class projection learn as before
+        assert heads.keys() == full_heads.keys() and heads
+        for name, grad in full_heads.items():
+            torch.testing.assert_close(heads[name], grad, msg=name)
+
+
+def test_the_forward_pass_does_not_depend_on_the_scale(tiny_cfg) -> None:
+    model = build_model(tiny_cfg, 4, seed=0)
+    images = torch.randn(3, 3, tiny_cfg.image_size, tiny_cfg.image_size)
+    labels = torch.tensor([0, 1, -1])
+    with torch.no_grad():
+        a, b = model.discriminate(images, labels), model.discriminate(images, labels, trunk_gradient_scale=0.1)
+    torch.testing.assert_close(a.score, b.score)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_adaptive_scale_falls_while_d_wins_and_recovers_when_it_stops() -> None:
+    cfg = AdversarialTrunkConfig(scale=1.0, adaptive=True, target=0.6, rate=0.1, min_scale=0.01, momentum=0.0)
+    scale = AdversarialTrunkScale(cfg)
+    assert scale.value == 1.0
+    for _ in range(10):
+        scale.observe(torch.ones(8))  # every real patch on D's real side: D wins outright
+    assert scale.value == pytest.approx(math.exp(-1.0))
+    for _ in range(100):
+        scale.observe(torch.ones(8))
+    assert scale.value == pytest.approx(0.01)  # bounded below
+    for _ in range(5):
+        scale.observe(torch.tensor([1.0, -1.0, 1.0, -1.0]))  # signal 0 < target: D no longer wins
+    assert scale.value == pytest.approx(0.01 * math.exp(0.5))
+    restored = AdversarialTrunkScale(cfg)
+    restored.load_state_dict(scale.state_dict())
+    assert restored.value == pytest.approx(scale.value) and restored.signal == scale.signal
+
+
+def test_a_fixed_scale_never_moves() -> None:
+    scale = AdversarialTrunkScale(AdversarialTrunkConfig(scale=0.3))
+    for _ in range(20):
+        scale.observe(torch.ones(4))
+    assert scale.value == 0.3
+
+
+def test_the_trainer_keeps_the_adaptive_scale_in_its_local_state(tiny_cfg) -> None:
+    cfg = TrainConfig(batch_size=4, unlabelled_batch_size=0, generated_batch_size=4,
+                      adversarial_trunk=AdversarialTrunkConfig(adaptive=True, rate=0.05))
+    trainer = LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0)
+    images = torch.rand(4, 3, tiny_cfg.image_size, tiny_cfg.image_size) * 2 - 1
+    for _ in range(3):
+        step = trainer.step(images, torch.tensor([0, 1, 2, 3]))
+    assert "adversarial_trunk_scale" in step
+    state = trainer.state_dict()
+    assert float(state["adversarial_scale.log_scale"]) == pytest.approx(math.log(trainer.adversarial_scale.value))
+    fresh = LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0)
+    fresh.load_state_dict(state)
+    assert fresh.adversarial_scale.value == pytest.approx(trainer.adversarial_scale.value)
+    assert fresh.adversarial_scale.value < 1.0 or trainer.adversarial_scale.signal <= cfg.adversarial_trunk.target
+
+
+@pytest.mark.parametrize("bad", [dict(scale=1.5), dict(scale=-0.1), dict(adaptive=True, min_scale=0.0),
+                                 dict(target=1.0), dict(momentum=1.0)])
+def test_bad_settings_are_refused(bad) -> None:
+    with pytest.raises(ValueError, match="adversarial_trunk"):
+        AdversarialTrunkConfig(**bad)
