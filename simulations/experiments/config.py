@@ -7,7 +7,7 @@ from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping
 from simulations.experiments.two_stage import TwoStageConfig
-from simulations.experiments.variants import SETTINGS, load_variant
+from simulations.experiments.variants import REFERENCE_PROCEDURES, SETTINGS, load_variant
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ class ExperimentConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
+        federated_references = [v for v in self.variants_for("federated")
+                                 if load_variant(v).procedure in REFERENCE_PROCEDURES] if "federated" in self.settings else []
+        if federated_references:
+            raise ValueError(f"{federated_references} are reference rows: they run in the centralized and local settings "
+                             "only (leave them out of experiment.setting_variants.federated)")
         if "federated" in self.settings and (self.rounds < 1 or self.steps % self.rounds):
             raise ValueError(f"steps ({self.steps}) must be a multiple of rounds ({self.rounds}) for the federated setting")
 

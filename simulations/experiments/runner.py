@@ -44,7 +44,8 @@ from simulations.experiments.inprocess import CurvePoint, final_metrics, train_s
 from simulations.experiments.quality import site_generator_quality  # noqa: E402
 from simulations.experiments.report import plot_curves, results_markdown  # noqa: E402
 from simulations.experiments.two_stage import train_two_stage  # noqa: E402
-from simulations.experiments.variants import apply_overrides, load_variant  # noqa: E402
+from simulations.experiments.reference_rows import train_logistic_regression, train_small_cnn  # noqa: E402
+from simulations.experiments.variants import REFERENCE_PROCEDURES, apply_overrides, load_variant  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.experiment")
 METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "auroc")
@@ -86,7 +87,17 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
              f"({point.seconds:.0f} s)")
 
     models: list[UnifiedViTGAN]
-    if setting == "federated":
+    if variant.procedure in REFERENCE_PROCEDURES:
+        if setting == "federated":
+            raise ConfigError(f"variant {variant_name} is a reference row ({variant.procedure}): it runs in the "
+                              "centralized and local settings only (experiment.setting_variants.federated)")
+        eval_sites = [pool_sites(sites)] if setting == "centralized" else sites
+        if variant.procedure == "logistic_regression":
+            metrics, curve, entry["seconds"] = train_logistic_regression(eval_sites, seed)
+        else:
+            metrics, curve, entry["seconds"] = train_small_cnn(run, eval_sites, exp.steps, exp.eval_every, seed, show)
+        models = []
+    elif setting == "federated":
         from simulations.experiments.federated import train_federated
 
         metrics, curve = train_federated(run, sites, exp.steps, exp.rounds, seed, folder / f"{setting}-{variant_name}-seed{seed}")

@@ -1,8 +1,10 @@
 """Variants of an experiment: named sets of config overrides in ``conf/variants/<name>.yaml``.
 
 A variant file holds a one-line ``description``, the ``overrides`` it applies to the experiment's
-base config (Hydra dotlist syntax), and a ``procedure``: ``standard`` (train as a hospital does) or
-``two_stage`` (train the cGAN, then a fresh classifier on real + selected generated images).
+base config (Hydra dotlist syntax), and a ``procedure``: ``standard`` (train as a hospital does),
+``two_stage`` (train the cGAN, then a fresh classifier on real + selected generated images), or a
+reference row a user would try instead (``logistic_regression`` on pixels, ``small_cnn``: a
+ResNet-18), trained on the same labels and scored on the same patches.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from omegaconf import OmegaConf
 
 from common.config import CONF_DIR, ConfigError, load_yaml
 
-PROCEDURES = ("standard", "two_stage")
+PROCEDURES = ("standard", "two_stage", "logistic_regression", "small_cnn")
+#: Procedures that train something other than the unified model (simulations/experiments/reference_rows.py).
+REFERENCE_PROCEDURES = ("logistic_regression", "small_cnn")
 SETTINGS = ("centralized", "local", "federated")
 
 
