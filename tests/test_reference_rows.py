@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from common.config import compose_config, plain_config
-from simulations.experiments.runner import load_sites, run_experiment
 from simulations.experiments.reference_rows import labelled_part, train_logistic_regression
+from simulations.experiments.runner import load_sites, run_experiment
 
 TOY = [
     "data.train_per_site=40", "data.test_per_site=20", "data.labeled_per_class=2", "data.val_fraction=0.2",

@@ -33,8 +33,6 @@ from common.train.streams import training_batches
 from simulations.experiments.inprocess import CurvePoint, Predictions, evaluate_point, resolve_device
 
 
-
-
 class PlainClassifier(nn.Module):
     """A timm image classifier behind the ``classify`` call the evaluation code uses."""
 
@@ -64,23 +62,22 @@ def train_logistic_regression(sites: Sequence[SiteData], seed: int) -> tuple[dic
     """Fit one logistic regression per site on its labelled pixels; pooled test metrics, curve, seconds."""
     from sklearn.linear_model import LogisticRegression
 
+    def scored(model: LogisticRegression, dataset: PatchDataset, num_classes: int) -> Predictions:
+        pixels, labels = _pixels(dataset)
+        keep = labels >= 0
+        probs = np.zeros((int(keep.sum()), num_classes))
+        probs[:, model.classes_] = model.predict_proba(pixels[keep])  # a class without labels gets 0
+        return Predictions(labels[keep], probs)
+
     tests, vals, seconds = [], [], 0.0
     for k, site in enumerate(sites):
         x, y = _pixels(labelled_part(site.train))
         started = time.perf_counter()
         model = LogisticRegression(max_iter=2000, random_state=site_seed(seed, k)).fit(x, y)
         seconds += time.perf_counter() - started
-
-        def scored(dataset: PatchDataset) -> Predictions:
-            px, labels = _pixels(dataset)
-            keep = labels >= 0
-            probs = np.zeros((int(keep.sum()), site.train.num_classes))
-            probs[:, model.classes_] = model.predict_proba(px[keep])  # a class without labels gets 0
-            return Predictions(labels[keep], probs)
-
-        tests.append(scored(site.test))
+        tests.append(scored(model, site.test, site.train.num_classes))
         if site.val is not None:
-            vals.append(scored(site.val))
+            vals.append(scored(model, site.val, site.train.num_classes))
     metrics = Predictions.pooled(tests).metrics()
     metrics["val_balanced_accuracy"] = Predictions.pooled(vals).metrics()["balanced_accuracy"] if vals else None
     curve = [CurvePoint(0, seconds, metrics["val_balanced_accuracy"], metrics["balanced_accuracy"])]

@@ -42,9 +42,9 @@ from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
 from simulations.experiments.inprocess import CurvePoint, final_metrics, train_sites  # noqa: E402
 from simulations.experiments.quality import site_generator_quality  # noqa: E402
+from simulations.experiments.reference_rows import train_logistic_regression, train_small_cnn  # noqa: E402
 from simulations.experiments.report import plot_curves, results_markdown  # noqa: E402
 from simulations.experiments.two_stage import train_two_stage  # noqa: E402
-from simulations.experiments.reference_rows import train_logistic_regression, train_small_cnn  # noqa: E402
 from simulations.experiments.variants import REFERENCE_PROCEDURES, apply_overrides, load_variant  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.experiment")
