@@ -403,8 +403,10 @@ class LocalTrainer:
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
             keep = self._select_generated(out, b, labels_host, fake_labels_host)
-            cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep)
-            cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo)
+            cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep,
+                                           m if cfg.selection.loss_over == "candidates" else None)
+            cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo,
+                                              int(unlabelled.sum()) if cfg.pseudo_label.loss_over == "candidates" else None)
             loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
             entropy = None
             if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):

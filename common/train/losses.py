@@ -44,14 +44,21 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * known.to(logits.dtype)
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                         over: int | None = None) -> torch.Tensor | None:
     """Mean cross-entropy over the rows where ``mask`` is true; None when no row is.
 
-    A mask on the host selects its rows by index, so logits on a GPU need no wait for the GPU.
+    With ``over`` the kept rows' summed cross-entropy is divided by ``over`` instead (FixMatch's
+    normalisation by every candidate of the step, kept or not). A mask on the host selects its rows
+    by index, so logits on a GPU need no wait for the GPU.
     """
     if not bool(mask.any()):
         return None
     if mask.device.type == "cpu":
         rows = host_rows(mask, logits.device)
-        return F.cross_entropy(logits.index_select(0, rows), labels.index_select(0, rows))
-    return F.cross_entropy(logits[mask], labels[mask])
+        kept_logits, kept_labels = logits.index_select(0, rows), labels.index_select(0, rows)
+    else:
+        kept_logits, kept_labels = logits[mask], labels[mask]
+    if over is None:
+        return F.cross_entropy(kept_logits, kept_labels)
+    return F.cross_entropy(kept_logits, kept_labels, reduction="sum") / max(int(over), 1)

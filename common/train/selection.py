@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 SELECTION_MODES = ("rule", "all", "none")
+#: What a selected loss is averaged over (``SelectionConfig.loss_over``).
+LOSS_NORMALISATIONS = ("kept", "candidates")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,13 @@ class SelectionConfig:
     centroid_momentum: float = 0.95
     history: int = 256
     min_history: int = 8  # real distances a class needs before its candidates can be kept
+    # What the kept candidates' cross-entropy is averaged over: the kept rows alone, or every
+    # candidate of the step (FixMatch's normalisation: the loss grows as more candidates pass).
+    loss_over: str = "kept"
 
     def __post_init__(self) -> None:
+        if self.loss_over not in LOSS_NORMALISATIONS:
+            raise ValueError(f"loss_over must be one of {LOSS_NORMALISATIONS}, got {self.loss_over!r}")
         if self.mode not in SELECTION_MODES:
             raise ValueError(f"mode must be one of {SELECTION_MODES}, got {self.mode!r}")
         if not 0.0 <= self.confidence_threshold <= 1.0:

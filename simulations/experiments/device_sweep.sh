@@ -13,11 +13,12 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 nproc
 VARIANTS=${VARIANTS:-"[plain,semi_supervised,unified,sweep_co,sweep_co_a01,sweep_co_a0,sweep_co_ada,sweep_co_a01_pl,sweep_co_ada_pl]"}
 LIMIT=${LIMIT:-500}
+SKIP_SYNTHETIC=${SKIP_SYNTHETIC:-0}
 start=$(date +%s)
 timeout "$LIMIT" python3 -m simulations.cli experiment experiment=digits_few_labels data.root=.sweepdata/mnist5k \
     "experiment.variants=$VARIANTS" 'experiment.settings=[centralized]' experiment.workers=${GPU_WORKERS:-10} \
     device=cuda hydra.run.dir=/tmp/sweep_digits > "$out/digits.log" 2>&1 &
-timeout "$LIMIT" python3 -m simulations.cli experiment experiment=few_labels \
+[ "$SKIP_SYNTHETIC" = 1 ] || timeout "$LIMIT" python3 -m simulations.cli experiment experiment=few_labels \
     "experiment.variants=$VARIANTS" 'experiment.settings=[centralized]' experiment.workers=${CPU_WORKERS:-6} \
     experiment.generator_quality.enabled=false device=cpu hydra.run.dir=/tmp/sweep_synthetic > "$out/synthetic.log" 2>&1 &
 wait
