@@ -284,3 +284,12 @@ def test_the_count_release_has_sensitivity_sqrt2_and_is_accounted_as_such(tmp_pa
     again = HospitalPrivacy.open(ledger, "data", {}, "run-b", 1, [])
     assert again.release_counts(PrivacyConfig(enabled=True), 40, 17, lambda attempt: attempt) == counts
     assert len(ledger.load().attempts["data"]) == 1
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_dp_turns_pseudo_labels_off_because_its_step_has_no_pseudo_label_loss(scope: str) -> None:
+    cfg = TrainConfig(pseudo_label=SelectionConfig(mode="rule"))
+    assert private_train_config(cfg, PrivacyConfig(enabled=False)).pseudo_label.mode == "rule"
+    private = private_train_config(cfg, PrivacyConfig(enabled=True, scope=scope))
+    assert private.pseudo_label.mode == "none" and not private.pseudo_label.enabled
+    assert private.weighting.enabled == (scope == "classifier")

@@ -31,9 +31,14 @@ REAL_DATA_METRICS = ("real_images", "images_per_second", "loss/cls_real", "loss/
 
 
 def private_train_config(tcfg: TrainConfig, cfg: PrivacyConfig) -> TrainConfig:
-    """The training config a hospital uses under ``cfg``: in scope=discriminator the learned loss
-    weights (fitted to real-data losses, a channel outside the DP-SGD) are turned off."""
-    if not cfg.enabled or cfg.scope != "discriminator":
+    """The training config a hospital uses under ``cfg``: with DP on, pseudo-labels of unlabelled
+    patches are off (the DP step has no pseudo-label loss, and the config says so); in
+    scope=discriminator the learned loss weights (fitted to real-data losses, a channel outside the
+    DP-SGD) are turned off too."""
+    if not cfg.enabled:
+        return tcfg
+    tcfg = dataclasses.replace(tcfg, pseudo_label=dataclasses.replace(tcfg.pseudo_label, mode="none"))
+    if cfg.scope != "discriminator":
         return tcfg
     return dataclasses.replace(tcfg, weighting=dataclasses.replace(tcfg.weighting, enabled=False))
 
