@@ -3,7 +3,8 @@
 # digits"). The digits experiment runs on the GPU (its runs are the long ones), the synthetic one on
 # the machine's spare CPU cores, both through `fedvitgan experiment` (validation split for choices).
 # Needs: .whl/ (hydra-core, omegaconf, antlr4 wheels) and .sweepdata/mnist5k (fetched digits).
-# Usage there: bash simulations/experiments/device_sweep.sh  (writes $OUT/{digits,synthetic}.{json,md})
+# Usage there: bash simulations/experiments/device_sweep.sh  (writes $OUT/{digits,synthetic}.{json,md,log})
+# VARIANTS='[a,b]' picks the variants, SKIP_SYNTHETIC=1 runs the digits alone, LIMIT caps each experiment's seconds.
 set -u
 out=${OUT:-sweep_logs}
 mkdir -p "$out"
@@ -24,6 +25,7 @@ timeout "$LIMIT" python3 -m simulations.cli experiment experiment=digits_few_lab
 wait
 echo "wall seconds: $(( $(date +%s) - start ))"
 for name in digits synthetic; do
+    [ -f "$out/$name.log" ] || continue
     cp /tmp/sweep_$name/results.json "$out/$name.json" 2>/dev/null
     cp /tmp/sweep_$name/results.md "$out/$name.md" 2>/dev/null
     grep -E "^\[" "$out/$name.log" | tail -40
