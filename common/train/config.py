@@ -18,14 +18,26 @@ from common.train.selection import SelectionConfig
 from common.train.weighting import WeightingConfig
 
 SCHEDULES = ("constant", "cosine")
+#: How the shared trunk learns from D's and C's losses (``OptimConfig.trunk_update``).
+TRUNK_UPDATES = ("joint", "split")
 
 
 def learning_rate_factor(cfg: OptimConfig, step: int) -> float:
     """Multiplier of every base learning rate at local step ``step`` (0-based) under ``cfg.schedule``."""
+    warmup = learning_rate_warmup(cfg, step)
     if cfg.schedule == "constant":
-        return 1.0
+        return warmup
     total = int(cfg.schedule_steps or 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return warmup * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def learning_rate_warmup(cfg: OptimConfig, step: int) -> float:
+    """The linear warm-up factor at local step ``step``: ``(step + 1) / n`` for the first
+    ``n = warmup_fraction * schedule_steps`` steps, then 1 (always 1 without a schedule length)."""
+    if cfg.warmup_fraction <= 0 or not cfg.schedule_steps:
+        return 1.0
+    length = max(1, int(round(cfg.warmup_fraction * int(cfg.schedule_steps))))
+    return min(1.0, (step + 1) / length)
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,14 @@ class OptimConfig:
     classifier_weight_decay: float = 1e-4
     schedule: str = "constant"  # constant | cosine (every learning rate decays to 0 over schedule_steps)
     schedule_steps: int | None = None  # the run's total local steps per hospital (needed by cosine)
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction of schedule_steps (0: none)
+    # joint: the trunk learns from D's and C's losses through one optimiser (the discriminator's);
+    # split: C's losses reach the trunk through a classifier's AdamW of their own (below), D's
+    # adversarial loss through the discriminator's optimiser, each with its own moments.
+    trunk_update: str = "joint"
+    lr_trunk_classifier: float = 1e-3
+    trunk_classifier_betas: tuple[float, float] = (0.9, 0.999)
+    trunk_classifier_weight_decay: float = 0.05
     fused: bool | None = None  # fused Adam/AdamW kernels; None: on CUDA, not on the CPU
 
     def __post_init__(self) -> None:
@@ -49,8 +69,13 @@ class OptimConfig:
             raise ValueError(f"fused must be true, false or null (on CUDA only), got {self.fused!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.schedule == "cosine" and (self.schedule_steps is None or self.schedule_steps < 1):
             raise ValueError("schedule cosine needs schedule_steps (the run's total local steps) >= 1")
+        if self.trunk_update not in TRUNK_UPDATES:
+            raise ValueError(f"trunk_update must be one of {TRUNK_UPDATES}, got {self.trunk_update!r}")
+        object.__setattr__(self, "trunk_classifier_betas", tuple(float(b) for b in self.trunk_classifier_betas))
         object.__setattr__(self, "gan_betas", tuple(float(b) for b in self.gan_betas))
         if len(self.gan_betas) != 2:
             raise ValueError(f"gan_betas needs two values, got {self.gan_betas}")

@@ -153,6 +153,8 @@ class LocalTrainer:
             raise ValueError(f"{len(self.class_names)} class names for a {self.num_classes}-class model")
         if privacy is not None and cfg.method != "unified":
             raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method=unified, not {cfg.method!r}")
+        if cfg.optim.trunk_update == "split" and (privacy is not None or cfg.generator_update != "after_discriminator"):
+            raise ValueError("train.optim.trunk_update=split needs train.generator_update=after_discriminator and no DP")
         if privacy is not None and (cfg.amp != "none" or cfg.compile or cfg.generator_update != "after_discriminator"):
             raise ValueError("DP-SGD (privacy.enabled) runs its own step: use train.amp=none, train.compile=false "
                              "and train.generator_update=after_discriminator with it")
@@ -179,6 +181,11 @@ class LocalTrainer:
         self.opt_classifier = torch.optim.AdamW(
             model.classifier.parameters(), lr=o.lr_classifier, weight_decay=o.classifier_weight_decay, fused=fused
         )
+        # trunk_update=split: C's losses move the trunk through an optimiser of their own.
+        self.opt_trunk_classifier = torch.optim.AdamW(
+            model.discriminator.trunk.parameters(), lr=o.lr_trunk_classifier, betas=o.trunk_classifier_betas,
+            weight_decay=o.trunk_classifier_weight_decay, fused=fused,
+        ) if o.trunk_update == "split" else None
         self.weighting = DynamicLossWeighting(weighted_loss_names(cfg), cfg.weighting).to(self.device)
         self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights, fused=fused)
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
@@ -186,7 +193,8 @@ class LocalTrainer:
         self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk)
         self.rng = torch.Generator().manual_seed(int(seed))
         self.global_step = 0
-        self._optimizers = (self.opt_generator, self.opt_discriminator, self.opt_classifier)
+        self._optimizers = tuple(opt for opt in (self.opt_generator, self.opt_discriminator, self.opt_classifier,
+                                                 self.opt_trunk_classifier) if opt is not None)
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self._optimizers]
         # DP-SGD's own step on the covered parameters (common/privacy); None: no DP.
         self.privacy = privacy
@@ -417,7 +425,10 @@ class LocalTrainer:
                 fake_out = DiscriminatorOutput(out.score[b:], out.logits[b:], out.features[b:])
                 loss_g, adv_g, aux = self._generator_loss(fake_out, fake_labels, out.features[:b])
         self.zero_discriminator_grads()
-        loss_d.backward(inputs=self._discriminator_parameters(), retain_graph=same_pass)
+        if self.opt_trunk_classifier is not None:
+            self._split_trunk_backward(adv_d, loss_d)
+        else:
+            loss_d.backward(inputs=self._discriminator_parameters(), retain_graph=same_pass)
         if same_pass:  # (2) G's gradients through the same graph, before D's weights change in place
             self._step_generator(loss_g)
         self.step_discriminator(weights_learned=cfg.weighting.enabled)
@@ -437,6 +448,20 @@ class LocalTrainer:
         if cfg.pseudo_label.enabled:
             step["pseudo_selected"] = float(kept_pseudo.sum())
         return step
+
+    def _split_trunk_backward(self, adv_d: torch.Tensor, loss_d: torch.Tensor) -> None:
+        """trunk_update=split: step the trunk by C's losses through ``opt_trunk_classifier`` now, and
+        leave D's adversarial gradient in every discriminator parameter's ``.grad`` for
+        ``opt_discriminator`` (``step_discriminator``). Two backward passes through the trunk."""
+        trunk = list(self.model.discriminator.trunk.parameters())
+        discriminator = list(self.model.discriminator.parameters())
+        adversarial = torch.autograd.grad(adv_d, discriminator, retain_graph=True, allow_unused=True)
+        classification = loss_d - adv_d  # the weighted classification losses (+ entropy), adv_d's own term removed
+        classification.backward(inputs=[*trunk, *self.model.classifier.parameters(), *self.weighting.parameters()])
+        self.opt_trunk_classifier.step()
+        self.opt_trunk_classifier.zero_grad(set_to_none=True)
+        for param, grad in zip(discriminator, adversarial):
+            param.grad = grad
 
     @torch.no_grad()
     def _select_generated(self, out: DiscriminatorOutput, b: int, labels_host: torch.Tensor,
@@ -503,11 +528,17 @@ class LocalTrainer:
             pseudo_labelled=pseudo_labelled,
         )
     # ----------------------------------------------------------------- local state
+    def _named_optimizers(self) -> list[tuple[str, torch.optim.Optimizer]]:
+        named = [("opt_generator", self.opt_generator), ("opt_discriminator", self.opt_discriminator),
+                 ("opt_classifier", self.opt_classifier), ("opt_weights", self.opt_weights)]
+        if self.opt_trunk_classifier is not None:
+            named.append(("opt_trunk_classifier", self.opt_trunk_classifier))
+        return named
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All local state as named CPU tensors (never includes the model's weights)."""
         state: dict[str, torch.Tensor] = {}
-        for prefix, opt in (("opt_generator", self.opt_generator), ("opt_discriminator", self.opt_discriminator),
-                            ("opt_classifier", self.opt_classifier), ("opt_weights", self.opt_weights)):
+        for prefix, opt in self._named_optimizers():
             state.update(flatten_optimizer(prefix, opt))
         state["weighting.log_vars"] = self.weighting.log_vars.detach().cpu().clone()
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
@@ -524,8 +555,7 @@ class LocalTrainer:
         missing = [k for k in ("weighting.log_vars", "rng", "global_step") if k not in state]
         if missing:
             raise KeyError(f"local training state lacks {missing}")
-        for prefix, opt in (("opt_generator", self.opt_generator), ("opt_discriminator", self.opt_discriminator),
-                            ("opt_classifier", self.opt_classifier), ("opt_weights", self.opt_weights)):
+        for prefix, opt in self._named_optimizers():
             load_flat_optimizer(prefix, opt, state)
         log_vars = state["weighting.log_vars"]
         if log_vars.shape != self.weighting.log_vars.shape:
