@@ -252,3 +252,21 @@ def test_generate_selected_only_applies_the_confidence_rule_and_names_short_clas
     assert provenance["selection"]["confidence_threshold"] == 1.0
     assert all(c["drawn"] == 20 and c["written"] == c["accepted"] < 3 for c in provenance["counts"].values())
     assert all(f"class {c!r}: only" in nothing.stderr for c, n in provenance["counts"].items() if n["written"] < 3)
+
+
+def test_real_vs_generated_puts_real_rows_beside_the_generators(multirun: Multirun) -> None:
+    from simulations.experiments.real_vs_generated import real_rows
+
+    rows = real_rows(multirun.images, tuple(NAMES), 3, 32)
+    assert rows.shape == (3, 3, 32, 32, 3) and rows.dtype == np.uint8
+    out = multirun.base / "figure.png"
+    done = subprocess.run([sys.executable, "-m", "simulations.experiments.real_vs_generated", str(multirun.jobs[0]),
+                           str(multirun.images), "--out", str(out), "--per-class", "3"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=multirun.base, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1]  # 6 columns per class row
+    short = subprocess.run([sys.executable, "-m", "simulations.experiments.real_vs_generated", str(multirun.jobs[0]),
+                            str(multirun.images), "--out", str(out), "--per-class", "50"], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=multirun.base, timeout=300)
+    assert short.returncode != 0 and "need 50" in short.stderr
