@@ -3,8 +3,11 @@
 Each group (generator, discriminator, classifier) is aggregated on its own, or kept as it is when
 the group is local to the hospitals. A group's rule is one of
 
-- ``fedavg``: the weighted mean, each hospital's share of the weight optionally capped at
-  ``max_weight_share`` (the excess is spread over the others in proportion to their weights);
+- ``fedavg``: the weighted mean, each hospital's share of the weight capped at ``max_weight_share``
+  (the excess is spread over the others in proportion to their weights). ``auto`` (the default)
+  caps it at ``auto_weight_share(n) = max(2 / n, 0.5)`` for the ``n`` hospitals taking part: with 3
+  no hospital has more than two thirds, with 4 or more none has more than half, with 2 or fewer the
+  cap is off (a cap of 0.5 would force equal weights, and no cap can stop one of two);
 - ``median``: the coordinate-wise median (Yin et al., 2018), as Flower's ``FedMedian``;
 - ``trimmed_mean``: per coordinate, drop the ``int(trim_fraction * n)`` largest and smallest values
   and average the rest, as Flower's ``FedTrimmedAvg``.
@@ -33,6 +36,12 @@ import numpy as np
 GroupArrays = Mapping[str, np.ndarray]
 
 RULES: tuple[str, ...] = ("fedavg", "median", "trimmed_mean")
+AUTO_SHARE = "auto"
+
+
+def auto_weight_share(hospitals: int) -> float:
+    """The ``auto`` cap on one hospital's share of a group's FedAvg weight: ``max(2 / n, 0.5)``, 1 for n <= 2."""
+    return min(1.0, max(2.0 / max(1, hospitals), 0.5))
 
 
 class AggregationError(ValueError):
@@ -323,7 +332,7 @@ class GroupPolicy:
 
     rule: str = "fedavg"
     trim_fraction: float = 0.2
-    max_weight_share: float = 1.0
+    max_weight_share: float | str = 1.0  # a share in (0, 1], or "auto" (auto_weight_share)
     clip_update_norm: float | None = None
 
     def __post_init__(self) -> None:
@@ -331,10 +340,20 @@ class GroupPolicy:
             raise ValueError(f"aggregation rule {self.rule!r}: choose one of {list(RULES)}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must lie in [0, 0.5), got {self.trim_fraction}")
-        if not 0.0 < self.max_weight_share <= 1.0:
+        if isinstance(self.max_weight_share, str):
+            if self.max_weight_share != AUTO_SHARE:
+                raise ValueError(f"max_weight_share must be {AUTO_SHARE!r} or a number in (0, 1], "
+                                 f"got {self.max_weight_share!r}")
+        elif not 0.0 < self.max_weight_share <= 1.0:
             raise ValueError(f"max_weight_share must lie in (0, 1], got {self.max_weight_share}")
         if self.clip_update_norm is not None and not self.clip_update_norm > 0:
             raise ValueError(f"clip_update_norm must be > 0 or null (off), got {self.clip_update_norm}")
+
+    def share_cap(self, hospitals: int) -> float:
+        """The cap on one hospital's share when ``hospitals`` take part in the group."""
+        if self.max_weight_share == AUTO_SHARE:
+            return auto_weight_share(hospitals)
+        return float(self.max_weight_share)
 
 
 @dataclass
@@ -375,11 +394,12 @@ def aggregate_group(current: GroupArrays, updates: Sequence[GroupArrays], weight
     if policy.rule == "trimmed_mean":
         return GroupOutcome(trimmed_mean(chosen, policy.trim_fraction, clipping), members,
                             [1.0 / len(members)] * len(members), clipped)
+    cap = policy.share_cap(len(members))
     try:
-        shares = capped_shares(w[members], policy.max_weight_share)
+        shares = capped_shares(w[members], cap)
     except AggregationError as error:
         return GroupOutcome(_copy(current), members, clipped=clipped, kept=str(error))
-    uncapped = policy.max_weight_share >= 1.0  # then the plain weighted mean of the weights themselves
+    uncapped = cap >= 1.0  # then the plain weighted mean of the weights themselves
     mean = weighted_mean(chosen, w[members] if uncapped else shares, clipping)
     return GroupOutcome(mean, members, shares.tolist(), clipped)
 

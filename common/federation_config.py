@@ -31,6 +31,7 @@ class FederationConfig:
     evaluate_batch_size: int
     score_bins: int
     max_site_examples: int
+    max_abs_value: float
     checkpoint_keep_last: int
     local_state_keep_last: int
     state_dir: str | None
@@ -48,6 +49,10 @@ class FederationConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.max_abs_value, bool) or not isinstance(self.max_abs_value, (int, float)) \
+                or not 0 < self.max_abs_value < float("inf"):
+            raise ValueError(f"max_abs_value must be a positive finite number, got {self.max_abs_value!r}")
+        object.__setattr__(self, "max_abs_value", float(self.max_abs_value))
         for key in ("round_timeout_s", "wait_for_sites_s"):
             if not float(getattr(self, key)) >= 0:
                 raise ValueError(f"{key} must be >= 0 seconds, got {getattr(self, key)!r}")

@@ -81,7 +81,9 @@ def _privacy_report(run_dir: Path) -> None:
 
 
 def _limits(run: dict[str, Any], fed: FederationConfig, class_names: tuple[str, ...]) -> ReplyLimits:
-    return ReplyLimits(tuple(class_names), fed.score_bins, fed.max_site_examples, int(run["train"]["local_steps"]))
+    privacy = run.get("privacy") or {}
+    return ReplyLimits(tuple(class_names), fed.score_bins, fed.max_site_examples, int(run["train"]["local_steps"]),
+                       fed.max_abs_value, bool(privacy.get("enabled", False)))
 
 
 def _round_entry(rnd: int, seconds: float, train: RoundRecord, evaluate: RoundRecord | None) -> dict[str, Any]:
@@ -191,13 +193,19 @@ def _set_up(run: dict[str, Any], fed: FederationConfig, run_dir: Path) -> _Feder
     start_round, bindings = _resume_point(latest, store, run, run_dir, fingerprint, model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     registry = SiteRegistry(bindings)
-    strategy = GroupedStrategy(reference, AggregationConfig.from_config(fed.aggregation), fed.transport_dtype,
+    aggregation = AggregationConfig.from_config(fed.aggregation)
+    warnings = list(latest.warnings) if latest is not None and latest.warnings else []
+    for note in aggregation.small_federation_warnings(fed.num_sites):
+        logger.warning("%s", note)
+        _progress(f"WARNING: {note}")
+        warnings.append(note)
+    strategy = GroupedStrategy(reference, aggregation, fed.transport_dtype,
                                json.dumps(run), _limits(run, fed, class_names), fed.num_sites, fed.min_sites,
                                fed.wait_for_sites_s, fed.round_timeout_s, registry)
     summary = RunSummary(run_dir)
     summary.start(run, _transport_entry(fed.transport_dtype, reference, strategy.sent_groups),
                   resumed_from=start_round - 1 if start_round > 1 else None,
-                  warnings=latest.warnings if latest is not None else None)
+                  warnings=warnings or None)
     summary.data.pop("failure", None)
     summary.set("status", "running")
     strategy.summary()

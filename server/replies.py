@@ -3,11 +3,13 @@
 A train reply is used only if every record in it is expected, every group carries exactly the
 packed arrays of the global model's group (``common/records.py``), every packed array's payload has
 the byte size the reference implies and decodes to exactly the expected wire dtype and element
-count, and every tensor in it holds finite values (a checked
+count, and every tensor in it holds finite values no larger in magnitude than
+``federation.max_abs_value`` (a checked
 group is then read in place from the reply's payload, ``DecodedGroup``: no copy of a reply is
 made). Metrics follow a schema: the aggregation weights are integer counts in range (``num-examples`` at most
 ``federation.max_site_examples``, ``generator-steps`` at most ``train.local_steps``), other metrics
-are finite numbers with printable names, and lists are allowed only where the protocol has them. Class
+are finite numbers with printable names, and lists are allowed only where the protocol has them (the
+accountant history: only in a run with DP on, at most ``max_history_entries(round)`` long). Class
 counts are a small JSON object of known class names and integer counts. An evaluate reply carries
 its held-out confusion matrix and score histograms, whose totals must agree with each other.
 
@@ -72,6 +74,10 @@ class ReplyLimits:
     score_bins: int
     max_site_examples: int
     max_generator_steps: int
+    #: Largest magnitude a floating-point model value may have (``federation.max_abs_value``; None: any finite value).
+    max_abs_value: float | None = None
+    #: Whether the run trains with DP; only then may a train reply carry an accountant history.
+    privacy_enabled: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +101,16 @@ def _numpy_dtype_of(dtype: torch.dtype) -> np.dtype | None:
         return torch.empty((), dtype=dtype).numpy().dtype
     except TypeError:  # a dtype NumPy lacks (bfloat16)
         return None
+
+
+def within_magnitude(values: np.ndarray, bound: float) -> bool:
+    """Whether every value is a number in ``[-bound, bound]`` (a NaN or an infinity fails): two
+    passes (max, min) over the values, no copy."""
+    flat = values.reshape(-1)
+    if not flat.size:
+        return True
+    high, low = flat.max(), flat.min()
+    return bool(high <= bound and low >= -bound)  # NaN compares False
 
 
 def all_finite(values: np.ndarray) -> bool:
@@ -255,12 +271,44 @@ def _weights(metrics: dict[str, Any], limits: ReplyLimits) -> None:
     metrics.update({protocol.REAL_EXAMPLES: real, protocol.LABELLED_EXAMPLES: labelled, protocol.GENERATOR_STEPS: steps})
 
 
-def train_metrics(msg: Message, limits: ReplyLimits) -> dict[str, Any]:
-    """A train reply's metrics: the generic schema, list metrics only where known, valid weights."""
+def max_history_entries(server_round: int) -> int:
+    """The most accountant-history entries a train reply of ``server_round`` may carry: one count
+    release and, per round so far, one training attempt plus one retried attempt (a round trained
+    again after a resume), each with its own noise in the worst case."""
+    return 1 + 2 * max(1, int(server_round))
+
+
+def _dp_history(metrics: dict[str, Any], limits: ReplyLimits, server_round: int) -> None:
+    """The accountant-history lists: only when the run trains with DP, of one length, bounded by the
+    rounds run, and each entry a valid (noise multiplier, sampling rate, step count)."""
+    present = sorted(k for k in LIST_METRICS if k in metrics)
+    if not present:
+        return
+    if not limits.privacy_enabled:
+        raise ReplyError(f"metric {present[0]!r}: an accountant history, but this run trains without DP")
+    if len(present) != len(LIST_METRICS):
+        raise ReplyError(f"accountant history incomplete: only {present}")
+    lengths = {len(metrics[k]) for k in LIST_METRICS}
+    if len(lengths) != 1:
+        raise ReplyError(f"accountant history lists of different lengths {sorted(lengths)}")
+    length, bound = lengths.pop(), max_history_entries(server_round)
+    if length > bound:
+        raise ReplyError(f"accountant history of {length} entries in round {server_round} (at most {bound})")
+    for noise, rate, steps in zip(metrics[protocol.DP_HISTORY_NOISE], metrics[protocol.DP_HISTORY_RATE],
+                                  metrics[protocol.DP_HISTORY_STEPS]):
+        if not (noise > 0 and 0 < rate <= 1):
+            raise ReplyError(f"accountant history entry (noise {noise!r}, rate {rate!r}) is not a valid mechanism")
+        _integer(steps, protocol.DP_HISTORY_STEPS, 0, MAX_LIST * limits.max_generator_steps)
+
+
+def train_metrics(msg: Message, limits: ReplyLimits, server_round: int = 1) -> dict[str, Any]:
+    """A train reply's metrics: the generic schema, list metrics only where known (the accountant
+    history, only with DP on and bounded by the round), valid weights."""
     metrics = _metrics(msg)
     lists = sorted(k for k, v in metrics.items() if isinstance(v, list) and k not in LIST_METRICS)
     if lists:
         raise ReplyError(f"metric {lists[0]!r} is a list; expected a number")
+    _dp_history(metrics, limits, server_round)
     _weights(metrics, limits)
     return metrics
 
@@ -291,19 +339,25 @@ def checked_payload(array: Array, wire: np.dtype, shape: tuple[int, ...], key: s
     return payload
 
 
-def checked_value(payload: np.ndarray, like: torch.Tensor, transport: str, key: str) -> np.ndarray:
+def checked_value(payload: np.ndarray, like: torch.Tensor, transport: str, key: str,
+                  max_abs_value: float | None = None) -> np.ndarray:
     """One tensor's wire values (``payload``, shaped like ``like``): they decode to ``like``'s dtype
-    and shape and, for a floating tensor, are all finite. Returns ``payload``."""
+    and shape and, for a floating tensor, are all finite and, with ``max_abs_value``, no larger in
+    magnitude (finite values of 1e38 pass a finiteness check and overflow the next forward pass).
+    Returns ``payload``."""
     value = decoded(payload, like, transport)
     if value.shape != tuple(like.shape) or value.dtype != _numpy_dtype(like):
         raise ReplyError(f"{key}: decodes to {value.dtype} {value.shape}")
-    if like.is_floating_point() and not all_finite(value):
-        raise ReplyError(f"{key}: non-finite values")
+    if like.is_floating_point():
+        if not all_finite(value):
+            raise ReplyError(f"{key}: non-finite values")
+        if max_abs_value is not None and not within_magnitude(value, max_abs_value):
+            raise ReplyError(f"{key}: values beyond federation.max_abs_value={max_abs_value:g} in magnitude")
     return payload
 
 
-def unpack_checked(record: ArrayRecord, state: Mapping[str, torch.Tensor], transport: str, group: str
-                   ) -> dict[str, np.ndarray]:
+def unpack_checked(record: ArrayRecord, state: Mapping[str, torch.Tensor], transport: str, group: str,
+                   max_abs_value: float | None = None) -> dict[str, np.ndarray]:
     """A reply's packed group, checked: exactly the expected packed arrays, each payload checked, then
     every tensor's values (errors name the tensor's key). Returns read-only views, one per key."""
     layout = packed_layout(state, transport)
@@ -316,7 +370,7 @@ def unpack_checked(record: ArrayRecord, state: Mapping[str, torch.Tensor], trans
         wire = np.dtype(name.removeprefix(PACKED_PREFIX))
         flat = checked_payload(record[name], wire, (packed_size(slots),), f"{group} {name}")
         for key, view in slot_views(flat, slots).items():
-            views[key] = checked_value(view, state[key], transport, key)
+            views[key] = checked_value(view, state[key], transport, key, max_abs_value)
     return {key: views[key] for key in state}
 
 
@@ -360,17 +414,18 @@ def check_train_reply(
     transport: str,
     limits: ReplyLimits,
     site: str | None = None,
+    server_round: int = 1,
 ) -> SiteReply:
-    """Validate a train reply against the global groups in ``reference`` (group -> state)."""
+    """Validate a train reply of ``server_round`` against the global groups in ``reference`` (group -> state)."""
     check_status(msg)
     _expect_records(msg, list(reference))
     name = site or site_name(msg)
-    metrics = train_metrics(msg, limits)
+    metrics = train_metrics(msg, limits, server_round)
     groups: dict[str, Mapping[str, np.ndarray]] = {}
     received = 0
     for group, state in reference.items():
-        groups[group] = DecodedGroup(unpack_checked(msg.content.array_records[group], state, transport, group),
-                                     state, transport)
+        groups[group] = DecodedGroup(unpack_checked(msg.content.array_records[group], state, transport, group,
+                                                    limits.max_abs_value), state, transport)
         received += sum(int(like.numel()) * expected_wire_dtype(like, transport).itemsize for like in state.values())
     return SiteReply(int(msg.metadata.src_node_id), name, metrics, groups, received, class_counts(msg, name, limits))
 

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol
-from common.aggregate import RULES, GroupOutcome, GroupPolicy, aggregate_group_outcomes
+from common.aggregate import AUTO_SHARE, RULES, GroupOutcome, GroupPolicy, aggregate_group_outcomes
 from common.config import ConfigError, dataclass_from_mapping
 from common.evaluation import pooled_metrics, summary_metrics
 from common.model import GROUPS, split_groups
@@ -67,7 +67,7 @@ class AggregationConfig:
     """``federation.aggregation``: one rule per group and the federation-wide influence bounds."""
 
     rules: Mapping[str, GroupRule]
-    max_weight_share: float = 1.0
+    max_weight_share: float | str = AUTO_SHARE  # a share in (0, 1], or "auto": max(2/n, 0.5) of n hospitals
     clip_update_norm: float | None = None
 
     @classmethod
@@ -81,7 +81,10 @@ class AggregationConfig:
             raise ConfigError(f"{where}: rules missing for groups {missing}")
         rules = {g: dataclass_from_mapping(GroupRule, section[g], f"{where}.{g}") for g in GROUPS}
         clip = section.get("clip_update_norm")
-        config = cls(rules, float(section.get("max_weight_share", 1.0)), None if clip is None else float(clip))
+        share = section.get("max_weight_share", AUTO_SHARE)
+        if not isinstance(share, str):
+            share = float(share)
+        config = cls(rules, share, None if clip is None else float(clip))
         try:
             for group in GROUPS:
                 config.policy(group)
@@ -92,6 +95,24 @@ class AggregationConfig:
     def policy(self, group: str) -> GroupPolicy:
         rule = self.rules[group]
         return GroupPolicy(rule.rule, float(rule.trim_fraction), self.max_weight_share, self.clip_update_norm)
+
+    def small_federation_warnings(self, hospitals: int) -> list[str]:
+        """What the influence bounds cannot do with fewer than 3 hospitals, said once at start."""
+        if hospitals >= 3:
+            return []
+        notes = []
+        robust = sorted(g for g, r in self.rules.items() if not r.local and r.rule != "fedavg")
+        if robust:
+            notes.append(f"{hospitals} hospital(s): the {', '.join(robust)} rule(s) cannot outvote a hostile "
+                         f"hospital (the median of 2 is their mean); use 3 or more hospitals for a robust rule")
+        if self.clip_update_norm is not None:
+            notes.append(f"{hospitals} hospital(s): clip_update_norm clips to {self.clip_update_norm:g} x the median "
+                         f"norm, and with fewer than 3 the median includes any hostile hospital's own update, "
+                         f"so it bounds nothing")
+        if any(not r.local and r.rule == "fedavg" for r in self.rules.values()):
+            notes.append(f"{hospitals} hospital(s): max_weight_share cannot stop one hospital from dominating "
+                         f"FedAvg ('auto' leaves it off below 3 hospitals)")
+        return notes
 
 
 @dataclass
@@ -250,7 +271,8 @@ class GroupedStrategy(Strategy):
                 stopped = budget_exhausted_metrics(msg, verdict.name)
                 if stopped is not None:
                     record.budget_exhausted.append(stopped)
-                reply = check_train_reply(msg, sent_reference, self.transport, self.limits, verdict.name)
+                reply = check_train_reply(msg, sent_reference, self.transport, self.limits, verdict.name,
+                                          server_round)
             except Exception as error:  # every failure of one reply excludes that reply only
                 self._exclude(record, verdict, _reason(error), "train")
                 continue
@@ -352,7 +374,9 @@ class GroupedStrategy(Strategy):
             how = {"fedavg": f"FedAvg weighted by {rule.weight}", "median": "coordinate-wise median",
                    "trimmed_mean": f"trimmed mean (cut {rule.trim_fraction:g} each end)"}[rule.rule]
             logger.info("  %-13s %s", group, how)
-        logger.info("  max weight share: %g, update clipping: %s", self.aggregation.max_weight_share,
+        share = self.aggregation.max_weight_share
+        logger.info("  max weight share: %s, update clipping: %s",
+                    "auto (max(2/n, 0.5) of the n hospitals taking part)" if share == AUTO_SHARE else f"{share:g}",
                     "off" if self.aggregation.clip_update_norm is None
                     else f"{self.aggregation.clip_update_norm:g} x median norm")
         logger.info("  transport dtype: %s", self.transport)

@@ -181,3 +181,16 @@ def test_median_and_trimmed_mean_leave_out_hospitals_with_zero_weight() -> None:
     assert aggregate_group(current, updates, [1, 1, 1], GroupPolicy(rule="median")).arrays["w"].tolist() == [2.0]
     with pytest.raises(ValueError, match="aggregation rule"):
         GroupPolicy(rule="krum")
+
+
+def test_auto_weight_share_is_two_over_n_but_never_below_a_half_and_off_for_two() -> None:
+    from common.aggregate import auto_weight_share
+
+    assert [auto_weight_share(n) for n in (1, 2, 3, 4, 10)] == pytest.approx([1.0, 1.0, 2 / 3, 0.5, 0.5])
+    policy = GroupPolicy(max_weight_share="auto")
+    current = {"w": np.zeros(2, np.float32)}
+    updates = [{"w": np.full(2, float(i), np.float32)} for i in range(4)]
+    outcome = aggregate_group(current, updates, [1.0, 1.0, 1.0, 1e7], policy)
+    assert outcome.shares == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0.5])
+    with pytest.raises(ValueError, match="'auto' or a number"):
+        GroupPolicy(max_weight_share="half")

@@ -172,6 +172,13 @@ def _nan(reply: Message) -> Message:
                       Array(np.full_like(reply.content.array_records["classifier"][key].numpy(), np.inf)))
 
 
+def _huge(reply: Message) -> Message:
+    """Finite float32 values that pass a finiteness check; averaged, they overflow the next forward pass."""
+    key = _first_key(reply, "classifier")
+    return _set_array(reply, "classifier", key,
+                      Array(np.full_like(reply.content.array_records["classifier"][key].numpy(), 1e38)))
+
+
 CASES: dict[str, tuple[Tamper, str]] = {
     "lying shape": (_lying_shape, "classifier packed:float32: decoded shape (325, 1)"),
     "wrong element count": (_wrong_count, "elements), expected ("),
@@ -187,8 +194,11 @@ CASES: dict[str, tuple[Tamper, str]] = {
     "negative class count": (_set_counts(json.dumps({"test": {"tumour": -1}})), "count in [0"),
     "list metric": (_set_metric("loss/d", [1.0, 2.0]), "is a list"),
     "negative weight": (_set_metric(protocol.REAL_EXAMPLES, -5), "count in [1"),
-    "huge weight": (_set_metric(protocol.REAL_EXAMPLES, 1e12), "count in [1, 10000000]"),
-    "overflowing weight": (_set_metric(protocol.REAL_EXAMPLES, 1e308), "count in [1, 10000000]"),
+    "huge weight": (_set_metric(protocol.REAL_EXAMPLES, 1e12), "count in [1, 1000000]"),
+    "overflowing weight": (_set_metric(protocol.REAL_EXAMPLES, 1e308), "count in [1, 1000000]"),
+    "finite values of 1e38": (_huge, f"{CLASSIFIER_BIAS}: values beyond federation.max_abs_value=10000"),
+    "accountant history without DP": (_set_metric(protocol.DP_HISTORY_STEPS, [1.0] * 100_000),
+                                      "an accountant history, but this run trains without DP"),
     "NaN weight": (_set_metric(protocol.REAL_EXAMPLES, float("nan")), "expected a finite number"),
     "infinite weight": (_set_metric(protocol.REAL_EXAMPLES, float("inf")), "expected a finite number"),
     "fractional weight": (_set_metric(protocol.REAL_EXAMPLES, 39.5), "expected an integer count"),
@@ -353,6 +363,36 @@ def test_no_site_takes_more_than_max_weight_share(tmp_path: Path, recorded: dict
     for key in replies[0]:
         hand = 0.2 * replies[0][key].astype(np.float64) + 0.4 * replies[1][key] + 0.4 * replies[2][key]
         np.testing.assert_allclose(saved[key].numpy(), hand, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_by_default_a_hospital_claiming_a_million_patches_takes_at_most_two_thirds(tmp_path: Path,
+                                                                                   recorded: dict) -> None:
+    claims = {1: 10, 2: 30, 3: 1_000_000}
+
+    def inflate(node: int, reply: Message) -> Message:
+        if reply.metadata.message_type == "train":
+            reply.content.metric_records[protocol.METRICS][protocol.REAL_EXAMPLES] = claims[node]
+            reply.content.metric_records[protocol.METRICS][protocol.LABELLED_EXAMPLES] = 0
+        return reply
+
+    run_federation(ReplayGrid(recorded, 3, inflate), _config(tmp_path, ["federation.rounds=1"]), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    entry = summary["rounds"][0]
+    shares = entry["aggregation"]["discriminator"]["shares"]
+    # auto: max(2/3, 0.5) = 2/3 for the claimant, the other third split 10:30
+    assert shares == pytest.approx({"site-0": 1 / 12, "site-1": 1 / 4, "site-2": 2 / 3})
+    assert entry["aggregation"]["discriminator"]["clipped"] == []  # honest updates stay under 3 x the median
+    assert "warnings" not in summary["sessions"][0]  # 3 hospitals: nothing to warn about
+
+
+def test_with_two_hospitals_the_run_warns_that_the_bounds_protect_nothing(tmp_path: Path) -> None:
+    run = _config(tmp_path, ["federation.num_sites=2", "federation.rounds=1",
+                             "federation.aggregation.discriminator.rule=median"])
+    run_federation(InProcessGrid(client_app, 2), run, tmp_path)
+    warnings = json.loads((tmp_path / "summary.json").read_text())["sessions"][0]["warnings"]
+    assert any("discriminator rule(s) cannot outvote" in w for w in warnings), warnings
+    assert any("clip_update_norm" in w and "bounds nothing" in w for w in warnings), warnings
+    assert any("max_weight_share cannot stop" in w for w in warnings), warnings
 
 
 def test_site_bindings_survive_a_resume(tmp_path: Path, recorded: dict) -> None:
