@@ -263,7 +263,8 @@ class LocalRun:
     def build_trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
                  dp: DPTraining | None) -> LocalTrainer:
         trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
-                               class_names=data.class_names, device=self.site.device, privacy=dp)
+                               class_names=data.class_names, device=self.site.device, privacy=dp,
+                               validation=data.val)
         if saved is not None:
             trainer.load_state_dict(saved.trainer)
         return trainer

@@ -12,6 +12,7 @@ import torch
 from common.config import ConfigError, dataclass_from_mapping
 from common.train.adversarial_scale import AdversarialTrunkConfig
 from common.train.augment import AugmentConfig
+from common.train.gate import PseudoLabelGateConfig
 from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
 from common.train.selection import SelectionConfig
@@ -152,6 +153,7 @@ class TrainConfig:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     pseudo_label: SelectionConfig = field(default_factory=lambda: SelectionConfig(mode="none", confidence_threshold=0.95))
+    pseudo_label_gate: PseudoLabelGateConfig = field(default_factory=PseudoLabelGateConfig)
     semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
 
     def __post_init__(self) -> None:

@@ -31,12 +31,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from common.model import UnifiedViTGAN
 from common.model.unified import DiscriminatorOutput
 from common.train.adversarial_scale import AdversarialTrunkScale
 from common.train.augment import diff_augment
 from common.train.config import TrainConfig, learning_rate_factor
+from common.train.gate import PseudoLabelGate
 from common.train.host_memory import apply_host_memory_policy
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
@@ -62,6 +64,7 @@ class RoundMetrics:
     global_step: int
     pseudo_acceptance: dict[str, float] = field(default_factory=dict)
     pseudo_labelled: int = 0
+    gate: dict[str, float] = field(default_factory=dict)  # the pseudo-label gate's entries (gate/...)
 
     @property
     def images_per_second(self) -> float:
@@ -84,6 +87,7 @@ class RoundMetrics:
             flat.update({f"{prefix}/{k}": float(v) for k, v in values.items()})
         if self.pseudo_acceptance:
             flat["pseudo_labelled"] = float(self.pseudo_labelled)
+        flat.update({k: float(v) for k, v in self.gate.items()})
         return flat
 
 
@@ -142,7 +146,10 @@ class LocalTrainer:
         class_names: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
         privacy: PrivateStep | None = None,
+        validation: Dataset | None = None,
     ) -> None:
+        """``validation``: the hospital's labelled validation patches, read (never trained on) by the
+        pseudo-label gate (``train.pseudo_label_gate``; common/train/gate.py)."""
         apply_host_memory_policy(cfg.host_memory)  # process-wide, once: freed host memory kept for reuse
         self.model = model.to(device)
         self.cfg = cfg
@@ -191,6 +198,9 @@ class LocalTrainer:
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
         self.pseudo = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.pseudo_label)
         self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk)
+        gated = cfg.method == "unified" and cfg.pseudo_label.enabled and cfg.pseudo_label_gate.enabled
+        self.gate = PseudoLabelGate(cfg.pseudo_label_gate, cfg.pseudo_label.confidence_threshold, validation,
+                                    self.device) if gated else None
         self.rng = torch.Generator().manual_seed(int(seed))
         self.global_step = 0
         self._optimizers = tuple(opt for opt in (self.opt_generator, self.opt_discriminator, self.opt_classifier,
@@ -395,7 +405,7 @@ class LocalTrainer:
 
         # (0) pseudo-labels of the unlabelled rows (weak view, no gradient).
         pseudo_host = torch.full_like(labels_host, -1)
-        if cfg.pseudo_label.enabled and bool(unlabelled.any()):
+        if cfg.pseudo_label.enabled and bool(unlabelled.any()) and (self.gate is None or self.gate.open):
             pseudo_host[unlabelled] = self._pseudo_labels(real.index_select(0, host_rows(unlabelled, self.device)))
         kept_pseudo = pseudo_host >= 0
         pseudo_labels = to_device(pseudo_host, self.device)
@@ -496,6 +506,8 @@ class LocalTrainer:
         self.model.train()
         self.selector.reset_counters()
         self.pseudo.reset_counters()
+        if self.gate is not None:
+            self.gate.reset_counters()
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         real_images, selected, pseudo_labelled = 0, 0, 0
@@ -503,6 +515,10 @@ class LocalTrainer:
         data = _cycle(batches)
         for index in range(steps):
             images, labels = next(data)
+            if self.gate is not None:
+                if self.gate.due(self.global_step, first_of_round=index == 0):
+                    self.gate.check(self.model, self.global_step)
+                self.gate.count()
             result = self.step(images, labels)
             real_images += images.shape[0]
             selected += int(result.pop("selected"))
@@ -526,6 +542,7 @@ class LocalTrainer:
             pseudo_acceptance=(dict(zip(self.class_names, self.pseudo.acceptance()))
                                if self.cfg.pseudo_label.enabled or self.cfg.method == "semi_supervised" else {}),
             pseudo_labelled=pseudo_labelled,
+            gate=self.gate.metrics() if self.gate is not None else {},
         )
     # ----------------------------------------------------------------- local state
     def _named_optimizers(self) -> list[tuple[str, torch.optim.Optimizer]]:

@@ -77,7 +77,7 @@ def build_trainer(run: dict[str, Any], site: SiteData, seed: int) -> LocalTraine
     """A fresh model and trainer for ``run``'s model and train sections (weights seeded by ``seed``)."""
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(site.class_names), seed=seed)
     return LocalTrainer(model, run_train_config(run), seed=seed, class_names=site.class_names,
-                        device=resolve_device(run.get("device", "cpu")))
+                        device=resolve_device(run.get("device", "cpu")), validation=site.val)
 
 
 def resolve_device(device: str) -> str:
