@@ -11,13 +11,15 @@ hospital's patients may come from it. The policy comes from the SuperNode's ``--
 | ``state-dir``          | ``state_dir``          | the hospital's state folder (local state, privacy ledger) |
 | ``cache-dir``          | ``cache_dir``          | where compressed data files are inflated |
 | ``privacy-required``   | ``privacy_required``   | refuse every training round without DP |
-| ``privacy-scope``      | ``privacy_scope``      | the least DP scope accepted (``discriminator``: refuse ``classifier``) |
+| ``privacy-scope``      | ``privacy_scope``      | the least DP scope accepted; unset with DP required: ``discriminator`` (the strict reading) |
 | ``min-noise-multiplier`` | ``min_noise_multiplier`` | refuse less noise (DP-SGD and the count release) |
 | ``max-epsilon``        | ``max_epsilon``        | lifetime budget; the stricter of this and ``privacy.max_epsilon`` wins |
 | ``max-grad-norm``      | ``max_grad_norm``      | refuse a larger clipping norm ``privacy.max_grad_norm`` |
 
 Any privacy floor (scope, noise, budget, clipping) implies ``privacy-required``: a round without
-DP has no finite epsilon. The coordinator may ask for more privacy, never less. In a deployment a
+DP has no finite epsilon. A hospital that requires DP and names no ``privacy-scope`` gets the strict
+reading: everything a real patch's gradient reaches (``discriminator``) must be DP, because the
+head-only scope sends a discriminator trained without DP while its reply reports an epsilon. The coordinator may ask for more privacy, never less. In a deployment a
 run that sets ``privacy.seed``, ``privacy.ledger_dir``, ``federation.state_dir`` or
 ``data.cache_dir``, or ``data.root`` for a hospital that pins none, is refused. Every refusal is a
 ``Refusal`` naming the key; the hospital trains nothing that round.
@@ -112,6 +114,14 @@ class HospitalPolicy:
         return cls() if not mapping else dataclass_from_mapping(cls, mapping, where)
 
     @property
+    def required_scope(self) -> str | None:
+        """The least DP scope this hospital accepts: its ``privacy-scope``, or, when it requires DP
+        without naming one, the strictest scope (``discriminator``); None when DP is not required."""
+        if self.privacy_scope is not None:
+            return self.privacy_scope
+        return SCOPES[-1] if self.requires_privacy else None
+
+    @property
     def requires_privacy(self) -> bool:
         """DP is required explicitly or by any privacy floor."""
         return self.privacy_required or any(v is not None for v in (self.privacy_scope, self.min_noise_multiplier,
@@ -151,8 +161,11 @@ def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
     floor = policy.describe()
     if not cfg.enabled:
         raise Refusal("privacy.enabled", f"this hospital trains only with differential privacy ({floor})")
-    if policy.privacy_scope is not None and SCOPES.index(cfg.scope) < SCOPES.index(policy.privacy_scope):
-        raise Refusal("privacy.scope", f"{cfg.scope!r} covers less than this hospital requires ({floor})")
+    required = policy.required_scope
+    if required is not None and SCOPES.index(cfg.scope) < SCOPES.index(required):
+        why = "" if policy.privacy_scope is not None else (
+            f"; it names no privacy-scope, which means the strict one, {required!r}")
+        raise Refusal("privacy.scope", f"{cfg.scope!r} covers less than this hospital requires ({floor}{why})")
     if policy.max_grad_norm is not None and cfg.max_grad_norm > policy.max_grad_norm:
         raise Refusal("privacy.max_grad_norm", f"{cfg.max_grad_norm:g} is above this hospital's ceiling ({floor})")
     if policy.min_noise_multiplier is not None:

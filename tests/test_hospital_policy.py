@@ -23,7 +23,7 @@ from tests.fakes import InProcessGrid
 
 BASE = ["federation.num_sites=1", "train.local_steps=2", "train.batch_size=8", "data.train_per_site=24",
         "data.test_per_site=8", "train.selection.warmup_steps=2", "privacy.enabled=true"]
-FLOOR = {"privacy-required": True, "min-noise-multiplier": 1.0, "max-grad-norm": 1.0}
+FLOOR = {"privacy-required": True, "privacy-scope": "classifier", "min-noise-multiplier": 1.0, "max-grad-norm": 1.0}
 
 
 def _run(tmp: Path, overrides: list[str]) -> dict[str, Any]:
@@ -114,11 +114,21 @@ def test_a_stricter_scope_and_a_derived_noise_below_the_floor_are_refused(tmp_pa
     _assert_refused(_train(strict, _run(tmp_path, ["privacy.scope=classifier"])), "privacy.scope", tmp_path)
     _assert_refused(_train(strict, _run(tmp_path, ["privacy.scope=classifier", "privacy.enabled=false"])),
                     "privacy.enabled", tmp_path)  # any floor implies DP
-    floor = _hospital(tmp_path, **{"min-noise-multiplier": 2.0})
+    floor = _hospital(tmp_path, **{"min-noise-multiplier": 2.0, "privacy-scope": "classifier"})
     reply = _train(floor, _run(tmp_path, ["privacy.noise_multiplier=null", "privacy.target_epsilon=50"]))
     _assert_refused(reply, "privacy.target_epsilon", tmp_path)
     content = PrivacyLedger.in_folder(tmp_path / "hospital" / "hug").load()
     assert all(a.kind == "counts" for attempts in content.attempts.values() for a in attempts)  # no training step
+
+
+def test_privacy_required_without_a_scope_means_the_whole_discriminator(tmp_path: Path) -> None:
+    required = _hospital(tmp_path, **{"privacy-required": True})
+    reply = _train(required, _run(tmp_path, ["privacy.scope=classifier", "privacy.noise_multiplier=1.0"]))
+    _assert_refused(reply, "privacy.scope", tmp_path)
+    assert "names no privacy-scope" in str(_site(reply)[protocol.STATUS_MESSAGE])
+    assert not reply.content.array_records  # nothing sent
+    ok = _train(required, _run(tmp_path, ["privacy.scope=discriminator", "privacy.noise_multiplier=1.0"]))
+    assert _site(ok)[protocol.STATUS] == "ok"
 
 
 def test_a_misspelt_policy_key_is_an_error_not_silently_ignored(tmp_path: Path) -> None:
@@ -129,7 +139,7 @@ def test_a_misspelt_policy_key_is_an_error_not_silently_ignored(tmp_path: Path) 
 
 def test_max_epsilon_null_from_the_coordinator_does_not_lift_the_hospitals_own_budget(tmp_path: Path) -> None:
     run = _run(tmp_path, ["privacy.max_epsilon=null"])
-    first = _train(_hospital(tmp_path, **{"max-epsilon": 1e6}), run)
+    first = _train(_hospital(tmp_path, **{"max-epsilon": 1e6, "privacy-scope": "classifier"}), run)
     metrics = first.content.metric_records[protocol.METRICS]
     history = list(zip(metrics[protocol.DP_HISTORY_NOISE], metrics[protocol.DP_HISTORY_RATE],
                        [int(s) for s in metrics[protocol.DP_HISTORY_STEPS]]))
@@ -137,7 +147,7 @@ def test_max_epsilon_null_from_the_coordinator_does_not_lift_the_hospitals_own_b
     spent = epsilon(history, delta, "rdp")
     would_be = epsilon([*history, (1.0, q, 2)], delta, "rdp")
     limit = (spent + would_be) / 2  # enough for the round trained, not for another
-    second = _train(_hospital(tmp_path, **{"max-epsilon": limit}), run, rnd=2)
+    second = _train(_hospital(tmp_path, **{"max-epsilon": limit, "privacy-scope": "classifier"}), run, rnd=2)
     site = _site(second)
     assert site[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED
     assert "max-epsilon" in str(site[protocol.STATUS_MESSAGE]) and "privacy.max_epsilon is null" in str(site[protocol.STATUS_MESSAGE])

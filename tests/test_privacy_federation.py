@@ -173,7 +173,7 @@ def test_the_budget_stop_keeps_each_hospital_within_its_own_stricter_max_epsilon
     two = _opacus_epsilon("rdp", [(COUNT_SIGMA, 1.0, 1), (1.0, q, 2 * K)], delta)
     limit = (one + two) / 2
     _, summary = _run(tmp_path, ["federation.num_sites=2", "federation.rounds=3", "privacy.seed=11",
-                                 f"+sites.site-1.policy.max_epsilon={limit}"])
+                                 f"+sites.site-1.policy.max_epsilon={limit}", "+sites.site-1.policy.privacy_scope=classifier"])
     assert summary["completed_rounds"] == 3
     rounds = summary["rounds"]
     assert rounds[0]["sites"]["site-1"]["train"][protocol.REAL_EXAMPLES] == released
