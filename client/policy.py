@@ -15,6 +15,8 @@ hospital's patients may come from it. The policy comes from the SuperNode's ``--
 | ``min-noise-multiplier`` | ``min_noise_multiplier`` | refuse less noise (DP-SGD and the count release) |
 | ``max-epsilon``        | ``max_epsilon``        | lifetime budget; the stricter of this and ``privacy.max_epsilon`` wins |
 | ``max-grad-norm``      | ``max_grad_norm``      | refuse a larger clipping norm ``privacy.max_grad_norm`` |
+| ``max-delta``          | ``max_delta``          | the largest delta at which this hospital's epsilon is judged (default with DP required: min(1e-5, 1/(10 n))) |
+| ``min-count-noise-multiplier`` | ``min_count_noise_multiplier`` | with DP required, refuse a count release with less noise (default 1; ``min-noise-multiplier`` when that is higher) |
 
 Any privacy floor (scope, noise, budget, clipping) implies ``privacy-required``: a round without
 DP has no finite epsilon. A hospital that requires DP and names no ``privacy-scope`` gets the strict
@@ -53,6 +55,7 @@ NODE_KEYS: dict[str, str] = {
     "data-root": "data_root", "state-dir": "state_dir", "cache-dir": "cache_dir",
     "privacy-required": "privacy_required", "privacy-scope": "privacy_scope",
     "min-noise-multiplier": "min_noise_multiplier", "max-epsilon": "max_epsilon", "max-grad-norm": "max_grad_norm",
+    "max-delta": "max_delta", "min-count-noise-multiplier": "min_count_noise_multiplier",
 }
 FIELD_KEYS: dict[str, str] = {field: key for key, field in NODE_KEYS.items()}
 #: Keys a run may set only in a simulation (one person runs both sides).
@@ -94,11 +97,15 @@ class HospitalPolicy:
     min_noise_multiplier: float | None = None
     max_epsilon: float | None = None
     max_grad_norm: float | None = None
+    max_delta: float | None = None
+    min_count_noise_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "privacy_required", _truthy(self.privacy_required, FIELD_KEYS["privacy_required"]))
-        for name in ("min_noise_multiplier", "max_epsilon", "max_grad_norm"):
+        for name in ("min_noise_multiplier", "max_epsilon", "max_grad_norm", "max_delta", "min_count_noise_multiplier"):
             object.__setattr__(self, name, _positive(getattr(self, name), FIELD_KEYS[name]))
+        if self.max_delta is not None and not self.max_delta < 1.0:
+            raise PublicError(f"node config 'max-delta' must be below 1, got {self.max_delta!r}")
         if self.privacy_scope is not None and self.privacy_scope not in SCOPES:
             raise PublicError(f"node config 'privacy-scope' must be one of {list(SCOPES)}, got {self.privacy_scope!r}")
         for name in ("data_root", "state_dir", "cache_dir"):
@@ -125,12 +132,19 @@ class HospitalPolicy:
     def requires_privacy(self) -> bool:
         """DP is required explicitly or by any privacy floor."""
         return self.privacy_required or any(v is not None for v in (self.privacy_scope, self.min_noise_multiplier,
-                                                                    self.max_epsilon, self.max_grad_norm))
+                                                                    self.max_epsilon, self.max_grad_norm,
+                                                                    self.max_delta))
+
+    @property
+    def count_noise_floor(self) -> float:
+        """The least noise multiplier of the count release this hospital accepts (with DP required)."""
+        return max(self.min_count_noise_multiplier, self.min_noise_multiplier or 0.0)
 
     def describe(self) -> str:
         """``key=value`` of the floors set (for messages)."""
         return " ".join(f"{FIELD_KEYS[f.name]}={getattr(self, f.name)}" for f in fields(self)
-                        if f.name not in ("data_root", "state_dir", "cache_dir") and getattr(self, f.name) not in (None, False))
+                        if f.name not in ("data_root", "state_dir", "cache_dir", "min_count_noise_multiplier")
+                        and getattr(self, f.name) not in (None, False))
 
 
 def _get(run: Mapping[str, Any], dotted: str) -> Any:
@@ -172,12 +186,13 @@ def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
         if cfg.noise_multiplier is not None and cfg.noise_multiplier < policy.min_noise_multiplier:
             raise Refusal("privacy.noise_multiplier",
                           f"{cfg.noise_multiplier:g} is below this hospital's floor ({floor})")
-        from common.privacy.accounting import counts_noise_multiplier  # Opacus: only when DP is asked for
+    from common.privacy.accounting import counts_noise_multiplier  # Opacus: only when DP is asked for
 
-        if counts_noise_multiplier(cfg.count_noise_std) < policy.min_noise_multiplier:
-            raise Refusal("privacy.count_noise_std",
-                          f"{cfg.count_noise_std:g} gives the count release a noise multiplier of "
-                          f"{counts_noise_multiplier(cfg.count_noise_std):.3g}, below this hospital's floor ({floor})")
+    count_sigma = counts_noise_multiplier(cfg.count_noise_std)
+    if count_sigma < policy.count_noise_floor:
+        raise Refusal("privacy.count_noise_std",
+                      f"{cfg.count_noise_std:g} gives the count release a noise multiplier of {count_sigma:.3g}, "
+                      f"below this hospital's floor of {policy.count_noise_floor:g} ({floor})")
 
 
 def check_derived_noise(noise_multiplier: float, cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
@@ -186,6 +201,26 @@ def check_derived_noise(noise_multiplier: float, cfg: PrivacyConfig, policy: Hos
         raise Refusal("privacy.target_epsilon",
                       f"{cfg.target_epsilon:g} needs a noise multiplier of {noise_multiplier:.4g}, below this "
                       f"hospital's floor ({policy.describe()})")
+
+
+def judged_delta(run_delta: float, num_examples: int, policy: HospitalPolicy) -> float:
+    """The delta at which this hospital's epsilon is accounted and its budget judged: the run's,
+    but never above the hospital's ``max-delta``, nor, for a hospital that requires DP without
+    setting one, above the default min(1e-5, 1/(10 n)). (The same noise at a smaller delta is a
+    larger epsilon: a coordinator cannot buy steps by raising delta.)"""
+    from common.privacy.accounting import default_delta
+
+    if policy.max_delta is not None:
+        return min(run_delta, policy.max_delta)
+    if policy.requires_privacy:
+        return min(run_delta, default_delta(num_examples))
+    return run_delta
+
+
+def pre_release_delta(run_delta: float | None, policy: HospitalPolicy) -> float:
+    """The delta of the budget check made before the count release (n not yet released): the
+    smallest of the run's, the hospital's ``max-delta`` and 1e-5, so the check never under-counts."""
+    return min(d for d in (run_delta, policy.max_delta, 1e-5) if d is not None)
 
 
 def effective_max_epsilon(cfg: PrivacyConfig, policy: HospitalPolicy) -> tuple[float | None, str]:

@@ -6,13 +6,15 @@ the hospital's process otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from client.policy import check_derived_noise, effective_max_epsilon
+from client.policy import check_derived_noise, effective_max_epsilon, judged_delta, pre_release_delta
 from common import protocol
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
@@ -43,18 +45,23 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     seed_for = (lambda _attempt: secret_seed()) if pcfg.seed is None else \
         (lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt))
     labelled = int((data.train.labels >= 0).sum())
+    policy = local.site.policy
+    max_epsilon, source = effective_max_epsilon(pcfg, policy)
+    before = privacy.check_count_release(pcfg, max_epsilon, pre_release_delta(pcfg.delta, policy), source)
+    if before.exhausted:  # BEFORE the count release: nothing is released that the budget cannot pay for
+        metrics = {protocol.DP_BUDGET_EXHAUSTED: 1.0, protocol.DP_MAX_EPSILON: float(max_epsilon or 0.0)}
+        if before.would_be_epsilon is not None and math.isfinite(before.would_be_epsilon):
+            metrics[protocol.DP_WOULD_BE_EPSILON] = before.would_be_epsilon
+        return _budget_exhausted(local, before.message, metrics)
     counts = privacy.release_counts(pcfg, len(data.train), labelled, seed_for)
-    max_epsilon, source = effective_max_epsilon(pcfg, local.site.policy)
     plan = build_plan(pcfg, counts.examples, counts.labelled, tcfg.batch_size, tcfg.local_steps,
                       int(local.run["federation"]["rounds"]), max_epsilon)
-    check_derived_noise(plan.noise_multiplier, pcfg, local.site.policy)
+    check_derived_noise(plan.noise_multiplier, pcfg, policy)
+    plan = dataclasses.replace(plan, delta=judged_delta(plan.delta, counts.examples, policy))
     privacy.plan, privacy.budget_source = plan, source
     check = privacy.check_budget()  # BEFORE any training: the lifetime history + planned steps
     if check.exhausted:
-        logger.warning("%s round %d: %s", local.site.name, local.server_round, check.message)
-        record = ConfigRecord({protocol.SITE_NAME: local.site.name, protocol.STATUS: protocol.STATUS_BUDGET_EXHAUSTED,
-                               protocol.STATUS_MESSAGE: check.message})
-        return RecordDict({protocol.METRICS: MetricRecord(privacy.metrics(0, check)), protocol.SITE: record})
+        return _budget_exhausted(local, check.message, privacy.metrics(0, check))
     model = local.loaded_model(data.train.num_classes)
     attempt = privacy.begin_training()
     dp = DPTraining(model, plan, seed_for(attempt.number), on_step=lambda step: privacy.ledger.step(attempt, step))
@@ -70,6 +77,14 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     local.log_round(metrics.steps, metrics.images_per_second)
     # scope=discriminator: class counts are real-data statistics outside the DP-SGD; not sent.
     return local.reply(model, flat, data if pcfg.scope != "discriminator" else None)
+
+
+def _budget_exhausted(local: LocalRun, message: str, metrics: dict[str, float]) -> RecordDict:
+    """The reply of a hospital that stops for its privacy budget: its status, message and DP metrics."""
+    logger.warning("%s round %d: %s", local.site.name, local.server_round, message)
+    record = ConfigRecord({protocol.SITE_NAME: local.site.name, protocol.STATUS: protocol.STATUS_BUDGET_EXHAUSTED,
+                           protocol.STATUS_MESSAGE: message})
+    return RecordDict({protocol.METRICS: MetricRecord(metrics), protocol.SITE: record})
 
 
 def _hospital_privacy(local: LocalRun, saved: SavedLocal | None) -> HospitalPrivacy:

@@ -193,3 +193,41 @@ def test_two_train_messages_for_the_same_round_draw_different_noise(tmp_path: Pa
     content = PrivacyLedger.in_folder(folder).load()
     (attempts,) = content.attempts.values()
     assert [(a.kind, a.round, a.number) for a in attempts] == [("counts", 1, 1), ("sgd", 1, 2), ("sgd", 1, 3)]
+
+
+def test_a_count_release_with_almost_no_noise_is_refused_before_anything_is_released(tmp_path: Path) -> None:
+    # F3: std 1e-6 used to reveal the exact training-set size, then record epsilon 1e12.
+    hospital = _hospital(tmp_path, **{"max-epsilon": 8.0, "privacy-scope": "classifier"})
+    reply = _train(hospital, _run(tmp_path, ["privacy.count_noise_std=1e-6", "privacy.noise_multiplier=1.0"]))
+    _assert_refused(reply, "privacy.count_noise_std", tmp_path)
+    assert "floor of 1" in str(_site(reply)[protocol.STATUS_MESSAGE])
+    assert not (tmp_path / "hospital" / "hug" / FILENAME).is_file()  # no ledger, nothing released
+
+
+def test_a_count_release_the_budget_cannot_pay_for_is_not_made(tmp_path: Path) -> None:
+    # A hospital that lowered its count-noise floor: the budget is checked before the release.
+    hospital = _hospital(tmp_path, **{"max-epsilon": 1.0, "privacy-scope": "classifier",
+                                      "min-count-noise-multiplier": 1e-9})
+    reply = _train(hospital, _run(tmp_path, ["privacy.count_noise_std=0.01", "privacy.noise_multiplier=1.0"]))
+    site = _site(reply)
+    assert site[protocol.STATUS] == protocol.STATUS_BUDGET_EXHAUSTED, dict(site)
+    assert "before the count release" in str(site[protocol.STATUS_MESSAGE])
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert float(metrics[protocol.DP_WOULD_BE_EPSILON]) > 1.0 and protocol.REAL_EXAMPLES not in metrics
+    ledger = tmp_path / "hospital" / "hug" / FILENAME
+    assert not ledger.is_file() or not any(PrivacyLedger.in_folder(ledger.parent).load().attempts.values())
+
+
+@pytest.mark.parametrize("node, expected", [({}, 1e-5), ({"max-delta": 1e-7}, 1e-7)])
+def test_the_hospital_judges_epsilon_at_its_own_delta(tmp_path: Path, node: dict, expected: float) -> None:
+    # F5: a coordinator's delta of 9.99e-4 bought a max-epsilon=8 hospital 1,952 steps instead of 1,171.
+    hospital = _hospital(tmp_path, **{"max-epsilon": 50.0, "privacy-scope": "classifier", **node})
+    reply = _train(hospital, _run(tmp_path, ["privacy.delta=9.99e-4", "privacy.noise_multiplier=1.0"]))
+    assert _site(reply)[protocol.STATUS] == "ok", dict(_site(reply))
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert float(metrics[protocol.DP_DELTA]) == pytest.approx(min(expected, 0.1 / float(metrics[protocol.REAL_EXAMPLES]))
+                                                              if not node else expected)
+    history = list(zip(metrics[protocol.DP_HISTORY_NOISE], metrics[protocol.DP_HISTORY_RATE],
+                       [int(s) for s in metrics[protocol.DP_HISTORY_STEPS]]))
+    assert float(metrics[protocol.DP_EPSILON]) == pytest.approx(epsilon(history, float(metrics[protocol.DP_DELTA]), "rdp"))
+    assert float(metrics[protocol.DP_EPSILON]) > epsilon(history, 9.99e-4, "rdp")  # never the coordinator's delta

@@ -131,6 +131,24 @@ class HospitalPrivacy:
         self.counts = ReleasedCounts(noisy_n, noisy_labelled, float(cfg.count_noise_std), attempt.number)
         return self.counts
 
+    def check_count_release(self, cfg: PrivacyConfig, max_epsilon: float | None, delta: float,
+                            source: str) -> BudgetCheck:
+        """Before the count release: would it alone push the lifetime epsilon above ``max_epsilon``
+        (at ``delta``)? Nothing is released when it would. (No check when the counts were released
+        before, or no budget is set.)"""
+        if self.counts is not None or max_epsilon is None:
+            return BudgetCheck(False, None)
+        entry = (counts_noise_multiplier(cfg.count_noise_std), 1.0, 1)
+        lifetime = history_of(self.lifetime)
+        would_be = epsilon([*lifetime, entry], delta, cfg.accountant)
+        if would_be <= max_epsilon:
+            return BudgetCheck(False, would_be)
+        return BudgetCheck(True, would_be, (
+            f"privacy budget exhausted before the count release: releasing the training-set size with "
+            f"privacy.count_noise_std={cfg.count_noise_std:g} would take the lifetime epsilon from "
+            f"{epsilon(lifetime, delta, cfg.accountant):.4g} to {would_be:.4g}, above {source} = {max_epsilon:g} "
+            f"(delta {delta:.3g}, {cfg.accountant} accountant); nothing was released and this hospital does not train"))
+
     def check_budget(self) -> BudgetCheck:
         """Before training: would the coming round's planned steps push the lifetime epsilon above
         the budget? (The history plus the planned steps; nothing is trained.)"""
