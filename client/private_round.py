@@ -18,6 +18,7 @@ from client.policy import check_derived_noise, effective_max_epsilon, judged_del
 from common import protocol
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
+    BudgetExhausted,
     HospitalPrivacy,
     attempts_from_json,
     attempts_to_json,
@@ -47,13 +48,14 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     labelled = int((data.train.labels >= 0).sum())
     policy = local.site.policy
     max_epsilon, source = effective_max_epsilon(pcfg, policy)
-    before = privacy.check_count_release(pcfg, max_epsilon, pre_release_delta(pcfg.delta, policy), source)
-    if before.exhausted:  # BEFORE the count release: nothing is released that the budget cannot pay for
+    try:  # checked under the ledger's lock BEFORE the count release: nothing the budget cannot pay for
+        counts = privacy.release_counts(pcfg, len(data.train), labelled, seed_for,
+                                        (max_epsilon, pre_release_delta(pcfg.delta, policy), source))
+    except BudgetExhausted as stop:
         metrics = {protocol.DP_BUDGET_EXHAUSTED: 1.0, protocol.DP_MAX_EPSILON: float(max_epsilon or 0.0)}
-        if before.would_be_epsilon is not None and math.isfinite(before.would_be_epsilon):
-            metrics[protocol.DP_WOULD_BE_EPSILON] = before.would_be_epsilon
-        return _budget_exhausted(local, before.message, metrics)
-    counts = privacy.release_counts(pcfg, len(data.train), labelled, seed_for)
+        if stop.check.would_be_epsilon is not None and math.isfinite(stop.check.would_be_epsilon):
+            metrics[protocol.DP_WOULD_BE_EPSILON] = stop.check.would_be_epsilon
+        return _budget_exhausted(local, stop.check.message, metrics)
     plan = build_plan(pcfg, counts.examples, counts.labelled, tcfg.batch_size, tcfg.local_steps,
                       int(local.run["federation"]["rounds"]), max_epsilon)
     check_derived_noise(plan.noise_multiplier, pcfg, policy)
@@ -63,7 +65,10 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     if check.exhausted:
         return _budget_exhausted(local, check.message, privacy.metrics(0, check))
     model = local.loaded_model(data.train.num_classes)
-    attempt = privacy.begin_training()
+    try:
+        attempt = privacy.begin_training()  # the budget checked again, under the ledger's lock
+    except BudgetExhausted as stop:
+        return _budget_exhausted(local, stop.check.message, privacy.metrics(0, stop.check))
     dp = DPTraining(model, plan, seed_for(attempt.number), on_step=lambda step: privacy.ledger.step(attempt, step))
     trainer = local.build_trainer(model, tcfg, data, saved, dp)
     metrics = local.run_steps(trainer, dp.poisson_loader(data.train, tcfg.local_steps), tcfg.local_steps)

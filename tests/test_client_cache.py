@@ -67,12 +67,13 @@ def _assert_same_files(a: Path, b: Path, pattern: str) -> int:
 
 
 def _ledger(folder: Path) -> dict[str, list[dict]]:
-    """Each hospital's ledger records, without the wall-clock times and the run folder's path."""
+    """Each hospital's ledger records, without the wall-clock times, the run folder's path and the
+    hash chain (which covers both)."""
     ledgers = {}
     for path in sorted(folder.rglob("privacy-ledger.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         for record in records:
-            for stamp in ("recorded", "created"):
+            for stamp in ("recorded", "created", "chain"):
                 record.pop(stamp, None)
             if "run" in record:
                 record["run"] = "RUN"

@@ -20,7 +20,16 @@ import torch
 from common import protocol
 from common.privacy.accounting import History, PrivacyPlan, counts_noise_multiplier, epsilon, noisy_counts
 from common.privacy.config import PrivacyConfig
-from common.privacy.ledger import COUNTS, SGD, Attempt, LedgerError, PrivacyLedger, ReleasedCounts, history_of
+from common.privacy.ledger import (
+    COUNTS,
+    SGD,
+    Attempt,
+    LedgerContent,
+    LedgerError,
+    PrivacyLedger,
+    ReleasedCounts,
+    history_of,
+)
 from common.train.config import TrainConfig
 
 #: Train metrics computed from real patches without DP, or revealing the realised Poisson batch
@@ -57,6 +66,18 @@ class BudgetCheck:
     message: str = ""
 
 
+class _AlreadyReleased(Exception):
+    """The counts were released by another process between this one's read and its lock."""
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised under the ledger's lock when the budget check made there fails: nothing was recorded."""
+
+    def __init__(self, check: BudgetCheck) -> None:
+        super().__init__(check.message)
+        self.check = check
+
+
 def merge_attempts(ledger_attempts: list[Attempt], state_attempts: list[Attempt]) -> list[Attempt]:
     """The union by attempt id (a release both know counts once, with the larger step count)."""
     merged: dict[str, Attempt] = {a.id: a for a in ledger_attempts}
@@ -82,24 +103,32 @@ class HospitalPrivacy:
     plan: PrivacyPlan | None = None
     budget_source: str = "privacy.max_epsilon"
     from_state_only: int = 0  # releases the local state remembered and the ledger did not
+    state_attempts: list[Attempt] = field(default_factory=list)  # what the hospital's local state remembers
 
     @classmethod
     def open(cls, ledger: PrivacyLedger, dataset: str, description: dict[str, Any], run_id: str, server_round: int,
              state_attempts: list[Attempt]) -> HospitalPrivacy:
-        content = ledger.load()
-        in_ledger = content.attempts.get(dataset, [])
-        mine = [a for a in state_attempts if a.dataset == dataset]
-        newest = max((a.number for a in mine), default=0)
-        if newest > content.last_attempt(dataset):
+        privacy = cls(ledger, dataset, description, run_id, server_round,
+                      state_attempts=[a for a in state_attempts if a.dataset == dataset])
+        privacy.refresh(ledger.load())
+        return privacy
+
+    def refresh(self, content: LedgerContent) -> None:
+        """This run's and earlier runs' releases on the same data (any key the data had in the ledger),
+        from ``content`` and the local state."""
+        in_ledger = content.attempts_on(self.dataset, self.description)
+        newest = max((a.number for a in self.state_attempts), default=0)
+        if newest > content.last_attempt(self.dataset):
             raise LedgerError(
-                f"the privacy ledger {ledger.path} knows {content.last_attempt(dataset)} releases of this data set, but "
-                f"this hospital's local state remembers release {newest}: the ledger was rolled back or replaced. "
-                f"Training stops rather than under-count; restore the newest ledger from a backup.")
+                f"the privacy ledger {self.ledger.path} knows {content.last_attempt(self.dataset)} releases of this data "
+                f"set, but this hospital's local state remembers release {newest}: the ledger was rolled back or "
+                f"replaced. Training stops rather than under-count; restore the newest ledger from a backup.")
         known = {a.id for a in in_ledger}
-        merged = merge_attempts(in_ledger, mine)
-        return cls(ledger, dataset, description, run_id, server_round,
-                   run=[a for a in merged if a.run == run_id], previous=[a for a in merged if a.run != run_id],
-                   counts=content.counts.get(dataset), from_state_only=sum(a.id not in known for a in mine))
+        merged = merge_attempts(in_ledger, self.state_attempts)
+        self.run = [a for a in merged if a.run == self.run_id]
+        self.previous = [a for a in merged if a.run != self.run_id]
+        self.counts = content.counts.get(self.dataset)
+        self.from_state_only = sum(a.id not in known for a in self.state_attempts)
 
     # ------------------------------------------------------------------ figures
     @property
@@ -116,14 +145,32 @@ class HospitalPrivacy:
 
     # ------------------------------------------------------------------ releases
     def release_counts(self, cfg: PrivacyConfig, examples: int, labelled: int,
-                       seed_for: Callable[[int], int]) -> ReleasedCounts:
+                       seed_for: Callable[[int], int],
+                       budget: tuple[float | None, float, str] | None = None) -> ReleasedCounts:
         """The data set's noisy counts: the ones released before, else released now (recorded in
-        the ledger before they are used; ``seed_for(attempt number)`` seeds the noise)."""
+        the ledger before they are used; ``seed_for(attempt number)`` seeds the noise).
+
+        ``budget`` = (max epsilon, delta, its source): the release is checked against it under the
+        ledger's lock, and ``BudgetExhausted`` raised, with nothing released, if it does not fit."""
         if self.counts is not None:
             return self.counts
         sigma = counts_noise_multiplier(cfg.count_noise_std)
-        attempt = self.ledger.begin(self.dataset, self.description, COUNTS, self.run_id, self.server_round,
-                                    sigma, 1.0, 1, noise_std=float(cfg.count_noise_std))
+
+        def guard(content: LedgerContent) -> None:
+            self.refresh(content)
+            if self.counts is not None:  # another process released them while this one waited for the lock
+                raise _AlreadyReleased
+            if budget is not None:
+                check = self.check_count_release(cfg, *budget)
+                if check.exhausted:
+                    raise BudgetExhausted(check)
+
+        try:
+            attempt = self.ledger.begin(self.dataset, self.description, COUNTS, self.run_id, self.server_round,
+                                        sigma, 1.0, 1, guard=guard, noise_std=float(cfg.count_noise_std))
+        except _AlreadyReleased:
+            assert self.counts is not None
+            return self.counts
         self.run.append(attempt)  # its cost counts from here, whatever happens next
         generator = torch.Generator().manual_seed(seed_for(attempt.number))
         noisy_n, noisy_labelled = noisy_counts(examples, labelled, cfg.count_noise_std, generator)
@@ -167,13 +214,22 @@ class HospitalPrivacy:
             f"(delta {plan.delta:.3g}, {plan.accountant} accountant); this hospital does not train"))
 
     def begin_training(self) -> Attempt:
-        """The round's training attempt, recorded in the ledger before any noise is drawn."""
+        """The round's training attempt, recorded in the ledger before any noise is drawn. The budget
+        is checked again under the ledger's lock, on the ledger as it stands then (another process of
+        this hospital may have trained since ``check_budget``): ``BudgetExhausted`` if it no longer fits."""
         plan = self.plan
         assert plan is not None
+
+        def guard(content: LedgerContent) -> None:
+            self.refresh(content)
+            check = self.check_budget()
+            if check.exhausted:
+                raise BudgetExhausted(check)
+
         return self.ledger.begin(
             self.dataset, self.description, SGD, self.run_id, self.server_round, plan.noise_multiplier,
-            plan.sample_rate, plan.steps_per_round, delta=plan.delta, scope=plan.scope, accountant=plan.accountant,
-            max_grad_norm=plan.max_grad_norm, expected_batch=plan.expected_batch)
+            plan.sample_rate, plan.steps_per_round, guard=guard, delta=plan.delta, scope=plan.scope,
+            accountant=plan.accountant, max_grad_norm=plan.max_grad_norm, expected_batch=plan.expected_batch)
 
     def finish_training(self, attempt: Attempt, steps: int) -> None:
         """After training, before the reply: the attempt's steps are final in the ledger."""

@@ -18,9 +18,19 @@ step's noise is about to be drawn: an attempt cut short by a crash counts the st
 none lost and none twice. Nothing is ever removed: a round trained twice (a crash between training
 and the server's checkpoint, then a resume) is two attempts, because the data were used twice.
 
-A ledger that existed and is gone (``privacy-ledger.marker.json`` in the hospital's state folder
-remembers it) or cannot be read stops training, rather than restart the accounting at zero. The
-format of the first version (``privacy-ledger.json``) is still read.
+**Tamper-evident.** Every record carries ``chain``, the SHA-256 of the previous record's chain
+value and its own content, so the records form a hash chain; the marker file
+(``privacy-ledger.marker.json`` in the hospital's state folder) keeps, beside the ledger, its record
+count and head hash after every append. A ledger that existed and is gone, was emptied, cut short,
+rolled back to an older copy or edited in the middle no longer extends what the marker saw, and
+stops training in every later run, rather than restart or lower the accounting. (Records written
+before the chain existed carry no ``chain`` and are still read; the marker covers them too.)
+
+**One budget per data folder.** A data set is keyed by its resolved folder (the synthetic set, which
+has none, by seed and hospital), never by ``data.name``: the same files under another name share
+one budget. Entries keyed the older way (name and folder) count towards the folder's budget.
+
+The format of the first version (``privacy-ledger.json``) is still read.
 """
 
 from __future__ import annotations
@@ -55,20 +65,37 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+GENESIS = "0" * 64  # the chain value before a ledger's first record
+
+
+def chain_value(previous: str, record: Mapping[str, Any]) -> str:
+    """The hash-chain value of ``record`` (its ``chain`` entry left out) after ``previous``."""
+    body = json.dumps({k: v for k, v in record.items() if k != "chain"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((previous + body).encode()).hexdigest()
+
+
+def _data_key(description: Mapping[str, Any]) -> str:
+    """The ledger key of a data set: its resolved folder, or, with none, the synthetic set's seed and hospital."""
+    root = description.get("root")
+    identity = {"root": root} if root else {"synthetic": True, "seed": description.get("seed"),
+                                            "site_id": description.get("site_id")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def dataset_fingerprint(data: Mapping[str, Any], site_id: int, seed: int) -> tuple[str, dict[str, Any]]:
     """(key, description) of a hospital's training data for the ledger.
 
-    Coarse on purpose, so that it errs towards composing more: a data set is its name and folder
-    (resolved); re-partitioned, resized or relabelled copies of the same folder share one key. The
-    synthetic set has no folder: its patches are defined by the seed and the hospital's index.
+    Coarse on purpose, so that it errs towards composing more: a data set is its resolved folder,
+    whatever ``data.name`` calls it; re-partitioned, resized, relabelled or renamed uses of the same
+    folder share one key. The synthetic set has no folder: its patches are defined by the seed and
+    the hospital's index. The name stays in the description, for people.
     """
     root = data.get("root")
     description: dict[str, Any] = {"dataset": str(data.get("name")),
                                    "root": str(Path(str(root)).expanduser().resolve()) if root else None}
     if not root:
         description.update({"seed": int(seed), "site_id": int(site_id)})
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    return key, description
+    return _data_key(description), description
 
 
 @dataclass(frozen=True)
@@ -136,18 +163,46 @@ class LedgerContent:
     def last_attempt(self, dataset: str) -> int:
         return max((a.number for a in self.attempts.get(dataset, [])), default=0)
 
+    def same_data(self, dataset: str, description: Mapping[str, Any] | None = None) -> list[str]:
+        """The keys whose releases were made on the same data as ``dataset``: itself and any key of
+        the older kind (name and folder) whose description has the same folder."""
+        described = description if description is not None else self.descriptions.get(dataset, {})
+        wanted = _data_key(described) if described else dataset
+        keys = [k for k, d in self.descriptions.items() if k == dataset or (d and _data_key(d) == wanted)]
+        return sorted(set(keys) | ({dataset} if dataset in self.attempts else set()))
+
+    def attempts_on(self, dataset: str, description: Mapping[str, Any] | None = None) -> list[Attempt]:
+        """Every release on the same data as ``dataset`` (``same_data``)."""
+        return [a for key in self.same_data(dataset, description) for a in self.attempts.get(key, [])]
+
 
 class _Parser:
     """Folds ledger records into a ``LedgerContent``."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected: tuple[int, str] | None = None) -> None:
         self.content = LedgerContent()
         self.open: dict[tuple[str, int], dict[str, Any]] = {}
         self.order: list[tuple[str, int]] = []
+        self.head = GENESIS
+        self.chained = False
+        #: (records, head) the marker saw; the head this ledger had after that many records.
+        self.expected = expected
+        self.head_at_expected: str | None = GENESIS if expected is not None and expected[0] == 0 else None
 
     def add(self, record: Mapping[str, Any]) -> None:
+        if not isinstance(record, Mapping):
+            raise ValueError("not a JSON object")
+        self.head = chain_value(self.head, record)
+        if "chain" in record:
+            if record["chain"] != self.head:
+                raise ValueError("the hash chain breaks here: this record or one before it was changed")
+            self.chained = True
+        elif self.chained:
+            raise ValueError("a record without its chain value after chained records")
         kind = record.get("type")
         self.content.records += 1
+        if self.expected is not None and self.content.records == self.expected[0]:
+            self.head_at_expected = self.head
         if kind == "header":
             if record.get("format") != FORMAT:
                 raise ValueError(f"format {record.get('format')!r}, expected {FORMAT!r}")
@@ -178,6 +233,8 @@ class _Parser:
             raise ValueError(f"unknown record type {kind!r}")
 
     def finish(self) -> LedgerContent:
+        """The content so far (the parser can go on reading afterwards)."""
+        content = LedgerContent(dict(self.content.descriptions), {}, dict(self.content.counts), self.content.records)
         for dataset, number in self.order:
             state = self.open[(dataset, number)]
             kind = str(state["kind"])
@@ -185,18 +242,22 @@ class _Parser:
                 steps = 1  # counted from the moment the release began
             else:
                 steps = int(state.get("steps_end", state["steps_seen"]))
-            self.content.attempts.setdefault(dataset, []).append(Attempt(
+            content.attempts.setdefault(dataset, []).append(Attempt(
                 dataset, number, kind, str(state["run"]), int(state["round"]), float(state["noise_multiplier"]),
                 float(state["sample_rate"]), steps, int(state.get("planned_steps", steps)), bool(state["finished"])))
-        return self.content
+        return content
 
 
 class PrivacyLedger:
-    """Read and append the ledger at ``path``; ``marker`` remembers that it exists."""
+    """Read and append the ledger at ``path``; ``marker`` remembers that it exists, and its record
+    count and head hash."""
 
     def __init__(self, path: Path | str, marker: Path | str | None = None) -> None:
         self.path = Path(path)
         self.marker = Path(marker) if marker is not None else self.path.with_name(MARKER)
+        #: (file size, parser) after this object's last append: the next append reads nothing when
+        #: the file and the marker are as it left them (one DP step is one append).
+        self._after_append: tuple[int, _Parser] | None = None
 
     @classmethod
     def in_folder(cls, folder: Path | str, marker_folder: Path | str | None = None) -> PrivacyLedger:
@@ -207,32 +268,74 @@ class PrivacyLedger:
     def legacy_path(self) -> Path:
         return self.path.with_name(LEGACY_FILENAME)
 
-    # ---------------------------------------------------------------- existence
-    def _known(self) -> dict[str, str]:
+    # ---------------------------------------------------------------- the marker
+    def _marker_data(self) -> dict[str, Any]:
         if not self.marker.is_file():
             return {}
         try:
             data = json.loads(self.marker.read_text())
-            return {str(k): str(v) for k, v in data.get("ledgers", {}).items()}
-        except (OSError, ValueError, AttributeError) as error:
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return data
+        except (OSError, ValueError) as error:
             raise LedgerError(f"cannot read the privacy ledger marker {self.marker}: {error}; restore it from a "
                               f"backup (it records which ledgers this hospital has)") from error
 
+    def _known(self) -> dict[str, str]:
+        try:
+            return {str(k): str(v) for k, v in (self._marker_data().get("ledgers") or {}).items()}
+        except AttributeError as error:
+            raise LedgerError(f"the privacy ledger marker {self.marker} is malformed ({error}); restore it from a "
+                              f"backup") from error
+
+    def _key(self) -> str:
+        return str(self.path.resolve())
+
+    def _expected(self) -> tuple[int, str] | None:
+        """(records, head) the marker saw at this ledger's last append, if it saw one."""
+        head = (self._marker_data().get("heads") or {}).get(self._key())
+        if head is None:
+            return None
+        try:
+            return int(head["records"]), str(head["head"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise LedgerError(f"the privacy ledger marker {self.marker} is malformed ({error}); restore it from a "
+                              f"backup") from error
+
     def check_present(self) -> None:
         """``LedgerError`` if the marker says this ledger was created and the file is gone."""
-        created = self._known().get(str(self.path.resolve()))
+        created = self._known().get(self._key())
         if created is not None and not self.path.is_file():
             raise LedgerError(
                 f"the privacy ledger {self.path} existed (created {created}, recorded in {self.marker}) and is gone. "
                 f"Training stops rather than restart the privacy accounting at zero: restore the ledger from a "
                 f"backup. Only if this hospital's data set is also new may you delete {self.marker} to start afresh.")
 
-    def _remember(self) -> None:
-        known = self._known()
-        key = str(self.path.resolve())
-        if key not in known:
-            known[key] = now()
-            atomic_write_json(self.marker, {"ledgers": known})
+    def _remember(self, records: int, head: str) -> None:
+        """The marker now knows this ledger, its record count and head (under the marker's own lock:
+        several ledgers may share one marker)."""
+        with locked(self.marker.with_name(self.marker.name + ".lock")):
+            data = self._marker_data()
+            known = {str(k): str(v) for k, v in (data.get("ledgers") or {}).items()}
+            key = self._key()
+            known.setdefault(key, now())
+            heads = dict(data.get("heads") or {})
+            heads[key] = {"records": int(records), "head": head, "updated": now()}
+            atomic_write_json(self.marker, {**data, "ledgers": known, "heads": heads})
+
+    def _verify(self, parser: _Parser) -> None:
+        """The ledger still extends what the marker saw: at least as many records, the same head there."""
+        expected = parser.expected
+        if expected is None:
+            return
+        records, head = expected
+        if parser.content.records < records or parser.head_at_expected != head:
+            found = f"{parser.content.records} records" + ("" if parser.content.records < records else
+                                                            f", a different record {records}")
+            raise LedgerError(
+                f"the privacy ledger {self.path} no longer extends what this hospital last wrote ({records} records, "
+                f"recorded in {self.marker}; found {found}): it was emptied, cut short, rolled back to an older copy "
+                f"or edited. Training stops rather than under-count; restore the newest ledger from a backup.")
 
     # ---------------------------------------------------------------- reading
     def _legacy(self, parser: _Parser) -> None:
@@ -253,8 +356,11 @@ class PrivacyLedger:
                             "sample_rate": entry["sample_rate"], "planned_steps": entry["steps"]})
                 parser.add({"type": "end", "dataset": dataset, "attempt": number, "steps": entry["steps"]})
 
-    def _parse(self, text: str) -> LedgerContent:
-        parser = _Parser()
+    def _parser(self, text: str, torn_counts: bool) -> _Parser:
+        """The records of ``text`` read into a parser (legacy file first); ``torn_counts``: a last line
+        without its newline that is a complete record counts too (reading for accounting), else it is
+        left out (appending: the next append cuts it off)."""
+        parser = _Parser(self._expected())
         self._legacy(parser)
         lines = text.split("\n")
         torn = lines.pop()  # "" after a final newline; else a line its writer did not finish
@@ -266,15 +372,20 @@ class PrivacyLedger:
             except (ValueError, KeyError, TypeError) as error:
                 raise LedgerError(f"{self.path}, line {number}: not a ledger record ({error}). Training stops rather "
                                   f"than under-count; restore the file from a backup.") from error
-        if torn.strip():
+        self._verify(parser)
+        if torn.strip() and torn_counts:
             try:  # a complete record whose newline was lost still counts
                 parser.add(json.loads(torn))
             except (ValueError, KeyError, TypeError):
                 pass
-        return parser.finish()
+        return parser
+
+    def _parse(self, text: str) -> LedgerContent:
+        return self._parser(text, torn_counts=True).finish()
 
     def load(self) -> LedgerContent:
-        """The ledger's content (empty if it never existed); ``LedgerError`` if it is gone or unreadable."""
+        """The ledger's content (empty if it never existed); ``LedgerError`` if it is gone, unreadable,
+        or no longer extends what the marker saw."""
         self.check_present()
         try:
             text = self.path.read_text() if self.path.is_file() else ""
@@ -293,31 +404,57 @@ class PrivacyLedger:
 
     # ---------------------------------------------------------------- appending
     def _append(self, records: list[dict[str, Any]] | Callable[[LedgerContent], list[dict[str, Any]]]) -> None:
-        """Append ``records`` under the lock; a callable gets the content read under the same lock."""
+        """Append ``records`` under the lock, each with its chain value, then record the new count and
+        head in the marker. A callable gets the content read under the same lock (and may raise to
+        append nothing: a check and the record it guards happen under one lock)."""
         self.check_present()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.is_file()
         with locked(self.path) as fd:
-            if callable(records):
+            parser = self._unchanged_since_last_append(fd)
+            if parser is None:
                 os.lseek(fd, 0, os.SEEK_SET)
                 chunks = []
                 while chunk := os.read(fd, 1 << 20):
                     chunks.append(chunk)
-                records = records(self._parse(b"".join(chunks).decode()))
+                parser = self._parser(b"".join(chunks).decode(), torn_counts=False)
+            if callable(records):
+                records = records(parser.finish())
             if os.lseek(fd, 0, os.SEEK_END) == 0:
-                append_line(fd, json.dumps({"type": "header", "format": FORMAT, "created": now()}))
+                records = [{"type": "header", "format": FORMAT, "created": now()}, *records]
+            self._after_append = None
             for record in records:
-                append_line(fd, json.dumps(record))
-        if new:
-            fsync_folder(self.path.parent)
-            self._remember()
+                chained = {**record, "chain": chain_value(parser.head, record)}
+                append_line(fd, json.dumps(chained))
+                parser.add(chained)
+            if new:
+                fsync_folder(self.path.parent)
+            self._remember(parser.content.records, parser.head)
+            self._after_append = (os.fstat(fd).st_size, parser)
+
+    def _unchanged_since_last_append(self, fd: int) -> _Parser | None:
+        """This object's parser from its last append, if the file has its size and the marker its
+        count and head still (nobody appended since, nothing was cut); else None (read it all)."""
+        if self._after_append is None:
+            return None
+        size, parser = self._after_append
+        if os.fstat(fd).st_size != size or self._expected() != (parser.content.records, parser.head):
+            return None
+        return parser
 
     def begin(self, dataset: str, description: Mapping[str, Any], kind: str, run: str, server_round: int,
-              noise_multiplier: float, sample_rate: float, planned_steps: int, **fields: Any) -> Attempt:
-        """Record the start of a release (its cost counts from now) and return it with its number."""
+              noise_multiplier: float, sample_rate: float, planned_steps: int,
+              guard: Callable[[LedgerContent], None] | None = None, **fields: Any) -> Attempt:
+        """Record the start of a release (its cost counts from now) and return it with its number.
+
+        ``guard(content)``, called with the ledger as it stands under the append's lock, may raise to
+        stop the release before it is recorded (the budget check): no other process can record a
+        release between the check and this one."""
         numbers: list[int] = []
 
         def records(content: LedgerContent) -> list[dict[str, Any]]:
+            if guard is not None:
+                guard(content)
             numbers.append(content.last_attempt(dataset) + 1)
             out: list[dict[str, Any]] = []
             if dataset not in content.descriptions:

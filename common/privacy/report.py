@@ -80,8 +80,9 @@ def _lifetime_from_ledger(folder: Path, run_id: str, delta: float, kind: str) ->
         content = ledger.load()
     except LedgerError:
         return None
-    for key, attempts in content.attempts.items():
-        if any(a.run == run_id for a in attempts):
+    for key, own in content.attempts.items():
+        if any(a.run == run_id for a in own):
+            attempts = content.attempts_on(key)  # the data's releases under any key it had
             history = history_of(attempts)
             mine = [a for a in attempts if a.run == run_id]
             return {"steps_total": sum(a.dp_steps for a in attempts), "epsilon": epsilon(history, delta, kind),
