@@ -35,7 +35,7 @@ def test_one_hospital_learns_clearly_better_than_chance(tiny_cfg: ModelConfig) -
     flat = metrics.as_flat_dict()
     assert flat["steps"] == 300 and flat["images_per_second"] > 0
     assert all(np.isfinite(v) for v in flat.values())
-    assert set(metrics.loss_weights) == {"cls_real", "cls_synthetic"}
+    assert set(metrics.loss_weights) == {"cls_real", "cls_synthetic", "cls_pseudo"}  # pseudo-labels on by default
     # The warm-up (100 steps) has passed, so selection has been tried for every class.
     assert set(metrics.acceptance) == set(train.class_names)
     assert metrics.global_step == 300

@@ -29,9 +29,12 @@ def _pseudo_loss(tiny_cfg, loss_over: str) -> float:
     from common.model import build_model
     from common.train import LocalTrainer, TrainConfig
 
+    from common.train.gate import PseudoLabelGateConfig
+
     cfg = TrainConfig(batch_size=4, unlabelled_batch_size=4, generated_batch_size=4,
                       pseudo_label=SelectionConfig(mode="rule", warmup_steps=0, confidence_threshold=0.0,
-                                                   centroid_distance=False, loss_over=loss_over))
+                                                   centroid_distance=False, loss_over=loss_over),
+                      pseudo_label_gate=PseudoLabelGateConfig(enabled=False))  # the loss alone, no gate
     trainer = LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0)
     trainer.pseudo.select = lambda features, probs, labels, step: torch.tensor([True, False, False, False])
     images = torch.rand(8, 3, tiny_cfg.image_size, tiny_cfg.image_size, generator=torch.Generator().manual_seed(2)) * 2 - 1

@@ -91,7 +91,8 @@ def test_the_gate_checks_every_check_every_steps(tiny_cfg) -> None:
     assert checks == [0, 2, 4, 5]  # every 2 steps, and at the start of every round
 
 
-def test_the_shipped_gate_section_composes_and_is_off_by_default() -> None:
+def test_the_shipped_defaults_gate_fixmatch_style_pseudo_labels() -> None:
     cfg = train_config(plain_config(compose_config([]))["train"])
-    assert cfg.pseudo_label_gate == PseudoLabelGateConfig()
-    assert not cfg.pseudo_label_gate.enabled
+    assert cfg.pseudo_label_gate == PseudoLabelGateConfig(enabled=True)
+    assert cfg.pseudo_label.enabled and not cfg.pseudo_label.centroid_distance
+    assert cfg.pseudo_label.loss_over == "candidates" and cfg.pseudo_label.confidence_threshold == 0.95

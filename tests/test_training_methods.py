@@ -10,6 +10,7 @@ from common.data.registry import load_site_data
 from common.model import ModelConfig, build_model
 from common.train import LocalTrainer, TrainConfig
 from common.train.config import SemiSupervisedConfig
+from common.train.gate import PseudoLabelGateConfig
 from common.train.selection import SelectionConfig
 from common.train.streams import training_batches
 
@@ -126,13 +127,15 @@ def test_selection_accepts_generated_images_after_the_warm_up_and_none_before(ti
 def test_pseudo_labels_follow_the_selection_rule(tiny_cfg: ModelConfig) -> None:
     site = _site(labeled_per_class=8)
     rule = SelectionConfig(mode="rule", warmup_steps=0, confidence_threshold=0.0, distance_quantile=1.0, min_history=2)
-    cfg = TrainConfig(batch_size=16, unlabelled_batch_size=8, pseudo_label=rule)
+    cfg = TrainConfig(batch_size=16, unlabelled_batch_size=8, pseudo_label=rule,
+                      pseudo_label_gate=PseudoLabelGateConfig(enabled=False))  # the rule alone
     trainer = LocalTrainer(build_model(tiny_cfg, 5, seed=0), cfg, seed=0)
     metrics = trainer.train_round(training_batches(site.train, cfg, seed=1), steps=4)
     assert "cls_pseudo" in metrics.losses and metrics.pseudo_labelled > 0
     assert set(metrics.loss_weights) == {"cls_real", "cls_synthetic", "cls_pseudo"}
     never = TrainConfig(batch_size=16, unlabelled_batch_size=8,
-                        pseudo_label=SelectionConfig(mode="rule", warmup_steps=0, confidence_threshold=1.0))
+                        pseudo_label=SelectionConfig(mode="rule", warmup_steps=0, confidence_threshold=1.0),
+                        pseudo_label_gate=PseudoLabelGateConfig(enabled=False))  # the rule alone
     trainer = LocalTrainer(build_model(tiny_cfg, 5, seed=0), never, seed=0)
     metrics = trainer.train_round(training_batches(site.train, never, seed=1), steps=2)
     assert metrics.pseudo_labelled == 0 and "cls_pseudo" not in metrics.losses

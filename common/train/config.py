@@ -43,16 +43,17 @@ def learning_rate_warmup(cfg: OptimConfig, step: int) -> float:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Adam with betas (0, 0.99) for G and D (ViTGAN/StyleGAN practice); AdamW for the head."""
+    """Adam with betas (0, 0.99) for G (ViTGAN/StyleGAN practice); for the shared trunk (with D's
+    own layers) and the head the plain classifier's AdamW (lr 1e-3, betas (0.9, 0.999), decay 0.05)."""
 
     lr_generator: float = 1e-4
-    lr_discriminator: float = 4e-4
+    lr_discriminator: float = 1e-3
     lr_classifier: float = 1e-3
     lr_loss_weights: float = 1e-2
     gan_betas: tuple[float, float] = (0.0, 0.99)
-    discriminator_betas: tuple[float, float] | None = None  # null: gan_betas (the trunk learns with D)
-    discriminator_weight_decay: float = 0.0
-    classifier_weight_decay: float = 1e-4
+    discriminator_betas: tuple[float, float] | None = (0.9, 0.999)  # null: gan_betas (the trunk learns with D)
+    discriminator_weight_decay: float = 0.05
+    classifier_weight_decay: float = 0.05
     schedule: str = "constant"  # constant | cosine (every learning rate decays to 0 over schedule_steps)
     schedule_steps: int | None = None  # the run's total local steps per hospital (needed by cosine)
     warmup_fraction: float = 0.0  # linear warm-up over this fraction of schedule_steps (0: none)
@@ -152,8 +153,9 @@ class TrainConfig:
         default_factory=lambda: AugmentConfig(color=False, translation=0.0, cutout=0.0))
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    pseudo_label: SelectionConfig = field(default_factory=lambda: SelectionConfig(mode="none", confidence_threshold=0.95))
-    pseudo_label_gate: PseudoLabelGateConfig = field(default_factory=PseudoLabelGateConfig)
+    pseudo_label: SelectionConfig = field(default_factory=lambda: SelectionConfig(
+        mode="rule", confidence_threshold=0.95, centroid_distance=False, loss_over="candidates"))
+    pseudo_label_gate: PseudoLabelGateConfig = field(default_factory=lambda: PseudoLabelGateConfig(enabled=True))
     semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
 
     def __post_init__(self) -> None:
