@@ -11,6 +11,7 @@ remembers this run's DP releases.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
 from client.hospital_cache import HOSPITALS, Hospital, cache_config, fingerprint
-from client.policy import check_privacy
+from client.policy import Refusal, check_evaluation, check_privacy
 from client.site import SiteIdentity
 from client.site_state import SiteStateStore, run_key
 from common import protocol
@@ -200,7 +201,8 @@ class LocalRun:
     def save_local(self, trainer: LocalTrainer, model: UnifiedViTGAN, meta: dict[str, Any]) -> None:
         trainer_state = trainer.state_dict()
         groups = group_entries(model.state_dict(), self.local_groups)
-        meta = {"site": self.site.name, "round": self.server_round, "run": self.run_id, **meta}
+        meta = {"site": self.site.name, "round": self.server_round, "run": self.run_id, "data": self.data_fingerprint,
+                **meta}
         tensors = {f"trainer/{k}": v for k, v in trainer_state.items()}
         tensors.update({f"group/{k}": v for k, v in groups.items()})
         # The hospital's disk first: context.state never outlives the process.
@@ -280,9 +282,24 @@ class LocalRun:
         logger.info("%s round %d: %d steps, %.1f images/s", self.site.name, self.server_round, steps, images_per_second)
 
     def evaluate(self) -> RecordDict:
-        """Counts on the held-out split (confusion matrix, binned class scores): no single patch's prediction."""
+        """Counts on the held-out split (confusion matrix, binned class scores): no single patch's
+        prediction. The same policy as training applies first, the histograms are no finer than the
+        hospital allows, and the data configuration must be the one it trained with in this run."""
+        check_privacy(privacy_config(self.run.get("privacy")), self.site.policy)
+        check_evaluation(self.federation.score_bins, self.site.policy)
+        saved = self.load_local(inclusive=True)
+        trained_on = (saved.meta if saved is not None else {}).get("data")
+        if trained_on is not None and trained_on != self.data_fingerprint:
+            raise Refusal("data", "the evaluation's data configuration differs from the one this hospital trained "
+                                  "with in this run (a changed split, seed or fraction could put training patches "
+                                  "in the held-out set)")
         with self._kept():
             return self._evaluate()
+
+    @property
+    def data_fingerprint(self) -> str:
+        """A hash of the hospital's resolved data configuration (what it trains and evaluates on)."""
+        return hashlib.sha256(json.dumps(self.site.data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _evaluate(self) -> RecordDict:
         data = self.data()

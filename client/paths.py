@@ -43,3 +43,40 @@ def confine_splits(data: Mapping[str, Any]) -> None:
     for name, value in splits.items():
         if value not in (None, ""):
             confine(str(root), value, f"data.splits.{name}")
+
+
+def pin_test_split(data: dict[str, Any], own: str | None) -> None:
+    """A deployed hospital evaluates on its own held-out split: its node config's ``test-split``, or
+    the data set's own (``data.test_split`` of the shipped config). A run that names another is
+    refused (``data.test_split``); the pinned name is written into ``data``."""
+    from common.data.registry import DEFAULT_SITE_SPLITS
+
+    mine = str(own) if own else DEFAULT_SITE_SPLITS.get(str(data.get("name")), ("train", "test"))[1]
+    asked = data.get("test_split")
+    if asked not in (None, "") and str(asked) != mine:
+        where = "its node config's test-split" if own else "the data set's own test split"
+        raise Refusal("data.test_split", f"a deployed hospital evaluates on its own held-out split ({where}), "
+                                         f"not one the run configuration chooses")
+    data["test_split"] = mine
+
+
+def check_held_out(data: Mapping[str, Any]) -> None:
+    """The held-out split is not, and does not overlap, the training split: different split names,
+    and (for file-backed sets with ``data.splits``) different places under the data folder, neither
+    inside the other. ``Refusal`` naming the key otherwise."""
+    from common.data.registry import site_splits
+
+    train, test = site_splits(data)
+    if train == test:
+        raise Refusal("data.test_split", f"the held-out split {test!r} is the training split")
+    root, splits = data.get("root"), data.get("splits")
+    if not root or not isinstance(splits, Mapping):
+        return
+    train_at, test_at = splits.get(train, train), splits.get(test, test)
+    if train_at in (None, "") or test_at in (None, ""):
+        return
+    base = Path(str(root)).expanduser().resolve()
+    a, b = (base / str(train_at)).resolve(), (base / str(test_at)).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise Refusal(f"data.splits.{test}", "the held-out split's place overlaps the training split's: "
+                                             "evaluating there would send back scores of training patches")

@@ -16,6 +16,7 @@ hospital's patients may come from it. The policy comes from the SuperNode's ``--
 | ``max-epsilon``        | ``max_epsilon``        | lifetime budget; the stricter of this and ``privacy.max_epsilon`` wins |
 | ``max-grad-norm``      | ``max_grad_norm``      | refuse a larger clipping norm ``privacy.max_grad_norm`` |
 | ``max-delta``          | ``max_delta``          | the largest delta at which this hospital's epsilon is judged (default with DP required: min(1e-5, 1/(10 n))) |
+| ``max-score-bins``     | ``max_score_bins``     | refuse ``federation.score_bins`` above it (default 1000): finer bins reveal single patches' scores |
 | ``min-count-noise-multiplier`` | ``min_count_noise_multiplier`` | with DP required, refuse a count release with less noise (default 1; ``min-noise-multiplier`` when that is higher) |
 
 Any privacy floor (scope, noise, budget, clipping) implies ``privacy-required``: a round without
@@ -56,6 +57,7 @@ NODE_KEYS: dict[str, str] = {
     "privacy-required": "privacy_required", "privacy-scope": "privacy_scope",
     "min-noise-multiplier": "min_noise_multiplier", "max-epsilon": "max_epsilon", "max-grad-norm": "max_grad_norm",
     "max-delta": "max_delta", "min-count-noise-multiplier": "min_count_noise_multiplier",
+    "max-score-bins": "max_score_bins",
 }
 FIELD_KEYS: dict[str, str] = {field: key for key, field in NODE_KEYS.items()}
 #: Keys a run may set only in a simulation (one person runs both sides).
@@ -99,11 +101,19 @@ class HospitalPolicy:
     max_grad_norm: float | None = None
     max_delta: float | None = None
     min_count_noise_multiplier: float = 1.0
+    max_score_bins: int = 1000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "privacy_required", _truthy(self.privacy_required, FIELD_KEYS["privacy_required"]))
         for name in ("min_noise_multiplier", "max_epsilon", "max_grad_norm", "max_delta", "min_count_noise_multiplier"):
             object.__setattr__(self, name, _positive(getattr(self, name), FIELD_KEYS[name]))
+        try:
+            bins = int(self.max_score_bins)
+        except (TypeError, ValueError) as error:
+            raise PublicError(f"node config 'max-score-bins' must be an integer, got {self.max_score_bins!r}") from error
+        if bins < 2:
+            raise PublicError(f"node config 'max-score-bins' must be >= 2, got {self.max_score_bins!r}")
+        object.__setattr__(self, "max_score_bins", bins)
         if self.max_delta is not None and not self.max_delta < 1.0:
             raise PublicError(f"node config 'max-delta' must be below 1, got {self.max_delta!r}")
         if self.privacy_scope is not None and self.privacy_scope not in SCOPES:
@@ -143,7 +153,8 @@ class HospitalPolicy:
     def describe(self) -> str:
         """``key=value`` of the floors set (for messages)."""
         return " ".join(f"{FIELD_KEYS[f.name]}={getattr(self, f.name)}" for f in fields(self)
-                        if f.name not in ("data_root", "state_dir", "cache_dir", "min_count_noise_multiplier")
+                        if f.name not in ("data_root", "state_dir", "cache_dir", "min_count_noise_multiplier",
+                                          "max_score_bins")
                         and getattr(self, f.name) not in (None, False))
 
 
@@ -166,6 +177,14 @@ def check_deployment_keys(run: Mapping[str, Any], policy: HospitalPolicy) -> Non
     if data.get("root") not in (None, "") and policy.data_root is None:
         raise Refusal("data.root", "a deployed hospital's data folder comes from its node config ('data-root'), "
                                    "never from the run configuration")
+
+
+def check_evaluation(score_bins: int, policy: HospitalPolicy) -> None:
+    """Before an evaluation: the score histograms are no finer than this hospital allows."""
+    if int(score_bins) > policy.max_score_bins:
+        raise Refusal("federation.score_bins", f"{score_bins} bins would place single patches' class scores "
+                                               f"too precisely; this hospital allows at most {policy.max_score_bins} "
+                                               f"(node config max-score-bins)")
 
 
 def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:

@@ -7,6 +7,8 @@ Deployment (``flower-supernode --node-config``) keys; ``site-id`` is required, t
 - ``site-name`` (str): name in logs and reports (default ``site-<id>``);
 - ``dataset`` (str): data set name, overrides the run's ``data.name``;
 - ``device`` (str): ``cpu``, ``cuda`` or ``cuda:N`` (default: the run's ``device``);
+- ``test-split`` (str): the held-out split this hospital evaluates on (default: the data set's own;
+  a run naming another, or a held-out split that overlaps the training split, is refused);
 - the policy keys of ``client.policy`` (``data-root``, ``state-dir``, ``cache-dir``,
   ``privacy-required``, ``privacy-scope``, ``min-noise-multiplier``, ``max-epsilon``,
   ``max-grad-norm``). ``state-dir`` defaults to ``~/.fedvitgan/sites``.
@@ -29,10 +31,10 @@ from typing import Any
 
 import torch
 
-from client.paths import confine_splits
+from client.paths import check_held_out, confine_splits, pin_test_split
 from client.policy import NODE_KEYS, HospitalPolicy, PublicError, check_deployment_keys
 
-IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device")
+IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device", "test-split")
 FLOWER_SIMULATION_KEYS = ("partition-id", "num-partitions")
 
 
@@ -89,6 +91,9 @@ class SiteIdentity:
         if policy.cache_dir is not None:
             data["cache_dir"] = policy.cache_dir
         confine_splits(data)
+        if deployed:
+            pin_test_split(data, node_config.get("test-split"))
+        check_held_out(data)
         state_root = policy.state_dir or (None if deployed else run["federation"].get("state_dir"))
         if not state_root:
             # Only a simulated hospital shares the coordinator's disk; a deployed one keeps its

@@ -172,6 +172,9 @@ class GroupedStrategy(Strategy):
         self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._reconciled = False
         self._round = 0
+        #: Held-out patches each hospital reported in its train-time class counts (the ceiling of
+        #: what its evaluation may count; hospitals that send no class counts have none).
+        self.released_test: dict[str, int] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -281,6 +284,7 @@ class GroupedStrategy(Strategy):
             record.bytes_from_sites += reply.bytes_received
             if reply.class_counts is not None:
                 record.class_counts[reply.site] = reply.class_counts
+                self.released_test[reply.site] = sum(int(n) for n in reply.class_counts.get("test", {}).values())
         if self.current is None or len(valid) < self.min_sites:
             record.failure = (f"{len(valid)} valid train replies, fewer than federation.min_sites={self.min_sites}; "
                               f"global model unchanged")
@@ -352,6 +356,11 @@ class GroupedStrategy(Strategy):
             try:
                 reply = check_evaluate_reply(msg, self.limits, verdict.name)
                 assert reply.evaluation is not None
+                released = self.released_test.get(reply.site)
+                examples = int(reply.metrics[protocol.REAL_EXAMPLES])
+                if released is not None and examples > released:
+                    raise ReplyError(f"evaluation counts {examples} held-out patches, more than the {released} "
+                                     f"its train-time class counts reported")
                 metrics = summary_metrics(reply.evaluation)
             except Exception as error:
                 self._exclude(record, verdict, _reason(error), "evaluate")

@@ -231,3 +231,59 @@ def test_the_hospital_judges_epsilon_at_its_own_delta(tmp_path: Path, node: dict
                        [int(s) for s in metrics[protocol.DP_HISTORY_STEPS]]))
     assert float(metrics[protocol.DP_EPSILON]) == pytest.approx(epsilon(history, float(metrics[protocol.DP_DELTA]), "rdp"))
     assert float(metrics[protocol.DP_EPSILON]) > epsilon(history, 9.99e-4, "rdp")  # never the coordinator's delta
+
+
+def _evaluate(context: Context, run: dict[str, Any], rnd: int = 1) -> Message:
+    """One evaluate message to the hospital; its reply."""
+    content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: rnd, protocol.TRANSPORT_DTYPE: "float32",
+                                                        protocol.RUN_CONFIG_JSON: json.dumps(run)})})
+    grid = InProcessGrid(client_app, 1, contexts={1: context})
+    (reply,) = grid.send_and_receive([grid.create_message(content, "evaluate", 1, str(rnd))])
+    return reply
+
+
+def test_evaluation_passes_the_same_privacy_policy_as_training(tmp_path: Path) -> None:
+    required = _hospital(tmp_path, **{"privacy-required": True})
+    _assert_refused(_evaluate(required, _run(tmp_path, ["privacy.enabled=false"])), "privacy.enabled", tmp_path)
+
+
+def test_score_histograms_finer_than_the_hospital_allows_are_refused(tmp_path: Path) -> None:
+    # F2: 100,000 bins return every held-out patch's class probability to 1e-5.
+    hospital = _hospital(tmp_path)
+    _assert_refused(_evaluate(hospital, _run(tmp_path, ["privacy.enabled=false", "federation.score_bins=100000"])),
+                    "federation.score_bins", tmp_path)
+    ok = _evaluate(_hospital(tmp_path, **{"max-score-bins": 200000}),
+                   _run(tmp_path, ["privacy.enabled=false", "federation.score_bins=100000"]))
+    assert _site(ok)[protocol.STATUS] == "ok"  # the hospital may allow more itself
+
+
+def test_a_deployed_hospital_evaluates_on_its_own_held_out_split(tmp_path: Path) -> None:
+    hospital = _hospital(tmp_path)
+    reply = _evaluate(hospital, _run(tmp_path, ["privacy.enabled=false", "+data.test_split=elsewhere"]))
+    _assert_refused(reply, "data.test_split", tmp_path)
+    assert "its own held-out split" in str(_site(reply)[protocol.STATUS_MESSAGE])
+    reply = _evaluate(hospital, _run(tmp_path, ["privacy.enabled=false", "+data.test_split=train"]))
+    _assert_refused(reply, "data.test_split", tmp_path)
+    reply = _train(hospital, _run(tmp_path, ["privacy.enabled=false", "+data.test_split=train"]))
+    _assert_refused(reply, "data.test_split", tmp_path)  # training under such a run is refused too
+
+
+def test_evaluating_with_another_data_configuration_than_training_is_refused(tmp_path: Path) -> None:
+    hospital = _hospital(tmp_path)
+    assert _site(_train(hospital, _run(tmp_path, ["privacy.enabled=false"])))[protocol.STATUS] == "ok"
+    assert _site(_evaluate(hospital, _run(tmp_path, ["privacy.enabled=false"])))[protocol.STATUS] == "ok"
+    changed = _run(tmp_path, ["privacy.enabled=false", "data.stain_shift=0.5"])
+    _assert_refused(_evaluate(hospital, changed), "data", tmp_path)
+
+
+def test_a_held_out_split_that_overlaps_the_training_split_is_refused(tmp_path: Path) -> None:
+    from client.paths import check_held_out
+    from client.policy import Refusal
+
+    base = {"name": "imagefolder", "root": str(tmp_path), "train_split": "train", "test_split": "test"}
+    check_held_out({**base, "splits": {"train": "train", "test": "test"}})
+    for test_at in ("train", "train/held", "."):
+        with pytest.raises(Refusal, match="data.splits.test"):
+            check_held_out({**base, "splits": {"train": "train", "test": test_at}})
+    with pytest.raises(Refusal, match="data.test_split"):
+        check_held_out({**base, "test_split": "train", "splits": {"train": "train"}})

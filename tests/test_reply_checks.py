@@ -265,6 +265,23 @@ def test_impersonation_in_evaluation_is_not_counted_twice(tmp_path: Path, record
     assert {k: entry["global"][k] for k in METRIC_NAMES} == pytest.approx({k: pooled[k] for k in METRIC_NAMES})
 
 
+def test_an_evaluation_counting_more_patches_than_were_released_is_left_out(tmp_path: Path, recorded: dict) -> None:
+    # F12: inflated but self-consistent counts (every count x 10) would dominate the pooled metrics.
+    def inflate(reply: Message) -> Message:
+        metrics = reply.content.metric_records[protocol.METRICS]
+        for key in (protocol.EVAL_CONFUSION, protocol.EVAL_POSITIVE_SCORES, protocol.EVAL_NEGATIVE_SCORES):
+            metrics[key] = [10 * int(v) for v in metrics[key]]
+        metrics[protocol.REAL_EXAMPLES] = 10 * int(metrics[protocol.REAL_EXAMPLES])
+        return reply
+
+    _, summary = _replay(tmp_path, recorded, inflate, phase="evaluate")
+    entry = summary["rounds"][1]
+    assert [(e["site"], e["phase"]) for e in entry["excluded"]] == [("site-1", "evaluate")]
+    assert "more than the" in entry["excluded"][0]["reason"] and "train-time class counts" in entry["excluded"][0]["reason"]
+    per_site = int(recorded[(1, "evaluate")].metric_records[protocol.METRICS][protocol.REAL_EXAMPLES])
+    assert entry["global"]["examples"] == 2 * per_site
+
+
 def _summary(content: RecordDict) -> EvaluationSummary:
     """The evaluation summary an evaluate reply carries (5 classes, federation.score_bins=1000)."""
     metrics = content.metric_records[protocol.METRICS]
