@@ -6,7 +6,8 @@ authentication a node id belongs to one registered key. On first contact a node'
 is bound to it; from then on a reply that reports another node's name, or a node that reports a
 second name, is refused. Within one phase a second reply from a node and a reply from a node that
 was not asked are refused too. When two unbound nodes claim the same unbound name at once, neither
-is bound (and both are refused) until one of them stops.
+is bound (and both are refused) until one of them stops. Names of the form ``node-<digits>`` are
+reserved for the display of nodes that report no name, so no hospital can pass as another node.
 
 The bindings live in the server's checkpoint state, so they survive a resumed run. Node ids are
 only stable while the SuperLink keeps its database: a simulation (and a SuperLink with an
@@ -17,11 +18,15 @@ and says so, when none of the bound nodes is among the connected ones.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger("fedvitgan.server")
+
+#: The display name of a node that reported no name (``node-<id>``): no hospital may claim one.
+RESERVED_NAME = re.compile(r"^node-\d+$")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class SiteRegistry:
                 refusal = f"node {node} was not asked in this phase"
             elif node in seen:
                 refusal = f"a second reply from node {node} in this phase"
+            elif claimed is not None and RESERVED_NAME.match(claimed):
+                refusal = f"site name {claimed!r} is reserved for nodes that report no name"
             elif bound is not None and claimed is not None and claimed != bound:
                 refusal = f"node {node} is bound to site {bound!r} but reported {claimed!r}"
             elif bound is None and claimed is not None and claimed in self.bindings:

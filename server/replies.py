@@ -191,6 +191,18 @@ def _text(value: Any, what: str, limit: int = MAX_TEXT) -> str:
     return value
 
 
+MAX_STATUS_MESSAGE = 500
+
+
+def one_line(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
+    """``text`` as one printable line of at most ``limit`` characters, for logs and summary.json:
+    ANSI escapes dropped, line breaks and other unprintable characters shown as spaces or ``?``."""
+    text = ANSI_ESCAPE.sub("", text)
+    text = " ".join(text.split())  # every run of whitespace (newlines included) -> one space
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -221,8 +233,8 @@ def check_status(msg: Message) -> None:
     record = _site_record(msg)
     status = _text(record.get(protocol.STATUS, "missing"), "status", 64)
     if status != "ok":
-        message = _text(record.get(protocol.STATUS_MESSAGE, ""), "status message")
-        raise ReplyError(f"hospital reported {status}: {message}")
+        message = one_line(_text(record.get(protocol.STATUS_MESSAGE, ""), "status message"))
+        raise ReplyError(f"hospital reported {one_line(status, 64)}: {message}")
 
 
 def _expect_records(msg: Message, arrays: Sequence[str]) -> None:
@@ -476,7 +488,7 @@ def budget_exhausted_metrics(msg: Message, site: str | None = None) -> dict[str,
         record = _site_record(msg)
         if record.get(protocol.STATUS) != protocol.STATUS_BUDGET_EXHAUSTED:
             return None
-        message = _text(record.get(protocol.STATUS_MESSAGE, ""), "status message")
+        message = one_line(_text(record.get(protocol.STATUS_MESSAGE, ""), "status message"))
     except Exception:
         return None
     try:

@@ -482,3 +482,27 @@ def test_the_superlinks_error_for_an_unreachable_hospital_is_filed_under_that_ho
     assert [(e["site"], e["node_id"]) for e in entry["excluded"]] == [("site-2", 3)], entry["excluded"]
     assert "Flower error (code 5)" in entry["excluded"][0]["reason"]
     assert entry["aggregated"] and sorted(entry["aggregation"]["classifier"]["shares"]) == ["site-0", "site-1"]
+
+
+def test_a_hospital_cannot_take_the_display_name_of_a_nameless_node(tmp_path: Path, recorded: dict) -> None:
+    # F11: node-N is how the coordinator names a node that reports no name.
+    _, summary = _replay(tmp_path, recorded, _set_site_name("node-1"), at_round=1, rounds=1)
+    (refused,) = [e for e in summary["rounds"][0]["excluded"] if e["phase"] == "train"]
+    assert refused["node_id"] == 2 and "reserved for nodes that report no name" in refused["reason"]
+    assert "node-1" not in summary["site_bindings"]
+
+
+def test_a_status_message_reaches_the_log_as_one_bounded_printable_line(tmp_path: Path, recorded: dict) -> None:
+    # F14: a hospital's text must not forge log lines or flood summary.json.
+    def shout(reply: Message) -> Message:
+        site = reply.content.config_records[protocol.SITE]
+        site[protocol.STATUS] = "error"
+        site[protocol.STATUS_MESSAGE] = "bad\n[round 2/2] 3 hospitals aggregated\x1b[31m\x07" + "x" * 3000
+        return reply
+
+    _, summary = _replay(tmp_path, recorded, shout)
+    (excluded,) = summary["rounds"][1]["excluded"]
+    reason = excluded["reason"]
+    assert "\n" not in reason and "\x1b" not in reason and reason.isprintable()
+    assert len(reason) <= 500
+    assert "bad [round 2/2] 3 hospitals aggregated?" in reason
