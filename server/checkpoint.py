@@ -61,6 +61,17 @@ def _round_of(path: Path) -> int | None:
         return None
 
 
+def _bindings(state: ServerState | None, meta: dict[str, str]) -> dict[str, int]:
+    """Site bindings for a fallback checkpoint: the state file's (newer, a superset), else the
+    checkpoint's own metadata, else none."""
+    if state is not None and state.extra.get("site_bindings"):
+        return dict(state.extra["site_bindings"])
+    try:
+        return {str(k): int(v) for k, v in json.loads(meta.get("site_bindings", "{}")).items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 class CheckpointStore:
     """Checkpoints of one run folder."""
 
@@ -79,8 +90,10 @@ class CheckpointStore:
              extra: dict[str, Any] | None = None) -> Path:
         path = self.path(server_round)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={
-            "round": str(server_round), "config_fingerprint": fingerprint}))
+        metadata = {"round": str(server_round), "config_fingerprint": fingerprint}
+        if extra and extra.get("site_bindings") is not None:  # also here: a fallback checkpoint keeps them
+            metadata["site_bindings"] = json.dumps(extra["site_bindings"], sort_keys=True)
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         atomic_write_json(self.folder / STATE_FILE, asdict(ServerState(server_round, path.name, fingerprint, extra or {})))
         if self.keep_last > 0:
             for old in self.rounds()[: -self.keep_last]:
@@ -132,7 +145,9 @@ class CheckpointStore:
                 warnings.append(f"cannot read checkpoint {path} (round {rnd}): {error}")
                 continue
             fingerprint = meta.get("config_fingerprint") or (state.config_fingerprint if state else "")
-            extra = state.extra if state is not None and state.round == rnd else {}
+            extra = dict(state.extra) if state is not None and state.round == rnd else {}
+            if "site_bindings" not in extra:  # falling back: the bindings never shrink, keep the newest known
+                extra["site_bindings"] = _bindings(state, meta)
             for warning in warnings:
                 logger.warning("%s", warning)
             if warnings:

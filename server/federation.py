@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 
 from common.config import ConfigError, dataclass_from_mapping
 from common.data.registry import configured_class_names
+from common.durable import atomic_write_json
 from common.evaluation import METRIC_NAMES, save_generator_grid
 from common.faults import parse_faults
 from common.federation_config import FederationConfig, federation_config
@@ -45,8 +46,9 @@ from server.collect import send_and_collect
 from server.identity import SiteRegistry
 from server.partition_report import write_partition_report
 from server.replies import ReplyLimits
+from server.run_lock import run_folder_lock
 from server.strategy import AggregationConfig, GroupedStrategy, RoundRecord
-from server.summary import RunSummary
+from server.summary import CONFIG_COPY, RunSummary
 
 logger = logging.getLogger("fedvitgan.server")
 
@@ -156,9 +158,14 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
     Raises ``FederationFailed`` (after writing ``status: failed`` and a checkpoint) when
     ``federation.max_failed_rounds`` rounds in a row had fewer than ``federation.min_sites`` valid replies.
     """
-    # 1. The typed config, the model (from the last checkpoint when resuming), strategy and summary.
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):  # one ServerApp per run folder
+        return _run_locked(grid, run, run_dir)
+
+
+def _run_locked(grid: Grid, run: dict[str, Any], run_dir: Path) -> Path:
+    # 1. The typed config, the model (from the last checkpoint when resuming), strategy and summary.
     federation = _set_up(run, federation_config(run["federation"]), run_dir)
     fed, arrays = federation.fed, federation.initial
     if federation.start_round > fed.rounds:
@@ -202,7 +209,16 @@ def _set_up(run: dict[str, Any], fed: FederationConfig, run_dir: Path) -> _Feder
     strategy = GroupedStrategy(reference, aggregation, fed.transport_dtype,
                                json.dumps(run), _limits(run, fed, class_names), fed.num_sites, fed.min_sites,
                                fed.wait_for_sites_s, fed.round_timeout_s, registry)
+    atomic_write_json(store.folder / CONFIG_COPY, run)  # a resume can start without summary.json
     summary = RunSummary(run_dir)
+    if summary.damaged is not None:
+        note = f"{summary.damage}; summary.json rebuilt from the checkpoints (their rounds' metrics are in the damaged copy)"
+        logger.warning("%s", note)
+        _progress(f"WARNING: {note}")
+        warnings.append(note)
+        summary.data = {"config": run, "rounds": [{"round": r, "checkpoint": str(store.path(r).relative_to(run_dir)),
+                                                   "rebuilt": True} for r in store.rounds() if r < start_round],
+                        "sessions": []}
     summary.start(run, _transport_entry(fed.transport_dtype, reference, strategy.sent_groups),
                   resumed_from=start_round - 1 if start_round > 1 else None,
                   warnings=warnings or None)

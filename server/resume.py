@@ -10,6 +10,7 @@ differential privacy off, change the aggregation or point the hospitals somewher
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from common.config import ConfigError
+from server.summary import CONFIG_COPY
+
+logger = logging.getLogger("fedvitgan.server")
 
 #: Keys a resumed run may change; everything else must match the stopped run.
 RESUMABLE_KEYS = ("federation.rounds", "federation.round_timeout_s", "federation.reply_poll_s",
@@ -56,12 +60,19 @@ def resolve_resume(resume: str | Path, overrides: Sequence[str],
     """
     folder = Path(resume).expanduser().resolve()
     summary_path = folder / "summary.json"
-    if not summary_path.is_file():
+    copy_path = folder / "checkpoints" / CONFIG_COPY
+    if not summary_path.is_file() and not copy_path.is_file():
         raise ConfigError(f"resume={folder}: no summary.json there; is it a fedvitgan run folder?")
     try:
         saved = json.loads(summary_path.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"resume={folder}: cannot read the stopped run's config from {summary_path}: {error}") from error
+        try:  # the copy the run keeps beside its checkpoints
+            saved = json.loads(copy_path.read_text())
+            logger.warning("resume=%s: %s cannot be read (%s); using the config in %s", folder, summary_path,
+                           error, copy_path)
+        except (OSError, ValueError) as copy_error:
+            raise ConfigError(f"resume={folder}: cannot read the stopped run's config from {summary_path} ({error}) "
+                              f"nor from {copy_path} ({copy_error})") from error
     refused = []
     for override in overrides:
         key = _key(override)

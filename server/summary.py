@@ -25,12 +25,30 @@ def _clean(value: Any) -> Any:
     return value
 
 
+CONFIG_COPY = "run_config.json"  # in checkpoints/: the run's config, for a resume whose summary.json is damaged
+
+
 class RunSummary:
-    """Reads, extends and atomically rewrites ``<run>/summary.json``."""
+    """Reads, extends and atomically rewrites ``<run>/summary.json``.
+
+    A summary.json that cannot be read (cut short, edited) does not block the run: it is moved aside
+    as ``summary.json.damaged-<time>`` (``damaged`` names the copy) and a new one is started, which
+    the run rebuilds from its checkpoints."""
 
     def __init__(self, run_dir: Path | str) -> None:
         self.path = Path(run_dir) / "summary.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.damaged: Path | None = None
+        self.data: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+                self.data = data
+            except (OSError, ValueError) as error:
+                self.damaged = self.path.with_name(f"summary.json.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+                self.path.replace(self.damaged)
+                self.damage = f"{self.path} could not be read ({error}); kept as {self.damaged.name}"
 
     def start(self, config: dict[str, Any], transport: dict[str, Any], resumed_from: int | None,
               warnings: list[str] | None = None) -> None:

@@ -66,3 +66,59 @@ def test_resume_takes_keys_added_to_conf_since_the_run_started_but_keeps_the_sav
     assert resumed["federation"] == {"rounds": 2, "score_bins": 10, "evaluate_batch_size": 256}
     assert resumed["privacy"] == {"enabled": True} and resumed["samples_per_class"] == 8
     assert "evaluate_batch_size" not in resolve_resume(tmp_path, [f"resume={tmp_path}"])["federation"]
+
+
+PLAIN = [o for o in STOPPED if not o.startswith("privacy.")]
+
+
+def test_a_damaged_summary_is_rebuilt_from_the_checkpoints_instead_of_blocking_the_resume(tmp_path: Path) -> None:
+    # F16: a summary.json cut short used to stop the resume with "cannot read the stopped run's config".
+    run_dir = tmp_path / "run"
+    run_from_overrides(InProcessGrid(client_app, 1), " ".join([*PLAIN, "federation.rounds=2", f"output_dir={run_dir}"]))
+    text = (run_dir / "summary.json").read_text()
+    (run_dir / "summary.json").write_text(text[: len(text) // 2])
+    run_from_overrides(InProcessGrid(client_app, 1), f"resume={run_dir} federation.rounds=3")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert summary["rounds"][0]["rebuilt"] is True and "rebuilt" not in summary["rounds"][2]
+    (warning,) = [w for s in summary["sessions"] for w in s.get("warnings", []) if "rebuilt" in w]
+    assert "summary.json.damaged-" in warning
+    assert len(list(run_dir.glob("summary.json.damaged-*"))) == 1  # the damaged copy is kept
+
+
+def test_a_fallback_to_an_older_checkpoint_keeps_the_site_bindings(tmp_path: Path) -> None:
+    # F15: a newest checkpoint that cannot be read used to drop the bindings along with it.
+    from server.checkpoint import CheckpointStore
+
+    run_dir = tmp_path / "run"
+    run_from_overrides(InProcessGrid(client_app, 1), " ".join([*PLAIN, "federation.rounds=2", f"output_dir={run_dir}"]))
+    (run_dir / "checkpoints" / "round-0002.safetensors").write_bytes(b"damaged")
+    latest = CheckpointStore(run_dir).latest()
+    assert latest is not None and latest.state.round == 1
+    assert latest.state.extra["site_bindings"] == {"site-0": 1}
+    (run_dir / "checkpoints" / "server_state.json").write_text("{")  # the state file unreadable too
+    latest = CheckpointStore(run_dir).latest()
+    assert latest is not None and latest.state.extra["site_bindings"] == {"site-0": 1}  # from the file's metadata
+
+
+def test_a_second_serverapp_on_one_run_folder_is_refused(tmp_path: Path) -> None:
+    from server.run_lock import run_folder_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with run_folder_lock(run_dir):
+        with pytest.raises(ConfigError, match="being run by another ServerApp"):
+            run_from_overrides(InProcessGrid(client_app, 1),
+                               " ".join([*PLAIN, "federation.rounds=1", f"output_dir={run_dir}"]))
+    assert not (run_dir / "summary.json").exists()  # it wrote nothing
+
+
+def test_the_deployment_guide_lists_exactly_the_keys_a_resume_may_change() -> None:
+    import re
+
+    from server.resume import RESUMABLE_KEYS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    table = text.split("| key | why it may change |", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"^\| `([^`]+)` \|", table, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(RESUMABLE_KEYS)
