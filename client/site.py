@@ -34,7 +34,7 @@ import torch
 from client.paths import check_held_out, confine_splits, pin_test_split
 from client.policy import NODE_KEYS, HospitalPolicy, PublicError, check_deployment_keys
 
-IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device", "test-split")
+IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device", "test-split", "app-sha256")
 FLOWER_SIMULATION_KEYS = ("partition-id", "num-partitions")
 
 

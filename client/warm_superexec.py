@@ -18,7 +18,9 @@ SuperNode's pid: it stops with the SuperNode, and its tasks watch the SuperNode 
         --root-certificates runtime-ca.pem --superexec-auth-secret-file superexec.secret
 
 ``fedvitgan superexec --help`` lists Flower's flags; ``--preload`` changes what the fork server
-imports.
+imports (``--preload ''``: nothing, a cold start per message, which ``deploy/supernode.sh`` uses
+without ``--warm``). Every task checks the run's FAB against the node config's ``app-sha256``
+before installing it (``client.app_pin``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def run_clientapp_task(runtime_api_address: str, token: str, insecure: bool, roo
     """A forked task: what ``flwr-clientapp --token ...`` does after parsing its arguments."""
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    from client.app_pin import pin_clientapp_runtime
+
+    pin_clientapp_runtime()  # the FAB is checked against the node config's app-sha256 before it is installed
 
     if suppress_output:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -190,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                              "use flower-superexec")
         executor = ForkServerExecutor(preload, task_parent_pid=_flag_int(flower_args, "--parent-pid"))
         seconds = executor.warm_up()
-        print(f"fedvitgan superexec: fork server ready ({', '.join(preload)} imported in {seconds:.1f} s)",
-              flush=True)
+        if preload:
+            print(f"fedvitgan superexec: fork server ready ({', '.join(preload)} imported in {seconds:.1f} s)",
+                  flush=True)
+        else:
+            print("fedvitgan superexec: cold (--preload ''): each ClientApp imports its libraries itself", flush=True)
         return executor
 
     flower_loop.get_executor = warm_executor  # the one change to Flower's SuperExec: its executor

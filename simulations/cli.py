@@ -11,7 +11,8 @@
     fedvitgan privacy-report RUN             the privacy-budget report of a run with DP on
     fedvitgan certs [options]                TLS certificates and hospital keys for a deployment
     fedvitgan supernode [flower flags]       a hospital's SuperNode that polls more often than Flower's
-    fedvitgan superexec [flower flags]       a hospital's SuperExec with warm ClientApp processes
+    fedvitgan superexec [flower flags]       a hospital's SuperExec (warm ClientApps, pinned app code)
+    fedvitgan fab hash [DIR|FAB]             the FAB hash a hospital pins as app-sha256
 
 Run ``fedvitgan <command> --help`` for a command's options.
 """
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("simulations.certs", "main"),
     "supernode": ("client.supernode", "main"),
     "superexec": ("client.warm_superexec", "main"),
+    "fab": ("client.app_pin", "fab_command"),
     "privacy-report": ("simulations.privacy_report", "main"),
     "report": ("simulations.report", "main"),
     "predict": ("simulations.predict", "main"),

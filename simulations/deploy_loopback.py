@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from client.app_pin import fab_hash_of
 from simulations.certs import CA_CERT, SITES_DIR, write_bundle
 from simulations.deployment import (
     FINISHED_COMPLETED,
@@ -92,6 +93,8 @@ class LoopbackOptions:
     restart_after_round: int | None = None
     kill_supernode_in_round: int | None = None
     warm: bool = False
+    allow_any_app: bool = False  # hospitals pin no app-sha256 (supernode.sh --allow-any-app)
+    tampered_app: bool = False  # the coordinator ships an app whose client/policy.py it edited (must be refused)
 
 
 @dataclass
@@ -347,6 +350,7 @@ class LoopbackDeployment:
     the scheduled disruptions (restart, kill). Roles: ``superlink`` and each site's name."""
 
     def __init__(self, options: LoopbackOptions, out: Path) -> None:
+        self.app_hash: str | None = None  # the staged app's FAB hash, pinned by every hospital
         self.options, self.out = options, out
         self.certs, self.logs, self.run_dir = out / "certs", out / "logs", out / "run"
         self.coordinator_home = out / "coordinator" / "flwr-home"
@@ -377,22 +381,31 @@ class LoopbackDeployment:
         site_id = self.sites.index(name)
         home = self.out / "hospitals" / name
         node_config = {"site-id": site_id, "num-sites": len(self.sites), "site-name": name,
-                       "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu"}
+                       "dataset": "synthetic", "state-dir": str(home / "state"), "device": "cpu", **self.pin()}
         return self.group.start(
             label, supernode_command(self.address, self.certs / CA_CERT, self.certs / SITES_DIR / name, node_config,
-                                     ["--port", str(self.node_ports[site_id]), *(["--warm"] if self.options.warm else [])]),
+                                     ["--port", str(self.node_ports[site_id]), *(["--warm"] if self.options.warm else []),
+                                      *self.any_app_flag()]),
             self.logs / f"{name}.log", flower_env(home / "flwr-home", self.options.threads), cwd=home)
+
+    def pin(self) -> dict[str, str]:
+        """The node config entry that pins the staged app (none with ``allow_any_app``)."""
+        return {} if self.app_hash is None else {"app-sha256": self.app_hash}
+
+    def any_app_flag(self) -> list[str]:
+        return ["--allow-any-app"] if self.options.allow_any_app else []
 
     def start_intruders(self) -> None:
         ports = {INTRUDER: self.node_ports[-2], FOREIGN: self.node_ports[-1]}
         trusted = {INTRUDER: self.certs / CA_CERT, FOREIGN: self.out / "foreign-ca" / CA_CERT}
         for name in (INTRUDER, FOREIGN):
             home = self.out / "hospitals" / name
-            node_config = {"site-id": 0, "num-sites": len(self.sites), "site-name": name, "state-dir": str(home / "state")}
+            node_config = {"site-id": 0, "num-sites": len(self.sites), "site-name": name, "state-dir": str(home / "state"),
+                           **self.pin()}
             self.others.append(self.group.start(
                 f"SuperNode {name}",
                 supernode_command(self.address, trusted[name], self.certs / SITES_DIR / name, node_config,
-                                  ["--port", str(ports[name])]),
+                                  ["--port", str(ports[name]), *self.any_app_flag()]),
                 self.logs / f"{name}.log", flower_env(home / "flwr-home", self.options.threads), cwd=home))
 
     def release(self, role: str) -> ManagedProcess:
@@ -518,18 +531,23 @@ class LoopbackDeployment:
         try:
             # 1. Certificates, the SuperLink (TLS + node authentication) and the hospitals' keys.
             self.start_coordinator()
-            # 2. The hospitals: one SuperNode each (and, if asked, the intruders that must be refused).
+            # 2. The app the coordinator ships, and its hash, which every hospital pins (app-sha256).
+            app = stage_app(self.out / "coordinator" / "app")
+            self.app_hash = None if self.options.allow_any_app else fab_hash_of(app)
+            if self.options.tampered_app:  # the hospitals pinned the reviewed app; this one differs
+                policy = app / "client" / "policy.py"
+                policy.write_text(policy.read_text() + "\n# edited by the coordinator after the hospitals' review\n")
+            # 3. The hospitals: one SuperNode each (and, if asked, the intruders that must be refused).
             self.start_hospitals()
-            # 3. The run; the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
-            self.new_run(self.cli.run(run_overrides(self.options, self.run_dir),
-                                      app=stage_app(self.out / "coordinator" / "app")))
+            # 4. The run; the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
+            self.new_run(self.cli.run(run_overrides(self.options, self.run_dir), app=app))
             events = self.events()
             if events:  # restarts and kills scheduled by the options
                 runner = EventRunner(events, min(self.options.poll_s, 0.5), self.missed)
                 runner.start()
             self.result.status = wait_for_run(self.cli, self.current_run, self.run_dir, self.options.rounds,
                                               self.check_alive, self.others, self.options, runner, self.watchdog)
-            # 4. Its log, the checks of the run folder, and the run report.
+            # 5. Its log, the checks of the run folder, and the run report.
             self.finish_run()
         except BaseException as error:
             self.result.error = f"{type(error).__name__}: {error}"
@@ -628,6 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kill-supernode-in-round", type=int, metavar="R",
                         help="kill the last hospital's SuperNode while it trains round R (with DP: after its first "
                              "DP step), restart it, and expect it back in the next round")
+    parser.add_argument("--allow-any-app", action="store_true",
+                        help="hospitals pin no app-sha256 (deploy/supernode.sh --allow-any-app); by default each pins "
+                             "the hash of the app this run ships")
+    parser.add_argument("--tampered-app", action="store_true",
+                        help="ship an app whose client/policy.py was edited after the hospitals pinned the reviewed "
+                             "one: every hospital must refuse it (the run fails)")
     parser.add_argument("--warm", action="store_true",
                         help="start each SuperNode with deploy/supernode.sh --warm: its ClientApps are forks of a "
                              "process that imported torch once (fedvitgan superexec)")
@@ -640,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     options = LoopbackOptions(args.out, args.rounds, args.sites, args.local_steps, args.train_per_site,
                               args.test_per_site, args.override, args.with_intruders, args.threads, args.timeout,
                               restart_after_round=args.restart_after_round,
-                              kill_supernode_in_round=args.kill_supernode_in_round, warm=args.warm)
+                              kill_supernode_in_round=args.kill_supernode_in_round, warm=args.warm,
+                              allow_any_app=args.allow_any_app, tampered_app=args.tampered_app)
     started = time.monotonic()
     try:
         result = run_loopback(options)

@@ -142,8 +142,25 @@ def test_a_warm_supernode_forks_its_clientapps_from_one_warm_process(deployment:
     warm_log, cold_log = _log(warm, "SuperNode site-0"), _log(deployment, "SuperNode site-0")
     assert "fedvitgan superexec: fork server ready" in warm_log
     assert "fedvitgan supernode: polling the SuperLink every 1 s when idle" in warm_log
-    assert "Start `flwr-clientapp` process" not in warm_log and "Start `flwr-clientapp` process" in cold_log
+    assert "Start `flwr-clientapp` process" not in warm_log and "Start `flwr-clientapp` process" not in cold_log
+    assert "fedvitgan superexec: cold" in cold_log  # cold too: every task passes the app-sha256 check
     assert warm.pids_left_running == [] and still_running({r.pid: None for r in warm.processes.values()}) == []
+
+
+def test_an_app_edited_after_the_hospitals_review_is_refused_before_it_runs(tmp_path: Path) -> None:
+    """F1: the coordinator edits client/policy.py; every hospital pinned the reviewed app's hash."""
+    options = LoopbackOptions(tmp_path / "tampered", rounds=1, sites=1, local_steps=2, tampered_app=True,
+                              overrides=["federation.max_failed_rounds=1", "federation.evaluate_each_round=false"],
+                              timeout_s=300)
+    with pytest.raises(DeploymentError):
+        run_loopback(options)  # the run fails: its one round has no valid reply
+    log = (options.out / "logs" / "site-0.log").read_text(errors="replace")
+    assert "this hospital runs only the app it approved" in log
+    assert not list((options.out / "hospitals" / "site-0" / "state").rglob("round-*.safetensors"))  # nothing trained
+    summary = json.loads((options.out / "run" / "summary.json").read_text())
+    (excluded,) = summary["rounds"][0]["excluded"]  # a Flower error reply: no site name, the node's id
+    assert excluded["phase"] == "train" and "AppNotApproved" in excluded["reason"]
+    assert "this hospital runs only the app it approved" in excluded["reason"]
 
 
 def test_every_started_process_is_stopped(deployment: LoopbackResult) -> None:
