@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 nproc
-VARIANTS=${VARIANTS:-"[plain,semi_supervised,unified,sweep_co,sweep_co_a01,sweep_co_a0,sweep_co_ada,sweep_co_a01_pl,sweep_co_ada_pl]"}
+VARIANTS=${VARIANTS:-"[plain,semi_supervised,unified,sweep_plain_gan,sweep_co_fm]"}
 LIMIT=${LIMIT:-500}
 SKIP_SYNTHETIC=${SKIP_SYNTHETIC:-0}
 start=$(date +%s)
