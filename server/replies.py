@@ -290,6 +290,12 @@ def max_history_entries(server_round: int) -> int:
     return 1 + 2 * max(1, int(server_round))
 
 
+def max_history_steps(server_round: int, local_steps: int) -> int:
+    """The most steps this run's accountant history may hold by ``server_round``: the count release
+    and ``local_steps`` DP steps per round, each round possibly trained twice (a resume)."""
+    return 1 + 2 * max(1, int(server_round)) * int(local_steps)
+
+
 def _dp_history(metrics: dict[str, Any], limits: ReplyLimits, server_round: int) -> None:
     """The accountant-history lists: only when the run trains with DP, of one length, bounded by the
     rounds run, and each entry a valid (noise multiplier, sampling rate, step count)."""
@@ -306,11 +312,16 @@ def _dp_history(metrics: dict[str, Any], limits: ReplyLimits, server_round: int)
     length, bound = lengths.pop(), max_history_entries(server_round)
     if length > bound:
         raise ReplyError(f"accountant history of {length} entries in round {server_round} (at most {bound})")
+    most = max_history_steps(server_round, limits.max_generator_steps)
+    total = 0
     for noise, rate, steps in zip(metrics[protocol.DP_HISTORY_NOISE], metrics[protocol.DP_HISTORY_RATE],
                                   metrics[protocol.DP_HISTORY_STEPS]):
         if not (noise > 0 and 0 < rate <= 1):
             raise ReplyError(f"accountant history entry (noise {noise!r}, rate {rate!r}) is not a valid mechanism")
-        _integer(steps, protocol.DP_HISTORY_STEPS, 0, MAX_LIST * limits.max_generator_steps)
+        total += _integer(steps, protocol.DP_HISTORY_STEPS, 0, most)
+    if total > most:
+        raise ReplyError(f"accountant history of {total} steps in round {server_round} (at most {most}: "
+                         f"train.local_steps per round, each round possibly trained twice, and the count release)")
 
 
 def train_metrics(msg: Message, limits: ReplyLimits, server_round: int = 1) -> dict[str, Any]:

@@ -23,9 +23,10 @@ def _with_history(noise: list[float], rate: list[float], steps: list[float]):
 
 
 def test_a_short_history_is_accepted_with_dp_on() -> None:
-    reply = check_train_reply(_with_history([1.0, 2.0], [0.1, 0.1], [50.0, 1.0]), {"classifier": REFERENCE},
+    # the count release (1 step at rate 1), then round 1's 5 DP steps
+    reply = check_train_reply(_with_history([7.07, 1.0], [1.0, 0.1], [1.0, 5.0]), {"classifier": REFERENCE},
                               "float32", DP_ON, server_round=1)
-    assert reply.metrics[protocol.DP_HISTORY_STEPS] == [50.0, 1.0]
+    assert reply.metrics[protocol.DP_HISTORY_STEPS] == [1.0, 5.0]
 
 
 def test_a_history_is_refused_in_a_run_without_dp() -> None:
@@ -61,3 +62,14 @@ def test_an_incomplete_history_is_refused() -> None:
     msg.content.metric_records[protocol.METRICS][protocol.DP_HISTORY_STEPS] = [1.0]
     with pytest.raises(ReplyError, match="incomplete"):
         check_train_reply(msg, {"classifier": REFERENCE}, "float32", DP_ON)
+
+
+def test_a_history_with_more_steps_than_the_rounds_ran_is_refused() -> None:
+    from server.replies import max_history_steps
+
+    most = max_history_steps(2, DP_ON.max_generator_steps)  # 1 + 2 x 2 x 5 = 21
+    ok = _with_history([1.0, 2.0], [0.1, 0.1], [1.0, float(most - 1)])
+    check_train_reply(ok, {"classifier": REFERENCE}, "float32", DP_ON, server_round=2)
+    with pytest.raises(ReplyError, match="22 steps in round 2"):
+        check_train_reply(_with_history([1.0, 2.0], [0.1, 0.1], [1.0, float(most)]), {"classifier": REFERENCE},
+                          "float32", DP_ON, server_round=2)
