@@ -437,7 +437,8 @@ def test_bindings_start_afresh_when_every_node_id_is_new(tmp_path: Path, recorde
 
 
 def test_a_validation_split_and_class_names_with_spaces_are_accepted(tmp_path: Path, recorded: dict) -> None:
-    counts = {"site": "site-1", "train": {"tumour": 30, "unlabelled": 10}, "val": {"tumour": 5}, "test": {"stroma": 4}}
+    # test: as many held-out patches as the replayed evaluation counts (an evaluation may not count more)
+    counts = {"site": "site-1", "train": {"tumour": 30, "unlabelled": 10}, "val": {"tumour": 5}, "test": {"stroma": 20}}
 
     def legitimate(reply: Message) -> Message:
         reply.content.config_records[protocol.SITE][protocol.CLASS_COUNTS_JSON] = json.dumps(counts)
