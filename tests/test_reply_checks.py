@@ -360,15 +360,18 @@ def test_each_weighting_rule_matches_a_hand_computation(tmp_path: Path, recorded
             np.testing.assert_allclose(saved[key].numpy(), hand, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
-def test_no_site_takes_more_than_max_weight_share(tmp_path: Path, recorded: dict) -> None:
-    claims = {1: 10, 2: 30, 3: 1_000_000}
-
+def _claiming(claims: dict[int, int]) -> Callable[[int, Message], Message]:
+    """A replay hook: each node's train reply claims ``claims[node]`` real (and no labelled) examples."""
     def inflate(node: int, reply: Message) -> Message:
         if reply.metadata.message_type == "train":
             reply.content.metric_records[protocol.METRICS][protocol.REAL_EXAMPLES] = claims[node]
             reply.content.metric_records[protocol.METRICS][protocol.LABELLED_EXAMPLES] = 0
         return reply
+    return inflate
 
+
+def test_no_site_takes_more_than_max_weight_share(tmp_path: Path, recorded: dict) -> None:
+    inflate = _claiming({1: 10, 2: 30, 3: 1_000_000})
     grid = ReplayGrid(recorded, 3, inflate)
     run_federation(grid, _config(tmp_path, ["federation.rounds=1", "federation.aggregation.max_weight_share=0.4"]),
                    tmp_path)
@@ -384,14 +387,7 @@ def test_no_site_takes_more_than_max_weight_share(tmp_path: Path, recorded: dict
 
 def test_by_default_a_hospital_claiming_a_million_patches_takes_at_most_two_thirds(tmp_path: Path,
                                                                                    recorded: dict) -> None:
-    claims = {1: 10, 2: 30, 3: 1_000_000}
-
-    def inflate(node: int, reply: Message) -> Message:
-        if reply.metadata.message_type == "train":
-            reply.content.metric_records[protocol.METRICS][protocol.REAL_EXAMPLES] = claims[node]
-            reply.content.metric_records[protocol.METRICS][protocol.LABELLED_EXAMPLES] = 0
-        return reply
-
+    inflate = _claiming({1: 10, 2: 30, 3: 1_000_000})
     run_federation(ReplayGrid(recorded, 3, inflate), _config(tmp_path, ["federation.rounds=1"]), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     entry = summary["rounds"][0]
