@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from client.faults import act_before, corrupt, faults_for  # noqa: E402
 from client.local_run import LocalRun  # noqa: E402
 from client.policy import PublicError, Refusal  # noqa: E402
+from client.training_round import train as train_locally  # noqa: E402
 from common import protocol  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
@@ -59,12 +60,12 @@ def _failure_reply(msg: Message, site_name: str, action: str, error: Exception) 
         return _status_reply(msg, site_name, protocol.STATUS_REFUSED, str(error))
     if isinstance(error, PublicError):
         logger.error("%s: cannot %s: %s", site_name, action, error)
-        return _status_reply(msg, site_name, "data_error", str(error))
+        return _status_reply(msg, site_name, protocol.STATUS_DATA_ERROR, str(error))
     if isinstance(error, (DataError, ConfigError)):
         logger.error("%s: cannot %s: %s", site_name, action, error)
-        return _status_reply(msg, site_name, "data_error", withheld(error))
+        return _status_reply(msg, site_name, protocol.STATUS_DATA_ERROR, withheld(error))
     logger.error("%s: %s failed:\n%s", site_name, action, traceback.format_exc())
-    return _status_reply(msg, site_name, "error", withheld(error))
+    return _status_reply(msg, site_name, protocol.STATUS_ERROR, withheld(error))
 
 
 def _handle(msg: Message, context: Context, action: str) -> Message:
@@ -77,9 +78,9 @@ def _handle(msg: Message, context: Context, action: str) -> Message:
         return _failure_reply(msg, site_name, action, error)
     hung = act_before(faults, run.run)  # simulation only: an injected crash leaves the ClientApp here
     if hung is not None:
-        return _status_reply(msg, site_name, "error", hung)
+        return _status_reply(msg, site_name, protocol.STATUS_ERROR, hung)
     try:
-        content = run.train() if action == "train" else run.evaluate()
+        content = train_locally(run) if action == "train" else run.evaluate()
     except Exception as error:
         return _failure_reply(msg, site_name, action, error)
     if faults:

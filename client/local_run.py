@@ -2,7 +2,8 @@
 
 The hospital's data set and built model are kept between messages (``client.hospital_cache``);
 the global groups and the local state are loaded afresh for every message. Training with DP
-(``privacy.enabled``, ``client.private_round``, imported only then) goes through the hospital's
+(``privacy.enabled``: ``client.private_round``; without: ``client.plain_round``; the dispatch is
+``client.training_round``) goes through the hospital's
 policy (``client.policy``), its privacy ledger and the count release before any step; every
 attempt draws fresh randomness. The local state lives per run (``client.site_state``) and
 remembers this run's DP releases.
@@ -41,10 +42,9 @@ from common.records import (
     tensors_to_arrayrecord,
     to_arrayrecord,
 )
-from common.seeds import batch_seed, round_stream, site_seed
-from common.train import LocalTrainer, RoundMetrics, run_train_config
+from common.seeds import site_seed
+from common.train import LocalTrainer, RoundMetrics
 from common.train.config import TrainConfig
-from common.train.streams import training_batches
 
 if TYPE_CHECKING:
     from common.privacy.wiring import DPTraining
@@ -137,7 +137,7 @@ class LocalRun:
         return hospital.data if hospital is not None else self._load_data()
 
     @contextlib.contextmanager
-    def _kept(self) -> Iterator[None]:
+    def kept(self) -> Iterator[None]:
         """Around one action: a failure drops the kept hospital (nothing half-done is reused);
         afterwards the cache is brought back within its bounds."""
         try:
@@ -213,7 +213,7 @@ class LocalRun:
                                                        "meta-json": json.dumps(meta)})
 
     def _site_record(self, data: SiteData | None = None) -> ConfigRecord:
-        record = ConfigRecord({protocol.SITE_NAME: self.site.name, protocol.STATUS: "ok"})
+        record = ConfigRecord({protocol.SITE_NAME: self.site.name, protocol.STATUS: protocol.STATUS_OK})
         if data is not None:
             record[protocol.CLASS_COUNTS_JSON] = json.dumps(data.report())
         return record
@@ -231,39 +231,20 @@ class LocalRun:
         return {protocol.STATE_FILES_SKIPPED: float(len(saved.skipped) if saved else 0),
                 protocol.STATE_RESTORED_ROUND: float(saved.round if saved else -1)}
 
-    # ------------------------------------------------------------- actions
-    def train(self) -> RecordDict:
-        """Local training on this round's global groups; the reply holds the shared groups and metrics."""
-        pcfg = privacy_config(self.run.get("privacy"))
-        check_privacy(pcfg, self.site.policy)  # before any patch is read
-        with self._kept():
-            if pcfg.enabled:  # the DP modules (Opacus, the accountants) are imported only here
-                from client.private_round import train_private
-
-                return train_private(self, pcfg)
-            return self._train()
-
-    def _train(self) -> RecordDict:
-        data = self.data()
-        tcfg = run_train_config(self.run)
-        saved = self.load_local()
-        if len(data.train) < 2:
-            raise ConfigError(f"{self.site.name}: {len(data.train)} training patches; need at least 2")
-        model = self.loaded_model(data.train.num_classes)
-        trainer = self.build_trainer(model, tcfg, data, saved, None)
-        loader = training_batches(
-            data.train, tcfg, seed=batch_seed(int(self.run["seed"]), round_stream(self.site.site_id, self.server_round)),
-            pin_memory=torch.device(self.site.device).type == "cuda")
-        metrics = self.run_steps(trainer, loader, tcfg.local_steps)
-        self.save_local(trainer, model, {})
-        flat = {k: float(v) for k, v in metrics.as_flat_dict().items()}
-        flat.update({protocol.REAL_EXAMPLES: len(data.train), protocol.LABELLED_EXAMPLES: int((data.train.labels >= 0).sum()),
+    def finish_round(self, trainer: LocalTrainer, model: UnifiedViTGAN, saved: SavedLocal | None,
+                     metrics: RoundMetrics, flat: dict[str, float], examples: int, labelled: int,
+                     meta: dict[str, Any], class_counts_from: SiteData | None) -> RecordDict:
+        """The end of a training round, plain or private: save the local state, then the reply with
+        the round's metrics, the example counts it may release and (``class_counts_from``) the class counts."""
+        self.save_local(trainer, model, meta)
+        flat.update({protocol.REAL_EXAMPLES: examples, protocol.LABELLED_EXAMPLES: labelled,
                      protocol.GENERATOR_STEPS: metrics.steps, **self.state_metrics(saved)})
         self.log_round(metrics.steps, metrics.images_per_second)
-        return self.reply(model, flat, data)
+        return self.reply(model, flat, class_counts_from)
 
+    # ------------------------------------------------------------- actions
     def build_trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
-                 dp: DPTraining | None) -> LocalTrainer:
+                      dp: DPTraining | None) -> LocalTrainer:
         trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp,
                                validation=data.val)
@@ -293,7 +274,7 @@ class LocalRun:
             raise Refusal("data", "the evaluation's data configuration differs from the one this hospital trained "
                                   "with in this run (a changed split, seed or fraction could put training patches "
                                   "in the held-out set)")
-        with self._kept():
+        with self.kept():
             return self._evaluate()
 
     @property

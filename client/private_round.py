@@ -10,10 +10,10 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from client.local_run import LocalRun, SavedLocal
 from client.policy import check_derived_noise, effective_max_epsilon, judged_delta, pre_release_delta
 from common import protocol
 from common.privacy.accounting import build_plan
@@ -29,9 +29,6 @@ from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
 from common.train import run_train_config
-
-if TYPE_CHECKING:
-    from client.local_run import LocalRun, SavedLocal
 
 logger = logging.getLogger("fedvitgan.client")
 
@@ -75,13 +72,11 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     privacy.finish_training(attempt, dp.round_steps)  # in the ledger before anything can leave
     flat = shared_train_metrics({k: float(v) for k, v in metrics.as_flat_dict().items()}, pcfg)
     flat.update(privacy.metrics(dp.round_steps, check))
-    local.save_local(trainer, model, {"dp_attempts": attempts_to_json(privacy.run)})
     # The released noisy counts, never the exact ones (they would single out an added patch).
-    flat.update({protocol.REAL_EXAMPLES: counts.examples, protocol.LABELLED_EXAMPLES: counts.labelled,
-                 protocol.GENERATOR_STEPS: metrics.steps, **local.state_metrics(saved)})
-    local.log_round(metrics.steps, metrics.images_per_second)
     # scope=discriminator: class counts are real-data statistics outside the DP-SGD; not sent.
-    return local.reply(model, flat, data if pcfg.scope != "discriminator" else None)
+    return local.finish_round(trainer, model, saved, metrics, flat, counts.examples, counts.labelled,
+                              {"dp_attempts": attempts_to_json(privacy.run)},
+                              data if pcfg.scope != "discriminator" else None)
 
 
 def _budget_exhausted(local: LocalRun, message: str, metrics: dict[str, float]) -> RecordDict:

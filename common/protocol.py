@@ -36,10 +36,17 @@ EVAL_NEGATIVE_SCORES = "eval/negative-scores"  # class c's probability, over the
 
 #: Site ConfigRecord entries.
 SITE_NAME = "name"
-STATUS = "status"  # "ok" | "data_error" | "error" | "refused" | "budget_exhausted"
+STATUS = "status"  # one of the STATUS_* values below
 STATUS_MESSAGE = "message"
 CLASS_COUNTS_JSON = "class-counts-json"
 
+#: Site status of a reply the coordinator may use.
+STATUS_OK = "ok"
+#: Site status of a hospital that cannot read its data or its configuration (the message says why, or
+#: only the error's type where the text could name files on the hospital's machine).
+STATUS_DATA_ERROR = "data_error"
+#: Site status of any other failure at the hospital (the error's type only; the details stay in its log).
+STATUS_ERROR = "error"
 #: Site status of a hospital whose privacy budget would be exceeded by the coming round.
 STATUS_BUDGET_EXHAUSTED = "budget_exhausted"
 #: Site status of a hospital whose own policy refuses the run's configuration (the message names the

@@ -232,7 +232,7 @@ def check_status(msg: Message) -> None:
         raise ReplyError(f"Flower error (code {msg.error.code}): {_short(str(msg.error.reason))}")
     record = _site_record(msg)
     status = _text(record.get(protocol.STATUS, "missing"), "status", 64)
-    if status != "ok":
+    if status != protocol.STATUS_OK:
         message = one_line(_text(record.get(protocol.STATUS_MESSAGE, ""), "status message"))
         raise ReplyError(f"hospital reported {one_line(status, 64)}: {message}")
 

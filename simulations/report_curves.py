@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simulations.report import MB, METRICS, bytes_each_way, class_names, prefixed, site_names  # noqa: E402
+from simulations.summary_fields import MB, METRICS, bytes_each_way, class_names, prefixed, site_names  # noqa: E402
 
 
 def _value(metrics: Mapping[str, Any] | None, key: str) -> float:

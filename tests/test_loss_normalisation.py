@@ -28,7 +28,6 @@ def test_an_unknown_normalisation_is_refused() -> None:
 def _pseudo_loss(tiny_cfg, loss_over: str) -> float:
     from common.model import build_model
     from common.train import LocalTrainer, TrainConfig
-
     from common.train.gate import PseudoLabelGateConfig
 
     cfg = TrainConfig(batch_size=4, unlabelled_batch_size=4, generated_batch_size=4,

@@ -1,5 +1,7 @@
 """The unified step with DP-SGD (``DPTraining.unified_step``, which a trainer built with ``privacy`` calls).
 
+It sees the DP machinery only through :class:`PrivateGradients` (``common/privacy/wiring.py`` implements it).
+
 Differences from the plain step (``common/train/engine.py``), all needed for the guarantee:
 
 - the real batch is a Poisson sample (its size varies and may be 0); the generated batch has a
@@ -24,7 +26,8 @@ Differences from the plain step (``common/train/engine.py``), all needed for the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from common.model.discriminator import TrunkOutput
+from common.privacy.accounting import PrivacyPlan
 from common.train.augment import diff_augment
 from common.train.losses import (
     fake_adversarial_terms,
@@ -42,8 +46,31 @@ from common.train.losses import (
 from common.train.transfer import host_rows, to_device, to_floats
 
 if TYPE_CHECKING:
-    from common.privacy.wiring import DPTraining
     from common.train.engine import LocalTrainer
+
+
+class PrivateGradients(Protocol):
+    """What the private step needs from the DP machinery (``common.privacy.wiring.DPTraining``
+    implements it): the plan, the DP generator for the real patches' augmentation, and the noisy
+    gradients of the covered parameters."""
+
+    plan: PrivacyPlan
+    augment_rng: torch.Generator
+    bookkeeping: object | None
+
+    def prefetch(self, device: torch.device) -> None: ...
+
+    def head_gradient(self, tokens: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                      weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+    def discriminator_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
+                               weight_adv: float, weight_cls: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+    def discriminator_gradient_with_generated(
+        self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str, weight_adv: float, weight_cls: float,
+        generated: torch.Tensor, generated_labels: torch.Tensor,
+        generated_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
 
 
 def select_by_confidence(trainer: LocalTrainer, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +89,7 @@ def select_by_confidence(trainer: LocalTrainer, probs: torch.Tensor, labels: tor
     return keep
 
 
-def _augment_real(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor) -> torch.Tensor:
+def _augment_real(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor) -> torch.Tensor:
     """DiffAugment of the real batch from the DP generator (its draws depend on the batch size,
     which must not leak into the trainer's generator); an empty batch passes through."""
     if real.shape[0] == 0:
@@ -80,7 +107,7 @@ def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -
         p.grad = extra if p.grad is None else p.grad + extra
 
 
-def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,
+def _classifier_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor,
                       labels_host: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
                       fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
     model, cfg = trainer.model, trainer.cfg
@@ -124,7 +151,7 @@ def _classifier_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor,
     return step
 
 
-def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor,
+def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor,
                          labels_host: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
                          fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
     model, cfg = trainer.model, trainer.cfg
@@ -169,7 +196,7 @@ def _discriminator_scope(trainer: LocalTrainer, dp: DPTraining, real: torch.Tens
     return step
 
 
-def dp_unified_step(trainer: LocalTrainer, dp: DPTraining, real: torch.Tensor, labels: torch.Tensor
+def dp_unified_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor
                     ) -> dict[str, float]:
     """One unified step of ``trainer`` with DP-SGD (``dp``) on the covered parameters; counts one DP step."""
     model = trainer.model
