@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from client.paths import check_held_out, confine_splits, pin_test_split
 from client.policy import NODE_KEYS, HospitalPolicy, PublicError, check_deployment_keys
+from common.device import resolve_device
 
 IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device", "test-split", "app-sha256")
 FLOWER_SIMULATION_KEYS = ("partition-id", "num-partitions")
@@ -99,7 +98,5 @@ class SiteIdentity:
             # Only a simulated hospital shares the coordinator's disk; a deployed one keeps its
             # state on its own machine (the run folder path is the coordinator's).
             state_root = Path(run_dir) / "sites" if (not deployed and run_dir) else Path.home() / ".fedvitgan" / "sites"
-        device = str(node_config.get("device", run.get("device", "auto")))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(node_config.get("device", run.get("device")))
         return cls(site_id, num_sites, name, data, Path(state_root).expanduser() / name, device, policy, deployed)

@@ -30,10 +30,12 @@ import torch
 from PIL import Image
 
 from common.data.base import tensor_to_uint8
+from common.device import resolve_device
 from common.progress import Progress
+from common.train.config import TrainConfig
 from simulations.privacy_statement import privacy_statement
 from simulations.run_folder import RunFolderError
-from simulations.run_model import RunModel, load_run_model, pick_device, run_command_parser
+from simulations.run_model import RunModel, load_run_model, run_command_parser
 
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 1
@@ -54,7 +56,8 @@ def confidence_threshold(run: RunModel, given: float | None) -> float:
     if given is not None:
         return float(given)
     selection = ((run.config.get("train") or {}).get("selection") or {})
-    return float(selection.get("confidence_threshold", 0.8))
+    # a run folder older than the key: the default (TrainConfig's equals conf/train/default.yaml, tested)
+    return float(selection.get("confidence_threshold", TrainConfig().selection.confidence_threshold))
 
 
 @torch.no_grad()
@@ -139,7 +142,7 @@ def main(argv: list[str]) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         print(f"fedvitgan generate: --out {args.out} exists and is not an empty folder; choose a new one", file=sys.stderr)
         return EXIT_BAD_INPUT
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     try:
         run = load_run_model(args.run, args.round, device)
     except RunFolderError as error:

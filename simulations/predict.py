@@ -19,9 +19,10 @@ import torch
 
 from common.data.errors import DataError
 from common.data.images import IMAGE_SUFFIXES
+from common.device import resolve_device
 from common.progress import Progress
 from simulations.run_folder import RunFolderError
-from simulations.run_model import RunModel, image_tensor, load_run_model, pick_device, run_command_parser
+from simulations.run_model import RunModel, image_tensor, load_run_model, run_command_parser
 
 EXIT_BAD_INPUT = 2
 
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     progress = Progress(f"predict ({run.checkpoint.run_dir.name}, round {run.checkpoint.round})", len(files),
                         "images", every_s=10.0)
-    written, failed = predict_files(run, files, args.out, args.batch_size, pick_device(args.device), progress)
+    written, failed = predict_files(run, files, args.out, args.batch_size, resolve_device(args.device), progress)
     print(f"{written} predictions of {len(run.class_names)} classes -> {args.out}")
     for message in failed:
         print(f"fedvitgan predict: skipped: {message}", file=sys.stderr)

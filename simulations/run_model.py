@@ -77,13 +77,6 @@ def image_tensor(path: Path, image_size: int) -> torch.Tensor:
     return uint8_to_tensor(resize_square(read_image(path), image_size))
 
 
-def pick_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other names pass through."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run_command_parser(prog: str, description: str | None, examples: Sequence[str], device: bool = True
                        ) -> argparse.ArgumentParser:
     """The parser every post-run command starts from: ``RUN``, ``--round`` and (``device``) ``--device``."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from common.config import dataclass_from_mapping
 from common.data.base import PatchDataset
 from common.data.sites import SiteData
+from common.device import resolve_device
 from common.evaluation.metrics import classification_metrics, predict_probabilities
 from common.model import ModelConfig, UnifiedViTGAN, build_model
 from common.seeds import batch_seed, site_seed
@@ -77,14 +78,7 @@ def build_trainer(run: dict[str, Any], site: SiteData, seed: int) -> LocalTraine
     """A fresh model and trainer for ``run``'s model and train sections (weights seeded by ``seed``)."""
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(site.class_names), seed=seed)
     return LocalTrainer(model, run_train_config(run), seed=seed, class_names=site.class_names,
-                        device=resolve_device(run.get("device", "cpu")), validation=site.val)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+                        device=resolve_device(run["device"]), validation=site.val)
 
 
 def train_sites(

@@ -25,12 +25,13 @@ from torch import nn
 
 from common.data.base import PatchDataset, PatchSubset
 from common.data.sites import SiteData
+from common.device import resolve_device
 from common.seeds import batch_seed, site_seed
 from common.train import TrainConfig, run_train_config
 from common.train.augment import diff_augment
 from common.train.config import learning_rate_factor
 from common.train.streams import training_batches
-from simulations.experiments.inprocess import CurvePoint, Predictions, evaluate_point, resolve_device
+from simulations.experiments.inprocess import CurvePoint, Predictions, evaluate_point
 
 
 class PlainClassifier(nn.Module):
@@ -98,7 +99,7 @@ def train_small_cnn(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
     optimiser settings, batch size, schedule and label-safe augmentation); pooled test metrics,
     curve and training seconds."""
     cfg: TrainConfig = run_train_config(run)
-    device = torch.device(resolve_device(run.get("device", "cpu")))
+    device = torch.device(resolve_device(run["device"]))
     models, optimizers, streams, rngs = [], [], [], []
     for k, site in enumerate(sites):
         model = build_small_cnn(site.train.num_classes, site_seed(seed, k)).to(device)
