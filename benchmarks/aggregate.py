@@ -13,7 +13,7 @@ The same values also make a Flower-shaped reply (one ArrayRecord with one array 
 - memory: in a fresh spawned child per kind, tracemalloc's peak during ``aggregate_train`` minus
   what was traced just before it (the replies): the aggregation's own memory;
 - streaming: in one more child, ``--stream-replies`` replies made one at a time, each checked
-  (``check_train_reply``), added to the running sums (``common.aggregate.WeightedSum``) and
+  (``check_train_reply``), added to the running sums (``server.aggregate.WeightedSum``) and
   dropped: the traced peak beyond the global model while a reply is checked and summed (the reply
   in hand, the sums, and what checking and summing take; building the next reply, which is the
   benchmark's own work, is left out), after 10 replies and after all of them.
@@ -191,7 +191,7 @@ def streamed(setup: Setup, count: int) -> Iterator[Message]:
 
 def _stream_child(preset: str, count: int, queue: Any) -> None:
     """Replies checked and summed one at a time: the traced peak after 10 replies and after ``count``."""
-    from common.aggregate import WeightedSum
+    from server.aggregate import WeightedSum
 
     setup = make_setup(preset)
     reference = {g: {k: torch.from_numpy(setup.state[k]) for k in keys} for g, keys in setup.groups.items()}

@@ -1,7 +1,7 @@
 """Per-group aggregation on Flower's public Strategy API, held against broken and hostile hospitals.
 
 Each of the generator, discriminator and classifier groups is aggregated with its own weighting
-and rule (``fedavg``, ``median`` or ``trimmed_mean``; see ``common.aggregate``), or left local to
+and rule (``fedavg``, ``median`` or ``trimmed_mean``; see ``server.aggregate``), or left local to
 the hospitals. Every reply is first tied to its authenticated node (``server.identity``) and
 checked (``server.replies``); any exception while checking or using one reply leaves that reply
 out, names the hospital in the log and in the round's record, and the round goes on. A round with
@@ -25,11 +25,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol
-from common.aggregate import AUTO_SHARE, RULES, GroupOutcome, GroupPolicy, aggregate_group_outcomes
 from common.config import ConfigError, dataclass_from_mapping
 from common.evaluation import pooled_metrics, summary_metrics
 from common.model import GROUPS, split_groups
 from common.records import payload_bytes, to_arrayrecord, wire_array
+from server.aggregate import AUTO_SHARE, GroupOutcome, GroupPolicy, aggregate_group_outcomes
 from server.identity import SiteRegistry, Verdict
 from server.replies import (
     ReplyError,
@@ -43,30 +43,15 @@ from server.replies import (
 
 logger = logging.getLogger("fedvitgan.server")
 
-
-@dataclass(frozen=True)
-class GroupRule:
-    """How one group is aggregated (``federation.aggregation.<group>``)."""
-
-    weight: str = "real_examples"  # a key of protocol.WEIGHT_KEYS, or "uniform"
-    local: bool = False
-    rule: str = "fedavg"  # fedavg | median | trimmed_mean
-    trim_fraction: float = 0.2  # trimmed_mean: the share cut from each end
-
-    def __post_init__(self) -> None:
-        if self.weight not in (*protocol.WEIGHT_KEYS, "uniform"):
-            raise ValueError(f"aggregation weight {self.weight!r}: choose one of {[*protocol.WEIGHT_KEYS, 'uniform']}")
-        if self.rule not in RULES:
-            raise ValueError(f"aggregation rule {self.rule!r}: choose one of {list(RULES)}")
-        if not 0.0 <= float(self.trim_fraction) < 0.5:
-            raise ValueError(f"trim_fraction must lie in [0, 0.5), got {self.trim_fraction}")
+#: The ``federation.aggregation`` keys that bound every group alike (not set per group).
+FEDERATION_WIDE = ("max_weight_share", "clip_update_norm")
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
     """``federation.aggregation``: one rule per group and the federation-wide influence bounds."""
 
-    rules: Mapping[str, GroupRule]
+    rules: Mapping[str, GroupPolicy]  # each group's policy, the federation-wide bounds included
     max_weight_share: float | str = AUTO_SHARE  # a share in (0, 1], or "auto": max(2/n, 0.5) of n hospitals
     clip_update_norm: float | None = None
 
@@ -79,22 +64,23 @@ class AggregationConfig:
         missing = [g for g in GROUPS if g not in section]
         if missing:
             raise ConfigError(f"{where}: rules missing for groups {missing}")
-        rules = {g: dataclass_from_mapping(GroupRule, section[g], f"{where}.{g}") for g in GROUPS}
         clip = section.get("clip_update_norm")
         share = section.get("max_weight_share", AUTO_SHARE)
         if not isinstance(share, str):
             share = float(share)
-        config = cls(rules, share, None if clip is None else float(clip))
-        try:
-            for group in GROUPS:
-                config.policy(group)
-        except ValueError as error:
-            raise ConfigError(f"{where}: {error}") from error
-        return config
+        clip = None if clip is None else float(clip)
+        rules = {}
+        for group in GROUPS:
+            own = section[group]
+            shared = sorted(set(own) & set(FEDERATION_WIDE))
+            if shared:
+                raise ConfigError(f"{where}.{group}: {shared} apply to every group; set them on {where}")
+            rules[group] = dataclass_from_mapping(GroupPolicy, {**own, "max_weight_share": share, "clip_update_norm": clip},
+                                                  f"{where}.{group}")
+        return cls(rules, share, clip)
 
     def policy(self, group: str) -> GroupPolicy:
-        rule = self.rules[group]
-        return GroupPolicy(rule.rule, float(rule.trim_fraction), self.max_weight_share, self.clip_update_norm)
+        return self.rules[group]
 
     def small_federation_warnings(self, hospitals: int) -> list[str]:
         """What the influence bounds cannot do with fewer than 3 hospitals, said once at start."""
@@ -312,7 +298,7 @@ class GroupedStrategy(Strategy):
 
     def aggregate_arrays(self, current: ArrayRecord, replies: Sequence[SiteReply],
                          record: RoundRecord | None = None) -> ArrayRecord:
-        """The new global ArrayRecord from checked replies (pure math in ``common.aggregate``)."""
+        """The new global ArrayRecord from checked replies (pure math in ``server.aggregate``)."""
         current_groups = {g: {k: wire_array(current[k]) for k in self.reference[g]} for g in GROUPS}
         local = [g for g in GROUPS if self.rules[g].local]
         outcomes = aggregate_group_outcomes(current_groups, [r.groups for r in replies], self.group_weights(replies),

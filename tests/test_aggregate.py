@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.aggregate import (
+from server.aggregate import (
     AggregationError,
     GroupPolicy,
     aggregate_group,
@@ -184,7 +184,7 @@ def test_median_and_trimmed_mean_leave_out_hospitals_with_zero_weight() -> None:
 
 
 def test_auto_weight_share_is_two_over_n_but_never_below_a_half_and_off_for_two() -> None:
-    from common.aggregate import auto_weight_share
+    from server.aggregate import auto_weight_share
 
     assert [auto_weight_share(n) for n in (1, 2, 3, 4, 10)] == pytest.approx([1.0, 1.0, 2 / 3, 0.5, 0.5])
     policy = GroupPolicy(max_weight_share="auto")
@@ -194,3 +194,34 @@ def test_auto_weight_share_is_two_over_n_but_never_below_a_half_and_off_for_two(
     assert outcome.shares == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0.5])
     with pytest.raises(ValueError, match="'auto' or a number"):
         GroupPolicy(max_weight_share="half")
+
+
+def _aggregation_section(**changes: object) -> dict:
+    """conf/'s federation.aggregation with ``group.key`` (or a federation-wide key) changed."""
+    from common.config import compose_config, plain_config
+
+    section = plain_config(compose_config())["federation"]["aggregation"]
+    for key, value in changes.items():
+        group, _, name = key.partition(".")
+        if name:
+            section[group][name] = value
+        else:
+            section[group] = value
+    return section
+
+
+def test_each_group_policy_carries_its_own_keys_and_the_federation_wide_bounds() -> None:
+    from common.config import ConfigError
+    from server.strategy import AggregationConfig
+
+    config = AggregationConfig.from_config(_aggregation_section(**{"discriminator.rule": "median",
+                                                                   "max_weight_share": 0.6}))
+    assert config.policy("discriminator").rule == "median"
+    assert config.policy("generator").rule == "fedavg"
+    assert {config.policy(g).max_weight_share for g in ("generator", "discriminator", "classifier")} == {0.6}
+    with pytest.raises(ConfigError, match=r"federation\.aggregation\.classifier.*apply to every group"):
+        AggregationConfig.from_config(_aggregation_section(**{"classifier.max_weight_share": 0.5}))
+    with pytest.raises(ConfigError, match=r"federation\.aggregation\.generator.*aggregation rule 'krum'"):
+        AggregationConfig.from_config(_aggregation_section(**{"generator.rule": "krum"}))
+    with pytest.raises(ConfigError, match=r"federation\.aggregation\.generator.*aggregation weight"):
+        AggregationConfig.from_config(_aggregation_section(**{"generator.weight": "votes"}))

@@ -14,9 +14,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import common.aggregate as aggregate
+import server.aggregate as aggregate
 from common import protocol
-from common.aggregate import AggregationError, GroupPolicy, WeightedSum, aggregate_group, capped_shares
+from server.aggregate import AggregationError, GroupPolicy, WeightedSum, aggregate_group, capped_shares
 from common.records import decode_array, to_arrayrecord, unpack, wire_array
 from server.replies import ReplyLimits, all_finite, check_train_reply
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from client.app import app as client_app
 from common import protocol
-from common.aggregate import weighted_mean
+from server.aggregate import weighted_mean
 from common.config import compose_config, plain_config
 from common.evaluation import METRIC_NAMES, EvaluationSummary, pooled_metrics
 from common.model import GROUPS, split_groups

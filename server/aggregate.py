@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import protocol
+
 GroupArrays = Mapping[str, np.ndarray]
 
 RULES: tuple[str, ...] = ("fedavg", "median", "trimmed_mean")
@@ -328,17 +330,23 @@ def clip_updates(current: GroupArrays, updates: Sequence[GroupArrays], factor: f
 
 @dataclass(frozen=True)
 class GroupPolicy:
-    """How one group is aggregated (the server builds it from ``federation.aggregation``)."""
+    """How one group is aggregated: its own keys (``federation.aggregation.<group>``: the weight, left
+    local or not, the rule) and the federation-wide influence bounds (``max_weight_share``,
+    ``clip_update_norm``). The strategy builds one per group from the config; a bare one is plain FedAvg."""
 
-    rule: str = "fedavg"
-    trim_fraction: float = 0.2
+    weight: str = "real_examples"  # a key of protocol.WEIGHT_KEYS, or "uniform"
+    local: bool = False
+    rule: str = "fedavg"  # fedavg | median | trimmed_mean
+    trim_fraction: float = 0.2  # trimmed_mean: the share cut from each end
     max_weight_share: float | str = 1.0  # a share in (0, 1], or "auto" (auto_weight_share)
     clip_update_norm: float | None = None
 
     def __post_init__(self) -> None:
+        if self.weight not in (*protocol.WEIGHT_KEYS, "uniform"):
+            raise ValueError(f"aggregation weight {self.weight!r}: choose one of {[*protocol.WEIGHT_KEYS, 'uniform']}")
         if self.rule not in RULES:
             raise ValueError(f"aggregation rule {self.rule!r}: choose one of {list(RULES)}")
-        if not 0.0 <= self.trim_fraction < 0.5:
+        if not 0.0 <= float(self.trim_fraction) < 0.5:
             raise ValueError(f"trim_fraction must lie in [0, 0.5), got {self.trim_fraction}")
         if isinstance(self.max_weight_share, str):
             if self.max_weight_share != AUTO_SHARE:
