@@ -45,7 +45,7 @@ from simulations.experiments.quality import site_generator_quality  # noqa: E402
 from simulations.experiments.reference_rows import train_logistic_regression, train_small_cnn  # noqa: E402
 from simulations.experiments.report import plot_curves, results_markdown  # noqa: E402
 from simulations.experiments.two_stage import train_two_stage  # noqa: E402
-from simulations.experiments.variants import REFERENCE_PROCEDURES, apply_overrides, load_variant  # noqa: E402
+from simulations.experiments.variants import REFERENCE_PROCEDURES, Variant, apply_overrides, load_variant  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.experiment")
 METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "auroc")
@@ -69,14 +69,21 @@ def load_sites(run: dict[str, Any], seed: int) -> list[SiteData]:
     return [load_site_data(run["data"], run["partition"], s, n, int(run["model"]["image_size"]), seed) for s in range(n)]
 
 
+def variant_run(base: dict[str, Any], exp: ExperimentConfig, variant: Variant, seed: int) -> dict[str, Any]:
+    """The run config of one variant and seed of the experiment ``base``, checked: a bad override
+    fails here, naming the key, before any data is read."""
+    run = apply_overrides(base, variant.overrides, f"variant {variant.name} (conf/variants/{variant.name}.yaml)")
+    run["seed"] = seed
+    run["train"]["optim"]["schedule_steps"] = exp.steps  # a cosine schedule spans the whole budget
+    run_train_config(run)
+    return run
+
+
 def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_name: str, seed: int,
             folder: Path) -> dict[str, Any]:
     """Train one (variant, setting, seed) and return its results.json entry."""
     variant = load_variant(variant_name)
-    run = apply_overrides(base, variant.overrides, f"variant {variant_name} (conf/variants/{variant_name}.yaml)")
-    run["seed"] = seed
-    run["train"]["optim"]["schedule_steps"] = exp.steps  # a cosine schedule spans the whole budget
-    run_train_config(run)  # a bad override fails here, naming the key, before any data is read
+    run = variant_run(base, exp, variant, seed)
     sites = load_sites(run, seed)
     started = time.perf_counter()
     entry: dict[str, Any] = {"variant": variant_name, "setting": setting, "seed": seed, "steps": exp.steps}
