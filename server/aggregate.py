@@ -28,7 +28,7 @@ updates one key at a time (O(hospitals x largest key)).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +37,6 @@ from common import protocol
 
 GroupArrays = Mapping[str, np.ndarray]
 
-RULES: tuple[str, ...] = ("fedavg", "median", "trimmed_mean")
 AUTO_SHARE = "auto"
 
 
@@ -397,19 +396,69 @@ def aggregate_group(current: GroupArrays, updates: Sequence[GroupArrays], weight
         scales, norms, threshold = clip_scales(current, chosen, policy.clip_update_norm)
         clipping = Clipping(current, scales)
         clipped = [members[j] for j, norm in enumerate(norms) if norm > threshold]
-    if policy.rule == "median":
-        return GroupOutcome(coordinate_median(chosen, clipping), members, [1.0 / len(members)] * len(members), clipped)
-    if policy.rule == "trimmed_mean":
-        return GroupOutcome(trimmed_mean(chosen, policy.trim_fraction, clipping), members,
-                            [1.0 / len(members)] * len(members), clipped)
-    cap = policy.share_cap(len(members))
+    return RULES[policy.rule](RuleInputs(current, chosen, w[members], members, clipped, clipping, policy))
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """What an aggregation rule receives: the current value, the taking-part updates (``members``:
+    their indices among all replies) with their weights, who was clipped and how, and the policy."""
+
+    current: GroupArrays
+    updates: Sequence[GroupArrays]
+    weights: np.ndarray
+    members: list[int]
+    clipped: list[int]
+    clipping: Clipping | None
+    policy: GroupPolicy
+
+
+#: An aggregation rule: the group's outcome from its inputs.
+AggregationRule = Callable[[RuleInputs], "GroupOutcome"]
+
+#: Every rule ``federation.aggregation.<group>.rule`` can name, registered with :func:`register_rule`.
+RULES: dict[str, AggregationRule] = {}
+
+
+def register_rule(name: str) -> Callable[[AggregationRule], AggregationRule]:
+    """Register an aggregation rule under ``name`` (a function of :class:`RuleInputs`)."""
+    def register(rule: AggregationRule) -> AggregationRule:
+        if name in RULES:
+            raise ValueError(f"aggregation rule {name!r} is registered twice")
+        RULES[name] = rule
+        return rule
+    return register
+
+
+def _equal_shares(inputs: RuleInputs) -> list[float]:
+    return [1.0 / len(inputs.members)] * len(inputs.members)
+
+
+@register_rule("fedavg")
+def _fedavg(inputs: RuleInputs) -> GroupOutcome:
+    """The weighted mean, each hospital's share capped by ``max_weight_share``."""
+    cap = inputs.policy.share_cap(len(inputs.members))
     try:
-        shares = capped_shares(w[members], cap)
+        shares = capped_shares(inputs.weights, cap)
     except AggregationError as error:
-        return GroupOutcome(_copy(current), members, clipped=clipped, kept=str(error))
+        return GroupOutcome(_copy(inputs.current), inputs.members, clipped=inputs.clipped, kept=str(error))
     uncapped = cap >= 1.0  # then the plain weighted mean of the weights themselves
-    mean = weighted_mean(chosen, w[members] if uncapped else shares, clipping)
-    return GroupOutcome(mean, members, shares.tolist(), clipped)
+    mean = weighted_mean(inputs.updates, inputs.weights if uncapped else shares, inputs.clipping)
+    return GroupOutcome(mean, inputs.members, shares.tolist(), inputs.clipped)
+
+
+@register_rule("median")
+def _median(inputs: RuleInputs) -> GroupOutcome:
+    """The coordinate-wise median; weights play no part."""
+    return GroupOutcome(coordinate_median(inputs.updates, inputs.clipping), inputs.members, _equal_shares(inputs),
+                        inputs.clipped)
+
+
+@register_rule("trimmed_mean")
+def _trimmed_mean(inputs: RuleInputs) -> GroupOutcome:
+    """The coordinate-wise mean without the ``trim_fraction`` lowest and highest values; weights play no part."""
+    return GroupOutcome(trimmed_mean(inputs.updates, inputs.policy.trim_fraction, inputs.clipping), inputs.members,
+                        _equal_shares(inputs), inputs.clipped)
 
 
 def _copy(arrays: GroupArrays) -> dict[str, np.ndarray]:
