@@ -16,8 +16,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import server.aggregate as aggregate
 from common import protocol
-from server.aggregate import AggregationError, GroupPolicy, WeightedSum, aggregate_group, capped_shares
 from common.records import decode_array, to_arrayrecord, unpack, wire_array
+from server.aggregate import AggregationError, GroupPolicy, WeightedSum, aggregate_group, capped_shares
 from server.replies import ReplyLimits, all_finite, check_train_reply
 
 

@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 
 from client.app import app as client_app
 from common import protocol
-from server.aggregate import weighted_mean
 from common.config import compose_config, plain_config
 from common.evaluation import METRIC_NAMES, EvaluationSummary, pooled_metrics
 from common.model import GROUPS, split_groups
 from common.records import unpack
+from server.aggregate import weighted_mean
 from server.federation import run_federation
 from server.strategy import GroupedStrategy
 from tests.fakes import InProcessGrid, ReplayGrid
