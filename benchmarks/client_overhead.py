@@ -90,13 +90,13 @@ def simulate_in_process(folder: Path, overrides: list[str]) -> tuple[Timed, dict
     """One federation with the ClientApp in this process; every hospital-message timed."""
     import client.local_run as local_run
     from client.app import app as client_app
-    from client.hospital_cache import HOSPITALS
+    from client.site_cache import SITE_CACHE
     from common import protocol
     from common.config import compose_config, plain_config
     from server.federation import run_federation
     from tests.fakes import InProcessGrid
 
-    HOSPITALS.clear()
+    SITE_CACHE.clear()
     evaluating: list[float] = []
     originals = local_run.predict_probabilities, local_run.summarise_predictions
     local_run.predict_probabilities = _timer(evaluating, originals[0])
@@ -119,16 +119,16 @@ def simulate_in_process(folder: Path, overrides: list[str]) -> tuple[Timed, dict
 
     run = plain_config(compose_config(overrides))
     run["output_dir"] = str(folder)
-    builds = HOSPITALS.builds
+    builds = SITE_CACHE.builds
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with open(folder.parent / f"{folder.name}.log", "w") as log, contextlib.redirect_stdout(log):
             run_federation(TimedGrid(client_app, int(run["federation"]["num_sites"])), run, folder)
     finally:
         local_run.predict_probabilities, local_run.summarise_predictions = originals
-    kept = {"hospitals_built": HOSPITALS.builds - builds, "hospitals_kept": len(HOSPITALS),
-            "kept_mib": HOSPITALS.nbytes() / 2**20}
-    HOSPITALS.clear()
+    kept = {"hospitals_built": SITE_CACHE.builds - builds, "hospitals_kept": len(SITE_CACHE),
+            "kept_mib": SITE_CACHE.nbytes() / 2**20}
+    SITE_CACHE.clear()
     return timed, kept
 
 

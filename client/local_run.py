@@ -1,6 +1,6 @@
 """One message's worth of hospital work: load model and local state, train or evaluate, reply.
 
-The hospital's data set and built model are kept between messages (``client.hospital_cache``);
+The hospital's data set and built model are kept between messages (``client.site_cache``);
 the global groups and the local state are loaded afresh for every message. Training with DP
 (``privacy.enabled``: ``client.private_round``; without: ``client.plain_round``; the dispatch is
 ``client.training_round``) goes through the hospital's
@@ -23,9 +23,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
-from client.hospital_cache import HOSPITALS, Hospital, cache_config, fingerprint
 from client.policy import Refusal, check_evaluation, check_privacy
 from client.site import SiteIdentity
+from client.site_cache import SITE_CACHE, CachedSite, cache_config, fingerprint
 from client.site_state import SiteStateStore, run_key
 from common import protocol
 from common.config import ConfigError, dataclass_from_mapping
@@ -77,7 +77,7 @@ class LocalRun:
     site: SiteIdentity
     server_round: int
     transport: str
-    _hospital: Hospital | None = field(default=None, init=False, repr=False)
+    _cached: CachedSite | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> LocalRun:
@@ -113,27 +113,27 @@ class LocalRun:
         return load_site_data(self.site.data, self.run["partition"], self.site.site_id, self.site.num_sites,
                               int(self.run["model"]["image_size"]), int(self.run["seed"]))
 
-    def _build_hospital(self) -> Hospital:
-        return Hospital(self._load_data(), self._build_model)
+    def _build_site(self) -> CachedSite:
+        return CachedSite(self._load_data(), self._build_model)
 
     def _build_model(self, num_classes: int) -> UnifiedViTGAN:
         cfg = dataclass_from_mapping(ModelConfig, self.run["model"], "model")
         return build_model(cfg, num_classes, seed=int(self.run["seed"]))
 
     @property
-    def hospital(self) -> Hospital | None:
+    def cached_site(self) -> CachedSite | None:
         """This hospital's data set and model kept from earlier messages (None: ``client.cache`` off)."""
-        if self._hospital is None:
+        if self._cached is None:
             config = cache_config(self.run.get("client"))
-            HOSPITALS.config = config
+            SITE_CACHE.config = config
             if not config.cache:
                 return None
-            self._hospital = HOSPITALS.get(self.cache_key, fingerprint(self.run, self.site), self._build_hospital)
-        return self._hospital
+            self._cached = SITE_CACHE.get(self.cache_key, fingerprint(self.run, self.site), self._build_site)
+        return self._cached
 
     def data(self) -> SiteData:
         """The hospital's data set: kept between messages, or read afresh with ``client.cache=false``."""
-        hospital = self.hospital
+        hospital = self.cached_site
         return hospital.data if hospital is not None else self._load_data()
 
     @contextlib.contextmanager
@@ -143,18 +143,18 @@ class LocalRun:
         try:
             yield
         except BaseException:
-            HOSPITALS.discard(self.cache_key)
+            SITE_CACHE.discard(self.cache_key)
             raise
         finally:
-            if self._hospital is not None:
-                self._hospital.release()
-        if self._hospital is not None:
-            HOSPITALS.done(self.cache_key)
+            if self._cached is not None:
+                self._cached.release()
+        if self._cached is not None:
+            SITE_CACHE.done(self.cache_key)
 
     def loaded_model(self, num_classes: int, inclusive: bool = False) -> UnifiedViTGAN:
         """The model with the received global groups and this hospital's local groups loaded (the
         kept model starts from its freshly built weights every time, as a new one would)."""
-        hospital = self.hospital
+        hospital = self.cached_site
         if hospital is not None:
             model, state = hospital.checkout(num_classes)
         else:

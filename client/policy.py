@@ -88,7 +88,7 @@ def _positive(value: Any, key: str) -> float | None:
 
 
 @dataclass(frozen=True)
-class HospitalPolicy:
+class SitePolicy:
     """What this hospital accepts (see the module docstring); the defaults accept any run."""
 
     data_root: str | None = None
@@ -123,11 +123,11 @@ class HospitalPolicy:
             object.__setattr__(self, name, None if value in (None, "") else str(value))
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalPolicy:
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
         return cls(**{field: node_config[key] for key, field in NODE_KEYS.items() if key in node_config})
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None, where: str) -> HospitalPolicy:
+    def from_mapping(cls, mapping: Mapping[str, Any] | None, where: str) -> SitePolicy:
         return cls() if not mapping else dataclass_from_mapping(cls, mapping, where)
 
     @property
@@ -167,7 +167,7 @@ def _get(run: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def check_deployment_keys(run: Mapping[str, Any], policy: HospitalPolicy) -> None:
+def check_deployment_keys(run: Mapping[str, Any], policy: SitePolicy) -> None:
     """In a deployment: refuse coordinator-set keys that only the hospital may decide."""
     for key in SIMULATION_ONLY:
         if _get(run, key) not in (None, ""):
@@ -179,7 +179,7 @@ def check_deployment_keys(run: Mapping[str, Any], policy: HospitalPolicy) -> Non
                                    "never from the run configuration")
 
 
-def check_evaluation(score_bins: int, policy: HospitalPolicy) -> None:
+def check_evaluation(score_bins: int, policy: SitePolicy) -> None:
     """Before an evaluation: the score histograms are no finer than this hospital allows."""
     if int(score_bins) > policy.max_score_bins:
         raise Refusal("federation.score_bins", f"{score_bins} bins would place single patches' class scores "
@@ -187,7 +187,7 @@ def check_evaluation(score_bins: int, policy: HospitalPolicy) -> None:
                                                f"(node config max-score-bins)")
 
 
-def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
+def check_privacy(cfg: PrivacyConfig, policy: SitePolicy) -> None:
     """Before any data is read: the run's privacy settings against the hospital's floor."""
     if not policy.requires_privacy:
         return
@@ -214,7 +214,7 @@ def check_privacy(cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
                       f"below this hospital's floor of {policy.count_noise_floor:g} ({floor})")
 
 
-def check_derived_noise(noise_multiplier: float, cfg: PrivacyConfig, policy: HospitalPolicy) -> None:
+def check_derived_noise(noise_multiplier: float, cfg: PrivacyConfig, policy: SitePolicy) -> None:
     """A noise multiplier derived from ``privacy.target_epsilon`` against the floor."""
     if policy.min_noise_multiplier is not None and noise_multiplier < policy.min_noise_multiplier:
         raise Refusal("privacy.target_epsilon",
@@ -222,7 +222,7 @@ def check_derived_noise(noise_multiplier: float, cfg: PrivacyConfig, policy: Hos
                       f"hospital's floor ({policy.describe()})")
 
 
-def judged_delta(run_delta: float, num_examples: int, policy: HospitalPolicy) -> float:
+def judged_delta(run_delta: float, num_examples: int, policy: SitePolicy) -> float:
     """The delta at which this hospital's epsilon is accounted and its budget judged: the run's,
     but never above the hospital's ``max-delta``, nor, for a hospital that requires DP without
     setting one, above the default min(1e-5, 1/(10 n)). (The same noise at a smaller delta is a
@@ -236,13 +236,13 @@ def judged_delta(run_delta: float, num_examples: int, policy: HospitalPolicy) ->
     return run_delta
 
 
-def pre_release_delta(run_delta: float | None, policy: HospitalPolicy) -> float:
+def pre_release_delta(run_delta: float | None, policy: SitePolicy) -> float:
     """The delta of the budget check made before the count release (n not yet released): the
     smallest of the run's, the hospital's ``max-delta`` and 1e-5, so the check never under-counts."""
     return min(d for d in (run_delta, policy.max_delta, 1e-5) if d is not None)
 
 
-def effective_max_epsilon(cfg: PrivacyConfig, policy: HospitalPolicy) -> tuple[float | None, str]:
+def effective_max_epsilon(cfg: PrivacyConfig, policy: SitePolicy) -> tuple[float | None, str]:
     """The stricter lifetime budget of the run's and the hospital's, and where it comes from."""
     run, own = cfg.max_epsilon, policy.max_epsilon
     if own is not None and (run is None or own < run):

@@ -19,7 +19,7 @@ from common import protocol
 from common.privacy.accounting import build_plan
 from common.privacy.budget import (
     BudgetExhausted,
-    HospitalPrivacy,
+    SitePrivacy,
     attempts_from_json,
     attempts_to_json,
     private_train_config,
@@ -39,7 +39,7 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     data = local.data()
     tcfg = private_train_config(run_train_config(local.run), pcfg)
     saved = local.load_local()
-    privacy = _hospital_privacy(local, saved)
+    privacy = _site_privacy(local, saved)
     seed_for = (lambda _attempt: secret_seed()) if pcfg.seed is None else \
         (lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt))
     labelled = int((data.train.labels >= 0).sum())
@@ -87,7 +87,7 @@ def _budget_exhausted(local: LocalRun, message: str, metrics: dict[str, float]) 
     return RecordDict({protocol.METRICS: MetricRecord(metrics), protocol.SITE: record})
 
 
-def _hospital_privacy(local: LocalRun, saved: SavedLocal | None) -> HospitalPrivacy:
+def _site_privacy(local: LocalRun, saved: SavedLocal | None) -> SitePrivacy:
     """The hospital's ledger (its state folder, or privacy.ledger_dir/<site> in a simulation) and
     this run's releases from the ledger and the local state."""
     ledger_dir = (local.run.get("privacy") or {}).get("ledger_dir")
@@ -95,4 +95,4 @@ def _hospital_privacy(local: LocalRun, saved: SavedLocal | None) -> HospitalPriv
     ledger = PrivacyLedger.in_folder(folder, marker_folder=local.site.state_dir)
     dataset, description = dataset_fingerprint(local.site.data, local.site.site_id, int(local.run["seed"]))
     remembered = attempts_from_json((saved.meta if saved else {}).get("dp_attempts"))
-    return HospitalPrivacy.open(ledger, dataset, description, local.run_id, local.server_round, remembered)
+    return SitePrivacy.open(ledger, dataset, description, local.run_id, local.server_round, remembered)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from client.paths import check_held_out, confine_splits, pin_test_split
-from client.policy import NODE_KEYS, HospitalPolicy, PublicError, check_deployment_keys
+from client.policy import NODE_KEYS, PublicError, SitePolicy, check_deployment_keys
 from common.device import resolve_device
 
 IDENTITY_KEYS = ("site-id", "num-sites", "site-name", "dataset", "device", "test-split", "app-sha256")
@@ -57,7 +57,7 @@ class SiteIdentity:
     data: dict[str, Any]
     state_dir: Path
     device: str
-    policy: HospitalPolicy = field(default_factory=HospitalPolicy)
+    policy: SitePolicy = field(default_factory=SitePolicy)
     deployed: bool = False
 
     @classmethod
@@ -75,12 +75,12 @@ class SiteIdentity:
             raise PublicError(f"node config 'site-id' {site_id} is outside 0..{num_sites - 1}")
         name = str(node_config.get("site-name", f"site-{site_id}"))
         if deployed:
-            policy = HospitalPolicy.from_node_config(node_config)
+            policy = SitePolicy.from_node_config(node_config)
             check_deployment_keys(run, policy)
         else:  # the run's sites.<name>.policy, with any policy key of the node config on top
             sites = run.get("sites") or {}
             policy = dataclasses.replace(
-                HospitalPolicy.from_mapping((sites.get(name) or {}).get("policy"), f"sites.{name}.policy"),
+                SitePolicy.from_mapping((sites.get(name) or {}).get("policy"), f"sites.{name}.policy"),
                 **{f: node_config[k] for k, f in NODE_KEYS.items() if k in node_config})
         data = copy.deepcopy(dict(run["data"]))
         if "dataset" in node_config:

@@ -538,7 +538,7 @@ class LoopbackDeployment:
                 policy = app / "client" / "policy.py"
                 policy.write_text(policy.read_text() + "\n# edited by the coordinator after the hospitals' review\n")
             # 3. The hospitals: one SuperNode each (and, if asked, the intruders that must be refused).
-            self.start_hospitals()
+            self.start_sites()
             # 4. The run; the ServerApp waits (federation.wait_for_sites_s) until the hospitals are online.
             self.new_run(self.cli.run(run_overrides(self.options, self.run_dir), app=app))
             events = self.events()
@@ -571,7 +571,7 @@ class LoopbackDeployment:
             node_ids = pool.map(lambda name: self.cli.register(self.certs / SITES_DIR / f"{name}.pub"), registered)
             self.result.node_ids = dict(zip(registered, node_ids))
 
-    def start_hospitals(self) -> None:
+    def start_sites(self) -> None:
         """One SuperNode per hospital, with its CA certificate, private key and node config."""
         for name in self.sites:
             self.adopt(name, self.start_supernode(name, f"SuperNode {name}"))

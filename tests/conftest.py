@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from client.hospital_cache import HOSPITALS
+from client.site_cache import SITE_CACHE
 from common.model import ModelConfig, model_preset
 
 torch.set_num_threads(2)
@@ -20,7 +20,7 @@ def tiny_cfg() -> ModelConfig:
 
 @pytest.fixture(autouse=True)
 def no_kept_hospitals() -> Iterator[None]:
-    """Each test starts and ends without hospitals kept by the process (client/hospital_cache.py)."""
-    HOSPITALS.clear()
+    """Each test starts and ends without hospitals kept by the process (client/site_cache.py)."""
+    SITE_CACHE.clear()
     yield
-    HOSPITALS.clear()
+    SITE_CACHE.clear()

@@ -1,4 +1,4 @@
-"""Hospitals kept between messages (client/hospital_cache.py): reused while the run config stays,
+"""Hospitals kept between messages (client/site_cache.py): reused while the run config stays,
 rebuilt when it changes, bounded, dropped after a failure, and invisible in every result: weights,
 local state and privacy ledger are bit for bit those of hospitals rebuilt for every message,
 through a resumed run too. A hospital without privacy never imports Opacus."""
@@ -18,8 +18,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from safetensors.torch import load_file
 
 from client.app import app as client_app
-from client.hospital_cache import HOSPITALS, MIB, CacheConfig, Hospital, HospitalCache
 from client.local_run import LocalRun
+from client.site_cache import MIB, SITE_CACHE, CacheConfig, CachedSite, SiteCache
 from common import protocol
 from common.config import compose_config, plain_config
 from common.model import GROUPS
@@ -41,11 +41,11 @@ def _run(folder: Path, overrides: list[str], resume: bool = False) -> None:
 
 def _two_rounds_then_a_third_resumed(folder: Path, overrides: list[str]) -> list[int]:
     """Hospitals built during 2 rounds and during a resumed third (same process)."""
-    before = HOSPITALS.builds
+    before = SITE_CACHE.builds
     _run(folder, [*overrides, "federation.rounds=2"])
-    after_two = HOSPITALS.builds
+    after_two = SITE_CACHE.builds
     _run(folder, [*overrides, "federation.rounds=3"], resume=True)
-    return [after_two - before, HOSPITALS.builds - after_two]
+    return [after_two - before, SITE_CACHE.builds - after_two]
 
 
 def _files(folder: Path, pattern: str) -> dict[str, Path]:
@@ -86,7 +86,7 @@ def test_kept_hospitals_are_reused_rebuilt_on_a_config_change_and_change_no_weig
     # 2 hospitals x (2 rounds x train + evaluate): each built once; the resumed run's config differs
     # (resume, federation.rounds), so each is built once more.
     assert kept == [2, 2]
-    assert len(HOSPITALS) == 2
+    assert len(SITE_CACHE) == 2
     rebuilt = _two_rounds_then_a_third_resumed(tmp_path / "rebuilt", ["client.cache=false"])
     assert rebuilt == [0, 0]
     assert _assert_same_files(tmp_path / "kept" / "checkpoints", tmp_path / "rebuilt" / "checkpoints", "*.safetensors") == 3
@@ -107,20 +107,20 @@ def test_kept_hospitals_leave_the_dp_weights_and_privacy_ledger_as_rebuilt_ones_
 
 def test_a_failed_message_drops_its_hospital(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _run(tmp_path, ["federation.rounds=1"])
-    assert len(HOSPITALS) == 2
+    assert len(SITE_CACHE) == 2
 
     def broken(self: LocalRun, *args: object) -> None:
         raise RuntimeError("the local training broke half-way")
 
     monkeypatch.setattr(LocalRun, "run_steps", broken)
-    builds = HOSPITALS.builds
+    builds = SITE_CACHE.builds
     grid = InProcessGrid(client_app, 2)
     run = plain_config(compose_config([*SMALL, "federation.rounds=2", "federation.max_failed_rounds=1"]))
     run["output_dir"], run["resume"] = str(tmp_path), str(tmp_path)
     with pytest.raises(Exception, match="fewer than"):
         run_federation(grid, run, tmp_path)  # every train reply is an error: the run fails
-    assert HOSPITALS.builds > builds  # the resumed config built them ...
-    assert len(HOSPITALS) == 0  # ... and each failure dropped its hospital
+    assert SITE_CACHE.builds > builds  # the resumed config built them ...
+    assert len(SITE_CACHE) == 0  # ... and each failure dropped its hospital
 
 
 def _instruction(folder: Path, overrides: list[str], kind: str = "train") -> Message:
@@ -143,23 +143,23 @@ def test_a_repeated_message_starts_again_from_the_built_weights_not_the_last_tra
     """A round's instruction delivered twice (a lost reply) trains the kept model from the weights it
     was built with, as a new hospital process would."""
     grid = InProcessGrid(client_app, 2)
-    builds = HOSPITALS.builds
+    builds = SITE_CACHE.builds
     first = _groups(grid.answer(_instruction(tmp_path / "kept", [])))
     again = _groups(grid.answer(_instruction(tmp_path / "kept", [])))
-    assert HOSPITALS.builds - builds == 1
+    assert SITE_CACHE.builds - builds == 1
     fresh = _groups(InProcessGrid(client_app, 2).answer(_instruction(tmp_path / "rebuilt", ["client.cache=false"])))
     for key in first:
         assert np.array_equal(again[key], first[key]), key
         assert np.array_equal(fresh[key], first[key]), key
 
 
-def _fake(nbytes: int) -> Hospital:
+def _fake(nbytes: int) -> CachedSite:
     data = np.zeros(nbytes, np.uint8)
-    return Hospital(data=data, build_model=lambda _: None)  # type: ignore[arg-type]
+    return CachedSite(data=data, build_model=lambda _: None)  # type: ignore[arg-type]
 
 
 def test_the_least_recently_used_hospitals_go_first_beyond_either_bound() -> None:
-    cache = HospitalCache()
+    cache = SiteCache()
     cache.config = CacheConfig(cache_sites=2, cache_mib=3)
     for site in "abc":
         cache.get(("run", site), "v1", lambda: _fake(MIB))

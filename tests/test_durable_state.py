@@ -162,7 +162,7 @@ def test_a_truncated_newest_state_file_or_checkpoint_falls_back_to_the_previous_
 
 def test_the_lifetime_is_the_union_of_the_ledger_and_the_local_state(tmp_path: Path) -> None:
     """A record the ledger lost but the hospital's local state remembers still counts (and once only)."""
-    from common.privacy.budget import HospitalPrivacy
+    from common.privacy.budget import SitePrivacy
 
     ledger = PrivacyLedger.in_folder(tmp_path)
     attempts = []
@@ -177,6 +177,6 @@ def test_the_lifetime_is_the_union_of_the_ledger_and_the_local_state(tmp_path: P
     ledger.path.write_text("".join(line for line in unchained if '"attempt": 2' not in line))
     ledger.marker.unlink()
     assert ledger.history("data") == [(1.0, 0.2, 8)]
-    privacy = HospitalPrivacy.open(ledger, "data", {}, "run-a", 4, attempts)
+    privacy = SitePrivacy.open(ledger, "data", {}, "run-a", 4, attempts)
     assert [a.number for a in privacy.run] == [1, 2, 3] and privacy.from_state_only == 1
-    assert HospitalPrivacy.dp_steps(privacy.lifetime) == 12
+    assert SitePrivacy.dp_steps(privacy.lifetime) == 12

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.privacy.accounting import build_plan, epsilon
-from common.privacy.budget import BudgetExhausted, HospitalPrivacy
+from common.privacy.budget import BudgetExhausted, SitePrivacy
 from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import LedgerError, PrivacyLedger, dataset_fingerprint
 
@@ -80,8 +80,8 @@ def test_releases_under_an_older_name_keyed_entry_count_towards_the_folder(tmp_p
     old_key = "0123456789abcdef"
     ledger.end(ledger.begin(old_key, description, "sgd", "old-run", 1, 1.0, 0.2, 50), 50)
     key, renamed = dataset_fingerprint({"name": "imagefolder", "root": str(tmp_path / "patches")}, 0, 0)
-    privacy = HospitalPrivacy.open(ledger, key, renamed, "new-run", 1, [])
-    assert HospitalPrivacy.dp_steps(privacy.lifetime) == 50
+    privacy = SitePrivacy.open(ledger, key, renamed, "new-run", 1, [])
+    assert SitePrivacy.dp_steps(privacy.lifetime) == 50
 
 
 def test_two_processes_cannot_both_pass_the_budget_check(tmp_path: Path) -> None:
@@ -91,8 +91,8 @@ def test_two_processes_cannot_both_pass_the_budget_check(tmp_path: Path) -> None
     one = epsilon([plan.next_round()], plan.delta, "rdp")
     two = epsilon([(plan.noise_multiplier, plan.sample_rate, 100)], plan.delta, "rdp")
     budget = (one + two) / 2  # room for one round, not two
-    first = HospitalPrivacy.open(ledger, "data", {}, "run-a", 1, [])
-    second = HospitalPrivacy.open(ledger, "data", {}, "run-b", 1, [])  # opened before the first trains
+    first = SitePrivacy.open(ledger, "data", {}, "run-a", 1, [])
+    second = SitePrivacy.open(ledger, "data", {}, "run-b", 1, [])  # opened before the first trains
     for privacy in (first, second):
         privacy.plan = build_plan(cfg, 1000, 1000, 10, 50, 10, max_epsilon=budget)
         assert not privacy.check_budget().exhausted  # both pass the early check

@@ -111,7 +111,7 @@ def test_split_by_groups_never_splits_a_patient_and_stratifies() -> None:
 
 def test_hospital_partition_is_the_recorded_hospital() -> None:
     hospitals = np.array([0, 3, 3, 4, 0, 4])
-    assert [p.tolist() for p in P.hospital_partition(hospitals, [0, 3, 4])] == [[0, 4], [1, 2], [3, 5]]
+    assert [p.tolist() for p in P.natural_partition(hospitals, [0, 3, 4])] == [[0, 4], [1, 2], [3, 5]]
 
 
 # ---------------------------------------------------------------- sites of a real data set

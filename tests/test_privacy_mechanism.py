@@ -267,7 +267,7 @@ def test_the_count_release_has_sensitivity_sqrt2_and_is_accounted_as_such(tmp_pa
     """Adding a labelled patch moves (n, labelled) by (1, 1): L2 sensitivity sqrt(2). With noise std s
     the ledger records noise multiplier s / sqrt(2) at rate 1, one step."""
     from common.privacy.accounting import counts_noise_multiplier, noisy_counts
-    from common.privacy.budget import HospitalPrivacy
+    from common.privacy.budget import SitePrivacy
     from common.privacy.ledger import PrivacyLedger
 
     def release(n: int, labelled: int) -> tuple[int, int]:
@@ -276,12 +276,12 @@ def test_the_count_release_has_sensitivity_sqrt2_and_is_accounted_as_such(tmp_pa
     (n0, l0), (n1, l1) = release(40, 17), release(41, 18)
     assert ((n1 - n0) ** 2 + (l1 - l0) ** 2) ** 0.5 == pytest.approx(2 ** 0.5)
     ledger = PrivacyLedger.in_folder(tmp_path)
-    privacy = HospitalPrivacy.open(ledger, "data", {}, "run-a", 1, [])
+    privacy = SitePrivacy.open(ledger, "data", {}, "run-a", 1, [])
     counts = privacy.release_counts(PrivacyConfig(enabled=True, count_noise_std=6.0), 40, 17, lambda attempt: attempt)
     assert counts.noise_std == 6.0 and counts_noise_multiplier(6.0) == pytest.approx(6.0 / 2 ** 0.5)
     assert ledger.history("data") == [(pytest.approx(6.0 / 2 ** 0.5), 1.0, 1)]
     # Released once: a second hospital process reuses them at no new cost.
-    again = HospitalPrivacy.open(ledger, "data", {}, "run-b", 1, [])
+    again = SitePrivacy.open(ledger, "data", {}, "run-b", 1, [])
     assert again.release_counts(PrivacyConfig(enabled=True), 40, 17, lambda attempt: attempt) == counts
     assert len(ledger.load().attempts["data"]) == 1
 

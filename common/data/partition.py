@@ -10,7 +10,7 @@ arguments. Impossible requests (too few items or groups for the sites) raise ``V
   let a test split follow the same proportions as the train split.
 - ``quantity_partition``: quantity skew; site sizes in Dirichlet(alpha) shares, classes mixed;
   ``quantity_split`` cuts a train and a test split with the same shares.
-- ``hospital_partition``: the natural split by a recorded hospital id (Camelyon17 ``center``).
+- ``natural_partition``: the natural split by a recorded hospital id (Camelyon17 ``center``).
 - ``group_partition``: whole groups (patients, slides) per site, balanced in patch count.
 - ``split_by_groups``: a patient-level train/val/test split, stratified by class.
 """
@@ -147,7 +147,7 @@ def quantity_partition(num_items: int, num_sites: int, alpha: float, seed: int,
     return split_by_shares(num_items, quantity_shares(num_sites, alpha, seed), seed, min_size)
 
 
-def hospital_partition(hospitals: np.ndarray, hospital_ids: Sequence[int]) -> list[np.ndarray]:
+def natural_partition(hospitals: np.ndarray, hospital_ids: Sequence[int]) -> list[np.ndarray]:
     """Site ``k`` gets the patches of hospital ``hospital_ids[k]`` (patches of other hospitals: none)."""
     hospitals = np.asarray(hospitals)
     return [np.flatnonzero(hospitals == h).astype(np.int64) for h in hospital_ids]

@@ -91,8 +91,8 @@ def _natural(train: PatchDataset, test: PatchDataset, num_sites: int, seed: int,
             raise DataError(f"{where}: the natural partition has {len(ids)} hospitals {ids} in the training "
                             f"split, so it needs federation.num_sites={len(ids)} (got {num_sites}); for "
                             f"Camelyon17-WILDS, data.val_center=null data.test_center=null federates all five")
-        train_parts = partitioning.hospital_partition(train.hospitals, ids)
-        test_parts = partitioning.hospital_partition(test.hospitals, ids)
+        train_parts = partitioning.natural_partition(train.hospitals, ids)
+        test_parts = partitioning.natural_partition(test.hospitals, ids)
         empty = [ids[k] for k, p in enumerate(test_parts) if len(p) == 0]
         if empty:
             raise DataError(f"{where}: hospital(s) {empty} have no held-out patches in the test split; expected "

@@ -89,7 +89,7 @@ def merge_attempts(ledger_attempts: list[Attempt], state_attempts: list[Attempt]
 
 
 @dataclass
-class HospitalPrivacy:
+class SitePrivacy:
     """Privacy state of one hospital and data set for one train message of one run."""
 
     ledger: PrivacyLedger
@@ -107,7 +107,7 @@ class HospitalPrivacy:
 
     @classmethod
     def open(cls, ledger: PrivacyLedger, dataset: str, description: dict[str, Any], run_id: str, server_round: int,
-             state_attempts: list[Attempt]) -> HospitalPrivacy:
+             state_attempts: list[Attempt]) -> SitePrivacy:
         privacy = cls(ledger, dataset, description, run_id, server_round,
                       state_attempts=[a for a in state_attempts if a.dataset == dataset])
         privacy.refresh(ledger.load())

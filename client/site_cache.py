@@ -2,11 +2,11 @@
 
 A process that serves many messages (a simulation's worker holds many hospitals; a test drives
 the ClientApp directly) would otherwise load the hospital's data set and build its model again
-for every message. ``HOSPITALS`` keeps them, keyed by (run, site), for as long as the run's
+for every message. ``SITE_CACHE`` keeps them, keyed by (run, site), for as long as the run's
 config and the site's identity stay the same (``fingerprint``); any change builds afresh.
 
 What is kept is *construction* only. Every message still starts the model from its freshly built
-weights (``Hospital.checkout``), loads the received global groups and the hospital's saved local
+weights (``CachedSite.checkout``), loads the received global groups and the hospital's saved local
 state into it, and builds its trainer (optimisers, loss weights, selection statistics, random
 state) from the saved local state: a hospital's results and its privacy ledger are the same,
 bit for bit, with the cache on or off. A message that fails drops its hospital (``discard``).
@@ -87,7 +87,7 @@ def held_bytes(obj: Any, seen: set[int] | None = None, depth: int = 0) -> int:
 
 
 @dataclass
-class Hospital:
+class CachedSite:
     """One hospital's data set and built model (with the weights it was built with)."""
 
     data: SiteData
@@ -119,11 +119,11 @@ class Hospital:
         return held_bytes((self.data, self._model, self._initial))
 
 
-class HospitalCache:
+class SiteCache:
     """Least-recently-used hospitals of this process, keyed by (run id, site)."""
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[tuple[str, str], tuple[str, Hospital]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], tuple[str, CachedSite]] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}
         self.config = CacheConfig()
         self.builds = 0  # hospitals built (for tests and benchmarks)
@@ -134,7 +134,7 @@ class HospitalCache:
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def get(self, key: tuple[str, str], print_: str, build: Callable[[], Hospital]) -> Hospital:
+    def get(self, key: tuple[str, str], print_: str, build: Callable[[], CachedSite]) -> CachedSite:
         """The hospital for ``key`` built with fingerprint ``print_``; built now if absent or changed."""
         held = self._entries.get(key)
         if held is not None and held[0] == print_:
@@ -176,4 +176,4 @@ class HospitalCache:
 
 
 #: This process's hospitals.
-HOSPITALS = HospitalCache()
+SITE_CACHE = SiteCache()
