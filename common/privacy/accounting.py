@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+from opacus.accountants.analysis.prv.domain import compute_safe_domain_size
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import ConfigError
@@ -76,10 +78,57 @@ def make_accountant(kind: str, history: Iterable[Sequence[float]] = ()) -> IAcco
     return accountant
 
 
+#: The most memory one PRV computation may take, MiB. Opacus' PRV accountant discretises the privacy
+#: loss on a grid whose size grows without bound as the noise falls and the steps grow (noise 0.05 at
+#: sampling rate 0.05 asks for 1.3e9 points, about 87 GiB, after 500 steps), and the coordinator
+#: chooses both. A fixed bound, not a config key: the coordinator must not be able to raise it.
+PRV_MAX_MIB = 512
+#: What the report says where PRV's epsilon is not computed.
+PRV_NOT_COMPUTED = (f"not computed: Opacus' PRV grid for this history would take more than {PRV_MAX_MIB} MiB (the noise is "
+                    f"too small, or the steps too many, for a meaningful guarantee); RDP's epsilon, an upper bound "
+                    f"as well, stands in wherever prv is the configured accountant")
+#: Bytes per grid point of Opacus' PRV (measured with tracemalloc, Opacus 1.6: 67 for one history
+#: entry, 120 for three), bounded above by 8 x (6 + 4 x entries).
+_PRV_BYTES_PER_POINT_AND_ENTRY = (48, 32)
+#: Opacus' defaults for PRV's precision (``PRVAccountant.get_epsilon``).
+_PRV_EPS_ERROR = 0.01
+
+
+def prv_grid_points(history: Sequence[Sequence[float]], delta: float) -> int:
+    """The size of the grid Opacus' PRV accountant would build for ``history`` at ``delta`` (its own
+    domain rule: ``PRVAccountant._get_domain``), computed from RDP alone, without building it."""
+    hist = compact(history)
+    if not hist:
+        return 0
+    delta_error = float(delta) / 1000  # Opacus' default
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in hist]
+    compositions = [steps for _, _, steps in hist]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half_width = compute_safe_domain_size(prvs=prvs, max_self_compositions=compositions,
+                                              eps_error=_PRV_EPS_ERROR, delta_error=delta_error)
+    mesh = _PRV_EPS_ERROR / math.sqrt(sum(compositions) * math.log(12 / delta_error) / 2)
+    return int(math.ceil(2 * half_width / mesh)) + 2
+
+
+def prv_mib(history: Sequence[Sequence[float]], delta: float) -> float:
+    """An upper estimate of the memory Opacus' PRV accountant takes for ``history``, MiB."""
+    per_point, per_entry = _PRV_BYTES_PER_POINT_AND_ENTRY
+    return prv_grid_points(history, delta) * (per_point + per_entry * len(compact(history))) / 2**20
+
+
+def prv_computable(history: Iterable[Sequence[float]], delta: float) -> bool:
+    """Whether PRV's epsilon for ``history`` fits in ``PRV_MAX_MIB`` (else RDP's stands in for it)."""
+    return prv_mib(list(history), delta) <= PRV_MAX_MIB
+
+
 @lru_cache(maxsize=512)
 def _epsilon(kind: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if not history:
         return 0.0
+    if kind == "prv" and not prv_computable(history, delta):
+        # RDP's epsilon is an upper bound too (looser): the budget is never under-counted.
+        kind = "rdp"
     with warnings.catch_warnings():
         # RDP warns when the best order is the largest one tried: the bound is still valid.
         warnings.simplefilter("ignore")
@@ -87,26 +136,60 @@ def _epsilon(kind: str, history: tuple[tuple[float, float, int], ...], delta: fl
 
 
 def epsilon(history: Iterable[Sequence[float]], delta: float, kind: str) -> float:
-    """Epsilon at ``delta`` after ``history``, by Opacus' ``kind`` accountant (0 for no steps)."""
+    """Epsilon at ``delta`` after ``history``, by Opacus' ``kind`` accountant (0 for no steps).
+
+    ``prv`` whose grid would take more than ``PRV_MAX_MIB`` gives RDP's epsilon instead: an upper
+    bound as well, so a budget judged by it is never under-counted (see :func:`prv_computable`)."""
     return _epsilon(kind, tuple(compact(history)), float(delta))
 
 
-def epsilons(history: Iterable[Sequence[float]], delta: float) -> dict[str, float]:
-    """Epsilon by every accountant (rdp and prv side by side)."""
+def epsilons(history: Iterable[Sequence[float]], delta: float) -> dict[str, float | None]:
+    """Epsilon by every accountant (rdp and prv side by side); prv is None where it is not computed
+    (its grid would take more than ``PRV_MAX_MIB``)."""
     hist = compact(history)
-    return {kind: epsilon(hist, delta, kind) for kind in ACCOUNTANTS}
+    return {kind: epsilon(hist, delta, kind) if kind != "prv" or prv_computable(hist, delta) else None
+            for kind in ACCOUNTANTS}
 
 
 @lru_cache(maxsize=64)
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
-    """Opacus' noise multiplier whose ``steps`` steps at ``sample_rate`` reach ``target_epsilon``."""
+    """The noise multiplier whose ``steps`` steps at ``sample_rate`` reach ``target_epsilon``.
+
+    RDP: Opacus' search. PRV: the same search (raise the noise until epsilon <= target, then bisect
+    to within 0.01 of it) on :func:`epsilon`, whose memory is bounded; where PRV is not computable
+    RDP stands in, which only ever asks for more noise."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=kind))
+            rdp_sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                                   sample_rate=sample_rate, steps=steps, accountant="rdp"))
         except ValueError as error:
             raise ConfigError(f"privacy.target_epsilon={target_epsilon}: {error}") from error
+    if kind == "rdp":
+        return rdp_sigma
+    return _bisect_noise(lambda sigma: epsilon([(sigma, sample_rate, steps)], delta, kind), target_epsilon, rdp_sigma)
+
+
+def _bisect_noise(epsilon_at: Callable[[float], float], target: float, start: float, tolerance: float = 0.01) -> float:
+    """The smallest noise (to ``tolerance`` in epsilon) whose ``epsilon_at`` is <= ``target``,
+    searching from ``start`` (Opacus' ``get_noise_multiplier`` rule)."""
+    high = start
+    while epsilon_at(high) > target:
+        high *= 2
+        if high > 1e6:
+            raise ConfigError(f"privacy.target_epsilon={target}: no noise multiplier reaches it")
+    low = 0.0
+    while True:
+        mid = (low + high) / 2
+        if mid <= 0 or high - low < 1e-6:
+            return high
+        eps = epsilon_at(mid)
+        if eps < target:
+            high = mid
+            if target - eps < tolerance:
+                return high
+        else:
+            low = mid
 
 
 def default_delta(num_examples: int) -> float:

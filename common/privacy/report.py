@@ -20,6 +20,7 @@ from common.privacy.accounting import (
     COUNTS_MECHANISM,
     MECHANISM,
     NEIGHBOURING,
+    PRV_NOT_COMPUTED,
     SAMPLING,
     compact,
     counts_noise_multiplier,
@@ -111,9 +112,10 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
     return {
         **_mechanism(latest, cfg, config, delta),
         "steps_total": max(int(_finite(m.get(protocol.DP_STEPS_TOTAL)) or 0) for _, m in replies),
-        "epsilon": max(both[cfg.accountant], reported),
+        "epsilon": max(epsilon(history, delta, cfg.accountant) if history else 0.0, reported),
         "epsilon_rdp": both["rdp"],
-        "epsilon_prv": both["prv"],
+        "epsilon_prv": both["prv"],  # None: not computed, its grid would exceed PRV_MAX_MIB
+        "prv_note": None if both["prv"] is not None else PRV_NOT_COMPUTED,
         "history": [list(e) for e in history],
         "neighbouring_relation": NEIGHBOURING,
         "sampling": SAMPLING,
@@ -182,6 +184,14 @@ def _budget(latest: dict[str, Any], trained: list[tuple[int, dict[str, Any]]],
     }
 
 
+#: The report of a DP run in which no hospital replied to a training round (each refused, failed or
+#: was left out): the coordinator has no DP figure to show.
+NO_DP_STEPS = ("**No hospital reported a DP step in this run**: no training reply reached the coordinator (each "
+               "hospital refused, failed or was left out; summary.json and the hospitals' logs say why), so this "
+               "report has no per-hospital figure. It does not say that nothing was spent: a hospital that "
+               "released its noisy counts, or trained, before failing has that in its own privacy ledger.")
+
+
 def build_report(run_dir: Path | str) -> dict[str, Any]:
     """report.json's content for the run in ``run_dir``."""
     run_dir = Path(run_dir)
@@ -234,6 +244,8 @@ def render_markdown(report: dict[str, Any]) -> str:
               ""]
     if report["max_epsilon"] is not None:
         lines += [f"Lifetime budget per hospital and data set: privacy.max_epsilon = {report['max_epsilon']:g}.", ""]
+    if not report["sites"]:
+        lines += [NO_DP_STEPS, ""]
     for name, site in report["sites"].items():
         lines += [f"## {name}", "",
                   "| | |", "|---|---|",
@@ -245,7 +257,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"| DP steps, this run | {site['steps_total']} |",
                   f"| delta | {_fmt(site['delta'], '.3g')} |",
                   f"| epsilon, this run ({site['accountant']}, configured) | {_fmt(site['epsilon'])} |",
-                  f"| epsilon, this run: rdp / prv | {_fmt(site['epsilon_rdp'])} / {_fmt(site['epsilon_prv'])} |",
+                  (f"| epsilon, this run: rdp / prv | {_fmt(site['epsilon_rdp'])} / "
+                   f"{_fmt(site['epsilon_prv']) if site.get('epsilon_prv') is not None else 'not computed'} |"),
+                  *([f"| prv | {site['prv_note']} |"] if site.get("prv_note") else []),
                   (f"| lifetime (all runs on this data set) | epsilon {_fmt(site['lifetime']['epsilon'])} after "
                    f"{site['lifetime']['steps_total']} DP steps ({site['lifetime']['source']}) |"),
                   f"| neighbouring relation | {site['neighbouring_relation']} |",
