@@ -25,7 +25,7 @@ from common.privacy.budget import (
     private_train_config,
     shared_train_metrics,
 )
-from common.privacy.config import PrivacyConfig
+from common.privacy.config import PrivacyConfig, check_private_method
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
 from common.train import run_train_config
@@ -36,8 +36,9 @@ logger = logging.getLogger("fedvitgan.client")
 def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     """DP-SGD on ``local``'s hospital under ``pcfg``; every attempt draws fresh randomness and is in
     the hospital's ledger before anything leaves."""
-    data = local.data()
     tcfg = private_train_config(run_train_config(local.run), pcfg)
+    check_private_method(tcfg.method, pcfg)  # before anything is read or released
+    data = local.data()
     saved = local.load_local()
     privacy = _site_privacy(local, saved)
     seed_for = (lambda _attempt: secret_seed()) if pcfg.seed is None else \

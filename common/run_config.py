@@ -17,7 +17,7 @@ from common.device import resolve_device
 from common.faults import Fault, parse_faults
 from common.federation_config import FederationConfig, federation_config
 from common.model import ModelConfig
-from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.config import PrivacyConfig, check_private_method, privacy_config
 from common.train.config import TrainConfig, run_train_config
 
 #: Top-level keys that are single values (the sections are typed below).
@@ -50,7 +50,7 @@ def run_config(run: Mapping[str, Any] | Any) -> RunConfig:
     if missing:
         raise ConfigError(f"run config: missing section(s) or key(s) {missing} (conf/config.yaml sets them)")
     federation = federation_config(values["federation"])
-    return RunConfig(
+    typed = RunConfig(
         seed=int(values["seed"]),
         device=resolve_device(values["device"]),
         model=dataclass_from_mapping(ModelConfig, values["model"], "model"),
@@ -61,3 +61,5 @@ def run_config(run: Mapping[str, Any] | Any) -> RunConfig:
         privacy=privacy_config(values["privacy"]),
         faults=tuple(parse_faults(values.get("faults"), federation.num_sites)),
     )
+    check_private_method(typed.train.method, typed.privacy)  # no hospital could run it: refused once, here
+    return typed

@@ -33,14 +33,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import ConfigError
 from common.data.registry import configured_class_names
 from common.durable import atomic_write_json
 from common.evaluation import METRIC_NAMES, save_generator_grid
-from common.faults import parse_faults
 from common.federation_config import FederationConfig, federation_config
-from common.model import ModelConfig, build_model, split_groups
+from common.model import build_model, split_groups
 from common.records import arrayrecord_to_tensors, state_nbytes, tensors_to_arrayrecord
+from common.run_config import run_config
 from server.checkpoint import CheckpointStore, LatestCheckpoint
 from server.collect import send_and_collect
 from server.identity import SiteRegistry
@@ -188,12 +188,12 @@ def _run_locked(grid: Grid, run: dict[str, Any], run_dir: Path) -> Path:
 
 def _set_up(run: dict[str, Any], fed: FederationConfig, run_dir: Path) -> _Federation:
     """Check the config, build the model, find where the run stands, and open strategy and summary."""
+    typed = run_config(run)  # every section typed and checked: a run no hospital could train stops here, once
     class_names = configured_class_names(run["data"])
-    faults = parse_faults(run.get("faults"), fed.num_sites)  # checked here, injected by the hospitals
+    faults = typed.faults  # checked here, injected by the hospitals
     if faults:
         _progress(f"fault injection (simulation): {len(faults)} fault(s) configured")
-    model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(class_names),
-                        seed=int(run["seed"]))
+    model = build_model(typed.model, len(class_names), seed=typed.seed)
     fingerprint = _fingerprint(run, len(class_names))
     store = CheckpointStore(run_dir, fed.checkpoint_keep_last)
     latest = store.latest()

@@ -7,12 +7,22 @@ from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping
 from common.privacy.scopes import SCOPES as SCOPE_TABLE
+from common.train.config import PRIVATE_METHODS
 
 #: ``privacy.scope`` values, from the one covering least to the one covering most.
 SCOPES: tuple[str, ...] = tuple(SCOPE_TABLE)
 ACCOUNTANTS = ("rdp", "prv")
 #: ``privacy.clipping``: how per-example gradients are clipped (the same arithmetic either way).
 CLIPPINGS = ("bookkeeping", "vmap")
+
+
+def check_private_method(method: str, cfg: PrivacyConfig) -> None:
+    """``ConfigError`` when ``cfg`` asks for DP-SGD under a training method that has no private step;
+    the coordinator refuses such a run at start, and a hospital before it releases anything."""
+    if cfg.enabled and method not in PRIVATE_METHODS:
+        raise ConfigError(f"privacy.enabled=true with train.method={method}: DP-SGD is implemented for "
+                          f"train.method {' and '.join(PRIVATE_METHODS)} only (FixMatch's pseudo-labels on "
+                          f"unlabelled patches have no private step)")
 
 
 @dataclass(frozen=True)

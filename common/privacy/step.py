@@ -196,6 +196,44 @@ def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torc
     return step
 
 
+def dp_supervised_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor
+                       ) -> dict[str, float]:
+    """One step of the plain classifier (``train.method=supervised``) with DP-SGD; counts one DP step.
+
+    The labelled rows of the Poisson batch, with the classifier's label-safe augmentation drawn by the
+    DP generator; unlabelled rows count in the batch (B) and contribute nothing. scope=classifier: the
+    head learns from the private gradient, the trunk from the same loss without DP through a frozen
+    copy of the head (as in the unified step: no end-to-end guarantee). scope=discriminator: the trunk
+    and the head learn from the private gradient alone (the adversarial parts get none: weight 0)."""
+    model, cfg = trainer.model, trainer.cfg
+    dp.prefetch(trainer.device)
+    labels_host = labels.cpu()
+    real, labels = real.to(trainer.device, non_blocking=True), to_device(labels_host, trainer.device)
+    images = diff_augment(real, cfg.classifier_augment, dp.augment_rng) if real.shape[0] else real
+    trainer.zero_discriminator_grads()
+    if dp.plan.scope == "classifier":
+        trunk = model.trunk(images)
+        frozen = {n: p.detach() for n, p in model.classifier.named_parameters()}
+        logits = functional_call(model.classifier, frozen, (trunk,))
+        labelled = labels_host >= 0
+        loss = labelled_cross_entropy(logits, labels).sum() / (dp.plan.expected_batch * dp.plan.labelled_fraction)
+        if bool(labelled.any()):
+            loss.backward()
+        noisy, _ = dp.head_gradient(trunk.tokens, trunk.features, labels, 1.0)
+        _add_grads(model.classifier, noisy, "classifier")
+        step: dict[str, float] = {"cls_real": float(loss.detach())}
+    else:
+        noisy, losses = dp.discriminator_gradient(images, labels, cfg.adversarial_loss, 0.0, 1.0)
+        _add_grads(model.discriminator, noisy, "discriminator")
+        _add_grads(model.classifier, noisy, "classifier")
+        # a local diagnostic only: real-image losses are left out of the reply in this scope
+        step = {"real_loss": float(losses.sum()) / dp.plan.expected_batch}
+    trainer.step_discriminator(weights_learned=False)
+    trainer.global_step += 1
+    step["selected"] = 0.0
+    return step
+
+
 def dp_unified_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor
                     ) -> dict[str, float]:
     """One unified step of ``trainer`` with DP-SGD (``dp``) on the covered parameters; counts one DP step."""

@@ -52,7 +52,7 @@ from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
 from common.privacy.bookkeeping import Bookkeeping, RecordedPass
 from common.privacy.noise import NoiseSource
 from common.privacy.scopes import SCOPES
-from common.privacy.step import dp_unified_step
+from common.privacy.step import dp_supervised_step, dp_unified_step
 from common.train.losses import labelled_cross_entropy, real_adversarial_terms
 
 if TYPE_CHECKING:
@@ -353,6 +353,10 @@ class DPTraining:
     def unified_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One private unified step of ``trainer`` (``common.privacy.step``); counts one DP step."""
         return dp_unified_step(trainer, self, real, labels)
+
+    def supervised_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One private step of the plain classifier (``common.privacy.step``); counts one DP step."""
+        return dp_supervised_step(trainer, self, real, labels)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Nothing: the random generators are seeded afresh for every attempt (never restored), and

@@ -98,6 +98,8 @@ class OptimConfig:
 
 #: What a hospital's local step trains (see common/train/engine.py).
 METHODS = ("unified", "supervised", "semi_supervised")
+#: The methods with a DP-SGD step (``common/privacy/step.py``).
+PRIVATE_METHODS = ("unified", "supervised")
 #: How real patches are drawn: a labelled and an unlabelled batch each step, or one mixed batch.
 STREAMS = ("separate", "mixed")
 #: When G learns in a unified step: from a second trunk pass after D/C's update, or from D/C's own pass.

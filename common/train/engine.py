@@ -37,7 +37,7 @@ from common.model import UnifiedViTGAN
 from common.model.unified import DiscriminatorOutput
 from common.train.adversarial_scale import AdversarialTrunkScale
 from common.train.augment import diff_augment
-from common.train.config import TrainConfig, learning_rate_factor
+from common.train.config import PRIVATE_METHODS, TrainConfig, learning_rate_factor
 from common.train.gate import PseudoLabelGate
 from common.train.host_memory import apply_host_memory_policy
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
@@ -99,6 +99,10 @@ class PrivateStep(Protocol):
         """One private unified step of ``trainer`` on a real batch; returns its losses and counts."""
         ...
 
+    def supervised_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One private step of the plain classifier (``train.method=supervised``)."""
+        ...
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         ...
 
@@ -158,8 +162,9 @@ class LocalTrainer:
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a {self.num_classes}-class model")
-        if privacy is not None and cfg.method != "unified":
-            raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method=unified, not {cfg.method!r}")
+        if privacy is not None and cfg.method not in PRIVATE_METHODS:
+            raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method unified and supervised, "
+                             f"not {cfg.method!r}")
         if cfg.optim.trunk_update == "split" and (privacy is not None or cfg.generator_update != "after_discriminator"):
             raise ValueError("train.optim.trunk_update=split needs train.generator_update=after_discriminator and no DP")
         if privacy is not None and (cfg.amp != "none" or cfg.compile or cfg.generator_update != "after_discriminator"):
@@ -327,6 +332,8 @@ class LocalTrainer:
     def step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One local step of ``cfg.method`` on a real batch; returns the step's losses and counts."""
         self._schedule_learning_rates()
+        if self.privacy is not None and self.cfg.method == "supervised":
+            return self.privacy.supervised_step(self, real, labels)
         if self.privacy is not None or self.cfg.method == "unified":
             return self.unified_step(real, labels)
         result = self.supervised_step(real, labels) if self.cfg.method == "supervised" \
