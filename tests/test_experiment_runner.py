@@ -82,3 +82,35 @@ def test_unknown_variants_and_impossible_grids_are_refused() -> None:
                                 "experiment.setting_variants.federated=[two_stage]"])["experiment"])
     with pytest.raises(ConfigError, match="multiple of rounds"):
         experiment_config(_run(["experiment.settings=[federated]", "experiment.rounds=3"])["experiment"])
+
+
+def test_the_report_shows_each_dp_variants_epsilon_and_its_cost_against_the_same_variant_without_dp() -> None:
+    from simulations.experiments.report import results_markdown
+
+    def run(variant: str, seed: int, accuracy: float, epsilon: float | None) -> dict:
+        return {"variant": variant, "setting": "federated", "seed": seed, "balanced_accuracy": accuracy,
+                "macro_f1": accuracy, "accuracy": accuracy, "auroc": accuracy, "seconds": 1.0, "epsilon": epsilon}
+
+    runs = [run("plain", 0, 0.80, None), run("plain", 1, 0.70, None),
+            run("plain_dp8", 0, 0.60, 7.9), run("plain_dp8", 1, 0.65, 8.1),
+            run("unified_dp8", 0, 0.62, 8.0)]
+    text = results_markdown({"variants": ["plain", "plain_dp8", "unified_dp8"], "runs": runs})
+    assert "| plain_dp8 | 8.00 | 0.625 | -12.5 (-20.0 / -5.0) vs plain |" in text
+    assert "| unified_dp8 | 8.00 | 0.620 | - |" in text  # no `unified` run to compare with
+    assert "| plain | - | 0.750 | - |" in text
+    no_dp = results_markdown({"variants": ["plain"], "runs": runs[:2]})
+    assert "Privacy:" not in no_dp
+
+
+def test_the_spent_epsilon_is_the_largest_any_hospital_reported(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from common import protocol
+    from simulations.experiments.federated import spent_epsilon
+
+    rounds = [{"round": 1, "sites": {"a": {"train": {protocol.DP_EPSILON: 1.5}}, "b": {"train": {}}}},
+              {"round": 2, "sites": {"a": {"train": {protocol.DP_EPSILON: 2.5}}, "b": {"train": {protocol.DP_EPSILON: 2.9}}}}]
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": rounds}))
+    assert spent_epsilon(tmp_path) == 2.9
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": [{"round": 1, "sites": {"a": {"train": {}}}}]}))
+    assert spent_epsilon(tmp_path) is None

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from common import protocol
 from common.config import ConfigError, dataclass_from_mapping
 from common.data.registry import configured_class_names
 from common.data.sites import SiteData
@@ -61,6 +62,16 @@ def train_federated(run: dict[str, Any], sites: list[SiteData], steps: int, roun
         seconds += float(rounds_done[rnd]["seconds"])
         curve.append(evaluate_point(sites, [model] * len(sites), rnd * (steps // rounds), seconds))
     return final_metrics(sites, [model] * len(sites)), curve
+
+
+def spent_epsilon(folder: Path) -> float | None:
+    """The largest epsilon any hospital reported for this run (its last train reply; per hospital,
+    by the run's accountant), or None when no hospital trained with DP."""
+    summary = json.loads((folder / "summary.json").read_text())
+    found = [float(site["train"][protocol.DP_EPSILON]) for entry in summary.get("rounds", [])
+             for site in (entry.get("sites") or {}).values()
+             if protocol.DP_EPSILON in ((site or {}).get("train") or {})]
+    return max(found) if found else None
 
 
 def final_global_model(folder: Path, run: dict[str, Any], seed: int) -> Any:

@@ -81,6 +81,19 @@ def time_to_accuracy(variants: dict[str, list[dict[str, Any]]]) -> tuple[float, 
     return target, table
 
 
+def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> str:
+    """A variant ``<twin>_dp...`` against ``<twin>`` (the same variant without DP), paired by seed,
+    in points of balanced accuracy; ``-`` without such a twin."""
+    twin = name.split("_dp")[0] if "_dp" in name else None
+    if twin is None or twin not in variants:
+        return "-"
+    diff = paired_difference(variants[name], variants[twin])
+    if diff is None:
+        return "-"
+    seeds = " / ".join(f"{100 * v:+.1f}" for _, v in sorted(diff["per_seed"].items()))
+    return f"{100 * diff['mean']:+.1f} ({seeds}) vs {twin}"
+
+
 def results_markdown(results: dict[str, Any], header: str = "") -> str:
     """The Markdown report of ``results`` (the content of ``results.json``)."""
     grouped = group_runs(results.get("runs", []))
@@ -114,6 +127,17 @@ def results_markdown(results: dict[str, Any], header: str = "") -> str:
             for name, diff in per_seed:
                 cells = ", ".join(f"seed {s}: {v:+.3f}" for s, v in sorted(diff["per_seed"].items()))
                 lines.append(f"- {name}: {cells}")
+            lines.append("")
+        spent = [(n, [r["epsilon"] for r in variants[n] if r.get("epsilon") is not None]) for n in names]
+        if any(values for _, values in spent):
+            lines += ["Privacy: the largest epsilon any hospital reported (per hospital, never summed; the run's "
+                      "accountant), mean over seeds; `-`: no DP.", "",
+                      "| variant | epsilon | balanced accuracy | vs the same variant without DP (mean, per seed) |",
+                      "|---|---|---|---|"]
+            for name, values in spent:
+                mean_acc = _mean_std([r["balanced_accuracy"] for r in variants[name]])[0]
+                epsilon_text = f"{sum(values) / len(values):.2f}" if values else "-"
+                lines.append(f"| {name} | {epsilon_text} | {mean_acc:.3f} | {_cost_of_privacy(name, variants)} |")
             lines.append("")
         tta = time_to_accuracy(variants)
         if tta is not None:

@@ -102,9 +102,11 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
             metrics, curve, entry["seconds"] = train_small_cnn(run, eval_sites, exp.steps, exp.eval_every, seed, show)
         models = []
     elif setting == "federated":
-        from simulations.experiments.federated import train_federated
+        from simulations.experiments.federated import spent_epsilon, train_federated
 
-        metrics, curve = train_federated(run, sites, exp.steps, exp.rounds, seed, folder / f"{setting}-{variant_name}-seed{seed}")
+        run_folder = folder / f"{setting}-{variant_name}-seed{seed}"
+        metrics, curve = train_federated(run, sites, exp.steps, exp.rounds, seed, run_folder)
+        entry["epsilon"] = spent_epsilon(run_folder)
         for point in curve:
             show(point)
         entry["seconds"] = curve[-1].seconds if curve else 0.0
