@@ -72,9 +72,9 @@ def test_scope_discriminator_moves_the_trunk_only_through_the_private_gradient(t
         trainer.zero_discriminator_grads()
         original = trainer.step_discriminator
 
-        def record(weights_learned: bool, _original=original) -> None:  # noqa: ANN001
-            grads.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.model.discriminator.trunk.parameters()
-                                              if p.grad is not None))))
+        def record(weights_learned: bool, _original=original, _grads=grads, _trainer=trainer) -> None:  # noqa: ANN001
+            trunk_params = _trainer.model.discriminator.trunk.parameters()
+            _grads.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in trunk_params if p.grad is not None))))
             _original(weights_learned=weights_learned)
 
         trainer.step_discriminator = record  # type: ignore[method-assign]
