@@ -97,7 +97,13 @@ _PRV_EPS_ERROR = 0.01
 def prv_grid_points(history: Sequence[Sequence[float]], delta: float) -> int:
     """The size of the grid Opacus' PRV accountant would build for ``history`` at ``delta`` (its own
     domain rule: ``PRVAccountant._get_domain``), computed from RDP alone, without building it."""
-    hist = compact(history)
+    return _prv_grid_points(tuple(compact(history)), float(delta))
+
+
+@lru_cache(maxsize=512)
+def _prv_grid_points(hist: tuple[tuple[float, float, int], ...], delta: float) -> int:
+    """``prv_grid_points`` of a compacted history (cached: the report and the budget check ask
+    about the same histories, and each answer costs several RDP evaluations)."""
     if not hist:
         return 0
     delta_error = float(delta) / 1000  # Opacus' default
