@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.config import ConfigError
@@ -17,7 +18,7 @@ from common.privacy.budget import private_train_config
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.wiring import DiscriminatorAdapter, DPTraining, clip_and_sum, per_sample_gradients
 from common.train import LocalTrainer, TrainConfig
-from common.train.losses import labelled_cross_entropy, real_adversarial_terms
+from common.train.losses import fake_adversarial_terms, labelled_cross_entropy, real_adversarial_terms
 from common.train.selection import SelectionConfig
 
 
@@ -164,6 +165,27 @@ def test_the_one_pass_unified_step_updates_the_model_as_the_two_pass_step(tiny_c
     trained = dict(models["vmap"].named_parameters())
     for name, p in models["bookkeeping"].named_parameters():
         torch.testing.assert_close(p, trained[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_generated_images_gradient_is_bounded_by_c_only_with_clip_generated(tiny_cfg: ModelConfig) -> None:
+    """privacy.clip_generated: each generated image's D/C gradient is clipped to C / m, so their sum
+    is at most C, the bound the real half has (its clipped sum / B); unclipped it is far larger."""
+    model = build_model(tiny_cfg, 5, seed=0)
+    torch.manual_seed(5)
+    fake, fake_labels = torch.rand(8, 3, 32, 32) * 2 - 1, torch.arange(8) % 5
+    no_real, no_labels = torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)
+
+    def generated_loss(score: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return fake_adversarial_terms(score, "hinge").mean() + F.cross_entropy(logits, fake_labels)
+
+    norms = {}
+    for clip_generated in (True, False):
+        plan = dataclasses.replace(_plan("discriminator", "bookkeeping", clip=0.05), clip_generated=clip_generated)
+        grads, _ = DPTraining(model, plan, seed=0).discriminator_gradient_with_generated(
+            no_real, no_labels, "hinge", 1.0, 1.0, fake, fake_labels, generated_loss)
+        norms[clip_generated] = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
+    assert 0.0 < norms[True] <= 0.05 * (1 + 1e-4)
+    assert norms[False] > 10 * 0.05
 
 
 def test_a_layer_it_cannot_handle_is_refused_by_name(tiny_cfg: ModelConfig) -> None:

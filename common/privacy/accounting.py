@@ -234,6 +234,9 @@ class PrivacyPlan:
     labelled_fraction: float  # l~ / n~ from the released counts
     max_epsilon: float | None
     clipping: str = "bookkeeping"  # how the clipped sum is computed (common/privacy/bookkeeping.py or torch.func)
+    #: scope=discriminator, unified step: each generated image's D/C gradient is clipped too, to C / m for m
+    #: generated images (so their sum is bounded by C, as the real patches' clipped sum / B is); public, no noise.
+    clip_generated: bool = True
 
     def next_round(self) -> tuple[float, float, int]:
         """The history entry the coming round adds if it trains."""
@@ -272,5 +275,5 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         planned_rounds=int(planned_rounds), num_examples=int(num_examples),
         labelled_fraction=(num_labelled / num_examples) if num_labelled > 0 else 1.0,
         max_epsilon=max_epsilon if max_epsilon is not None else (None if cfg.max_epsilon is None else float(cfg.max_epsilon)),
-        clipping=cfg.clipping,
+        clipping=cfg.clipping, clip_generated=bool(cfg.clip_generated),
     )

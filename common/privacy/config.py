@@ -41,6 +41,7 @@ class PrivacyConfig:
     seed: int | None = None
     count_noise_std: float = 10.0
     clipping: str = "bookkeeping"
+    clip_generated: bool = True
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:

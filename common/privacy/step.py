@@ -10,8 +10,11 @@ Differences from the plain step (``common/train/engine.py``), all needed for the
   generator's randomness, so nothing the trainer's own generator drives depends on the realised size;
 - real-image losses are summed per example and divided by B, not averaged over the realised batch;
 - the covered parameters receive ``(sum_i clip_C(g_i) + N(0, sigma^2 C^2)) / B`` for the real patches'
-  gradients ``g_i`` (``common/privacy/wiring.py``) plus the ordinary gradient of the generated
-  images' losses, which depend on the data only through earlier private outputs;
+  gradients ``g_i`` (``common/privacy/wiring.py``) plus the gradient of the generated images'
+  losses, which depend on the data only through earlier private outputs. In scope=discriminator
+  each generated image's gradient is clipped too (``privacy.clip_generated``, default), to C / m for
+  m generated images: their sum is then bounded by C like the real half's, and cannot swamp it (an
+  unclipped generated half is often 10x the clipped real one, and Adam's step sizes then follow it);
 - scope=classifier: the head's real-image gradient is the private one; the trunk still learns from the
   real images without DP through a copy of the head with frozen weights (declared: no end-to-end
   guarantee);
@@ -26,6 +29,7 @@ Differences from the plain step (``common/train/engine.py``), all needed for the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -65,6 +69,11 @@ class PrivateGradients(Protocol):
 
     def discriminator_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
                                weight_adv: float, weight_cls: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+    def generated_bound(self, rows: int) -> float | None: ...
+
+    def generated_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
+                           weight_adv: float, weights_cls: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
     def discriminator_gradient_with_generated(
         self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str, weight_adv: float, weight_cls: float,
@@ -176,11 +185,25 @@ def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torc
                                                                  w_real, aug_fake, fake_labels, generated_loss)
         trainer.zero_discriminator_grads()
     else:
-        # Two passes: the generated half's ordinary backward, then the real half's torch.func gradients.
-        out = model.discriminate(aug_fake, fake_labels)
-        loss_fake = generated_loss(out.score, out.logits)
+        # Two passes: the generated half (an ordinary backward, or per-image clipped gradients from
+        # torch.func under privacy.clip_generated), then the real half's torch.func gradients.
+        m = aug_fake.shape[0]
+        bound = dp.generated_bound(m)
+        with torch.no_grad() if bound is not None else contextlib.nullcontext():
+            out = model.discriminate(aug_fake, fake_labels)
+            loss_fake = generated_loss(out.score, out.logits)
         trainer.zero_discriminator_grads()
-        loss_fake.backward()
+        if bound is None:
+            loss_fake.backward()
+        else:
+            keep = parts["keep"]
+            assert keep is not None
+            kept = int(keep.sum())
+            weights_cls = keep.float() * (w_syn / kept) if kept else torch.zeros(m)
+            generated = dp.generated_gradient(aug_fake, fake_labels, cfg.adversarial_loss, w_adv / m,
+                                              weights_cls.to(aug_fake.device))
+            _add_grads(model.discriminator, generated, "discriminator")
+            _add_grads(model.classifier, generated, "classifier")
         noisy, losses = dp.discriminator_gradient(aug_real, labels, cfg.adversarial_loss, w_adv, w_real)
     _add_grads(model.discriminator, noisy, "discriminator")
     _add_grads(model.classifier, noisy, "classifier")

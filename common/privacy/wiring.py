@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -53,7 +54,7 @@ from common.privacy.bookkeeping import Bookkeeping, RecordedPass
 from common.privacy.noise import NoiseSource
 from common.privacy.scopes import SCOPES
 from common.privacy.step import dp_supervised_step, dp_unified_step
-from common.train.losses import labelled_cross_entropy, real_adversarial_terms
+from common.train.losses import fake_adversarial_terms, labelled_cross_entropy, real_adversarial_terms
 
 if TYPE_CHECKING:
     from common.train.engine import LocalTrainer
@@ -306,14 +307,42 @@ class DPTraining:
         self.bookkeeping.backward(record, losses.sum())
         return self.add_noise(self.clipped_sum(record, rows)), losses.detach()
 
-    def clipped_sum(self, record: RecordedPass, real_rows: int, other_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    def clipped_sum(self, record: RecordedPass, real_rows: int, other_weight: float = 0.0,
+                    other_bound: float | None = None) -> dict[str, torch.Tensor]:
         """Book-keeping: the sum of the first ``real_rows`` rows' gradients, each clipped to C, plus
-        ``other_weight`` times the (unclipped) gradient of the remaining rows of ``record``."""
+        ``other_weight`` times the gradient of the remaining rows of ``record``, each of those rows
+        first clipped to ``other_bound`` when it is given (unclipped when None)."""
         assert self.bookkeeping is not None
         norms = self.bookkeeping.squared_norms(record, slice(0, real_rows)).sqrt()
         factors = clip_factors(norms, self.plan.max_grad_norm)
         rest = factors.new_full((record.rows - real_rows,), float(other_weight))
+        if other_bound is not None and record.rows > real_rows:
+            other = self.bookkeeping.squared_norms(record, slice(real_rows, record.rows)).sqrt()
+            rest = rest * clip_factors(other, other_bound)
         return self.bookkeeping.weighted_sum(record, torch.cat([factors, rest]))
+
+    def generated_bound(self, rows: int) -> float | None:
+        """The bound on each generated image's D/C gradient (``plan.clip_generated``): C / rows, so the
+        generated images' summed gradient is at most C; None when they are not clipped."""
+        return self.plan.max_grad_norm / rows if self.plan.clip_generated and rows > 0 else None
+
+    def generated_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
+                           weight_adv: float, weights_cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The two-pass path's generated half: the D/C gradient of ``sum_j weight_adv * adv_fake_j +
+        weights_cls[j] * CE_j`` over the generated images, each image's gradient clipped to
+        :meth:`generated_bound` (torch.func). No noise and no DP step: the generated images depend on
+        the data only through earlier private outputs."""
+        bound = self.generated_bound(images.shape[0])
+        assert bound is not None
+
+        def example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Tensor, label: torch.Tensor,
+                         weight_cls: torch.Tensor) -> torch.Tensor:
+            score, logits = outputs
+            return (weight_adv * fake_adversarial_terms(score, adversarial_loss)
+                    + weight_cls * F.cross_entropy(logits, label, reduction="none"))
+
+        per_sample, _ = per_sample_gradients(self.adapter, self.names, example_loss, (images, labels), (weights_cls,))
+        return clip_and_sum(per_sample, bound)[0]
 
     def discriminator_gradient_with_generated(
         self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str, weight_adv: float, weight_cls: float,
@@ -335,8 +364,10 @@ class DPTraining:
         real_losses = self._discriminator_example_loss(adversarial_loss, weight_adv, weight_cls)(
             (score[:b], logits[:b]), images, labels)
         self.bookkeeping.backward(record, real_losses.sum() + generated_loss(score[b:], logits[b:]))
-        # Generated rows weigh B here, so that the division by B in add_noise leaves their gradient as is.
-        return self.add_noise(self.clipped_sum(record, b, other_weight=self.plan.expected_batch)), real_losses.detach()
+        # Generated rows weigh B here, so that the division by B in add_noise leaves their (clipped) gradient as is.
+        summed = self.clipped_sum(record, b, other_weight=self.plan.expected_batch,
+                                  other_bound=self.generated_bound(generated.shape[0]))
+        return self.add_noise(summed), real_losses.detach()
 
     # -------------------------------------------------------------- data
     def poisson_loader(self, dataset: Dataset, steps: int) -> DataLoader:
