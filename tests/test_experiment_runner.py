@@ -84,6 +84,20 @@ def test_unknown_variants_and_impossible_grids_are_refused() -> None:
         experiment_config(_run(["experiment.settings=[federated]", "experiment.rounds=3"])["experiment"])
 
 
+def test_a_dp_variant_outside_the_federated_setting_is_refused_before_any_training(tmp_path: Path) -> None:
+    # The centralized and local settings train in this process, without the hospitals' DP machinery:
+    # a DP variant there would be reported beside its epsilon-less twin as if it had been private.
+    for setting, restrict in (("centralized", []), ("local", ["experiment.setting_variants.local=[plain,plain_dp8]"])):
+        run = _run(["experiment.variants=[plain,plain_dp8]", f"experiment.settings=[{setting}]", *restrict])
+        with pytest.raises(ConfigError, match=f"'plain_dp8' enables privacy.*the {setting} setting"):
+            run_experiment(run, tmp_path / setting, "test")
+        assert not (tmp_path / setting / "results.json").exists()
+    # Privacy switched on for the whole experiment counts too.
+    with pytest.raises(ConfigError, match="'plain' enables privacy"):
+        run_experiment(_run(["experiment.variants=[plain]", "experiment.settings=[centralized]",
+                             "privacy.enabled=true"]), tmp_path / "all", "test")
+
+
 def test_the_report_shows_each_dp_variants_epsilon_and_its_cost_against_the_same_variant_without_dp() -> None:
     from simulations.experiments.report import results_markdown
 
@@ -100,6 +114,28 @@ def test_the_report_shows_each_dp_variants_epsilon_and_its_cost_against_the_same
     assert "| plain | - | 0.750 | - |" in text
     no_dp = results_markdown({"variants": ["plain"], "runs": runs[:2]})
     assert "Privacy:" not in no_dp
+    assert "privacy_utility.png" in text and "privacy_utility.png" not in no_dp
+
+
+def test_the_privacy_utility_plot_has_one_line_per_dp_family_beside_each_variant_without_dp(tmp_path: Path) -> None:
+    from simulations.experiments.report import plot_privacy_utility, privacy_utility_series
+
+    def run(variant: str, seed: int, accuracy: float, epsilon: float | None) -> dict:
+        return {"variant": variant, "setting": "federated", "seed": seed, "balanced_accuracy": accuracy,
+                "epsilon": epsilon}
+
+    runs = [run("plain", 0, 0.8, None), run("plain", 1, 0.7, None),
+            run("plain_dp8", 0, 0.6, 7.9), run("plain_dp8", 1, 0.5, 8.1), run("plain_dp1", 0, 0.3, 1.0),
+            run("unified_dp3_head", 0, 0.7, 3.0), run("unified", 0, 0.9, None)]
+    series = privacy_utility_series({"runs": runs})["federated"]
+    assert series["no_dp"] == pytest.approx({"plain": 0.75, "unified": 0.9})
+    assert list(series["families"]) == ["plain", "unified_head"]
+    (eps1, acc1, _), (eps8, acc8, std8) = series["families"]["plain"]
+    assert (eps1, acc1) == pytest.approx((1.0, 0.3)) and (eps8, acc8) == pytest.approx((8.0, 0.55))
+    assert std8 == pytest.approx(0.0707, abs=1e-4)
+    assert plot_privacy_utility({"runs": runs}, tmp_path / "p.png").stat().st_size > 1000
+    assert plot_privacy_utility({"runs": runs[:2]}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_the_spent_epsilon_is_the_largest_any_hospital_reported(tmp_path) -> None:  # noqa: ANN001

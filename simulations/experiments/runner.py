@@ -43,7 +43,7 @@ from simulations.experiments.config import ExperimentConfig, experiment_config  
 from simulations.experiments.inprocess import CurvePoint, final_metrics, train_sites  # noqa: E402
 from simulations.experiments.quality import site_generator_quality  # noqa: E402
 from simulations.experiments.reference_rows import train_logistic_regression, train_small_cnn  # noqa: E402
-from simulations.experiments.report import plot_curves, results_markdown  # noqa: E402
+from simulations.experiments.report import plot_curves, plot_privacy_utility, results_markdown  # noqa: E402
 from simulations.experiments.two_stage import train_two_stage  # noqa: E402
 from simulations.experiments.variants import REFERENCE_PROCEDURES, Variant, apply_overrides, load_variant  # noqa: E402
 
@@ -153,12 +153,32 @@ def write_outputs(folder: Path, results: dict[str, Any]) -> None:
     os.replace(tmp, folder / "results.json")
     (folder / "results.md").write_text(results_markdown(results, _results_header(results)) + "\n")
     plot_curves(results, folder / "curves.png")
+    plot_privacy_utility(results, folder / "privacy_utility.png")
+
+
+def check_private_settings(base: dict[str, Any], exp: ExperimentConfig) -> None:
+    """Refuse a variant with DP-SGD (privacy.enabled) in the centralized or local setting: those train
+    in this process without the hospitals' DP machinery, so the run would be reported as private
+    while taking no DP step."""
+    for setting in exp.settings:
+        if setting == "federated":
+            continue
+        for name in exp.variants_for(setting):
+            variant = load_variant(name)
+            if variant.procedure in REFERENCE_PROCEDURES:
+                continue
+            if variant_run(base, exp, variant, exp.seeds[0])["privacy"]["enabled"]:
+                raise ConfigError(f"experiment: variant {name!r} enables privacy (DP-SGD), which runs only in the "
+                                  f"federated setting (each hospital's own DP machinery); the {setting} setting "
+                                  "would train it without DP. Leave it out of that setting (experiment.settings "
+                                  "or experiment.setting_variants).")
 
 
 def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str, Any]:
     """Every job of ``run['experiment']`` not yet in ``folder/results.json``; returns the results."""
     exp = experiment_config(run["experiment"])
     base = {k: v for k, v in run.items() if k != "experiment"}
+    check_private_settings(base, exp)
     if exp.threads:
         torch.set_num_threads(int(exp.threads))
     folder.mkdir(parents=True, exist_ok=True)
