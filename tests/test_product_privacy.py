@@ -9,7 +9,8 @@ import pytest
 
 from client.app import app as client_app
 from common.config import compose_config, plain_config
-from common.privacy.report import build_report
+from common.privacy.reference_cost import ReferenceCost
+from common.privacy.report import build_report, render_markdown
 from server.federation import run_federation
 from simulations.export import main as export_main
 from simulations.generate import main as generate_main
@@ -26,10 +27,18 @@ def _run(folder: Path, overrides: list[str]) -> None:
 
 
 @pytest.mark.parametrize("scope", ["discriminator", "classifier"])
-def test_generated_data_and_exported_classifier_say_what_privacy_covers(tmp_path: Path, scope: str) -> None:
+def test_generated_data_and_exported_classifier_say_what_privacy_covers(tmp_path: Path, scope: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     _run(run, ["privacy.enabled=true", f"privacy.scope={scope}"])
-    epsilons = {name: site["epsilon"] for name, site in build_report(run)["sites"].items()}
+    # The report quotes the reference cost of the same method and scope (here a stand-in reference).
+    monkeypatch.setattr("common.privacy.report.load_reference", lambda: {
+        "source": "a stand-in reference", "rows": [ReferenceCost("unified", scope, 2.0, 0.5, 0.7, 3),
+                                                   ReferenceCost("supervised", scope, 2.0, 0.1, 0.7, 3)]})
+    report = build_report(run)
+    assert "a stand-in reference" in report["accuracy_cost"] and "**20.0 points lost to DP**" in report["accuracy_cost"]
+    assert report["accuracy_cost"] in render_markdown(report)
+    epsilons = {name: site["epsilon"] for name, site in report["sites"].items()}
     assert set(epsilons) == {"site-0", "site-1"} and all(e > 0 for e in epsilons.values())
     assert generate_main([str(run), "--per-class", "2", "--out", str(tmp_path / "gen")]) == 0
     assert export_main([str(run), "--out", str(tmp_path / "deploy")]) == 0

@@ -29,6 +29,7 @@ from common.privacy.accounting import (
 )
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
+from common.privacy.reference_cost import cost_statement, load_reference
 from common.privacy.scopes import SCOPES
 
 RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded afresh from the "
@@ -223,6 +224,10 @@ def build_report(run_dir: Path | str) -> dict[str, Any]:
             stopped.setdefault(str(stop.get("site")), []).append((rnd, stop))
     for name in sorted(set(trained) | set(stopped)):
         report["sites"][name] = site_report(name, trained.get(name, []), stopped.get(name, []), cfg, config, run_dir)
+    epsilons = [s["epsilon"] for s in report["sites"].values() if s.get("epsilon") is not None]
+    if epsilons:
+        method = str((config.get("train") or {}).get("method", "unified"))
+        report["accuracy_cost"] = cost_statement(load_reference(), method, cfg.scope, max(epsilons))
     return report
 
 
@@ -246,6 +251,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"Lifetime budget per hospital and data set: privacy.max_epsilon = {report['max_epsilon']:g}.", ""]
     if not report["sites"]:
         lines += [NO_DP_STEPS, ""]
+    if report.get("accuracy_cost"):
+        lines += ["**What this epsilon costs in accuracy.** " + report["accuracy_cost"], ""]
     for name, site in report["sites"].items():
         lines += [f"## {name}", "",
                   "| | |", "|---|---|",

@@ -1,0 +1,73 @@
+"""What DP cost in accuracy in the reference experiment (``experiment=privacy_utility``), for the
+privacy report: the row of the same training method and scope whose epsilon is nearest this run's.
+
+The rows ship in ``reference_costs.json`` beside this module; ``python -m
+simulations.experiments.reference_costs RESULTS_JSON`` writes them from an experiment's results.
+They describe the reference experiment's data and budget, not the hospital's: the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REFERENCE_FILE = Path(__file__).with_name("reference_costs.json")
+
+
+@dataclass(frozen=True)
+class ReferenceCost:
+    """One DP variant of the reference experiment against the same variant without DP (means over seeds)."""
+
+    method: str  # train.method
+    scope: str  # privacy.scope
+    epsilon: float  # the largest any hospital reported, mean over seeds
+    accuracy: float  # test balanced accuracy with DP
+    accuracy_without_dp: float  # the same variant without DP, on the same seeds
+    seeds: int
+
+    @property
+    def cost_points(self) -> float:
+        """Balanced-accuracy points lost to DP (positive: DP is worse)."""
+        return 100.0 * (self.accuracy_without_dp - self.accuracy)
+
+
+def load_reference(path: Path | str = REFERENCE_FILE) -> dict[str, Any] | None:
+    """The reference file's content (``source``: how it was measured; ``rows``), None when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    data["rows"] = [ReferenceCost(**row) for row in data.get("rows", [])]
+    return data
+
+
+def nearest_cost(rows: list[ReferenceCost], method: str, scope: str, epsilon: float | None) -> ReferenceCost | None:
+    """The row of ``method`` and ``scope`` whose epsilon is nearest ``epsilon`` on a log scale; None
+    without such a row or without a finite positive epsilon."""
+    if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
+        return None
+    candidates = [r for r in rows if r.method == method and r.scope == scope and r.epsilon > 0]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: abs(math.log(r.epsilon) - math.log(epsilon)))
+
+
+def cost_statement(reference: dict[str, Any] | None, method: str, scope: str, epsilon: float | None) -> str:
+    """One paragraph for the privacy report: what the nearest reference epsilon cost, or why none is given."""
+    if reference is None:
+        return "No reference measurement of DP's cost in accuracy ships with this installation."
+    row = nearest_cost(reference["rows"], method, scope, epsilon)
+    if row is None:
+        return (f"The reference experiment has no row for train.method={method} with privacy.scope={scope}"
+                + ("" if epsilon is not None and math.isfinite(epsilon) and epsilon > 0 else
+                   " (or this run reports no finite epsilon)") + ": its cost in accuracy is not measured.")
+    cost = (f"{row.cost_points:.1f} points lost to DP" if row.cost_points >= 0
+            else f"{-row.cost_points:.1f} points gained under DP")
+    return (f"In the reference experiment ({reference['source']}), train.method={method} with privacy.scope={scope} "
+            f"at epsilon {row.epsilon:.3g} (the nearest to this run's {epsilon:.3g}) reached balanced accuracy "
+            f"{row.accuracy:.3f} against {row.accuracy_without_dp:.3f} without DP, mean of {row.seeds} seeds: "
+            f"**{cost}**. That is what DP cost there; on another data set, "
+            "hospital size or budget it differs, and only the hospital's own validation split can tell.")

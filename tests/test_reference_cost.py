@@ -1,0 +1,77 @@
+"""The privacy report's accuracy cost: the reference row of the same method and scope whose epsilon is
+nearest the run's, written from an experiment's results by simulations.experiments.reference_costs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from common.config import compose_config, plain_config
+from common.privacy.reference_cost import ReferenceCost, cost_statement, load_reference, nearest_cost
+from simulations.experiments.reference_costs import main as reference_main
+from simulations.experiments.reference_costs import reference_rows
+
+ROWS = [ReferenceCost("unified", "discriminator", 1.1, 0.40, 0.74, 3),
+        ReferenceCost("unified", "discriminator", 3.0, 0.50, 0.74, 3),
+        ReferenceCost("unified", "discriminator", 8.0, 0.60, 0.74, 3),
+        ReferenceCost("supervised", "discriminator", 8.0, 0.50, 0.73, 3),
+        ReferenceCost("unified", "classifier", 3.0, 0.72, 0.74, 3)]
+
+
+def test_the_nearest_epsilon_on_a_log_scale_of_the_same_method_and_scope_is_chosen() -> None:
+    # the geometric mean of 3 and 8 is 4.90: below it 3 is nearer, above it 8
+    assert nearest_cost(ROWS, "unified", "discriminator", 4.8).epsilon == 3.0
+    assert nearest_cost(ROWS, "unified", "discriminator", 5.0).epsilon == 8.0
+    assert nearest_cost(ROWS, "unified", "discriminator", 0.2).epsilon == 1.1
+    assert nearest_cost(ROWS, "supervised", "discriminator", 1.0).accuracy == 0.50
+    assert nearest_cost(ROWS, "supervised", "classifier", 3.0) is None
+    assert nearest_cost(ROWS, "unified", "discriminator", float("inf")) is None
+
+
+def test_the_statement_quotes_the_cost_and_says_where_it_was_measured() -> None:
+    reference = {"source": "the synthetic reference", "rows": ROWS}
+    text = cost_statement(reference, "unified", "discriminator", 7.5)
+    assert "the synthetic reference" in text and "epsilon 8" in text
+    assert "**14.0 points lost to DP**" in text and "0.600 against 0.740" in text
+    better = {"source": "s", "rows": [ReferenceCost("unified", "discriminator", 8.0, 0.80, 0.74, 3)]}
+    assert "**6.0 points gained under DP**" in cost_statement(better, "unified", "discriminator", 8.0)
+    assert "not measured" in cost_statement(reference, "semi_supervised", "discriminator", 7.5)
+    assert "No reference" in cost_statement(None, "unified", "discriminator", 7.5)
+
+
+def _results() -> dict:
+    config = plain_config(compose_config(["experiment=privacy_utility"], config_name="experiments"))
+
+    def run(variant: str, seed: int, accuracy: float, epsilon: float | None) -> dict:
+        return {"variant": variant, "setting": "federated", "seed": seed, "balanced_accuracy": accuracy,
+                "epsilon": epsilon}
+
+    return {"config": config, "runs": [
+        run("plain", 0, 0.80, None), run("plain", 1, 0.70, None), run("plain_dp8", 0, 0.60, 7.9),
+        run("plain_dp8", 1, 0.50, 8.1), run("unified_dp3_head", 0, 0.70, 3.0), run("unified", 0, 0.74, None),
+        run("unified_dp1", 0, 0.30, 1.0), run("unified_dp1", 5, 0.20, 1.0)]}
+
+
+def test_rows_come_from_each_dp_variant_and_its_twin_on_the_same_seeds(tmp_path: Path) -> None:
+    rows = reference_rows(_results())
+    assert [(r.method, r.scope) for r in rows] == [("supervised", "discriminator"), ("unified", "classifier"),
+                                                  ("unified", "discriminator")]
+    plain = rows[0]
+    assert (plain.epsilon, plain.accuracy, plain.accuracy_without_dp, plain.seeds) == pytest.approx((8.0, 0.55, 0.75, 2))
+    assert rows[2].seeds == 1 and rows[2].accuracy == pytest.approx(0.30)  # seed 5 has no twin
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_results()))
+    out = tmp_path / "reference.json"
+    assert reference_main([str(results), "--source", "a test", "--out", str(out)]) == 0
+    loaded = load_reference(out)
+    assert loaded["source"] == "a test" and [asdict(r) for r in loaded["rows"]] == [asdict(r) for r in rows]
+
+
+def test_the_shipped_reference_covers_both_methods_in_the_end_to_end_scope() -> None:
+    reference = load_reference()
+    assert reference is not None and reference["source"]
+    pairs = {(r.method, r.scope) for r in reference["rows"]}
+    assert {("unified", "discriminator"), ("supervised", "discriminator")} <= pairs
