@@ -9,6 +9,7 @@ validation balanced accuracy (what choices are made on); wall seconds; the secon
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -81,10 +82,71 @@ def time_to_accuracy(variants: dict[str, list[dict[str, Any]]]) -> tuple[float, 
     return target, table
 
 
+#: A DP variant's name: ``<twin>_dp<target epsilon><suffix>`` (e.g. unified_dp3, unified_dp3_head,
+#: plain_dp_clip_only); ``<twin>`` is the same variant without DP.
+DP_VARIANT = re.compile(r"^(?P<twin>.+?)_dp(?P<target>\d*)(?P<suffix>.*)$")
+
+
+def privacy_utility_series(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per setting with DP runs: ``{"families": {family: [(epsilon, mean, std), ...] by epsilon},
+    "no_dp": {twin: mean}}``. A family is a DP variant's twin plus its suffix (``unified``,
+    ``unified_head``); epsilon is the mean over seeds of the largest any hospital reported."""
+    series: dict[str, dict[str, Any]] = {}
+    for setting, variants in group_runs(results.get("runs", [])).items():
+        families: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        twins: set[str] = set()
+        for name, runs in variants.items():
+            match = DP_VARIANT.match(name)
+            epsilons = [r["epsilon"] for r in runs if r.get("epsilon") is not None]
+            if match is None or not epsilons:
+                continue
+            twins.add(match["twin"])
+            mean, std = _mean_std([r["balanced_accuracy"] for r in runs])
+            families[match["twin"] + match["suffix"]].append((float(np.mean(epsilons)), mean, std))
+        if families:
+            no_dp = {t: _mean_std([r["balanced_accuracy"] for r in variants[t]])[0] for t in sorted(twins) if t in variants}
+            series[setting] = {"families": {f: sorted(points) for f, points in sorted(families.items())}, "no_dp": no_dp}
+    return series
+
+
+def plot_privacy_utility(results: dict[str, Any], path: Path | str) -> Path | None:
+    """``privacy_utility.png``: test balanced accuracy (mean +- std over seeds) against epsilon (log
+    scale), one line per DP family, each variant without DP as a dashed line; None without DP runs."""
+    series = privacy_utility_series(results)
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(6.5 * len(series), 4.2), squeeze=False)
+    for ax, (setting, data) in zip(axes[0], series.items()):
+        colours = {}
+        for index, twin in enumerate(data["no_dp"]):
+            colours[twin] = f"C{index}"
+            ax.axhline(data["no_dp"][twin], color=colours[twin], linestyle="--", label=f"{twin}, no DP")
+        for index, (family, points) in enumerate(data["families"].items()):
+            twin = next((t for t in colours if family == t or family.startswith(t + "_")), None)
+            eps, mean, std = zip(*points)
+            # A family with a suffix (e.g. unified_head) takes its twin's colour, dotted, a marker of its own.
+            marker = "o" if family == twin else "s^Dv<>"[index % 6]
+            ax.errorbar(eps, mean, yerr=std, marker=marker, capsize=3,
+                        label=f"{family} (DP)", color=colours.get(twin or "", f"C{len(colours) + index}"),
+                        linestyle="-" if family == twin else ":")
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon per hospital (log scale)")
+        ax.set_ylabel("test balanced accuracy")
+        ax.set_title(f"{setting}: accuracy against privacy budget")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> str:
     """A variant ``<twin>_dp...`` against ``<twin>`` (the same variant without DP), paired by seed,
     in points of balanced accuracy; ``-`` without such a twin."""
-    twin = name.split("_dp")[0] if "_dp" in name else None
+    match = DP_VARIANT.match(name)
+    twin = match["twin"] if match else None
     if twin is None or twin not in variants:
         return "-"
     diff = paired_difference(variants[name], variants[twin])
@@ -97,6 +159,7 @@ def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> st
 def results_markdown(results: dict[str, Any], header: str = "") -> str:
     """The Markdown report of ``results`` (the content of ``results.json``)."""
     grouped = group_runs(results.get("runs", []))
+    plotted = privacy_utility_series(results)  # the settings privacy_utility.png shows
     lines = ["# Experiment results", ""]
     if header:
         lines += [header, ""]
@@ -139,6 +202,8 @@ def results_markdown(results: dict[str, Any], header: str = "") -> str:
                 epsilon_text = f"{sum(values) / len(values):.2f}" if values else "-"
                 lines.append(f"| {name} | {epsilon_text} | {mean_acc:.3f} | {_cost_of_privacy(name, variants)} |")
             lines.append("")
+            if setting in plotted:
+                lines += ["![balanced accuracy against epsilon](privacy_utility.png)", ""]
         tta = time_to_accuracy(variants)
         if tta is not None:
             target, table = tta
