@@ -10,6 +10,10 @@ the hospital's policy names the run-config key (status ``refused``); other error
 type only, with a reference to the full message, which stays in the hospital's log (it may name
 files and folders on the hospital's machine).
 
+Every instruction passes ``client.secure_aggregation.secure_aggregation_mod`` first: in a round with
+secure aggregation (SecAgg+) Flower's ``secaggplus_mod`` answers the key stages and masks the
+training reply, so no group leaves the hospital in the clear.
+
 In a simulation, the config's ``faults`` make chosen hospitals misbehave (``client.faults``); a
 deployed hospital refuses any instruction that asks for them.
 """
@@ -29,6 +33,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from client.faults import act_before, corrupt, faults_for  # noqa: E402
 from client.local_run import LocalRun  # noqa: E402
 from client.policy import PublicError, Refusal  # noqa: E402
+from client.secure_aggregation import secure_aggregation_mod  # noqa: E402
 from client.training_round import train as train_locally  # noqa: E402
 from common import protocol  # noqa: E402
 from common.config import ConfigError  # noqa: E402
@@ -36,7 +41,7 @@ from common.data.errors import DataError  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.client")
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def _status_reply(msg: Message, site_name: str, status: str, message: str) -> Message:

@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
 from client.policy import Refusal, check_evaluation, check_privacy
+from client.secure_aggregation import CLIPPED_GROUPS, SECURE_VECTOR, secure_vector, under_secure_aggregation
 from client.site import SiteIdentity
 from client.site_cache import SITE_CACHE, CachedSite, cache_config, fingerprint
 from client.site_state import SiteStateStore, run_key
@@ -219,8 +220,15 @@ class LocalRun:
         return record
 
     def reply(self, model: UnifiedViTGAN, flat: dict[str, Any], data: SiteData | None) -> RecordDict:
-        content = RecordDict({protocol.METRICS: MetricRecord(flat), protocol.SITE: self._site_record(data)})
+        """The train reply: metrics, the site record and the shared groups, or, in a round with secure
+        aggregation, the vector that Flower's SecAgg+ mod masks instead of the groups."""
         state = model.state_dict()
+        if under_secure_aggregation(self.msg):
+            vector, clipped = secure_vector(self.msg, self.run, state, self.transport, flat)
+            flat[CLIPPED_GROUPS] = clipped
+            return RecordDict({protocol.METRICS: MetricRecord(flat), protocol.SITE: self._site_record(data),
+                               SECURE_VECTOR: vector})
+        content = RecordDict({protocol.METRICS: MetricRecord(flat), protocol.SITE: self._site_record(data)})
         for group in GROUPS:
             if group not in self.local_groups:
                 content[group] = to_arrayrecord(group_entries(state, [group]), self.transport)

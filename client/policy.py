@@ -18,6 +18,8 @@ hospital's patients may come from it. The policy comes from the SuperNode's ``--
 | ``max-delta``          | ``max_delta``          | the largest delta at which this hospital's epsilon is judged (default with DP required: min(1e-5, 1/(10 n))) |
 | ``max-score-bins``     | ``max_score_bins``     | refuse ``federation.score_bins`` above it (default 1000): finer bins reveal single patches' scores |
 | ``min-count-noise-multiplier`` | ``min_count_noise_multiplier`` | with DP required, refuse a count release with less noise (default 1; ``min-noise-multiplier`` when that is higher) |
+| ``secure-aggregation-required`` | ``secure_aggregation_required`` | refuse every training round whose update would leave in the clear (no SecAgg+) |
+| ``max-update-norm``    | ``max_update_norm``    | with SecAgg+, refuse a clipping norm ``federation.secaggplus.update_norm`` above it |
 
 Any privacy floor (scope, noise, budget, clipping) implies ``privacy-required``: a round without
 DP has no finite epsilon. A hospital that requires DP and names no ``privacy-scope`` gets the strict
@@ -57,7 +59,8 @@ NODE_KEYS: dict[str, str] = {
     "privacy-required": "privacy_required", "privacy-scope": "privacy_scope",
     "min-noise-multiplier": "min_noise_multiplier", "max-epsilon": "max_epsilon", "max-grad-norm": "max_grad_norm",
     "max-delta": "max_delta", "min-count-noise-multiplier": "min_count_noise_multiplier",
-    "max-score-bins": "max_score_bins",
+    "max-score-bins": "max_score_bins", "secure-aggregation-required": "secure_aggregation_required",
+    "max-update-norm": "max_update_norm",
 }
 FIELD_KEYS: dict[str, str] = {field: key for key, field in NODE_KEYS.items()}
 #: Keys a run may set only in a simulation (one person runs both sides).
@@ -102,10 +105,15 @@ class SitePolicy:
     max_delta: float | None = None
     min_count_noise_multiplier: float = 1.0
     max_score_bins: int = 1000
+    secure_aggregation_required: bool = False
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "privacy_required", _truthy(self.privacy_required, FIELD_KEYS["privacy_required"]))
-        for name in ("min_noise_multiplier", "max_epsilon", "max_grad_norm", "max_delta", "min_count_noise_multiplier"):
+        object.__setattr__(self, "secure_aggregation_required",
+                           _truthy(self.secure_aggregation_required, FIELD_KEYS["secure_aggregation_required"]))
+        for name in ("min_noise_multiplier", "max_epsilon", "max_grad_norm", "max_delta", "min_count_noise_multiplier",
+                     "max_update_norm"):
             object.__setattr__(self, name, _positive(getattr(self, name), FIELD_KEYS[name]))
         try:
             bins = int(self.max_score_bins)
@@ -154,7 +162,7 @@ class SitePolicy:
         """``key=value`` of the floors set (for messages)."""
         return " ".join(f"{FIELD_KEYS[f.name]}={getattr(self, f.name)}" for f in fields(self)
                         if f.name not in ("data_root", "state_dir", "cache_dir", "min_count_noise_multiplier",
-                                          "max_score_bins")
+                                          "max_score_bins", "secure_aggregation_required", "max_update_norm")
                         and getattr(self, f.name) not in (None, False))
 
 
@@ -185,6 +193,24 @@ def check_evaluation(score_bins: int, policy: SitePolicy) -> None:
         raise Refusal("federation.score_bins", f"{score_bins} bins would place single patches' class scores "
                                                f"too precisely; this hospital allows at most {policy.max_score_bins} "
                                                f"(node config max-score-bins)")
+
+
+def check_secure_policy(run: Mapping[str, Any], policy: SitePolicy, secure: bool) -> None:
+    """Before training: an update leaves this hospital in the clear only where the run and the
+    hospital allow it, and under SecAgg+ the clipping norm is within the hospital's ceiling."""
+    declared = _get(run, "federation.secure_aggregation")
+    if not secure and declared not in (None, "none"):
+        raise Refusal("federation.secure_aggregation", f"the run declares {declared!r}, but this instruction is "
+                                                       f"not part of a secure-aggregation round; no update is sent "
+                                                       f"in the clear")
+    if not secure and policy.secure_aggregation_required:
+        raise Refusal("federation.secure_aggregation", "this hospital sends its update only through secure "
+                                                       "aggregation (node config secure-aggregation-required)")
+    if secure and policy.max_update_norm is not None:
+        norm = _get(run, "federation.secaggplus.update_norm")
+        if not isinstance(norm, (int, float)) or float(norm) > policy.max_update_norm:
+            raise Refusal("federation.secaggplus.update_norm", f"{norm} is above this hospital's ceiling "
+                                                               f"(node config max-update-norm={policy.max_update_norm:g})")
 
 
 def check_privacy(cfg: PrivacyConfig, policy: SitePolicy) -> None:

@@ -1,4 +1,4 @@
-"""One train instruction: the hospital's policy first, then the plain or the private round.
+"""One train instruction: the hospital's policy first (privacy, secure aggregation), then the plain or the private round.
 
 The two rounds share :class:`client.local_run.LocalRun`'s building blocks (load, build the trainer,
 run the steps, save the local state, reply); the private one adds the ledger, the count release and
@@ -10,7 +10,8 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from client.local_run import LocalRun
-from client.policy import check_privacy
+from client.policy import check_privacy, check_secure_policy
+from client.secure_aggregation import under_secure_aggregation
 from common.privacy.config import privacy_config
 
 
@@ -18,6 +19,7 @@ def train(local: LocalRun) -> RecordDict:
     """Local training under the run's privacy section, refused first if the hospital's policy says so."""
     pcfg = privacy_config(local.run.get("privacy"))
     check_privacy(pcfg, local.site.policy)  # before any patch is read
+    check_secure_policy(local.run, local.site.policy, under_secure_aggregation(local.msg))
     with local.kept():
         if pcfg.enabled:
             from client.private_round import train_private

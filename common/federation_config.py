@@ -13,6 +13,7 @@ from typing import Any
 
 from common.config import dataclass_from_mapping
 from common.records import TRANSPORT_DTYPES
+from common.secure_aggregation import check_secure_aggregation
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class FederationConfig:
     state_dir: str | None
     #: Per-group rules; ``server.strategy.AggregationConfig`` types and checks them.
     aggregation: Mapping[str, Any]
+    #: ``none`` or ``secaggplus`` (``common.secure_aggregation``), and the protocol's parameters.
+    secure_aggregation: str
+    secaggplus: Mapping[str, Any]
     #: The Flower simulation engine's resources per hospital.
     backend: Mapping[str, Any]
 
@@ -63,6 +67,7 @@ class FederationConfig:
         object.__setattr__(self, "reply_poll_s", float(self.reply_poll_s))
         if not isinstance(self.evaluate_each_round, bool):
             raise ValueError(f"evaluate_each_round must be true or false, got {self.evaluate_each_round!r}")
+        check_secure_aggregation(self.secure_aggregation, self.secaggplus, self.aggregation, self.num_sites)
 
 
 def federation_config(section: Mapping[str, Any] | Any) -> FederationConfig:

@@ -59,7 +59,7 @@ def _check_updates(updates: Sequence[GroupArrays]) -> list[str]:
     return keys
 
 
-def _like(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def as_reference_dtype(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """A float64 result back in the reference's dtype (integer entries rounded)."""
     if np.issubdtype(reference.dtype, np.integer) or reference.dtype == np.bool_:
         values = np.rint(values)
@@ -134,14 +134,14 @@ class WeightedSum:
 
     def result(self, like: GroupArrays) -> dict[str, np.ndarray]:
         """The sums in ``like``'s dtypes (integer entries rounded)."""
-        return {key: _like(total, np.asarray(like[key])) for key, total in self.sums.items()}
+        return {key: as_reference_dtype(total, np.asarray(like[key])) for key, total in self.sums.items()}
 
     def mean(self, like: GroupArrays) -> dict[str, np.ndarray]:
         """The sums divided by the total ``weight`` added, in ``like``'s dtypes: FedAvg of updates
         added as they arrived, their weights not known in advance."""
         if not self.total_weight > 0:
             raise ValueError("nothing to average: no update with a weight > 0 was added")
-        return {key: _like(total / self.total_weight, np.asarray(like[key])) for key, total in self.sums.items()}
+        return {key: as_reference_dtype(total / self.total_weight, np.asarray(like[key])) for key, total in self.sums.items()}
 
 
 def _normalised(weights: Sequence[float], count: int) -> np.ndarray:
@@ -222,7 +222,7 @@ def weighted_mean(updates: Sequence[GroupArrays], weights: Sequence[float],
         total = running.flush()
         if clipping is not None and floating and towards_current > 0.0:
             _add_scaled(total, np.asarray(clipping.current[key]), towards_current, scratch[: total.size])
-        out[key] = _like(total, like)
+        out[key] = as_reference_dtype(total, like)
     return out
 
 
@@ -231,7 +231,7 @@ def coordinate_median(updates: Sequence[GroupArrays], clipping: Clipping | None 
 
     Needs every update's value of a coordinate at once: stacks one key at a time."""
     keys = _check_updates(updates)
-    return {key: _like(np.median(_stack(updates, key, clipping), axis=0), np.asarray(updates[0][key]))
+    return {key: as_reference_dtype(np.median(_stack(updates, key, clipping), axis=0), np.asarray(updates[0][key]))
             for key in keys}
 
 
@@ -247,7 +247,7 @@ def trimmed_mean(updates: Sequence[GroupArrays], trim_fraction: float,
     out: dict[str, np.ndarray] = {}
     for key in keys:
         ordered = np.sort(_stack(updates, key, clipping), axis=0)
-        out[key] = _like(ordered[cut : len(updates) - cut].mean(axis=0), np.asarray(updates[0][key]))
+        out[key] = as_reference_dtype(ordered[cut : len(updates) - cut].mean(axis=0), np.asarray(updates[0][key]))
     return out
 
 
@@ -323,7 +323,7 @@ def clip_updates(current: GroupArrays, updates: Sequence[GroupArrays], factor: f
             clipped.append({k: np.asarray(v) for k, v in update.items()})
             continue
         alone = Clipping(current, [scale])
-        clipped.append({key: _like(_stack([update], key, alone)[0], np.asarray(value)) for key, value in update.items()})
+        clipped.append({key: as_reference_dtype(_stack([update], key, alone)[0], np.asarray(value)) for key, value in update.items()})
     return clipped, norms, threshold
 
 

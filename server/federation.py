@@ -41,12 +41,14 @@ from common.federation_config import FederationConfig, federation_config
 from common.model import build_model, split_groups
 from common.records import arrayrecord_to_tensors, state_nbytes, tensors_to_arrayrecord
 from common.run_config import run_config
+from common.secure_aggregation import check_secure_aggregation
 from server.checkpoint import CheckpointStore, LatestCheckpoint
 from server.collect import send_and_collect
 from server.identity import SiteRegistry
 from server.partition_report import write_partition_report
 from server.replies import ReplyLimits
 from server.run_lock import run_folder_lock
+from server.secure_round import secure_train_phase
 from server.strategy import AggregationConfig, GroupedStrategy, RoundRecord
 from server.summary import CONFIG_COPY, RunSummary
 
@@ -107,6 +109,7 @@ def _round_entry(rnd: int, seconds: float, train: RoundRecord, evaluate: RoundRe
         "aggregation": train.groups,
         "excluded": train.excluded + (evaluate.excluded if evaluate is not None else []),
         "budget_exhausted": train.budget_exhausted,
+        **({"secure_aggregation": train.secure_aggregation} if train.secure_aggregation is not None else {}),
         "bytes": {
             "train_to_sites": train.bytes_to_sites,
             "train_from_sites": train.bytes_from_sites,
@@ -243,10 +246,14 @@ def _train_and_evaluate(grid: Grid, federation: _Federation, rnd: int, arrays: A
     and each phase's seconds (sent, worked on at the hospitals, received)."""
     strategy, fed = federation.strategy, federation.fed
     started = time.perf_counter()
-    replies = send_and_collect(grid, strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
-                               timeout_s=fed.round_timeout_s, poll_s=fed.reply_poll_s)
+    secure = check_secure_aggregation(fed.secure_aggregation, fed.secaggplus, fed.aggregation, fed.num_sites)
+    if secure is not None:
+        new_arrays = secure_train_phase(grid, strategy, fed, secure, rnd, arrays)
+    else:
+        replies = send_and_collect(grid, strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                                   timeout_s=fed.round_timeout_s, poll_s=fed.reply_poll_s)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
     phases = {"train": time.perf_counter() - started}
-    new_arrays, _ = strategy.aggregate_train(rnd, replies)
     if new_arrays is None:
         return arrays, strategy.train_record, None, phases
     if not fed.evaluate_each_round:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from common import protocol
 from common.evaluation import EvaluationSummary
@@ -451,6 +453,50 @@ def check_train_reply(
                                                     limits.max_abs_value), state, transport)
         received += sum(int(like.numel()) * expected_wire_dtype(like, transport).itemsize for like in state.values())
     return SiteReply(int(msg.metadata.src_node_id), name, metrics, groups, received, class_counts(msg, name, limits))
+
+
+def check_secure_train_reply(
+    msg: Message,
+    shapes: Sequence[tuple[int, ...]],
+    modulus: int,
+    limits: ReplyLimits,
+    site: str | None = None,
+    server_round: int = 1,
+) -> tuple[SiteReply, list[np.ndarray]]:
+    """Validate a train reply of a SecAgg+ round: status, metrics, class counts and the masked vector
+    (one integer array of each of ``shapes``, every entry in ``[0, modulus)``). No group may travel
+    in the clear. Returns the checked reply and the vector as int64 arrays."""
+    check_status(msg)
+    content = msg.content
+    extra = sorted(set(content.config_records.keys()) - {protocol.SITE, RECORD_KEY_CONFIGS})
+    extra += sorted(set(content.metric_records.keys()) - {protocol.METRICS})
+    extra += sorted(k for k, record in content.array_records.items() if len(record))
+    if extra:
+        raise ReplyError(f"unexpected records {extra[:5]} in a secure-aggregation reply")
+    record = content.config_records.get(RECORD_KEY_CONFIGS)
+    if record is None or set(record.keys()) != {Key.MASKED_PARAMETERS}:
+        raise ReplyError("no masked vector (secure aggregation)")
+    masked = record[Key.MASKED_PARAMETERS]
+    if not isinstance(masked, list) or len(masked) != len(shapes):
+        raise ReplyError(f"masked vector of {len(masked) if isinstance(masked, list) else 'no'} arrays, "
+                         f"expected {len(shapes)}")
+    vector: list[np.ndarray] = []
+    for index, (blob, shape) in enumerate(zip(masked, shapes)):
+        if not isinstance(blob, bytes) or len(blob) > 8 * int(np.prod(shape, dtype=np.int64)) + 1024:
+            raise ReplyError(f"masked array {index}: not an array of at most {int(np.prod(shape))} integers")
+        try:
+            array = bytes_to_ndarray(blob)
+        except Exception as error:
+            raise ReplyError(f"masked array {index}: unreadable ({type(error).__name__})") from error
+        if tuple(array.shape) != tuple(shape) or not np.issubdtype(array.dtype, np.integer):
+            raise ReplyError(f"masked array {index}: {array.dtype} {array.shape}, expected integers {tuple(shape)}")
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= modulus):
+            raise ReplyError(f"masked array {index}: entries outside [0, {modulus})")
+        vector.append(array.astype(np.int64))
+    name = site or site_name(msg)
+    metrics = train_metrics(msg, limits, server_round)
+    received = sum(len(blob) for blob in masked)
+    return SiteReply(int(msg.metadata.src_node_id), name, metrics, {}, received, class_counts(msg, name, limits)), vector
 
 
 def _count_list(metrics: Mapping[str, Any], key: str, shape: tuple[int, int], limits: ReplyLimits) -> np.ndarray:

@@ -29,7 +29,7 @@ from common.config import ConfigError, dataclass_from_mapping
 from common.evaluation import pooled_metrics, summary_metrics
 from common.model import GROUPS, split_groups
 from common.records import payload_bytes, to_arrayrecord, wire_array
-from server.aggregate import AUTO_SHARE, GroupOutcome, GroupPolicy, aggregate_group_outcomes
+from server.aggregate import AUTO_SHARE, GroupOutcome, GroupPolicy, aggregate_group_outcomes, as_reference_dtype
 from server.identity import SiteRegistry, Verdict
 from server.replies import (
     ReplyError,
@@ -37,8 +37,10 @@ from server.replies import (
     SiteReply,
     budget_exhausted_metrics,
     check_evaluate_reply,
+    check_secure_train_reply,
     check_train_reply,
     claimed_name,
+    within_magnitude,
 )
 
 logger = logging.getLogger("fedvitgan.server")
@@ -120,6 +122,8 @@ class RoundRecord:
     failure: str | None = None
     #: Pooled metrics (evaluate phase).
     global_metrics: dict[str, float] = field(default_factory=dict)
+    #: A SecAgg+ round: participants, dropouts (who, at which stage, why), bytes and seconds per stage.
+    secure_aggregation: dict[str, Any] | None = None
 
 
 class GroupedStrategy(Strategy):
@@ -266,11 +270,7 @@ class GroupedStrategy(Strategy):
                 self._exclude(record, verdict, _reason(error), "train")
                 continue
             valid.append(reply)
-            record.sites[reply.site] = reply.metrics
-            record.bytes_from_sites += reply.bytes_received
-            if reply.class_counts is not None:
-                record.class_counts[reply.site] = reply.class_counts
-                self.released_test[reply.site] = sum(int(n) for n in reply.class_counts.get("test", {}).values())
+            self._accept(reply, record)
         if self.current is None or len(valid) < self.min_sites:
             record.failure = (f"{len(valid)} valid train replies, fewer than federation.min_sites={self.min_sites}; "
                               f"global model unchanged")
@@ -284,6 +284,76 @@ class GroupedStrategy(Strategy):
             return None, None
         record.aggregated = True
         return new_arrays, MetricRecord({"sites-aggregated": len(valid), "sites-excluded": len(record.excluded)})
+
+    def _accept(self, reply: SiteReply, record: RoundRecord) -> None:
+        """Record a valid train reply: its metrics, bytes and class counts."""
+        record.sites[reply.site] = reply.metrics
+        record.bytes_from_sites += reply.bytes_received
+        if reply.class_counts is not None:
+            record.class_counts[reply.site] = reply.class_counts
+            self.released_test[reply.site] = sum(int(n) for n in reply.class_counts.get("test", {}).values())
+
+    # ------------------------------------------------------------------ secure aggregation (SecAgg+)
+    def check_secure_train(self, server_round: int, replies: Iterable[Message], sent: Sequence[Message],
+                           shapes: Sequence[tuple[int, ...]], modulus: int
+                           ) -> tuple[dict[int, list[np.ndarray]], dict[int, str]]:
+        """A SecAgg+ round's train replies, checked as ``aggregate_train`` checks them but holding a
+        masked vector instead of groups: the vectors that may enter the sum (by node), and why each
+        other hospital asked is left out."""
+        self._round = server_round
+        record = self.train_record
+        self._asked["train"] = [int(m.metadata.dst_node_id) for m in sent]
+        self._sent["train"] = list(sent)
+        vectors: dict[int, list[np.ndarray]] = {}
+        for msg, verdict in self._admit(replies, "train", record):
+            try:
+                stopped = budget_exhausted_metrics(msg, verdict.name)
+                if stopped is not None:
+                    record.budget_exhausted.append(stopped)
+                reply, vector = check_secure_train_reply(msg, shapes, modulus, self.limits, verdict.name,
+                                                         server_round)
+            except Exception as error:
+                self._exclude(record, verdict, _reason(error), "train")
+                continue
+            vectors[verdict.node_id] = vector
+            self._accept(reply, record)
+        refused = {int(e["node_id"]): str(e["reason"]) for e in record.excluded
+                   if e.get("phase") == "train" and int(e["node_id"]) not in vectors}
+        return vectors, refused
+
+    def aggregate_secure(self, server_round: int, sums: Mapping[str, tuple[Mapping[str, np.ndarray], float]],
+                         participants: Sequence[str]) -> ArrayRecord | None:
+        """The new global arrays from a SecAgg+ round's unmasked sums: each sent group moves by
+        ``sum_i r_i update_i / sum_i r_i`` (FedAvg with the weights bounded at the hospitals). A group
+        whose result is not finite or beyond ``federation.max_abs_value`` is kept as it was."""
+        record = self.train_record
+        if self.current is None or len(participants) < self.min_sites:
+            record.failure = (f"{len(participants)} hospitals in the secure sum, fewer than federation.min_sites="
+                              f"{self.min_sites}; global model unchanged")
+            return None
+        current = {g: {k: wire_array(self.current[k]) for k in self.reference[g]} for g in GROUPS}
+        new = {k: v for arrays in current.values() for k, v in arrays.items()}
+        for group in self.sent_groups:
+            summed, ratio_sum = sums[group]
+            described: dict[str, Any] = {"rule": "fedavg", "weight": self.rules[group].weight,
+                                         "secure_aggregation": "secaggplus", "participants": list(participants),
+                                         "weight_ratio_sum": ratio_sum}
+            moved = {}
+            if ratio_sum > 1e-9:
+                for key, value in current[group].items():
+                    moved[key] = as_reference_dtype(value.astype(np.float64) + summed[key] / ratio_sum, value)
+            if not moved:
+                described["kept"] = "the hospitals' weights sum to 0"
+            elif not all(np.all(np.isfinite(v)) and within_magnitude(v, self.limits.max_abs_value)
+                         for v in moved.values()):
+                described["kept"] = (f"the aggregate is not finite or exceeds federation.max_abs_value="
+                                     f"{self.limits.max_abs_value:g}")
+                logger.warning("round %d: group %s kept unchanged: %s", server_round, group, described["kept"])
+            else:
+                new.update(moved)
+            record.groups[group] = described
+        record.aggregated = True
+        return ArrayRecord({k: Array(np.ascontiguousarray(new[k])) for k in self.current.keys()})
 
     def group_weights(self, replies: Sequence[SiteReply]) -> dict[str, list[float]]:
         """Each sent group's weight per reply, as its rule says."""
