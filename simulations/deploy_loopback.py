@@ -95,6 +95,7 @@ class LoopbackOptions:
     warm: bool = False
     allow_any_app: bool = False  # hospitals pin no app-sha256 (supernode.sh --allow-any-app)
     tampered_app: bool = False  # the coordinator ships an app whose client/policy.py it edited (must be refused)
+    secure_aggregation: bool = False  # federation=secaggplus: the coordinator sees only the sum of the updates
 
 
 @dataclass
@@ -138,6 +139,7 @@ def run_overrides(options: LoopbackOptions, run_dir: Path) -> list[str]:
         f"data.train_per_site={options.train_per_site}", f"data.test_per_site={options.test_per_site}",
         f"federation.num_sites={options.sites}", f"federation.rounds={options.rounds}",
         f"output_dir={shlex.quote(str(run_dir))}",
+        *(["federation=secaggplus"] if options.secure_aggregation else []),
         *options.overrides,
     ]
 
@@ -652,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tampered-app", action="store_true",
                         help="ship an app whose client/policy.py was edited after the hospitals pinned the reviewed "
                              "one: every hospital must refuse it (the run fails)")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="federation=secaggplus: the hospitals' updates are summed with SecAgg+, so the "
+                             "coordinator never sees one hospital's update (needs --sites >= 2)")
     parser.add_argument("--warm", action="store_true",
                         help="start each SuperNode with deploy/supernode.sh --warm: its ClientApps are forks of a "
                              "process that imported torch once (fedvitgan superexec)")
@@ -665,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.test_per_site, args.override, args.with_intruders, args.threads, args.timeout,
                               restart_after_round=args.restart_after_round,
                               kill_supernode_in_round=args.kill_supernode_in_round, warm=args.warm,
-                              allow_any_app=args.allow_any_app, tampered_app=args.tampered_app)
+                              allow_any_app=args.allow_any_app, tampered_app=args.tampered_app,
+                              secure_aggregation=args.secure_aggregation)
     started = time.monotonic()
     try:
         result = run_loopback(options)
