@@ -231,3 +231,30 @@ def test_a_plain_round_is_refused_in_the_federation_by_a_hospital_that_requires_
     entry = summary["rounds"][0]
     assert [e["site"] for e in entry["excluded"]] == ["site-1"]
     assert "secure aggregation" in entry["excluded"][0]["reason"]
+
+
+def test_an_aggregate_beyond_max_abs_value_keeps_its_group(tmp_path: Path) -> None:
+    # The generator and discriminator hold layer-norm weights near 1; the classifier head stays far below 0.5.
+    _, summary = _run(tmp_path, [*SECURE, "federation.max_abs_value=0.5"])
+    entry = summary["rounds"][0]
+    assert entry["aggregated"] is True
+    initial = _initial_state(summary["config"])
+    result = _checkpoint(tmp_path)
+    for group in GROUPS:
+        keys = [k for k in initial if k.startswith(f"{group}.")]
+        kept = "max_abs_value" in entry["aggregation"][group].get("kept", "")
+        assert kept == (group != "classifier"), (group, entry["aggregation"][group])
+        assert kept or max(float(np.abs(result[k]).max()) for k in keys) <= 0.5
+        assert all(np.array_equal(result[k].astype(np.float64), initial[k]) for k in keys) == kept
+
+
+def test_dp_and_secure_aggregation_together_keep_the_accounting(tmp_path: Path) -> None:
+    dp = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null"]
+    _, summary = _run(tmp_path, [*SECURE, *dp])
+    entry = summary["rounds"][0]
+    assert entry["aggregated"] is True, entry["failure"]
+    assert len(entry["secure_aggregation"]["participants"]) == 3
+    for site in entry["sites"].values():
+        assert site["train"]["dp/epsilon"] > 0 and site["train"]["dp/steps_round"] == 3
+    report = json.loads((tmp_path / "privacy" / "report.json").read_text())
+    assert sorted(report["sites"]) == ["site-0", "site-1", "site-2"]
