@@ -237,6 +237,10 @@ class PrivacyPlan:
     #: scope=discriminator, unified step: each generated image's D/C gradient is clipped too, to C / m for m
     #: generated images (so their sum is bounded by C, as the real patches' clipped sum / B is); public, no noise.
     clip_generated: bool = True
+    #: scope=discriminator: project the real gradients on the top-k directions of recent generated-image
+    #: gradients before clipping and noise (common/privacy/subspace.py); None: off.
+    subspace_dim: int | None = None
+    subspace_history: int = 4
 
     def next_round(self) -> tuple[float, float, int]:
         """The history entry the coming round adds if it trains."""
@@ -276,4 +280,5 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         labelled_fraction=(num_labelled / num_examples) if num_labelled > 0 else 1.0,
         max_epsilon=max_epsilon if max_epsilon is not None else (None if cfg.max_epsilon is None else float(cfg.max_epsilon)),
         clipping=cfg.clipping, clip_generated=bool(cfg.clip_generated),
+        subspace_dim=cfg.subspace_dim, subspace_history=int(cfg.subspace_history),
     )

@@ -23,6 +23,9 @@ def check_private_method(method: str, cfg: PrivacyConfig) -> None:
         raise ConfigError(f"privacy.enabled=true with train.method={method}: DP-SGD is implemented for "
                           f"train.method {' and '.join(PRIVATE_METHODS)} only (FixMatch's pseudo-labels on "
                           f"unlabelled patches have no private step)")
+    if cfg.enabled and cfg.subspace_dim is not None and method != "unified":
+        raise ConfigError(f"privacy.subspace_dim with train.method={method}: the subspace is spanned by the "
+                          f"generator's images, which only train.method=unified has")
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,23 @@ class PrivacyConfig:
     count_noise_std: float = 10.0
     clipping: str = "bookkeeping"
     clip_generated: bool = True
+    subspace_dim: int | None = None
+    subspace_history: int = 4
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.clipping not in CLIPPINGS:
             raise ValueError(f"clipping must be one of {CLIPPINGS}, got {self.clipping!r}")
+        if self.subspace_dim is not None:
+            if isinstance(self.subspace_dim, bool) or not isinstance(self.subspace_dim, int) or self.subspace_dim < 1:
+                raise ValueError(f"subspace_dim must be a positive integer or null, got {self.subspace_dim!r}")
+            if self.scope != "discriminator" or self.clipping != "vmap":
+                raise ValueError("subspace_dim needs scope=discriminator and clipping=vmap (the projection works on "
+                                 "each real patch's whole D/C gradient)")
+        if isinstance(self.subspace_history, bool) or not isinstance(self.subspace_history, int) \
+                or self.subspace_history < 1:
+            raise ValueError(f"subspace_history must be a positive integer, got {self.subspace_history!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:

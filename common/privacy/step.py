@@ -72,6 +72,9 @@ class PrivateGradients(Protocol):
 
     def generated_bound(self, rows: int) -> float | None: ...
 
+    def observe_public(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str, weight_adv: float,
+                       weight_cls: float) -> None: ...
+
     def generated_gradient(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str,
                            weight_adv: float, weights_cls: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
@@ -204,6 +207,7 @@ def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torc
                                               weights_cls.to(aug_fake.device))
             _add_grads(model.discriminator, generated, "discriminator")
             _add_grads(model.classifier, generated, "classifier")
+        dp.observe_public(aug_fake, fake_labels, cfg.adversarial_loss, w_adv, w_real)  # privacy.subspace_dim only
         noisy, losses = dp.discriminator_gradient(aug_real, labels, cfg.adversarial_loss, w_adv, w_real)
     _add_grads(model.discriminator, noisy, "discriminator")
     _add_grads(model.classifier, noisy, "classifier")

@@ -54,6 +54,7 @@ from common.privacy.bookkeeping import Bookkeeping, RecordedPass
 from common.privacy.noise import NoiseSource
 from common.privacy.scopes import SCOPES
 from common.privacy.step import dp_supervised_step, dp_unified_step
+from common.privacy.subspace import PublicSubspace
 from common.train.losses import fake_adversarial_terms, labelled_cross_entropy, real_adversarial_terms
 
 if TYPE_CHECKING:
@@ -201,6 +202,10 @@ class DPTraining:
         params = dict(self.adapter.named_parameters())
         self.noise = NoiseSource(self.noise_rng, [tuple(params[n].shape) for n in self.names],
                                  plan.noise_multiplier * plan.max_grad_norm)
+        self.subspace: PublicSubspace | None = None
+        if plan.subspace_dim is not None:
+            self.subspace = PublicSubspace(self.names, [tuple(params[n].shape) for n in self.names],
+                                           plan.subspace_dim, plan.subspace_history)
         # Draw each step's noise ahead on a host thread: None = when the covered parameters are on a GPU.
         self.prefetch_noise: bool | None = None
         # Augmentation of real patches draws from its own generator, so the trainer's generator
@@ -218,9 +223,39 @@ class DPTraining:
         self.round_steps += 1
 
     def privatize(self, per_sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B; counts one DP step."""
+        """(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / B; counts one DP step. With
+        ``plan.subspace_dim`` the same in the public subspace (``privatize_in_subspace``)."""
+        if self.subspace is not None:
+            return self.privatize_in_subspace(per_sample)
         summed, _ = clip_and_sum(per_sample, self.plan.max_grad_norm)
         return self.add_noise(summed)
+
+    def privatize_in_subspace(self, per_sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``V (sum_i clip_C(V^T g_i) + N(0, (sigma C)^2 I_k)) / B`` for the public basis V (d x k); counts
+        one DP step. The same Gaussian mechanism on a sum of vectors of norm <= C, in k dimensions."""
+        assert self.subspace is not None
+        plan = self.plan
+        basis = self.subspace.basis()
+        coefficients = self.subspace.flatten(per_sample) @ basis.to(per_sample[self.names[0]].dtype)
+        factors = clip_factors(coefficients.norm(dim=1), plan.max_grad_norm)
+        summed = (factors.unsqueeze(1) * coefficients).sum(dim=0)
+        if self.on_step is not None:
+            self.on_step(self.round_steps + 1)  # counted before its noise reaches a gradient
+        noise = torch.randn(summed.shape, generator=self.noise_rng, dtype=summed.dtype) * (plan.noise_multiplier
+                                                                                            * plan.max_grad_norm)
+        out = self.subspace.unflatten(basis @ (summed + noise.to(summed.device)) / plan.expected_batch)
+        self.record_step()
+        return out
+
+    def observe_public(self, images: torch.Tensor, labels: torch.Tensor, adversarial_loss: str, weight_adv: float,
+                       weight_cls: float) -> None:
+        """``plan.subspace_dim``: the generated images' per-example gradients of the real patches' loss
+        (as if they were real and labelled), kept to span the subspace. No DP step: public."""
+        if self.subspace is None or images.shape[0] == 0:
+            return
+        example_loss = self._discriminator_example_loss(adversarial_loss, weight_adv, weight_cls)
+        per_sample, _ = per_sample_gradients(self.adapter, self.names, example_loss, (images.detach(), labels))
+        self.subspace.observe(per_sample)
 
     def add_noise(self, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """(summed + N(0, (sigma C)^2)) / B for a sum of clipped gradients; counts one DP step.
