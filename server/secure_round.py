@@ -369,6 +369,10 @@ def secure_train_phase(grid: Grid, strategy: GroupedStrategy, fed: FederationCon
     except SecureAggregationFailed as failed:
         record.failure = f"{failed}; global model unchanged"
         logger.warning("round %d: %s", server_round, record.failure)
+    except Exception as error:  # e.g. a share that reconstructs no valid key: never stop the run
+        logger.exception("round %d: secure aggregation failed", server_round)
+        coordinator.log.failure = f"secure aggregation failed ({type(error).__name__}: {str(error)[:300]})"
+        record.failure = f"{coordinator.log.failure}; global model unchanged"
     finally:
         record.secure_aggregation = coordinator.log.entry(strategy.registry.display)
     return new_arrays

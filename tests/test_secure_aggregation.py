@@ -281,3 +281,16 @@ def test_fedvitgan_simulate_survives_a_crashed_hospital_with_secure_aggregation(
     # A hospital that never answered well is named by its node (as in excluded), not by the name it claims.
     assert [d["stage"] for d in log["dropouts"]] == [Stage.COLLECT_MASKED_VECTORS]
     assert "injected fault: crash" in log["dropouts"][0]["reason"]
+
+
+def test_garbage_key_shares_fail_the_round_cleanly_without_stopping_the_run(tmp_path: Path) -> None:
+    def corrupt_shares(node: int, reply: Message) -> Message:
+        record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if node == 3 and record is not None and Key.SHARE_LIST in record:
+            record[Key.SHARE_LIST] = [bytes(len(s)) for s in record[Key.SHARE_LIST]]
+        return reply
+
+    _, summary = _run(tmp_path, [*SECURE, "federation.rounds=2"], corrupt_shares)
+    assert [r["aggregated"] for r in summary["rounds"]] == [False, False]
+    assert all("secure aggregation" in r["failure"] for r in summary["rounds"])
+    assert summary["status"] == "completed"  # two failed rounds, fewer than max_failed_rounds=3
