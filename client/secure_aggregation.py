@@ -31,7 +31,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from common import protocol
 from common.model import group_entries
 from common.records import from_arrayrecord
-from common.secure_aggregation import CLIPPED_GROUPS, VectorLayout, clip_update, weight_bound, weight_ratio
+from common.secure_aggregation import (
+    CLIPPED_GROUPS,
+    VectorLayout,
+    clip_update,
+    secaggplus_config,
+    weight_bound,
+    weight_ratio,
+)
 
 #: Reply record of the ClientApp's training under SecAgg+: the vector to mask (float64 arrays "0", "1", ...).
 SECURE_VECTOR = "secure-vector"
@@ -52,8 +59,6 @@ def secure_vector(msg: Message, run: Mapping[str, object], trained: Mapping[str,
     clipped to ``federation.secaggplus.update_norm``, times ``min(w, M) / M`` for the group's FedAvg
     weight ``w`` from this reply's metrics and its bound ``M`` (``common.secure_aggregation.weight_bound``).
     """
-    from common.secure_aggregation import secaggplus_config
-
     federation, train = run["federation"], run["train"]
     assert isinstance(federation, Mapping) and isinstance(train, Mapping)
     secure = secaggplus_config(federation["secaggplus"])

@@ -101,12 +101,12 @@ class SecureRoundLog:
                 **({"failure": self.failure} if self.failure else {})}
 
 
-def neighbour_ring(nodes: Sequence[int], num_shares: int) -> dict[int, set[int]]:
+def neighbour_ring(nodes: Sequence[int], shares: int) -> dict[int, set[int]]:
     """SecAgg+'s sparse graph, as Flower builds it: the nodes in a random ring, each sharing with
-    itself and the ``num_shares // 2`` nodes on either side."""
+    itself and the ``shares // 2`` nodes on either side (``shares`` from ``neighbour_count``)."""
     ring = list(nodes)
     secrets.SystemRandom().shuffle(ring)
-    half = neighbour_count(num_shares, len(ring)) >> 1
+    half = shares >> 1
     return {node: {ring[(i + offset) % len(ring)] for offset in range(-half, half + 1)} for i, node in enumerate(ring)}
 
 
@@ -184,8 +184,7 @@ class SecAggPlusCoordinator:
             self.log.failure = (f"secure aggregation needs at least {max(2, self.cfg.reconstruction_threshold)} "
                                 f"hospitals (reconstruction_threshold), {len(nodes)} connected")
             raise SecureAggregationFailed(self.log.failure)
-        shares = neighbour_count(self.cfg.num_shares, len(nodes))
-        shares = shares if shares & 1 or shares == len(nodes) else shares + 1
+        shares = neighbour_count(self.cfg.num_shares, len(nodes))  # odd, or every hospital
         self.log.num_shares = shares
         self.neighbours = neighbour_ring(nodes, shares)
         self.active = set(self.log.hospitals)
