@@ -47,6 +47,7 @@ class PrivacyConfig:
     clip_generated: bool = True
     subspace_dim: int | None = None
     subspace_history: int = 4
+    adversarial_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -62,6 +63,9 @@ class PrivacyConfig:
         if isinstance(self.subspace_history, bool) or not isinstance(self.subspace_history, int) \
                 or self.subspace_history < 1:
             raise ValueError(f"subspace_history must be a positive integer, got {self.subspace_history!r}")
+        if isinstance(self.adversarial_weight, bool) or not isinstance(self.adversarial_weight, (int, float)) \
+                or not 0.0 <= float(self.adversarial_weight) <= 1.0:
+            raise ValueError(f"adversarial_weight must be a number in [0, 1], got {self.adversarial_weight!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:
@@ -93,6 +97,7 @@ def privacy_config(section: Any) -> PrivacyConfig:
               for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon")}
     try:
         return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm),
-                                "count_noise_std": float(cfg.count_noise_std)})
+                                "count_noise_std": float(cfg.count_noise_std),
+                                "adversarial_weight": cfg.adversarial_weight})
     except ValueError as error:
         raise ConfigError(f"privacy: {error}") from error

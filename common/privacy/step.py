@@ -168,7 +168,8 @@ def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torc
                          fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
     model, cfg = trainer.model, trainer.cfg
     weights = trainer.weighting.weights()  # fixed in this scope (weighting.enabled is false)
-    w_adv = weights.get("adv_discriminator", 1.0) if cfg.weighting.include_adversarial else 1.0
+    w_adv = dp.plan.adversarial_weight * (weights.get("adv_discriminator", 1.0)
+                                          if cfg.weighting.include_adversarial else 1.0)
     w_real, w_syn = weights["cls_real"], weights["cls_synthetic"]
     aug_real = _augment_real(trainer, dp, real)
     aug_fake = diff_augment(fake.detach(), cfg.augment, trainer.rng)
