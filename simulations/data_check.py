@@ -20,9 +20,10 @@ import yaml
 
 from common.config import CONF_DIR, ConfigError, load_yaml
 from common.data.base import PatchDataset
+from common.data.catalog import data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset
-from common.data.registry import LOADERS, dataset_splits, load_dataset
+from common.data.registry import data_set_names, dataset_splits, load_dataset
 
 EXIT_BAD_DATA = 2
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  fedvitgan data check /data/mine --dataset imagefolder --set test_fraction=0.3",
     )
     parser.add_argument("root", help="the data set's folder (data.root)")
-    parser.add_argument("--dataset", required=True, choices=sorted(LOADERS),
+    parser.add_argument("--dataset", required=True, choices=data_set_names(files_only=True),
                         help="layout of the data set (data.name)")
     parser.add_argument("--split", action="append", default=None, metavar="SPLIT",
                         help="check only this split (repeatable; default: every split the data set has)")
@@ -119,7 +120,7 @@ def check(cfg: dict[str, Any], splits: Sequence[str] | None, decode: int | None,
             raise DataError(f"split {split!r}: {error}") from error
     total = sum(len(d) for d in datasets.values())
     out = [f"data set {cfg['name']} at {cfg['root']}: {len(names)} split(s), {total} patches"]
-    describe = getattr(LOADERS[str(cfg["name"])], "describe", None)
+    describe = data_set(cfg["name"]).describe
     if describe is not None:  # which layout and split a loader with several reads (class folders)
         out.append(describe(cfg))
     out += ["", counts_table(datasets)]

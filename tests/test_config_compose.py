@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import CONF_DIR, ConfigError, compose_config, plain_config
-from common.data.registry import DATA_SETS
+from common.data.registry import data_set_names
 from common.run_config import RunConfig, run_config
 from server.strategy import AggregationConfig
 from simulations.experiments.config import experiment_config
@@ -21,7 +21,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 def _typed(run: dict) -> RunConfig:
     typed = run_config(run)
     AggregationConfig.from_config(run["federation"]["aggregation"])
-    assert typed.data.name in DATA_SETS
+    assert typed.data.name in data_set_names()
     return typed
 
 

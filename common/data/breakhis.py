@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset, list_images, list_subfolders
 from common.data.options import class_names_option
@@ -134,3 +135,6 @@ def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
     """Split names: train/val/test by patient (val only with data.patient_val_fraction > 0; ``all`` loads too)."""
     names = ["train", "test"] if float(cfg.get("patient_val_fraction", 0.0)) <= 0 else ["train", "val", "test"]
     return {s: s for s in names}
+
+
+register_file_data_set(NAME, splits=splits, load=load)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset
 from common.data.options import class_names_option
@@ -118,3 +119,6 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> Ima
     return ImageFilesDataset(paths, meta["tumor"][rows], class_names, image_size,
                              skip_corrupt=bool(cfg.get("skip_corrupt", False)),
                              hospitals=meta["center"][rows].copy(), groups=meta["patient"][rows].copy())
+
+
+register_file_data_set(NAME, splits=splits, load=load, site_splits=("train", "id_val"))

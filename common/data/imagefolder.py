@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from common.config import ConfigError
+from common.data.catalog import named_class_names, register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset, list_subfolders, scan_class_folders
 from common.data.options import class_names_option, data_root, resolve_split, split_names
@@ -145,6 +147,18 @@ def default_class_names(cfg: Mapping[str, Any]) -> tuple[str, ...]:
     return names
 
 
+def folder_class_names(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The classes known before the federation starts: ``data.class_names``, else the class folders
+    under ``data.root`` when it is readable here (``ConfigError`` saying to list them otherwise)."""
+    if cfg.get("class_names"):
+        return named_class_names(cfg)
+    try:
+        return default_class_names(cfg)
+    except DataError as error:
+        raise ConfigError(f"data.class_names is not set, and the class folders cannot be read here to name "
+                          f"the classes: {error}. List the classes (in label order) as data.class_names") from error
+
+
 def describe(cfg: Mapping[str, Any]) -> str:
     """One line saying which layout and which train/test split the data set gives."""
     root = data_root(cfg)
@@ -156,3 +170,6 @@ def describe(cfg: Mapping[str, Any]) -> str:
         return f"layout: class folders {root}/<class>/<image>, no split folders; {held_out}"
     named = ", ".join(f"{split}={folder}" for split, folder in splits(cfg).items())
     return f"layout: split folders {root}/<split>/<class>/<image> ({named})"
+
+
+register_file_data_set(NAME, splits=splits, load=load, class_names=folder_class_names, describe=describe)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset, scan_class_folders
 from common.data.options import class_names_option, resolve_split, split_names
@@ -44,3 +45,6 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> Ima
     return ImageFilesDataset(paths, labels, classes, image_size,
                              skip_corrupt=bool(cfg.get("skip_corrupt", False)),
                              warnings=(PATIENT_LEAK_WARNING,))
+
+
+register_file_data_set(NAME, splits=splits, load=load)

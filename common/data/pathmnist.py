@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from common.data.base import PatchDataset
+from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.images import resize_square
 from common.data.npz import npz_array
@@ -107,3 +108,6 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> Pat
                         f"for data.size={size} (sizes: {list(SIZES)})")
     return PathMNISTDataset(path, key, image_size, size, class_names_option(cfg) or CLASS_NAMES,
                             cfg.get("cache_dir"))
+
+
+register_file_data_set(NAME, splits=splits, load=load)

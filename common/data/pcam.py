@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from common.data.base import PatchDataset
+from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.images import resize_square
 from common.data.options import class_names_option, resolve_split, split_names
@@ -167,3 +168,6 @@ def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> PCa
     x_path, y_path, meta = split_files(root, token)
     return PCamDataset(x_path, y_path, image_size, class_names_option(cfg) or CLASS_NAMES,
                        str(cfg.get("x_key") or "x"), str(cfg.get("y_key") or "y"), meta)
+
+
+register_file_data_set(NAME, splits=splits, load=load)

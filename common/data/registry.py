@@ -1,11 +1,10 @@
-"""Data set names -> loaders, and one hospital's data from a data set and a partition.
+"""One hospital's data from a data set and a partition.
 
-``data.name`` picks the data set (``conf/data/<name>.yaml`` holds its options) from ``DATA_SETS``,
-one entry per data set: how a hospital gets its ``SiteData`` and how the classes are named before
-any data is read. The built-in synthetic set generates each hospital's patches
-(``common.data.synthetic_site``); every other set is read from ``data.root`` by a file loader
-(``LOADERS``: ``load(root, cfg, split, image_size) -> PatchDataset`` and
-``splits(cfg) -> {split: on-disk name}``). A hospital of a file-backed set trains on its partition
+``data.name`` picks the data set (``conf/data/<name>.yaml`` holds its options) from the registry in
+``common/data/catalog.py``, where each data-set module registers itself: how the classes are named
+before any data is read, and either a file loader (``load(root, cfg, split, image_size) ->
+PatchDataset`` and ``splits(cfg) -> {split: on-disk name}``) or, for the built-in synthetic set, how
+a hospital's patches are generated (``common.data.synthetic_site``). A hospital of a file-backed set trains on its partition
 of ``data.train_split`` (labels withheld per ``data.labeled_fraction`` / ``data.labeled_per_class``)
 and evaluates on its part of ``data.test_split``: its own patches under the natural partition,
 otherwise the test split partitioned the same way (same class proportions or size shares as its
@@ -15,18 +14,19 @@ training part).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 import common.data.partition as partitioning
 from common.config import ConfigError, to_plain
-from common.data import breakhis, camelyon17, imagefolder, nct_crc, pathmnist, pcam, synthetic_site
+
+# Every data-set module registers itself on import (common/data/catalog.py); a new one is imported here.
+from common.data import breakhis, camelyon17, catalog, imagefolder, nct_crc, pathmnist, pcam, synthetic_site  # noqa: F401
 from common.data.base import PatchDataset, PatchSubset
+from common.data.catalog import data_set, file_data_set
 from common.data.config import DataConfig, PartitionConfig, data_config, partition_config
 from common.data.errors import DataError
 from common.data.options import data_root
@@ -35,29 +35,17 @@ from common.seeds import held_out_seed, site_seed
 
 logger = logging.getLogger("fedvitgan.data")
 
-LOADERS: dict[str, ModuleType] = {
-    "pcam": pcam,
-    "nct_crc": nct_crc,
-    "pathmnist": pathmnist,
-    "camelyon17": camelyon17,
-    "breakhis": breakhis,
-    "imagefolder": imagefolder,
-}
-#: Split each hospital trains on and evaluates on, unless ``data.train_split`` / ``data.test_split``.
-DEFAULT_SITE_SPLITS: dict[str, tuple[str, str]] = {"camelyon17": ("train", "id_val")}
-
-
-def _loader(cfg: Mapping[str, Any]) -> ModuleType:
-    name = cfg.get("name")
-    if name not in LOADERS:
-        raise ConfigError(f"data.name {name!r} is not a known data set; choose one of {sorted(LOADERS)} "
-                          f"(files under data.root) or 'synthetic' (generated, no files)")
-    return LOADERS[str(name)]
+def data_set_names(files_only: bool = False) -> list[str]:
+    """Every data set ``data.name`` can pick (this module imports them all, so all are registered)."""
+    return catalog.data_set_names(files_only)
 
 
 def dataset_splits(data_cfg: Mapping[str, Any]) -> tuple[str, ...]:
     """The split names the configured data set offers (e.g. train, val, test)."""
-    return tuple(_loader(to_plain(data_cfg)).splits(to_plain(data_cfg)))
+    cfg = to_plain(data_cfg)
+    splits = file_data_set(cfg.get("name")).splits
+    assert splits is not None  # file-backed
+    return tuple(splits(cfg))
 
 
 def load_dataset(data_cfg: Mapping[str, Any], split: str, image_size: int) -> PatchDataset:
@@ -67,10 +55,11 @@ def load_dataset(data_cfg: Mapping[str, Any], split: str, image_size: int) -> Pa
     (unknown ``data.name``).
     """
     cfg = to_plain(data_cfg)
-    loader = _loader(cfg)
+    load = file_data_set(cfg.get("name")).load
+    assert load is not None  # file-backed
     if int(image_size) < 1:
         raise ConfigError(f"image size must be >= 1, got {image_size}")
-    dataset = loader.load(data_root(cfg), cfg, split, int(image_size))
+    dataset = load(data_root(cfg), cfg, split, int(image_size))
     for warning in dataset.warnings:
         logger.warning("%s (%s split %s)", warning, cfg.get("name"), split)
     return dataset
@@ -79,7 +68,7 @@ def load_dataset(data_cfg: Mapping[str, Any], split: str, image_size: int) -> Pa
 def site_splits(data_cfg: Mapping[str, Any]) -> tuple[str, str]:
     """The (train, test) split names hospitals use."""
     cfg = to_plain(data_cfg)
-    train, test = DEFAULT_SITE_SPLITS.get(str(cfg.get("name")), ("train", "test"))
+    train, test = data_set(cfg.get("name")).site_splits
     return str(cfg.get("train_split") or train), str(cfg.get("test_split") or test)
 
 
@@ -155,56 +144,15 @@ def load_real_site_data(data: DataConfig | Mapping[str, Any], partition: Partiti
     return finish_site(f"site-{site}", train, train_idx, PatchSubset(test, test_idx), typed, site_seed(seed, site))
 
 
-def _named_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
-    """A file-backed set's classes: ``data.class_names`` (the loaders check the files against them)."""
-    names = data.get("class_names")
-    if not names:
-        raise ConfigError(f"data.class_names is not set for data set {data.get('name')!r}; list the classes "
-                          "(in label order) in its conf/data file or on the command line")
-    return tuple(str(n) for n in names)
-
-
-def _folder_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
-    """Class folders name the classes when ``data.class_names`` is unset and ``data.root`` is readable here."""
-    if data.get("class_names"):
-        return _named_class_names(data)
-    try:
-        return imagefolder.default_class_names(data)
-    except DataError as error:
-        raise ConfigError(f"data.class_names is not set, and the class folders cannot be read here to name "
-                          f"the classes: {error}. List the classes (in label order) as data.class_names") from error
-
-
-@dataclass(frozen=True)
-class DataSet:
-    """One entry of ``DATA_SETS``: a hospital's data, and the class names known before any data is read."""
-
-    load_site: Callable[[DataConfig, PartitionConfig, int, int, int, int], SiteData]
-    class_names: Callable[[Mapping[str, Any]], tuple[str, ...]]
-
-
-#: Every data set ``data.name`` can pick.
-DATA_SETS: dict[str, DataSet] = {
-    "synthetic": DataSet(synthetic_site.load_site, synthetic_site.class_names),
-    **{name: DataSet(load_real_site_data, _named_class_names) for name in LOADERS},
-    "imagefolder": DataSet(load_real_site_data, _folder_class_names),
-}
-
-
-def _data_set(data: Mapping[str, Any]) -> DataSet:
-    name = data.get("name")
-    if name not in DATA_SETS:
-        raise ConfigError(f"data.name {name!r} is not a known data set; choose one of {sorted(DATA_SETS)}")
-    return DATA_SETS[str(name)]
-
-
 def load_site_data(data: DataConfig | Mapping[str, Any], partition: PartitionConfig | Mapping[str, Any], site: int,
                    num_sites: int, image_size: int, seed: int) -> SiteData:
     """The data of hospital ``site`` (0-based) out of ``num_sites``, at ``image_size`` pixels."""
     typed, spec = data_config(data), partition_config(partition)
     if not 0 <= site < num_sites:
         raise ConfigError(f"site {site} is outside 0..{num_sites - 1}")
-    return _data_set(typed.section).load_site(typed, spec, site, num_sites, image_size, seed)
+    entry = data_set(typed.section.get("name"))
+    load_site = entry.load_site if entry.load_site is not None else load_real_site_data
+    return load_site(typed, spec, site, num_sites, image_size, seed)
 
 
 def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
@@ -215,4 +163,4 @@ def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
     names under ``data.root`` when it is readable here.
     """
     data = to_plain(data)
-    return _data_set(data).class_names(data)
+    return data_set(data.get("name")).class_names(data)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from common.config import ConfigError
+from common.data.catalog import register_generated_data_set
 from common.data.config import DataConfig, PartitionConfig
 from common.data.partition import quantity_split
 from common.data.sites import SiteData, finish_site
@@ -73,3 +74,6 @@ def _option(data: DataConfig, key: str, kind: type[T]) -> T:
 def class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
     """The synthetic set's five tissue classes (fixed)."""
     return CLASS_NAMES
+
+
+register_generated_data_set("synthetic", load_site=load_site, class_names=class_names)
