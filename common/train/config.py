@@ -143,6 +143,7 @@ class TrainConfig:
     unlabelled_entropy_weight: float = 0.0  # entropy of C on unlabelled patches, minimised (Grandvalet & Bengio)
     pseudo_condition_discriminator: bool = False  # kept pseudo-labels also condition D's projection
     grad_clip_norm: float | None = None
+    iterate_average: float = 0.0  # EMA decay of the parameters over a round's steps; the round ends at the average (0: off)
     generator_update: str = "after_discriminator"  # same_pass: G's loss from D/C's pass (one trunk pass fewer)
     amp: str = "none"  # bf16: forward passes under autocast (GPU); none: float32
     compile: bool = False  # torch.compile the trunk and the generator (GPU; slow first steps)
@@ -175,6 +176,8 @@ class TrainConfig:
             raise ValueError(f"generated_batch_size must be >= 1 or null, got {self.generated_batch_size}")
         if self.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
+        if not 0.0 <= float(self.iterate_average) < 1.0:
+            raise ValueError(f"iterate_average must be in [0, 1), got {self.iterate_average}")
         if self.generator_update not in GENERATOR_UPDATES:
             raise ValueError(f"generator_update must be one of {GENERATOR_UPDATES}, got {self.generator_update!r}")
         if self.amp not in AMP_MODES:

@@ -37,6 +37,7 @@ from common.model import UnifiedViTGAN
 from common.model.unified import DiscriminatorOutput
 from common.train.adversarial_scale import AdversarialTrunkScale
 from common.train.augment import diff_augment
+from common.train.averaging import IterateAverage
 from common.train.config import PRIVATE_METHODS, TrainConfig, learning_rate_factor
 from common.train.gate import PseudoLabelGate
 from common.train.host_memory import apply_host_memory_policy
@@ -520,6 +521,7 @@ class LocalTrainer:
         real_images, selected, pseudo_labelled = 0, 0, 0
         start = time.perf_counter()
         data = _cycle(batches)
+        average = IterateAverage(self.model, self.cfg.iterate_average) if self.cfg.iterate_average > 0 else None
         for index in range(steps):
             images, labels = next(data)
             if self.gate is not None:
@@ -527,6 +529,8 @@ class LocalTrainer:
                     self.gate.check(self.model, self.global_step)
                 self.gate.count()
             result = self.step(images, labels)
+            if average is not None:
+                average.update()
             real_images += images.shape[0]
             selected += int(result.pop("selected"))
             pseudo_labelled += int(result.pop("pseudo_selected", 0))
@@ -535,6 +539,8 @@ class LocalTrainer:
                 counts[key] += 1
             if progress is not None:
                 progress(index + 1, steps, result)
+        if average is not None:
+            average.apply()
         seconds = time.perf_counter() - start
         return RoundMetrics(
             steps=steps,
