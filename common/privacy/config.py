@@ -7,7 +7,7 @@ from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping
 from common.privacy.scopes import SCOPES as SCOPE_TABLE
-from common.train.config import PRIVATE_METHODS
+from common.train.methods import method_names, training_method
 
 #: ``privacy.scope`` values, from the one covering least to the one covering most.
 SCOPES: tuple[str, ...] = tuple(SCOPE_TABLE)
@@ -19,11 +19,11 @@ CLIPPINGS = ("bookkeeping", "vmap")
 def check_private_method(method: str, cfg: PrivacyConfig) -> None:
     """``ConfigError`` when ``cfg`` asks for DP-SGD under a training method that has no private step;
     the coordinator refuses such a run at start, and a hospital before it releases anything."""
-    if cfg.enabled and method not in PRIVATE_METHODS:
+    if cfg.enabled and not training_method(method).private:
         raise ConfigError(f"privacy.enabled=true with train.method={method}: DP-SGD is implemented for "
-                          f"train.method {' and '.join(PRIVATE_METHODS)} only (FixMatch's pseudo-labels on "
-                          f"unlabelled patches have no private step)")
-    if cfg.enabled and cfg.subspace_dim is not None and method != "unified":
+                          f"train.method {' and '.join(method_names(private_only=True))} only (its steps have no "
+                          f"private version)")
+    if cfg.enabled and cfg.subspace_dim is not None and not training_method(method).trains_generator:
         raise ConfigError(f"privacy.subspace_dim with train.method={method}: the subspace is spanned by the "
                           f"generator's images, which only train.method=unified has")
 

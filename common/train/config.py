@@ -15,6 +15,7 @@ from common.train.augment import AugmentConfig
 from common.train.gate import PseudoLabelGateConfig
 from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
+from common.train.methods import training_method
 from common.train.selection import SelectionConfig
 from common.train.weighting import WeightingConfig
 
@@ -96,10 +97,6 @@ class OptimConfig:
         return self.discriminator_betas if self.discriminator_betas is not None else self.gan_betas  # type: ignore[return-value]
 
 
-#: What a hospital's local step trains (see common/train/engine.py).
-METHODS = ("unified", "supervised", "semi_supervised")
-#: The methods with a DP-SGD step (``common/privacy/step.py``).
-PRIVATE_METHODS = ("unified", "supervised")
 #: How real patches are drawn: a labelled and an unlabelled batch each step, or one mixed batch.
 STREAMS = ("separate", "mixed")
 #: When G learns in a unified step: from a second trunk pass after D/C's update, or from D/C's own pass.
@@ -162,8 +159,7 @@ class TrainConfig:
     semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        training_method(self.method)  # ValueError naming the registered methods
         if self.streams not in STREAMS:
             raise ValueError(f"streams must be one of {STREAMS}, got {self.streams!r}")
         if self.adversarial_loss not in ADVERSARIAL_LOSSES:
@@ -190,7 +186,7 @@ class TrainConfig:
     @property
     def uses_generator(self) -> bool:
         """Whether this method trains (and so ever calls) the generator."""
-        return self.method == "unified"
+        return training_method(self.method).trains_generator
 
 
 def train_config(section: Any, symmetries: str | None = None) -> TrainConfig:

@@ -14,9 +14,10 @@ With ``privacy`` (DP-SGD, privacy.enabled=true) the trainer is handed a ``Privat
 ``common.privacy``) that computes the step through the trainer's public pieces: Poisson real
 batches, per-sample clipping and noise on the covered parameters, every step counted.
 
-``train.method`` picks what a step trains: ``unified`` (the above), ``supervised`` (the same trunk and
-head on labelled patches only: the plain baseline) or ``semi_supervised`` (FixMatch on the same trunk
-and head, no generator). Every method keeps the same local state layout.
+``train.method`` picks what a step trains, from the registry (``common/train/methods.py``): ``unified``
+(the above), ``supervised`` (the same trunk and head on labelled patches only: the plain baseline) or
+``semi_supervised`` (FixMatch on the same trunk and head, no generator). Every method keeps the same
+local state layout.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from common.model.unified import DiscriminatorOutput
 from common.train.adversarial_scale import AdversarialTrunkScale
 from common.train.augment import diff_augment
 from common.train.averaging import IterateAverage
-from common.train.config import PRIVATE_METHODS, TrainConfig, learning_rate_factor
+from common.train.config import TrainConfig, learning_rate_factor
 from common.train.gate import PseudoLabelGate
 from common.train.host_memory import apply_host_memory_policy
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
+from common.train.methods import method_names, training_method
 from common.train.selection import SampleSelector
 from common.train.transfer import host_rows, to_device, to_floats
 from common.train.weighting import DynamicLossWeighting
@@ -163,9 +165,9 @@ class LocalTrainer:
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a {self.num_classes}-class model")
-        if privacy is not None and cfg.method not in PRIVATE_METHODS:
-            raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method unified and supervised, "
-                             f"not {cfg.method!r}")
+        if privacy is not None and not training_method(cfg.method).private:
+            raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method "
+                             f"{' and '.join(method_names(private_only=True))}, not {cfg.method!r}")
         if cfg.optim.trunk_update == "split" and (privacy is not None or cfg.generator_update != "after_discriminator"):
             raise ValueError("train.optim.trunk_update=split needs train.generator_update=after_discriminator and no DP")
         if privacy is not None and (cfg.amp != "none" or cfg.compile or cfg.generator_update != "after_discriminator"):
@@ -333,14 +335,11 @@ class LocalTrainer:
     def step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One local step of ``cfg.method`` on a real batch; returns the step's losses and counts."""
         self._schedule_learning_rates()
-        if self.privacy is not None and self.cfg.method == "supervised":
-            return self.privacy.supervised_step(self, real, labels)
-        if self.privacy is not None or self.cfg.method == "unified":
-            return self.unified_step(real, labels)
-        result = self.supervised_step(real, labels) if self.cfg.method == "supervised" \
-            else self.semi_supervised_step(real, labels)
-        self.global_step += 1
-        return result
+        method = training_method(self.cfg.method)
+        if self.privacy is not None:
+            assert method.private_step is not None  # refused at construction otherwise
+            return method.private_step(self.privacy, self, real, labels)
+        return method.step(self, real, labels)
 
     def supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """The plain baseline: trunk + head on the labelled rows, label-safe augmentation, no generator."""
@@ -357,6 +356,7 @@ class LocalTrainer:
         self.zero_discriminator_grads()
         loss.backward()
         self.step_discriminator(weights_learned=False)
+        self.global_step += 1
         return {"cls_real": float(loss.detach()), "selected": 0.0}
 
     def semi_supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -393,6 +393,7 @@ class LocalTrainer:
         self.zero_discriminator_grads()
         loss.backward()
         self.step_discriminator(weights_learned=False)
+        self.global_step += 1
         return step
 
     def unified_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from common.data.base import UNLABELLED, PatchDataset, PatchSubset
 from common.train.config import TrainConfig
+from common.train.methods import training_method
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,16 +78,17 @@ def training_batches(dataset: PatchDataset, cfg: TrainConfig, seed: int, pin_mem
     labels = np.asarray(dataset.labels)
     labelled_rows = np.flatnonzero(labels >= 0)
     unlabelled_rows = np.flatnonzero(labels < 0)
-    if cfg.method != "unified" and len(labelled_rows) == 0:
+    method = training_method(cfg.method)
+    if method.needs_labels and len(labelled_rows) == 0:
         raise ValueError(f"train.method={cfg.method} needs labelled patches and this hospital has none")
     loading = {"workers": cfg.loader_workers, "pin_memory": pin_memory}
     if cfg.streams == "mixed":
-        if cfg.method == "supervised":
+        if method.labelled_only:
             return _endless(PatchSubset(dataset, labelled_rows), cfg.batch_size, seed, **loading)
         return _endless(dataset, cfg.batch_size, seed, **loading)
     labelled = (_endless(PatchSubset(dataset, labelled_rows), cfg.batch_size, seed, **loading)
                 if len(labelled_rows) else None)
-    wants_unlabelled = cfg.method != "supervised" and cfg.unlabelled_batch_size > 0
+    wants_unlabelled = not method.labelled_only and cfg.unlabelled_batch_size > 0
     unlabelled = None
     if wants_unlabelled and len(unlabelled_rows):
         unlabelled = _endless(PatchSubset(dataset, unlabelled_rows), cfg.unlabelled_batch_size, seed + 1, **loading)

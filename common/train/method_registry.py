@@ -1,0 +1,68 @@
+"""The registry of training methods (``train.method``): what a method's step is and what it needs.
+
+A method is a step function of the trainer, ``step(trainer, real, labels) -> losses``, which runs one
+local step through the trainer's public pieces (``common/train/engine.py:LocalTrainer``: its model,
+optimisers, augmentation and selection) and advances ``trainer.global_step``; optionally its DP-SGD
+step, ``private_step(dp, trainer, real, labels)``. It is registered once::
+
+    register_method(TrainingMethod("my_method", step=my_step, labelled_only=True))
+
+``common/train/methods.py`` registers the built-in methods and imports any module that registers
+another, so every name is known before a config is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: (trainer, real images, labels with -1 for unlabelled rows) -> the step's losses and counts.
+StepFn = Callable[[Any, torch.Tensor, torch.Tensor], dict[str, float]]
+#: (the DP machinery, trainer, real images, labels) -> the private step's losses and counts.
+PrivateStepFn = Callable[[Any, Any, torch.Tensor, torch.Tensor], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    """One ``train.method``."""
+
+    name: str
+    step: StepFn
+    #: Its DP-SGD step (``common/privacy/step.py``); None: the method has none, and DP is refused.
+    private_step: PrivateStepFn | None = None
+    #: A hospital without any labelled patch cannot train it.
+    needs_labels: bool = True
+    #: Its batches carry labelled patches only (the unlabelled stream is never drawn).
+    labelled_only: bool = False
+    #: It trains (and so ever calls) the generator.
+    trains_generator: bool = False
+
+    @property
+    def private(self) -> bool:
+        return self.private_step is not None
+
+
+_METHODS: dict[str, TrainingMethod] = {}
+
+
+def register_method(method: TrainingMethod) -> TrainingMethod:
+    """Add ``method`` under its name (a name registered twice is a programming error)."""
+    if method.name in _METHODS:
+        raise ValueError(f"training method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def training_method(name: str) -> TrainingMethod:
+    """The registered method ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in _METHODS:
+        raise ValueError(f"method must be one of {method_names()}, got {name!r}")
+    return _METHODS[name]
+
+
+def method_names(private_only: bool = False) -> tuple[str, ...]:
+    """Registered method names in registration order; with ``private_only`` those with a DP-SGD step."""
+    return tuple(n for n, m in _METHODS.items() if m.private or not private_only)
