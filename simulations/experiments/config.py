@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import dataclass_from_mapping
+
+# Each module registers its procedures (simulations/experiments/procedures.py); a new one is imported here.
+from simulations.experiments import reference_rows, standard  # noqa: F401
+from simulations.experiments.procedures import Procedure, procedure
 from simulations.experiments.two_stage import TwoStageConfig
-from simulations.experiments.variants import REFERENCE_PROCEDURES, SETTINGS, load_variant
+from simulations.experiments.variants import SETTINGS, load_variant
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,14 @@ class GeneratorQualityConfig:
 
     enabled: bool = True
     samples_per_class: int = 100
+
+
+def variant_procedure(variant: str) -> Procedure:
+    """The registered procedure variant ``variant`` names; ``ValueError`` naming its file otherwise."""
+    try:
+        return procedure(load_variant(variant).procedure)
+    except KeyError as error:
+        raise ValueError(f"variant {variant!r} (conf/variants/{variant}.yaml): {error.args[0]}") from error
 
 
 @dataclass(frozen=True)
@@ -53,11 +65,13 @@ class ExperimentConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
-        federated_references = [v for v in self.variants_for("federated")
-                                 if load_variant(v).procedure in REFERENCE_PROCEDURES] if "federated" in self.settings else []
-        if federated_references:
-            raise ValueError(f"{federated_references} are reference rows: they run in the centralized and local settings "
-                             "only (leave them out of experiment.setting_variants.federated)")
+        not_federated = [v for v in self.variants_for("federated") if not variant_procedure(v).federated] \
+            if "federated" in self.settings else []
+        if not_federated:
+            kinds = sorted({variant_procedure(v).name for v in not_federated})
+            raise ValueError(f"{not_federated} (procedure {', '.join(kinds)}: reference rows and two-stage runs) have "
+                             "no federated form: they run in the centralized and local settings only (leave them out "
+                             "of experiment.setting_variants.federated)")
         if "federated" in self.settings and (self.rounds < 1 or self.steps % self.rounds):
             raise ValueError(f"steps ({self.steps}) must be a multiple of rounds ({self.rounds}) for the federated setting")
 
@@ -79,9 +93,5 @@ def experiment_config(section: Any) -> ExperimentConfig:
         for name in names:
             load_variant(name)  # a misspelt name fails here, naming the variants that exist
     for name in cfg.variants:
-        variant = load_variant(name)
-        if variant.procedure == "two_stage" and any(
-                s == "federated" for s in cfg.settings if name in cfg.variants_for(s)):
-            raise ConfigError(f"experiment: variant {name!r} (two_stage) has no federated form; "
-                              "leave it out of setting_variants.federated")
+        variant_procedure(name)  # an unknown procedure fails here, naming the variant's file
     return cfg

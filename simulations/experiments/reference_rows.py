@@ -32,6 +32,7 @@ from common.train.augment import diff_augment
 from common.train.config import learning_rate_factor
 from common.train.streams import training_batches
 from simulations.experiments.inprocess import CurvePoint, Predictions, evaluate_point
+from simulations.experiments.procedures import Job, JobResult, Procedure, register_procedure
 
 
 class PlainClassifier(nn.Module):
@@ -135,3 +136,20 @@ def train_small_cnn(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
     from simulations.experiments.inprocess import final_metrics
 
     return final_metrics(sites, models), curve, seconds  # type: ignore[arg-type]
+
+
+def run_logistic_regression(job: Job) -> JobResult:
+    """The ``logistic_regression`` reference row (centralized and local only)."""
+    metrics, curve, seconds = train_logistic_regression(job.eval_sites, job.seed)
+    return JobResult(metrics, curve, seconds, job.eval_sites)
+
+
+def run_small_cnn(job: Job) -> JobResult:
+    """The ``small_cnn`` reference row (centralized and local only)."""
+    exp = job.experiment
+    metrics, curve, seconds = train_small_cnn(job.run, job.eval_sites, exp.steps, exp.eval_every, job.seed, job.show)
+    return JobResult(metrics, curve, seconds, job.eval_sites)
+
+
+register_procedure(Procedure("logistic_regression", run=run_logistic_regression, reference=True))
+register_procedure(Procedure("small_cnn", run=run_small_cnn, reference=True))

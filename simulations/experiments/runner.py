@@ -35,17 +35,15 @@ from omegaconf import DictConfig  # noqa: E402
 from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
 from common.data.registry import load_site_data  # noqa: E402
-from common.data.sites import SiteData, pool_sites  # noqa: E402
-from common.model import UnifiedViTGAN  # noqa: E402
+from common.data.sites import SiteData  # noqa: E402
 from common.train import run_train_config  # noqa: E402
 from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
-from simulations.experiments.inprocess import CurvePoint, final_metrics, train_sites  # noqa: E402
+from simulations.experiments.inprocess import CurvePoint  # noqa: E402
+from simulations.experiments.procedures import Job, procedure  # noqa: E402
 from simulations.experiments.quality import site_generator_quality  # noqa: E402
-from simulations.experiments.reference_rows import train_logistic_regression, train_small_cnn  # noqa: E402
 from simulations.experiments.report import plot_curves, plot_privacy_utility, results_markdown  # noqa: E402
-from simulations.experiments.two_stage import train_two_stage  # noqa: E402
-from simulations.experiments.variants import REFERENCE_PROCEDURES, Variant, apply_overrides, load_variant  # noqa: E402
+from simulations.experiments.variants import Variant, apply_overrides, load_variant  # noqa: E402
 
 logger = logging.getLogger("fedvitgan.experiment")
 METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "auroc")
@@ -93,37 +91,11 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
         _say(f"    {variant_name} / {setting} / seed {seed}: step {point.step:>6}  {val}test {point.test:.3f}  "
              f"({point.seconds:.0f} s)")
 
-    models: list[UnifiedViTGAN]
-    if variant.procedure in REFERENCE_PROCEDURES:  # never federated: ExperimentConfig refuses that at start
-        eval_sites = [pool_sites(sites)] if setting == "centralized" else sites
-        if variant.procedure == "logistic_regression":
-            metrics, curve, entry["seconds"] = train_logistic_regression(eval_sites, seed)
-        else:
-            metrics, curve, entry["seconds"] = train_small_cnn(run, eval_sites, exp.steps, exp.eval_every, seed, show)
-        models = []
-    elif setting == "federated":
-        from simulations.experiments.federated import spent_epsilon, train_federated
-
-        run_folder = folder / f"{setting}-{variant_name}-seed{seed}"
-        metrics, curve = train_federated(run, sites, exp.steps, exp.rounds, seed, run_folder)
-        entry["epsilon"] = spent_epsilon(run_folder)
-        for point in curve:
-            show(point)
-        entry["seconds"] = curve[-1].seconds if curve else 0.0
-        models = []
-        eval_sites = sites
-    else:
-        eval_sites = [pool_sites(sites)] if setting == "centralized" else sites
-        if variant.procedure == "two_stage":
-            trained, info = train_two_stage(run, eval_sites, exp.steps, exp.eval_every, seed, exp.two_stage, on_point=show)
-            entry["two_stage"] = info
-        else:
-            trained = train_sites(run, eval_sites, exp.steps, exp.eval_every, seed, on_point=show)
-            entry["last_round"] = trained[0].rounds[-1] if trained[0].rounds else {}
-        models = [t.trainer.model for t in trained]
-        metrics = final_metrics(eval_sites, models)
-        curve = trained[0].curve
-        entry["seconds"] = sum(t.seconds for t in trained)
+    proc = procedure(variant.procedure)
+    result = proc.run(Job(run, exp, setting, seed, sites, folder / f"{setting}-{variant_name}-seed{seed}", show))
+    metrics, curve, models, eval_sites = result.metrics, result.curve, result.models, result.eval_sites
+    entry.update(result.entry)
+    entry["seconds"] = result.seconds
     entry.update({k: metrics[k] for k in METRICS})
     entry["test_examples"] = sum(len(s.test) for s in eval_sites)
     entry["val_balanced_accuracy"] = metrics.get("val_balanced_accuracy")
@@ -165,7 +137,7 @@ def check_private_settings(base: dict[str, Any], exp: ExperimentConfig) -> None:
             continue
         for name in exp.variants_for(setting):
             variant = load_variant(name)
-            if variant.procedure in REFERENCE_PROCEDURES:
+            if procedure(variant.procedure).reference:
                 continue
             if variant_run(base, exp, variant, exp.seeds[0])["privacy"]["enabled"]:
                 raise ConfigError(f"experiment: variant {name!r} enables privacy (DP-SGD), which runs only in the "

@@ -1,0 +1,88 @@
+"""The registry of experiment procedures: how one (variant, setting, seed) job is trained and scored.
+
+A variant file names its procedure (``procedure: <name>``, default ``standard``). A procedure is a
+function of a :class:`Job` returning a :class:`JobResult`, registered once by its module::
+
+    register_procedure(Procedure("my_procedure", run=run_my_procedure, federated=False))
+
+``simulations/experiments/config.py`` imports every module that registers one (``standard``,
+``two_stage``, and the reference rows ``logistic_regression`` and ``small_cnn``), so an experiment's
+variants are checked against all of them before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.data.sites import SiteData, pool_sites
+from common.model import UnifiedViTGAN
+from simulations.experiments.inprocess import CurvePoint
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (variant, setting, seed): its checked run config and its hospitals' data."""
+
+    run: dict[str, Any]
+    experiment: Any  # simulations.experiments.config.ExperimentConfig
+    setting: str  # centralized | local | federated
+    seed: int
+    sites: list[SiteData]
+    folder: Path  # the federated run's own folder (<experiment folder>/<setting>-<variant>-seed<seed>)
+    show: Callable[[CurvePoint], None]
+
+    @property
+    def eval_sites(self) -> list[SiteData]:
+        """What is trained and scored in this setting: the pooled hospitals (centralized) or each one."""
+        return [pool_sites(self.sites)] if self.setting == "centralized" else list(self.sites)
+
+
+@dataclass
+class JobResult:
+    """What a procedure reports: pooled test metrics, the curve, training seconds, and what it scored on."""
+
+    metrics: dict[str, float]
+    curve: list[CurvePoint]
+    seconds: float
+    eval_sites: Sequence[SiteData]
+    #: The trained models per scored site (in-process procedures), for the generator-quality scores.
+    models: list[UnifiedViTGAN] = field(default_factory=list)
+    #: Extra keys for the job's results.json entry (e.g. epsilon, last_round, two_stage).
+    entry: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """One ``procedure`` a variant can name."""
+
+    name: str
+    run: Callable[[Job], JobResult]
+    #: It has a federated form (else the federated setting is refused at start).
+    federated: bool = False
+    #: It trains something other than the ViT (a reference row: never private, no generator).
+    reference: bool = False
+
+
+_PROCEDURES: dict[str, Procedure] = {}
+
+
+def register_procedure(procedure: Procedure) -> Procedure:
+    """Add ``procedure`` under its name (a name registered twice is a programming error)."""
+    if procedure.name in _PROCEDURES:
+        raise ValueError(f"experiment procedure {procedure.name!r} is registered twice")
+    _PROCEDURES[procedure.name] = procedure
+    return procedure
+
+
+def procedure(name: str) -> Procedure:
+    """The registered procedure ``name``; ``KeyError`` naming the known ones otherwise."""
+    if name not in _PROCEDURES:
+        raise KeyError(f"procedure {name!r} is not one of {procedure_names()}")
+    return _PROCEDURES[name]
+
+
+def procedure_names() -> list[str]:
+    return sorted(_PROCEDURES)
