@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common import protocol
+from common.registry import Registry
 
 GroupArrays = Mapping[str, np.ndarray]
 
@@ -417,16 +418,13 @@ class RuleInputs:
 AggregationRule = Callable[[RuleInputs], "GroupOutcome"]
 
 #: Every rule ``federation.aggregation.<group>.rule`` can name, registered with :func:`register_rule`.
-RULES: dict[str, AggregationRule] = {}
+RULES: Registry[AggregationRule] = Registry("aggregation rule")
 
 
 def register_rule(name: str) -> Callable[[AggregationRule], AggregationRule]:
     """Register an aggregation rule under ``name`` (a function of :class:`RuleInputs`)."""
     def register(rule: AggregationRule) -> AggregationRule:
-        if name in RULES:
-            raise ValueError(f"aggregation rule {name!r} is registered twice")
-        RULES[name] = rule
-        return rule
+        return RULES.add(name, rule)
     return register
 
 

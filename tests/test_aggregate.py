@@ -227,19 +227,18 @@ def test_each_group_policy_carries_its_own_keys_and_the_federation_wide_bounds()
         AggregationConfig.from_config(_aggregation_section(**{"generator.weight": "votes"}))
 
 
-def test_a_registered_rule_is_one_function_and_one_registration() -> None:
+def test_a_registered_rule_is_one_function_and_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:
     from server.aggregate import RULES, GroupOutcome, RuleInputs, register_rule
+
+    monkeypatch.setattr(RULES, "_entries", dict(RULES._entries))  # the registration stays in this test
 
     @register_rule("first_hospital")
     def first(inputs: RuleInputs) -> GroupOutcome:
         return GroupOutcome({k: np.asarray(v) for k, v in inputs.updates[0].items()}, inputs.members[:1], [1.0])
 
-    try:
-        current = {"w": np.zeros(2, dtype=np.float32)}
-        updates = [{"w": np.full(2, 5.0, dtype=np.float32)}, {"w": np.full(2, 7.0, dtype=np.float32)}]
-        outcome = aggregate_group(current, updates, [0.0, 1.0], GroupPolicy(rule="first_hospital"))
-        assert outcome.arrays["w"].tolist() == [7.0, 7.0] and outcome.members == [1]  # weight 0 takes no part
-        with pytest.raises(ValueError, match="registered twice"):
-            register_rule("first_hospital")(first)
-    finally:
-        RULES.pop("first_hospital", None)
+    current = {"w": np.zeros(2, dtype=np.float32)}
+    updates = [{"w": np.full(2, 5.0, dtype=np.float32)}, {"w": np.full(2, 7.0, dtype=np.float32)}]
+    outcome = aggregate_group(current, updates, [0.0, 1.0], GroupPolicy(rule="first_hospital"))
+    assert outcome.arrays["w"].tolist() == [7.0, 7.0] and outcome.members == [1]  # weight 0 takes no part
+    with pytest.raises(ValueError, match="registered twice"):
+        register_rule("first_hospital")(first)

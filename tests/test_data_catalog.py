@@ -45,7 +45,7 @@ def stripes_load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int
 @pytest.fixture
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test stay in a copy of the registry."""
-    monkeypatch.setattr(catalog, "_ENTRIES", dict(catalog._ENTRIES))
+    monkeypatch.setattr(catalog.DATA_SETS, "_entries", dict(catalog.DATA_SETS._entries))
 
 
 def test_every_shipped_data_set_is_registered_with_its_conf_file() -> None:

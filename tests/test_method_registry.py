@@ -33,7 +33,7 @@ def head_only_step(trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tens
 @pytest.fixture
 def private_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test stay in a copy of the registry."""
-    monkeypatch.setattr(method_registry, "_METHODS", dict(method_registry._METHODS))
+    monkeypatch.setattr(method_registry.METHODS, "_entries", dict(method_registry.METHODS._entries))
 
 
 def test_the_built_in_methods_and_what_they_declare() -> None:

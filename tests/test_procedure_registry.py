@@ -39,7 +39,7 @@ def conf_with_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(variants.CONF_DIR / "variants", conf / "variants")
     (conf / "variants" / "guess.yaml").write_text("description: constant guess\nprocedure: constant_guess\n")
     monkeypatch.setattr(variants, "CONF_DIR", conf)
-    monkeypatch.setattr(procedures, "_PROCEDURES", dict(procedures._PROCEDURES))
+    monkeypatch.setattr(procedures.PROCEDURES, "_entries", dict(procedures.PROCEDURES._entries))
     return conf
 
 

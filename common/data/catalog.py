@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import ConfigError
+from common.registry import Registry
 
 if TYPE_CHECKING:
     from common.data.base import PatchDataset
@@ -62,19 +63,16 @@ class DataSetEntry:
         return self.load is not None
 
 
-_ENTRIES: dict[str, DataSetEntry] = {}
+DATA_SETS: Registry[DataSetEntry] = Registry("data set")
 
 
 def register_data_set(entry: DataSetEntry) -> DataSetEntry:
     """Add ``entry`` under its name; a name registered twice, or an entry that is neither file-backed
     nor generated, is a programming error."""
-    if entry.name in _ENTRIES:
-        raise ValueError(f"data set {entry.name!r} is registered twice")
     if (entry.load is None) == (entry.load_site is None) or (entry.load is None) != (entry.splits is None):
         raise ValueError(f"data set {entry.name!r}: register either splits and load (files) or load_site "
                          f"(generated)")
-    _ENTRIES[entry.name] = entry
-    return entry
+    return DATA_SETS.add(entry.name, entry)
 
 
 def register_file_data_set(name: str, *, splits: SplitsFn, load: LoadFn, class_names: ClassNamesFn = named_class_names,
@@ -92,14 +90,14 @@ def register_generated_data_set(name: str, *, load_site: SiteFn, class_names: Cl
 
 def data_set(name: Any) -> DataSetEntry:
     """The entry ``data.name`` picks; ``ConfigError`` listing the known names otherwise."""
-    if name not in _ENTRIES:
+    if name not in DATA_SETS:
         raise ConfigError(f"data.name {name!r} is not a known data set; choose one of {data_set_names()}")
-    return _ENTRIES[str(name)]
+    return DATA_SETS[str(name)]
 
 
 def file_data_set(name: Any) -> DataSetEntry:
     """The file-backed entry ``data.name`` picks; ``ConfigError`` otherwise."""
-    entry = _ENTRIES.get(str(name))
+    entry = DATA_SETS.get(str(name))
     if entry is None or not entry.file_backed:
         generated = sorted(set(data_set_names()) - set(data_set_names(files_only=True)))
         raise ConfigError(f"data.name {name!r} is not a known data set; choose one of "
@@ -110,4 +108,4 @@ def file_data_set(name: Any) -> DataSetEntry:
 
 def data_set_names(files_only: bool = False) -> list[str]:
     """Every registered name (sorted); with ``files_only`` the file-backed ones."""
-    return sorted(n for n, e in _ENTRIES.items() if e.file_backed or not files_only)
+    return sorted(n for n, e in DATA_SETS.items() if e.file_backed or not files_only)

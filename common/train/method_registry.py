@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from common.registry import Registry
+
 #: (trainer, real images, labels with -1 for unlabelled rows) -> the step's losses and counts.
 StepFn = Callable[[Any, torch.Tensor, torch.Tensor], dict[str, float]]
 #: (the DP machinery, trainer, real images, labels) -> the private step's losses and counts.
@@ -45,24 +47,21 @@ class TrainingMethod:
         return self.private_step is not None
 
 
-_METHODS: dict[str, TrainingMethod] = {}
+METHODS: Registry[TrainingMethod] = Registry("training method")
 
 
 def register_method(method: TrainingMethod) -> TrainingMethod:
     """Add ``method`` under its name (a name registered twice is a programming error)."""
-    if method.name in _METHODS:
-        raise ValueError(f"training method {method.name!r} is registered twice")
-    _METHODS[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
 def training_method(name: str) -> TrainingMethod:
     """The registered method ``name``; ``ValueError`` naming the known ones otherwise."""
-    if name not in _METHODS:
+    if name not in METHODS:
         raise ValueError(f"method must be one of {method_names()}, got {name!r}")
-    return _METHODS[name]
+    return METHODS[name]
 
 
 def method_names(private_only: bool = False) -> tuple[str, ...]:
     """Registered method names in registration order; with ``private_only`` those with a DP-SGD step."""
-    return tuple(n for n, m in _METHODS.items() if m.private or not private_only)
+    return tuple(n for n, m in METHODS.items() if m.private or not private_only)

@@ -19,6 +19,7 @@ from typing import Any
 
 from common.data.sites import SiteData, pool_sites
 from common.model import UnifiedViTGAN
+from common.registry import Registry
 from simulations.experiments.inprocess import CurvePoint
 
 
@@ -66,23 +67,18 @@ class Procedure:
     reference: bool = False
 
 
-_PROCEDURES: dict[str, Procedure] = {}
+PROCEDURES: Registry[Procedure] = Registry("procedure")
 
 
-def register_procedure(procedure: Procedure) -> Procedure:
-    """Add ``procedure`` under its name (a name registered twice is a programming error)."""
-    if procedure.name in _PROCEDURES:
-        raise ValueError(f"experiment procedure {procedure.name!r} is registered twice")
-    _PROCEDURES[procedure.name] = procedure
-    return procedure
+def register_procedure(proc: Procedure) -> Procedure:
+    """Add ``proc`` under its name (a name registered twice is a programming error)."""
+    return PROCEDURES.add(proc.name, proc)
 
 
 def procedure(name: str) -> Procedure:
     """The registered procedure ``name``; ``KeyError`` naming the known ones otherwise."""
-    if name not in _PROCEDURES:
-        raise KeyError(f"procedure {name!r} is not one of {procedure_names()}")
-    return _PROCEDURES[name]
+    return PROCEDURES[name]
 
 
 def procedure_names() -> list[str]:
-    return sorted(_PROCEDURES)
+    return sorted(PROCEDURES)
