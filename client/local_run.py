@@ -12,6 +12,7 @@ remembers this run's DP releases.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -29,13 +30,12 @@ from client.site import SiteIdentity
 from client.site_cache import SITE_CACHE, CachedSite, cache_config, fingerprint
 from client.site_state import SiteStateStore, run_key
 from common import protocol
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import ConfigError
 from common.data.registry import load_site_data
 from common.data.sites import SiteData
 from common.evaluation.metrics import predict_probabilities, summarise_predictions
-from common.federation_config import FederationConfig, federation_config
-from common.model import GROUPS, ModelConfig, UnifiedViTGAN, build_model, group_entries
-from common.privacy.config import privacy_config
+from common.federation_config import FederationConfig
+from common.model import GROUPS, UnifiedViTGAN, build_model, group_entries
 from common.progress import training_progress
 from common.records import (
     arrayrecord_to_tensors,
@@ -43,6 +43,7 @@ from common.records import (
     tensors_to_arrayrecord,
     to_arrayrecord,
 )
+from common.run_config import RunConfig, run_config
 from common.seeds import site_seed
 from common.train import LocalTrainer, RoundMetrics
 from common.train.config import TrainConfig
@@ -96,14 +97,19 @@ class LocalRun:
         resumed sessions and restarts)."""
         return str(self.run.get("output_dir") or "run")
 
+    @functools.cached_property
+    def config(self) -> RunConfig:
+        """The run's configuration, typed and checked once per instruction (``ConfigError`` naming the key)."""
+        return run_config(self.run)
+
     @property
     def federation(self) -> FederationConfig:
         """The run's ``federation`` section, typed and checked."""
-        return federation_config(self.run["federation"])
+        return self.config.federation
 
     @property
     def local_groups(self) -> list[str]:
-        return [g for g in GROUPS if self.run["federation"]["aggregation"][g]["local"]]
+        return [g for g in GROUPS if self.federation.aggregation[g]["local"]]
 
     @property
     def cache_key(self) -> tuple[str, str]:
@@ -111,15 +117,14 @@ class LocalRun:
         return (self.run_id, f"{self.site.site_id}:{self.site.name}")
 
     def _load_data(self) -> SiteData:
-        return load_site_data(self.site.data, self.run["partition"], self.site.site_id, self.site.num_sites,
-                              int(self.run["model"]["image_size"]), int(self.run["seed"]))
+        return load_site_data(self.site.data, self.config.partition, self.site.site_id, self.site.num_sites,
+                              self.config.model.image_size, self.config.seed)
 
     def _build_site(self) -> CachedSite:
         return CachedSite(self._load_data(), self._build_model)
 
     def _build_model(self, num_classes: int) -> UnifiedViTGAN:
-        cfg = dataclass_from_mapping(ModelConfig, self.run["model"], "model")
-        return build_model(cfg, num_classes, seed=int(self.run["seed"]))
+        return build_model(self.config.model, num_classes, seed=self.config.seed)
 
     @property
     def cached_site(self) -> CachedSite | None:
@@ -253,7 +258,7 @@ class LocalRun:
     # ------------------------------------------------------------- actions
     def build_trainer(self, model: UnifiedViTGAN, tcfg: TrainConfig, data: SiteData, saved: SavedLocal | None,
                       dp: DPTraining | None) -> LocalTrainer:
-        trainer = LocalTrainer(model, tcfg, seed=site_seed(int(self.run["seed"]), self.site.site_id),
+        trainer = LocalTrainer(model, tcfg, seed=site_seed(self.config.seed, self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp,
                                validation=data.val)
         if saved is not None:
@@ -274,7 +279,7 @@ class LocalRun:
         """Counts on the held-out split (confusion matrix, binned class scores): no single patch's
         prediction. The same policy as training applies first, the histograms are no finer than the
         hospital allows, and the data configuration must be the one it trained with in this run."""
-        check_privacy(privacy_config(self.run.get("privacy")), self.site.policy)
+        check_privacy(self.config.privacy, self.site.policy)
         check_evaluation(self.federation.score_bins, self.site.policy)
         saved = self.load_local(inclusive=True)
         trained_on = (saved.meta if saved is not None else {}).get("data")

@@ -28,7 +28,6 @@ from common.privacy.budget import (
 from common.privacy.config import PrivacyConfig, check_private_method
 from common.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
-from common.train import run_train_config
 
 logger = logging.getLogger("fedvitgan.client")
 
@@ -36,7 +35,7 @@ logger = logging.getLogger("fedvitgan.client")
 def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
     """DP-SGD on ``local``'s hospital under ``pcfg``; every attempt draws fresh randomness and is in
     the hospital's ledger before anything leaves."""
-    tcfg = private_train_config(run_train_config(local.run), pcfg)
+    tcfg = private_train_config(local.config.train, pcfg)
     check_private_method(tcfg.method, pcfg)  # before anything is read or released
     data = local.data()
     saved = local.load_local()
@@ -55,7 +54,7 @@ def train_private(local: LocalRun, pcfg: PrivacyConfig) -> RecordDict:
             metrics[protocol.DP_WOULD_BE_EPSILON] = stop.check.would_be_epsilon
         return _budget_exhausted(local, stop.check.message, metrics)
     plan = build_plan(pcfg, counts.examples, counts.labelled, tcfg.batch_size, tcfg.local_steps,
-                      int(local.run["federation"]["rounds"]), max_epsilon)
+                      local.config.federation.rounds, max_epsilon)
     check_derived_noise(plan.noise_multiplier, pcfg, policy)
     plan = dataclasses.replace(plan, delta=judged_delta(plan.delta, counts.examples, policy))
     privacy.plan, privacy.budget_source = plan, source
@@ -91,9 +90,9 @@ def _budget_exhausted(local: LocalRun, message: str, metrics: dict[str, float]) 
 def _site_privacy(local: LocalRun, saved: SavedLocal | None) -> SitePrivacy:
     """The hospital's ledger (its state folder, or privacy.ledger_dir/<site> in a simulation) and
     this run's releases from the ledger and the local state."""
-    ledger_dir = (local.run.get("privacy") or {}).get("ledger_dir")
+    ledger_dir = local.config.privacy.ledger_dir
     folder = Path(str(ledger_dir)).expanduser() / local.site.name if ledger_dir and not local.site.deployed else local.site.state_dir
     ledger = PrivacyLedger.in_folder(folder, marker_folder=local.site.state_dir)
-    dataset, description = dataset_fingerprint(local.site.data, local.site.site_id, int(local.run["seed"]))
+    dataset, description = dataset_fingerprint(local.site.data, local.site.site_id, local.config.seed)
     remembered = attempts_from_json((saved.meta if saved else {}).get("dp_attempts"))
     return SitePrivacy.open(ledger, dataset, description, local.run_id, local.server_round, remembered)

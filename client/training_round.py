@@ -12,12 +12,11 @@ from flwr.app import RecordDict
 from client.local_run import LocalRun
 from client.policy import check_privacy, check_secure_policy
 from client.secure_aggregation import under_secure_aggregation
-from common.privacy.config import privacy_config
 
 
 def train(local: LocalRun) -> RecordDict:
     """Local training under the run's privacy section, refused first if the hospital's policy says so."""
-    pcfg = privacy_config(local.run.get("privacy"))
+    pcfg = local.config.privacy
     check_privacy(pcfg, local.site.policy)  # before any patch is read
     check_secure_policy(local.run, local.site.policy, under_secure_aggregation(local.msg))
     with local.kept():
