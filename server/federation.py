@@ -37,10 +37,10 @@ from common.config import ConfigError
 from common.data.registry import configured_class_names
 from common.durable import atomic_write_json
 from common.evaluation import METRIC_NAMES, save_generator_grid
-from common.federation_config import FederationConfig, federation_config
+from common.federation_config import FederationConfig
 from common.model import build_model, split_groups
 from common.records import arrayrecord_to_tensors, state_nbytes, tensors_to_arrayrecord
-from common.run_config import run_config
+from common.run_config import RunConfig, run_config
 from common.secure_aggregation import check_secure_aggregation
 from server.checkpoint import CheckpointStore, LatestCheckpoint
 from server.collect import send_and_collect
@@ -84,10 +84,10 @@ def _privacy_report(run_dir: Path) -> None:
     _progress(f"privacy report: {paths['md']}")
 
 
-def _limits(run: dict[str, Any], fed: FederationConfig, class_names: tuple[str, ...]) -> ReplyLimits:
-    privacy = run.get("privacy") or {}
-    return ReplyLimits(tuple(class_names), fed.score_bins, fed.max_site_examples, int(run["train"]["local_steps"]),
-                       fed.max_abs_value, bool(privacy.get("enabled", False)))
+def _limits(typed: RunConfig, class_names: tuple[str, ...]) -> ReplyLimits:
+    fed = typed.federation
+    return ReplyLimits(tuple(class_names), fed.score_bins, fed.max_site_examples, typed.train.local_steps,
+                       fed.max_abs_value, typed.privacy.enabled)
 
 
 def _round_entry(rnd: int, seconds: float, train: RoundRecord, evaluate: RoundRecord | None) -> dict[str, Any]:
@@ -168,8 +168,10 @@ def run_federation(grid: Grid, run: dict[str, Any], run_dir: Path | str) -> Path
 
 
 def _run_locked(grid: Grid, run: dict[str, Any], run_dir: Path) -> Path:
-    # 1. The typed config, the model (from the last checkpoint when resuming), strategy and summary.
-    federation = _set_up(run, federation_config(run["federation"]), run_dir)
+    # 1. The typed config (every section checked: a run no hospital could train stops here, once), the
+    #    model (from the last checkpoint when resuming), strategy and summary.
+    typed = run_config(run)
+    federation = _set_up(run, typed, run_dir)
     fed, arrays = federation.fed, federation.initial
     if federation.start_round > fed.rounds:
         _progress(f"{run_dir}: all {fed.rounds} rounds are done; raise federation.rounds to continue")
@@ -183,15 +185,15 @@ def _run_locked(grid: Grid, run: dict[str, Any], run_dir: Path) -> Path:
             _stop_failed(federation, rnd, failed_in_a_row, train, checkpoint)
     # 4. Done: the status, the privacy report of a run with DP on, where it all is.
     _finish(federation.summary, "completed")
-    if (run.get("privacy") or {}).get("enabled"):
+    if typed.privacy.enabled:
         _privacy_report(run_dir)
     _progress(f"run folder: {run_dir}")
     return run_dir
 
 
-def _set_up(run: dict[str, Any], fed: FederationConfig, run_dir: Path) -> _Federation:
-    """Check the config, build the model, find where the run stands, and open strategy and summary."""
-    typed = run_config(run)  # every section typed and checked: a run no hospital could train stops here, once
+def _set_up(run: dict[str, Any], typed: RunConfig, run_dir: Path) -> _Federation:
+    """Build the model, find where the run stands, and open strategy and summary."""
+    fed = typed.federation
     class_names = configured_class_names(run["data"])
     faults = typed.faults  # checked here, injected by the hospitals
     if faults:
@@ -210,7 +212,7 @@ def _set_up(run: dict[str, Any], fed: FederationConfig, run_dir: Path) -> _Feder
         _progress(f"WARNING: {note}")
         warnings.append(note)
     strategy = GroupedStrategy(reference, aggregation, fed.transport_dtype,
-                               json.dumps(run), _limits(run, fed, class_names), fed.num_sites, fed.min_sites,
+                               json.dumps(run), _limits(typed, class_names), fed.num_sites, fed.min_sites,
                                fed.wait_for_sites_s, fed.round_timeout_s, registry)
     atomic_write_json(store.folder / CONFIG_COPY, run)  # a resume can start without summary.json
     summary = RunSummary(run_dir)
