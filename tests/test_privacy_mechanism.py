@@ -293,3 +293,23 @@ def test_dp_turns_pseudo_labels_off_because_its_step_has_no_pseudo_label_loss(sc
     private = private_train_config(cfg, PrivacyConfig(enabled=True, scope=scope))
     assert private.pseudo_label.mode == "none" and not private.pseudo_label.enabled
     assert private.weighting.enabled == (scope == "classifier")
+
+
+@pytest.mark.parametrize("clipping", ["bookkeeping", "vmap"])
+def test_the_adversarial_weight_scales_ds_adversarial_part_of_the_private_step(tiny_cfg: ModelConfig,
+                                                                               clipping: str) -> None:
+    """privacy.adversarial_weight multiplies D's adversarial losses (real and generated halves) inside
+    the clipped step: at 0 the adversarial head gets no gradient at all (no noise here), at 1 it does."""
+    grads = {}
+    for weight in (0.0, 1.0):
+        model = build_model(tiny_cfg, 5, seed=0)
+        plan = dataclasses.replace(_plan("discriminator", sigma=0.0, clip=1.0, batch=4, n=20), clipping=clipping,
+                                   adversarial_weight=weight)
+        dp = DPTraining(model, plan, seed=0)
+        cfg = private_train_config(TrainConfig(batch_size=4), PrivacyConfig(enabled=True, scope="discriminator"))
+        trainer = LocalTrainer(model, cfg, seed=0, privacy=dp)
+        trainer.unified_step(torch.rand(4, 3, 32, 32) * 2 - 1, torch.arange(4) % 5)
+        head = model.discriminator.adv_head
+        grads[weight] = float(sum(p.grad.abs().sum() for p in head.parameters() if p.grad is not None))
+        assert model.classifier.head.weight.grad is not None and model.classifier.head.weight.grad.abs().sum() > 0
+    assert grads[0.0] == 0.0 and grads[1.0] > 0.0
