@@ -243,7 +243,7 @@ class PrivacyPlan:
     subspace_history: int = 4
     #: scope=discriminator, unified step: the weight of D's adversarial losses (real and generated halves)
     #: against the classification losses inside each clipped per-patch gradient.
-    adversarial_weight: float = 1.0
+    adversarial_weight: float = 0.2
 
     def next_round(self) -> tuple[float, float, int]:
         """The history entry the coming round adds if it trains."""

@@ -47,7 +47,7 @@ class PrivacyConfig:
     clip_generated: bool = True
     subspace_dim: int | None = None
     subspace_history: int = 4
-    adversarial_weight: float = 1.0
+    adversarial_weight: float = 0.2
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
