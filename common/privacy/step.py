@@ -15,6 +15,9 @@ Differences from the plain step (``common/train/engine.py``), all needed for the
   each generated image's gradient is clipped too (``privacy.clip_generated``, default), to C / m for
   m generated images: their sum is then bounded by C like the real half's, and cannot swamp it (an
   unclipped generated half is often 10x the clipped real one, and Adam's step sizes then follow it);
+- scope=discriminator, unified step: D's adversarial losses (real and generated halves) are weighted
+  by ``privacy.adversarial_weight`` (default 0.2) inside each clipped gradient, so that the labels'
+  part gets most of the clipping bound (a public constant: no effect on the guarantee);
 - scope=classifier: the head's real-image gradient is the private one; the trunk still learns from the
   real images without DP through a copy of the head with frozen weights (declared: no end-to-end
   guarantee);
