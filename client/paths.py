@@ -49,9 +49,9 @@ def pin_test_split(data: dict[str, Any], own: str | None) -> None:
     """A deployed hospital evaluates on its own held-out split: its node config's ``test-split``, or
     the data set's own (``data.test_split`` of the shipped config). A run that names another is
     refused (``data.test_split``); the pinned name is written into ``data``."""
-    from common.data.registry import site_splits
+    from common.data.registry import data_set
 
-    mine = str(own) if own else site_splits({**data, "test_split": None})[1]
+    mine = str(own) if own else data_set(data.get("name")).site_splits[1]
     asked = data.get("test_split")
     if asked not in (None, "") and str(asked) != mine:
         where = "its node config's test-split" if own else "the data set's own test split"

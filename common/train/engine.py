@@ -165,7 +165,8 @@ class LocalTrainer:
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a {self.num_classes}-class model")
-        if privacy is not None and not training_method(cfg.method).private:
+        self.method = training_method(cfg.method)
+        if privacy is not None and not self.method.private:
             raise ValueError(f"DP-SGD (privacy.enabled) is implemented for train.method "
                              f"{' and '.join(method_names(private_only=True))}, not {cfg.method!r}")
         if cfg.optim.trunk_update == "split" and (privacy is not None or cfg.generator_update != "after_discriminator"):
@@ -335,11 +336,10 @@ class LocalTrainer:
     def step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One local step of ``cfg.method`` on a real batch; returns the step's losses and counts."""
         self._schedule_learning_rates()
-        method = training_method(self.cfg.method)
         if self.privacy is not None:
-            assert method.private_step is not None  # refused at construction otherwise
-            return method.private_step(self.privacy, self, real, labels)
-        return method.step(self, real, labels)
+            assert self.method.private_step is not None  # refused at construction otherwise
+            return self.method.private_step(self.privacy, self, real, labels)
+        return self.method.step(self, real, labels)
 
     def supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """The plain baseline: trunk + head on the labelled rows, label-safe augmentation, no generator."""

@@ -65,10 +65,10 @@ class ExperimentConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
-        not_federated = [v for v in self.variants_for("federated") if not variant_procedure(v).federated] \
-            if "federated" in self.settings else []
+        federated = {v: variant_procedure(v) for v in self.variants_for("federated")} if "federated" in self.settings else {}
+        not_federated = [v for v, proc in federated.items() if not proc.federated]
         if not_federated:
-            kinds = sorted({variant_procedure(v).name for v in not_federated})
+            kinds = sorted({federated[v].name for v in not_federated})
             raise ValueError(f"{not_federated} (procedure {', '.join(kinds)}: reference rows and two-stage runs) have "
                              "no federated form: they run in the centralized and local settings only (leave them out "
                              "of experiment.setting_variants.federated)")

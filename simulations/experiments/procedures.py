@@ -20,7 +20,7 @@ from typing import Any
 from common.data.sites import SiteData, pool_sites
 from common.model import UnifiedViTGAN
 from common.registry import Registry
-from simulations.experiments.inprocess import CurvePoint
+from simulations.experiments.inprocess import CurvePoint, TrainedSite, final_metrics
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,14 @@ class JobResult:
     models: list[UnifiedViTGAN] = field(default_factory=list)
     #: Extra keys for the job's results.json entry (e.g. epsilon, last_round, two_stage).
     entry: dict[str, Any] = field(default_factory=dict)
+
+
+def in_process_result(eval_sites: Sequence[SiteData], trained: Sequence[TrainedSite], entry: dict[str, Any]) -> JobResult:
+    """The result of sites trained in this process: their models' pooled test metrics, the first
+    site's curve, and the training seconds of all of them."""
+    models = [t.trainer.model for t in trained]
+    return JobResult(final_metrics(eval_sites, models), trained[0].curve, sum(t.seconds for t in trained), eval_sites,
+                     models, entry)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from simulations.experiments.inprocess import final_metrics, train_sites
-from simulations.experiments.procedures import Job, JobResult, Procedure, register_procedure
+from simulations.experiments.inprocess import train_sites
+from simulations.experiments.procedures import Job, JobResult, Procedure, in_process_result, register_procedure
 
 
 def run_standard(job: Job) -> JobResult:
@@ -19,9 +19,7 @@ def run_standard(job: Job) -> JobResult:
                          entry={"epsilon": spent_epsilon(job.folder)})
     eval_sites = job.eval_sites
     trained = train_sites(job.run, eval_sites, exp.steps, exp.eval_every, job.seed, on_point=job.show)
-    models = [t.trainer.model for t in trained]
-    return JobResult(final_metrics(eval_sites, models), trained[0].curve, sum(t.seconds for t in trained), eval_sites,
-                     models, {"last_round": trained[0].rounds[-1] if trained[0].rounds else {}})
+    return in_process_result(eval_sites, trained, {"last_round": trained[0].rounds[-1] if trained[0].rounds else {}})
 
 
 register_procedure(Procedure("standard", run=run_standard, federated=True))

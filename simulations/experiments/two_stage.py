@@ -25,8 +25,8 @@ from common.data.base import ArrayPatches, ConcatPatches, PatchSubset, tensor_to
 from common.data.sites import SiteData
 from common.seeds import site_seed
 from common.train import LocalTrainer
-from simulations.experiments.inprocess import CurvePoint, TrainedSite, final_metrics, train_sites
-from simulations.experiments.procedures import Job, JobResult, Procedure, register_procedure
+from simulations.experiments.inprocess import CurvePoint, TrainedSite, train_sites
+from simulations.experiments.procedures import Job, JobResult, Procedure, in_process_result, register_procedure
 from simulations.experiments.variants import apply_overrides, load_variant
 
 
@@ -98,9 +98,7 @@ def run_two_stage(job: Job) -> JobResult:
     exp, eval_sites = job.experiment, job.eval_sites
     trained, info = train_two_stage(job.run, eval_sites, exp.steps, exp.eval_every, job.seed, exp.two_stage,
                                     on_point=job.show)
-    models = [t.trainer.model for t in trained]
-    return JobResult(final_metrics(eval_sites, models), trained[0].curve, sum(t.seconds for t in trained), eval_sites,
-                     models, {"two_stage": info})
+    return in_process_result(eval_sites, trained, {"two_stage": info})
 
 
 register_procedure(Procedure("two_stage", run=run_two_stage))
