@@ -7,8 +7,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from client.site_cache import SITE_CACHE
-from common.model import ModelConfig, model_preset
+from fedvitgan import use_app_root
+
+use_app_root()  # the checkout's folders, for this process and the ones the tests start (fedvitgan/__init__.py)
+
+from client.site_cache import SITE_CACHE  # noqa: E402
+from common.model import ModelConfig, model_preset  # noqa: E402
 
 torch.set_num_threads(2)
 
