@@ -47,12 +47,18 @@ def confine_splits(data: Mapping[str, Any]) -> None:
 
 def pin_test_split(data: dict[str, Any], own: str | None) -> None:
     """A deployed hospital evaluates on its own held-out split: its node config's ``test-split``, or
-    the data set's own (``data.test_split`` of the shipped config). A run that names another is
-    refused (``data.test_split``); the pinned name is written into ``data``."""
-    from common.data.registry import data_set
+    the data set's own (``test_split`` of ``conf/data/<name>.yaml`` as this hospital's pinned code ships
+    it, not the run's). A run that names another is refused (``data.test_split``); the pinned name is
+    written into ``data``."""
+    from common.data.registry import data_set, shipped_option
 
-    mine = str(own) if own else data_set(data.get("name")).site_splits[1]
     asked = data.get("test_split")
+    if not data_set(data.get("name")).file_backed:  # a generated set has no split to choose
+        if asked not in (None, ""):
+            raise Refusal("data.test_split", f"a deployed hospital evaluates on its own held-out split, and data set "
+                                             f"{data.get('name')!r} draws it itself: there is no split to choose")
+        return
+    mine = str(own) if own else str(shipped_option(str(data.get("name")), "test_split"))
     if asked not in (None, "") and str(asked) != mine:
         where = "its node config's test-split" if own else "the data set's own test split"
         raise Refusal("data.test_split", f"a deployed hospital evaluates on its own held-out split ({where}), "
@@ -64,8 +70,10 @@ def check_held_out(data: Mapping[str, Any]) -> None:
     """The held-out split is not, and does not overlap, the training split: different split names,
     and (for file-backed sets with ``data.splits``) different places under the data folder, neither
     inside the other. ``Refusal`` naming the key otherwise."""
-    from common.data.registry import site_splits
+    from common.data.registry import data_set, site_splits
 
+    if not data_set(data.get("name")).file_backed:
+        return  # generated patches: training and held-out ones are drawn apart
     train, test = site_splits(data)
     if train == test:
         raise Refusal("data.test_split", f"the held-out split {test!r} is the training split")

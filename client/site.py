@@ -83,11 +83,13 @@ class SiteIdentity:
                 SitePolicy.from_mapping((sites.get(name) or {}).get("policy"), f"sites.{name}.policy"),
                 **{f: node_config[k] for k, f in NODE_KEYS.items() if k in node_config})
         data = copy.deepcopy(dict(run["data"]))
-        if "dataset" in node_config:
-            data["name"] = str(node_config["dataset"])
+        if "dataset" in node_config and str(node_config["dataset"]) != data.get("name"):
+            from common.data.registry import hospital_data_section  # the loaders: only when needed
+
+            data = hospital_data_section(str(node_config["dataset"]), data)
         if policy.data_root is not None:
             data["root"] = policy.data_root
-        if policy.cache_dir is not None:
+        if policy.cache_dir is not None and "cache_dir" in data:  # the data sets that inflate files
             data["cache_dir"] = policy.cache_dir
         confine_splits(data)
         if deployed:

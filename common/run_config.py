@@ -13,6 +13,8 @@ from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping, to_plain
 from common.data.config import DataConfig, PartitionConfig, data_config, partition_config
+from common.data.options import DataSetOptions
+from common.data.registry import data_set_options
 from common.device import resolve_device
 from common.faults import Fault, parse_faults
 from common.federation_config import FederationConfig, federation_config
@@ -33,6 +35,7 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig
+    data_options: DataSetOptions  # the data set's own keys, typed by its registration
     partition: PartitionConfig
     federation: FederationConfig
     privacy: PrivacyConfig
@@ -56,6 +59,7 @@ def run_config(run: Mapping[str, Any] | Any) -> RunConfig:
         model=dataclass_from_mapping(ModelConfig, values["model"], "model"),
         train=run_train_config(values),
         data=data_config(values["data"]),
+        data_options=data_set_options(values["data"]),
         partition=partition_config(values["partition"]),
         federation=federation,
         privacy=privacy_config(values["privacy"]),

@@ -70,6 +70,9 @@ def data_config(dataset: str, root: str, overrides: Sequence[str], skip_corrupt:
         target[leaf] = yaml.safe_load(value)
     cfg.update(name=dataset, root=root)
     if skip_corrupt:
+        if "skip_corrupt" not in cfg:
+            raise ConfigError(f"--skip-corrupt: data set {dataset!r} has no data.skip_corrupt option (it reads "
+                              f"no image files one by one)")
         cfg["skip_corrupt"] = True
     return cfg
 
@@ -120,9 +123,9 @@ def check(cfg: dict[str, Any], splits: Sequence[str] | None, decode: int | None,
             raise DataError(f"split {split!r}: {error}") from error
     total = sum(len(d) for d in datasets.values())
     out = [f"data set {cfg['name']} at {cfg['root']}: {len(names)} split(s), {total} patches"]
-    describe = data_set(cfg["name"]).describe
-    if describe is not None:  # which layout and split a loader with several reads (class folders)
-        out.append(describe(cfg))
+    entry = data_set(cfg["name"])
+    if entry.describe is not None:  # which layout and split a loader with several reads (class folders)
+        out.append(entry.describe(entry.read_options(cfg)))
     out += ["", counts_table(datasets)]
     for split, ds in datasets.items():
         if ds.hospitals is not None:

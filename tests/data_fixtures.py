@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 from PIL import Image
 
+from common.config import CONF_DIR, load_yaml
+
 NCT_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
+
+
+def data_section(name: str, root: Path | str, **overrides: Any) -> dict[str, Any]:
+    """The ``data`` section a run composes for data set ``name`` (``conf/data/<name>.yaml``, whose
+    values are the only defaults), with ``root`` and ``overrides`` on top; a mapping merges into the
+    file's, as a Hydra override ``data.splits.val=...`` does."""
+    section = {**load_yaml(CONF_DIR / "data" / f"{name}.yaml"), "root": str(root)}
+    for key, value in overrides.items():
+        merge = isinstance(value, dict) and isinstance(section.get(key), dict)
+        section[key] = {**section[key], **value} if merge else value
+    return section
 
 
 def image(seed: int, height: int, width: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 from common.data.breakhis import patient_id
 from common.data.errors import DataError
 from common.data.registry import dataset_splits, load_dataset, load_real_site_data
-from tests.data_fixtures import ALL_LABELS, write_breakhis
+from tests.data_fixtures import ALL_LABELS, data_section, write_breakhis
 
 # write_breakhis: 2 classes x 2 types x 2 patients x 2 magnifications (40X, 100X) x 2 images.
 
@@ -22,7 +22,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "breakhis", "root": str(root), "test_fraction": 0.5, **ALL_LABELS, **options}
+    return data_section("breakhis", root, **{"test_fraction": 0.5, **ALL_LABELS, **options})
 
 
 def patients(ds) -> set[str]:
@@ -44,7 +44,7 @@ def test_loads_binary_labels_at_one_magnification(root: Path) -> None:
 
 
 def test_subtype_labels_come_from_the_type_folders(root: Path) -> None:
-    ds = load_dataset(cfg(root, label="subtype"), "all", 32)
+    ds = load_dataset(cfg(root, label="subtype", class_names=None), "all", 32)  # null: the type folders
     assert ds.class_names == ("adenosis", "fibroadenoma", "ductal_carcinoma", "lobular_carcinoma")
     assert set(ds.class_counts().values()) == {4}
 
@@ -73,7 +73,7 @@ def test_natural_partition_gives_sites_disjoint_patients(root: Path) -> None:
 def test_missing_layout_and_bad_options_are_named(root: Path) -> None:
     inner = root / "BreaKHis_v1" / "histology_slides"
     with pytest.raises(DataError, match=r"BreaKHis_v1/histology_slides/breast does not exist"):
-        load_dataset({"name": "breakhis", "root": str(inner)}, "train", 32)
+        load_dataset(cfg(inner), "train", 32)
     with pytest.raises(DataError, match=r"data\.magnification '50X' names \['50X'\]"):
         load_dataset(cfg(root, magnification="50X"), "train", 32)
     with pytest.raises(DataError, match=r"holds no \.png image at magnification\(s\) \['400X'\]"):

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.camelyon17 import OFFICIAL_TEST_CENTER, OFFICIAL_VAL_CENTER
 from common.data.errors import DataError
 from common.data.registry import dataset_splits, load_dataset, load_real_site_data
-from tests.data_fixtures import ALL_LABELS, image, truncate, write_camelyon17
+from tests.data_fixtures import ALL_LABELS, data_section, image, truncate, write_camelyon17
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "camelyon17", "root": str(root), **ALL_LABELS, **options}
+    return data_section("camelyon17", root, **{**ALL_LABELS, **options})
 
 
 def test_loads_patches_with_labels_hospitals_and_patients(root: Path) -> None:
@@ -36,7 +35,8 @@ def test_loads_patches_with_labels_hospitals_and_patients(root: Path) -> None:
 
 
 def test_official_splits_hold_out_centres_1_and_2(root: Path) -> None:
-    assert (OFFICIAL_VAL_CENTER, OFFICIAL_TEST_CENTER) == (1, 2)
+    shipped = data_section("camelyon17", root)
+    assert (shipped["val_center"], shipped["test_center"]) == (1, 2)  # the official WILDS hospitals
     assert dataset_splits(cfg(root)) == ("train", "id_val", "val", "test")
     hospitals = {s: sorted(set(load_dataset(cfg(root), s, 32).hospitals.tolist()))
                  for s in ("train", "id_val", "val", "test")}

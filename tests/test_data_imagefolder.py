@@ -9,7 +9,7 @@ import pytest
 
 from common.data.errors import DataError
 from common.data.registry import dataset_splits, load_dataset
-from tests.data_fixtures import image, save, write_class_folders
+from tests.data_fixtures import data_section, image, save, write_class_folders
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "imagefolder", "root": str(root), **options}
+    return data_section("imagefolder", root, **options)
 
 
 def test_loads_png_jpg_tif_with_sorted_folder_classes(root: Path) -> None:
@@ -124,16 +124,20 @@ def test_class_layout_without_held_out_split_and_bad_fraction(class_root: Path) 
 
 
 def test_layout_auto_reads_split_folders_when_present_and_can_be_forced(root: Path, class_root: Path) -> None:
-    from common.data.imagefolder import describe, layout
+    from common.data.imagefolder import ImageFolderOptions, describe, layout
+    from common.data.options import read_options
 
-    assert layout(cfg(root)) == "splits" and layout(cfg(class_root)) == "classes"
-    assert "split folders" in describe(cfg(root)) and "20% of each class" in describe(cfg(class_root))
+    def options(folder: Path, **more) -> ImageFolderOptions:
+        return read_options(ImageFolderOptions, cfg(folder, **more))
+
+    assert layout(options(root)) == "splits" and layout(options(class_root)) == "classes"
+    assert "split folders" in describe(options(root)) and "20% of each class" in describe(options(class_root))
     with pytest.raises(DataError, match=r"split folder .*train \(split 'train'\) does not exist"):
         load_dataset(cfg(class_root, layout="splits"), "train", 8)
     with pytest.raises(DataError, match=r"test holds no image files.*data\.layout=classes"):
         load_dataset(cfg(root, layout="classes"), "train", 8)  # split folders read as classes
     with pytest.raises(DataError, match=r"data\.layout 'flat' is not known"):
-        layout(cfg(root, layout="flat"))
+        layout(options(root, layout="flat"))
 
 
 def test_class_layout_error_says_how_the_root_was_read(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset
 from common.data.registry import dataset_splits, load_dataset
-from tests.data_fixtures import NCT_CLASSES, truncate, write_class_folders
+from tests.data_fixtures import NCT_CLASSES, data_section, truncate, write_class_folders
 
 TRAIN, TEST = "NCT-CRC-HE-100K", "CRC-VAL-HE-7K"
 
@@ -24,7 +24,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "nct_crc", "root": str(root), **options}
+    return data_section("nct_crc", root, **options)
 
 
 def test_loads_tiff_folders_with_folder_labels(root: Path) -> None:

@@ -10,13 +10,13 @@ import pytest
 
 from common.data.errors import DataError
 from common.data.npz import npz_array
-from common.data.pathmnist import CLASS_NAMES, PathMNISTDataset
+from common.data.pathmnist import PathMNISTDataset
 from common.data.registry import dataset_splits, load_dataset
-from tests.data_fixtures import image, truncate, write_pathmnist
+from tests.data_fixtures import data_section, image, truncate, write_pathmnist
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "pathmnist", "root": str(root), "size": 28, **options}
+    return data_section("pathmnist", root, **{"size": 28, **options})
 
 
 @pytest.mark.parametrize("size, compressed", [(28, False), (28, True), (64, False), (128, True), (224, False)])
@@ -25,7 +25,7 @@ def test_every_size_loads(tmp_path: Path, size: int, compressed: bool) -> None:
     write_pathmnist(tmp_path, size, counts, compressed=compressed)
     ds = load_dataset(cfg(tmp_path, size=size), "train", 32)
     assert isinstance(ds, PathMNISTDataset) and len(ds) == counts["train"]
-    assert ds.class_names == CLASS_NAMES and len(ds.class_names) == 9
+    assert ds.class_names == tuple(data_section("pathmnist", tmp_path)["class_names"]) and len(ds.class_names) == 9
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [i % 9 for i in range(counts["train"])]
     assert isinstance(ds._images, np.memmap)  # never loaded whole
     patch = ds.load_uint8(1)

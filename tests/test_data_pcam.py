@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from common.data.errors import DataError
 from common.data.pcam import PCamDataset
 from common.data.registry import dataset_splits, load_dataset
-from tests.data_fixtures import image, pcam_name, truncate, write_pcam
+from tests.data_fixtures import data_section, image, pcam_name, truncate, write_pcam
 
 LABELS = [0, 1, 1, 0, 1]
 
@@ -27,7 +27,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def cfg(root: Path, **options) -> dict:
-    return {"name": "pcam", "root": str(root), **options}
+    return data_section("pcam", root, **options)
 
 
 def test_loads_shapes_labels_and_class_names(root: Path) -> None:
@@ -58,9 +58,19 @@ def test_reads_lazily_and_pickles_without_pixels(root: Path) -> None:
 
 def test_missing_root_names_data_root(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data\.root is not set"):
-        load_dataset({"name": "pcam", "root": None}, "train", 32)
+        load_dataset({**cfg(tmp_path), "root": None}, "train", 32)
     with pytest.raises(DataError, match=r"data\.root .*nowhere.* does not exist"):
         load_dataset(cfg(tmp_path / "nowhere"), "train", 32)
+
+
+def test_an_unknown_or_a_missing_option_is_named(root: Path) -> None:
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.x_kee is not an option of data set 'pcam'"):
+        load_dataset(cfg(root, x_kee="images"), "train", 32)
+    without = {k: v for k, v in cfg(root).items() if k != "y_key"}
+    with pytest.raises(ConfigError, match=r"data\.y_key is not set \(conf/data/pcam\.yaml"):
+        load_dataset(without, "train", 32)
 
 
 def test_missing_split_file_is_named(root: Path) -> None:

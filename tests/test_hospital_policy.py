@@ -279,8 +279,9 @@ def test_evaluating_with_another_data_configuration_than_training_is_refused(tmp
 def test_a_held_out_split_that_overlaps_the_training_split_is_refused(tmp_path: Path) -> None:
     from client.paths import check_held_out
     from client.policy import Refusal
+    from tests.data_fixtures import data_section
 
-    base = {"name": "imagefolder", "root": str(tmp_path), "train_split": "train", "test_split": "test"}
+    base = data_section("imagefolder", tmp_path)
     check_held_out({**base, "splits": {"train": "train", "test": "test"}})
     for test_at in ("train", "train/held", "."):
         with pytest.raises(Refusal, match="data.splits.test"):

@@ -12,10 +12,10 @@ from common.data import partition as P
 from common.data.base import UNLABELLED
 from common.data.config import data_config, partition_config
 from common.data.errors import DataError
-from common.data.registry import load_dataset, load_real_site_data, load_site_data, site_partitions
+from common.data.registry import data_set_options, load_dataset, load_real_site_data, load_site_data, site_partitions
 from common.data.report import partition_report
 from common.data.synthetic_site import synthetic_site_sizes
-from tests.data_fixtures import ALL_LABELS, NCT_CLASSES, write_class_folders, write_pcam
+from tests.data_fixtures import ALL_LABELS, NCT_CLASSES, data_section, write_class_folders, write_pcam
 
 LABELS = np.repeat(np.arange(5), [120, 80, 60, 30, 10])  # 300 patches, unbalanced classes
 
@@ -124,7 +124,7 @@ def nct_root(tmp_path_factory) -> Path:
 
 
 def nct(root: Path, **options) -> dict:
-    return {"name": "nct_crc", "root": str(root), **ALL_LABELS, **options}
+    return data_section("nct_crc", root, **{**ALL_LABELS, **options})
 
 
 @pytest.mark.parametrize("spec", [{"name": "iid"}, {"name": "dirichlet", "alpha": 0.5, "min_size": 3},
@@ -170,14 +170,14 @@ def test_natural_partition_without_ids_and_unknown_names_fail(nct_root: Path) ->
 def test_load_site_data_dispatches_real_sets(tmp_path: Path) -> None:
     write_pcam(tmp_path, "train", [0, 1] * 6, size=8)
     write_pcam(tmp_path, "test", [0, 1] * 3, size=8)
-    site = load_site_data({"name": "pcam", "root": str(tmp_path), **ALL_LABELS}, {"name": "iid"}, 2, 3, 8, seed=0)
+    site = load_site_data(data_section("pcam", tmp_path, **ALL_LABELS), {"name": "iid"}, 2, 3, 8, seed=0)
     assert site.name == "site-2" and len(site.train) == 4 and len(site.test) == 2
     assert site.report() == {"site": "site-2", "train": {"normal": 2, "tumour": 2},
                              "test": {"normal": 1, "tumour": 1}}
     with pytest.raises(DataError, match=r"data\.root is not set"):
-        load_site_data({"name": "pcam", "root": None, **ALL_LABELS}, {"name": "iid"}, 0, 3, 8, seed=0)
+        load_site_data({**data_section("pcam", tmp_path, **ALL_LABELS), "root": None}, {"name": "iid"}, 0, 3, 8, seed=0)
     with pytest.raises(ConfigError, match=r"data: missing required key\(s\) \['labeled_fraction'"):
-        load_site_data({"name": "pcam", "root": str(tmp_path)}, {"name": "iid"}, 0, 3, 8, seed=0)
+        load_site_data({"name": "pcam", "root": str(tmp_path)}, {"name": "iid"}, 0, 3, 8, seed=0)  # no shared keys
 
 
 def test_none_partition_gives_each_site_everything(nct_root: Path) -> None:
@@ -190,12 +190,13 @@ def test_none_partition_gives_each_site_everything(nct_root: Path) -> None:
 def test_synthetic_quantity_skew_shares_the_totals() -> None:
     data = data_config({"name": "synthetic", "root": None, "train_per_site": 40, "test_per_site": 10,
                         "stain_shift": 1.0, **ALL_LABELS})
+    options = data_set_options(data.section)
     spec = partition_config({"name": "quantity", "alpha": 0.5, "min_size": 4})
-    sizes = [synthetic_site_sizes(data, spec, k, 4, seed=3) for k in range(4)]
+    sizes = [synthetic_site_sizes(options, spec, k, 4, seed=3) for k in range(4)]
     assert sum(s[0] for s in sizes) == 160 and sum(s[1] for s in sizes) == 40
     assert min(s[0] for s in sizes) >= 4 and len({s[0] for s in sizes}) > 1
-    assert sizes == [synthetic_site_sizes(data, spec, k, 4, seed=3) for k in range(4)]
-    assert synthetic_site_sizes(data, partition_config({"name": "iid"}), 0, 4, seed=3) == (40, 10)
+    assert sizes == [synthetic_site_sizes(options, spec, k, 4, seed=3) for k in range(4)]
+    assert synthetic_site_sizes(options, partition_config({"name": "iid"}), 0, 4, seed=3) == (40, 10)
     site = load_site_data(data, spec, 1, 4, 16, seed=3)
     assert (len(site.train), len(site.test)) == sizes[1]
 

@@ -13,16 +13,16 @@ into train/val/test by ``data.patient_val_fraction`` / ``data.test_fraction``, p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset, list_images, list_subfolders
-from common.data.options import class_names_option
+from common.data.options import FileDataSetOptions, class_names_option
 from common.data.partition import split_by_groups
 
 NAME = "breakhis"
@@ -41,7 +41,7 @@ def breast_folder(root: Path) -> Path:
                     f"under data.root {root}")
 
 
-def magnifications(value: Any) -> tuple[str, ...]:
+def magnifications(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``data.magnification`` as a tuple of folder names (null or ``all``: all four)."""
     if value in (None, "all"):
         return MAGNIFICATIONS
@@ -99,42 +99,55 @@ def _names(values: list[str], expected: tuple[str, ...] | None, what: str, breas
     return expected
 
 
-def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> ImageFilesDataset:
-    """The BreakHis ``split`` (options: magnification, label, patient_val_fraction, test_fraction, split_seed,
-    class_names, skip_corrupt)."""
+@dataclass(frozen=True, kw_only=True)
+class BreakHisOptions(FileDataSetOptions):
+    """``conf/data/breakhis.yaml``: the magnification(s), binary or subtype labels, the class names,
+    the patient split (validation and test shares, its seed), and whether unreadable PNGs are skipped."""
+
+    magnification: str | Sequence[str] | None
+    label: str
+    class_names: Sequence[str] | None
+    patient_val_fraction: float
+    test_fraction: float
+    split_seed: int
+    skip_corrupt: bool
+
+
+def load(root: Path, options: BreakHisOptions, split: str, image_size: int) -> ImageFilesDataset:
+    """The BreakHis ``split``."""
     if split not in SPLITS:
         raise DataError(f"data set {NAME!r} has no split {split!r}; its splits are {list(SPLITS)}")
     breast = breast_folder(root)
-    label_kind = str(cfg.get("label", "binary"))
+    label_kind = str(options.label)
     if label_kind not in ("binary", "subtype"):
         raise DataError(f"data.label is {label_kind!r}; expected 'binary' (benign/malignant) or 'subtype'")
-    paths, kinds, types, patients = scan(breast, magnifications(cfg.get("magnification", "40X")))
+    paths, kinds, types, patients = scan(breast, magnifications(options.magnification))
     values = kinds if label_kind == "binary" else types
-    class_names = _names(values, class_names_option(cfg), "class folders" if label_kind == "binary"
+    class_names = _names(values, class_names_option(options.class_names), "class folders" if label_kind == "binary"
                          else "tumour types", breast)
     index = {name: k for k, name in enumerate(class_names)}
     labels = np.array([index[v] for v in values], dtype=np.int64)
     group_ids = np.unique(np.asarray(patients), return_inverse=True)[1].astype(np.int64)
-    val, test = float(cfg.get("patient_val_fraction", 0.0)), float(cfg.get("test_fraction", 0.3))
+    val, test = float(options.patient_val_fraction), float(options.test_fraction)
     if split == "all":
         rows = np.arange(len(paths))
     else:
         if val < 0 or test < 0 or val + test >= 1:
             raise DataError(f"data.patient_val_fraction={val} and data.test_fraction={test} must be >= 0 and leave "
                             f"patients for training (sum < 1)")
-        parts = split_by_groups(group_ids, labels, (1.0 - val - test, val, test), int(cfg.get("split_seed", 0)))
+        parts = split_by_groups(group_ids, labels, (1.0 - val - test, val, test), int(options.split_seed))
         rows = parts[SPLITS.index(split)]
         if len(rows) == 0:
             raise DataError(f"BreakHis split {split!r} under {breast} gets no patient (data.patient_val_fraction={val}, "
                             f"data.test_fraction={test}); expected at least one patient per split in use")
     return ImageFilesDataset([paths[i] for i in rows], labels[rows], class_names, image_size,
-                             skip_corrupt=bool(cfg.get("skip_corrupt", False)), groups=group_ids[rows])
+                             skip_corrupt=bool(options.skip_corrupt), groups=group_ids[rows])
 
 
-def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
+def splits(options: BreakHisOptions) -> dict[str, str]:
     """Split names: train/val/test by patient (val only with data.patient_val_fraction > 0; ``all`` loads too)."""
-    names = ["train", "test"] if float(cfg.get("patient_val_fraction", 0.0)) <= 0 else ["train", "val", "test"]
+    names = ["train", "test"] if float(options.patient_val_fraction) <= 0 else ["train", "val", "test"]
     return {s: s for s in names}
 
 
-register_file_data_set(NAME, splits=splits, load=load)
+register_file_data_set(NAME, options=BreakHisOptions, splits=splits, load=load)

@@ -14,21 +14,18 @@ hospitals into train/id_val. ``groups`` are patients, ``hospitals`` are centres.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset
-from common.data.options import class_names_option
+from common.data.options import FileDataSetOptions, class_names_option
 
 NAME = "camelyon17"
-CLASS_NAMES: tuple[str, ...] = ("normal", "tumour")
-OFFICIAL_VAL_CENTER = 1
-OFFICIAL_TEST_CENTER = 2
 COLUMNS: tuple[str, ...] = ("patient", "node", "x_coord", "y_coord", "tumor", "slide", "center", "split")
 SPLITS: tuple[str, ...] = ("train", "id_val", "val", "test", "all")
 
@@ -83,42 +80,54 @@ def split_mask(meta: Mapping[str, np.ndarray], split: str, val_center: int | Non
     raise DataError(f"data set {NAME!r} has no split {split!r}; its splits are {list(SPLITS)}")
 
 
-def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
+@dataclass(frozen=True, kw_only=True)
+class Camelyon17Options(FileDataSetOptions):
+    """``conf/data/camelyon17.yaml``: the class names of the csv's tumor column, the validation and
+    test hospitals (null: kept in train / id_val), and whether unreadable PNGs are skipped."""
+
+    class_names: Sequence[str] | None
+    val_center: int | None
+    test_center: int | None
+    skip_corrupt: bool
+
+
+def splits(options: Camelyon17Options) -> dict[str, str]:
     """The official WILDS split names (``all``, every row, is loadable too)."""
     return {s: s for s in SPLITS if s != "all"}
 
 
-def _center(cfg: Mapping[str, Any], key: str, default: int) -> int | None:
-    value = cfg.get(key, default)
+def _center(value: int | None) -> int | None:
     return None if value is None else int(value)
 
 
-def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> ImageFilesDataset:
-    """The Camelyon17-WILDS ``split`` (options: val_center, test_center, class_names, skip_corrupt)."""
+def load(root: Path, options: Camelyon17Options, split: str, image_size: int) -> ImageFilesDataset:
+    """The Camelyon17-WILDS ``split``."""
     meta_path = root / "metadata.csv"
     meta = read_metadata(meta_path)
     if not (root / "patches").is_dir():
         raise DataError(f"Camelyon17-WILDS folder {root / 'patches'} does not exist; expected the patches "
                         f"listed in {meta_path} under patches/patient_<ppp>_node_<n>/")
-    class_names = class_names_option(cfg) or CLASS_NAMES
+    class_names = class_names_option(options.class_names)
+    if class_names is None:
+        raise DataError("data.class_names is not set for data set 'camelyon17'; its csv holds 0/1 in the tumor "
+                        "column, so list the two classes (conf/data/camelyon17.yaml: [normal, tumour])")
     bad = np.flatnonzero((meta["tumor"] < 0) | (meta["tumor"] >= len(class_names)))
     if len(bad):
         i = int(bad[0])
         raise DataError(f"Camelyon17-WILDS file {meta_path} line {i + 2} (row {i}) has tumor label "
                         f"{int(meta['tumor'][i])}, outside the class range 0..{len(class_names) - 1}")
-    mask = split_mask(meta, split, _center(cfg, "val_center", OFFICIAL_VAL_CENTER),
-                      _center(cfg, "test_center", OFFICIAL_TEST_CENTER))
+    mask = split_mask(meta, split, _center(options.val_center), _center(options.test_center))
     rows = np.flatnonzero(mask)
     if len(rows) == 0:
         raise DataError(f"Camelyon17-WILDS file {meta_path} lists no patch for split {split!r} (with "
-                        f"data.val_center={cfg.get('val_center', OFFICIAL_VAL_CENTER)}, "
-                        f"data.test_center={cfg.get('test_center', OFFICIAL_TEST_CENTER)}); expected rows "
+                        f"data.val_center={options.val_center}, "
+                        f"data.test_center={options.test_center}); expected rows "
                         f"for it (is metadata.csv complete?)")
     paths = [patch_path(root, int(meta["patient"][i]), int(meta["node"][i]), int(meta["x_coord"][i]),
                         int(meta["y_coord"][i])) for i in rows]
     return ImageFilesDataset(paths, meta["tumor"][rows], class_names, image_size,
-                             skip_corrupt=bool(cfg.get("skip_corrupt", False)),
+                             skip_corrupt=bool(options.skip_corrupt),
                              hospitals=meta["center"][rows].copy(), groups=meta["patient"][rows].copy())
 
 
-register_file_data_set(NAME, splits=splits, load=load, site_splits=("train", "id_val"))
+register_file_data_set(NAME, options=Camelyon17Options, splits=splits, load=load)

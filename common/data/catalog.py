@@ -1,12 +1,13 @@
 """The data-set registry: one entry per ``data.name``, added by the data set's own module.
 
-A file-backed data set (read from ``data.root``) registers its two functions, in the style of timm's
-``register_model``::
+Every data set declares its options, a frozen dataclass of the keys its ``conf/data/<name>.yaml``
+sets beyond the shared ones (``common/data/options.py``). A file-backed data set (read from
+``data.root``) registers them with its two functions, in the style of timm's ``register_model``::
 
-    register_file_data_set("nct_crc", splits=splits, load=load)
+    register_file_data_set("nct_crc", options=NctCrcOptions, splits=splits, load=load)
 
-- ``splits(cfg) -> {split: on-disk name}``: the splits it offers (``data.splits`` overrides them);
-- ``load(root, cfg, split, image_size) -> PatchDataset``: one split, with clear ``DataError``\\ s.
+- ``splits(options) -> {split: on-disk name}``: the splits it offers;
+- ``load(root, options, split, image_size) -> PatchDataset``: one split, with clear ``DataError``\\ s.
 
 A generated data set (no files) registers how a hospital gets its whole ``SiteData`` instead
 (``register_generated_data_set``). ``common/data/registry.py`` imports every data-set module, so that
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import ConfigError
+from common.data.options import DataSetOptions, FileDataSetOptions, read_options
 from common.registry import Registry
 
 if TYPE_CHECKING:
@@ -29,38 +31,43 @@ if TYPE_CHECKING:
     from common.data.config import DataConfig, PartitionConfig
     from common.data.sites import SiteData
 
-SplitsFn = Callable[[Mapping[str, Any]], Mapping[str, str]]
-LoadFn = Callable[[Path, Mapping[str, Any], str, int], "PatchDataset"]
-ClassNamesFn = Callable[[Mapping[str, Any]], tuple[str, ...]]
-SiteFn = Callable[["DataConfig", "PartitionConfig", int, int, int, int], "SiteData"]
+SplitsFn = Callable[[Any], Mapping[str, str]]
+LoadFn = Callable[[Path, Any, str, int], "PatchDataset"]
+ClassNamesFn = Callable[[Any], tuple[str, ...]]  # a generated set's is called with None (no options needed)
+DescribeFn = Callable[[Any], str]
+SiteFn = Callable[["DataConfig", Any, "PartitionConfig", int, int, int, int], "SiteData"]
 
 
-def named_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
+def named_class_names(options: Any) -> tuple[str, ...]:
     """A file-backed set's classes: ``data.class_names`` (the loaders check the files against them)."""
-    names = data.get("class_names")
+    names = getattr(options, "class_names", None)
     if not names:
-        raise ConfigError(f"data.class_names is not set for data set {data.get('name')!r}; list the classes "
+        raise ConfigError(f"data.class_names is not set for data set {options.name!r}; list the classes "
                           "(in label order) in its conf/data file or on the command line")
     return tuple(str(n) for n in names)
 
 
 @dataclass(frozen=True)
 class DataSetEntry:
-    """One registered data set. File-backed: ``splits`` and ``load`` are set; generated: ``load_site``."""
+    """One registered data set. File-backed: ``splits`` and ``load`` are set; generated: ``load_site``.
+    Every function takes the data set's ``options`` (built by :meth:`read_options`)."""
 
     name: str
+    options: type[DataSetOptions]
     class_names: ClassNamesFn
     splits: SplitsFn | None = None
     load: LoadFn | None = None
     load_site: SiteFn | None = None
-    #: (train, test) split names a hospital uses unless ``data.train_split`` / ``data.test_split``.
-    site_splits: tuple[str, str] = ("train", "test")
     #: Optional one-line description of the layout and splits a loader read (``fedvitgan data check``).
-    describe: Callable[[Mapping[str, Any]], str] | None = None
+    describe: DescribeFn | None = None
 
     @property
     def file_backed(self) -> bool:
         return self.load is not None
+
+    def read_options(self, section: Mapping[str, Any] | Any) -> Any:
+        """This data set's options from the ``data`` section (``ConfigError`` naming a bad key)."""
+        return read_options(self.options, section)
 
 
 DATA_SETS: Registry[DataSetEntry] = Registry("data set")
@@ -75,17 +82,19 @@ def register_data_set(entry: DataSetEntry) -> DataSetEntry:
     return DATA_SETS.add(entry.name, entry)
 
 
-def register_file_data_set(name: str, *, splits: SplitsFn, load: LoadFn, class_names: ClassNamesFn = named_class_names,
-                           site_splits: tuple[str, str] = ("train", "test"),
-                           describe: Callable[[Mapping[str, Any]], str] | None = None) -> DataSetEntry:
-    """Register a data set read from ``data.root`` (see the module docstring)."""
-    return register_data_set(DataSetEntry(name, class_names, splits=splits, load=load, site_splits=site_splits,
+def register_file_data_set(name: str, *, options: type[FileDataSetOptions], splits: SplitsFn, load: LoadFn,
+                           class_names: ClassNamesFn = named_class_names,
+                           describe: DescribeFn | None = None) -> DataSetEntry:
+    """Register a data set read from ``data.root`` (see the module docstring); its options say the
+    splits its hospitals train and evaluate on (``data.train_split``, ``data.test_split``)."""
+    return register_data_set(DataSetEntry(name, options, class_names, splits=splits, load=load,
                                           describe=describe))
 
 
-def register_generated_data_set(name: str, *, load_site: SiteFn, class_names: ClassNamesFn) -> DataSetEntry:
+def register_generated_data_set(name: str, *, options: type[DataSetOptions], load_site: SiteFn,
+                                class_names: ClassNamesFn) -> DataSetEntry:
     """Register a data set that makes each hospital's data itself (no files)."""
-    return register_data_set(DataSetEntry(name, class_names, load_site=load_site))
+    return register_data_set(DataSetEntry(name, options, class_names, load_site=load_site))
 
 
 def data_set(name: Any) -> DataSetEntry:

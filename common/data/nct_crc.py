@@ -9,18 +9,16 @@ its ``warnings``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.folder import ImageFilesDataset, scan_class_folders
-from common.data.options import class_names_option, resolve_split, split_names
+from common.data.options import FileDataSetOptions, class_names_option, resolve_split, split_names
 
 NAME = "nct_crc"
-CLASS_NAMES: tuple[str, ...] = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
-DEFAULT_SPLITS: dict[str, str | None] = {"train": "NCT-CRC-HE-100K", "test": "CRC-VAL-HE-7K"}
 SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
 PATIENT_LEAK_WARNING = (
     "NCT-CRC-HE-100K has no patient ids: a random split of it (the iid, dirichlet or quantity "
@@ -30,21 +28,30 @@ PATIENT_LEAK_WARNING = (
 )
 
 
-def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
+@dataclass(frozen=True, kw_only=True)
+class NctCrcOptions(FileDataSetOptions):
+    """``conf/data/nct_crc.yaml``: the class folders in label order, the split -> folder map, and
+    whether unreadable TIFFs are skipped."""
+
+    class_names: Sequence[str] | None
+    splits: Mapping[str, str | None]
+    skip_corrupt: bool
+
+
+def splits(options: NctCrcOptions) -> dict[str, str]:
     """Split name -> folder under ``data.root``."""
-    return split_names(cfg, DEFAULT_SPLITS)
+    return split_names(options.splits)
 
 
-def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> ImageFilesDataset:
-    """The NCT-CRC ``split`` (options: splits, class_names, skip_corrupt)."""
-    folder = root / resolve_split(split, splits(cfg), NAME)
+def load(root: Path, options: NctCrcOptions, split: str, image_size: int) -> ImageFilesDataset:
+    """The NCT-CRC ``split``."""
+    folder = root / resolve_split(split, splits(options), NAME)
     if not folder.is_dir():
         raise DataError(f"NCT-CRC split folder {folder} (split {split!r}) does not exist; expected "
                         f"{folder.name}/<CLASS>/<CLASS>-XXXXXXXX.tif under data.root {root}")
-    paths, labels, classes = scan_class_folders(folder, class_names_option(cfg), SUFFIXES)
-    return ImageFilesDataset(paths, labels, classes, image_size,
-                             skip_corrupt=bool(cfg.get("skip_corrupt", False)),
+    paths, labels, classes = scan_class_folders(folder, class_names_option(options.class_names), SUFFIXES)
+    return ImageFilesDataset(paths, labels, classes, image_size, skip_corrupt=bool(options.skip_corrupt),
                              warnings=(PATIENT_LEAK_WARNING,))
 
 
-register_file_data_set(NAME, splits=splits, load=load)
+register_file_data_set(NAME, options=NctCrcOptions, splits=splits, load=load)

@@ -7,6 +7,7 @@ the nine NCT-CRC classes (0-8). Images are memory-mapped (``common.data.npz``), 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,10 @@ from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.images import resize_square
 from common.data.npz import npz_array
-from common.data.options import class_names_option, resolve_split, split_names
+from common.data.options import FileDataSetOptions, class_names_option, resolve_split, split_names
 
 NAME = "pathmnist"
-#: The npz files hold label numbers only; these are PathMNIST's classes in label order.
-CLASS_NAMES: tuple[str, ...] = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
-DEFAULT_SPLITS: dict[str, str | None] = {"train": "train", "val": "val", "test": "test"}
 
 
 def file_name(size: int) -> str:
@@ -48,7 +46,7 @@ class PathMNISTDataset(PatchDataset):
     """One PathMNIST split: labels in memory, images memory-mapped and resized when loaded."""
 
     def __init__(self, path: Path, split_key: str, image_size: int, source_size: int,
-                 class_names: Sequence[str] = CLASS_NAMES, cache_dir: str | None = None) -> None:
+                 class_names: Sequence[str], cache_dir: str | None = None) -> None:
         self.path, self.split_key, self.cache_dir = Path(path), split_key, cache_dir
         self.source_size = int(source_size)
         self.class_names = tuple(class_names)
@@ -93,21 +91,35 @@ class PathMNISTDataset(PatchDataset):
         return resize_square(np.asarray(images[index]), self.image_size)
 
 
-def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
+@dataclass(frozen=True, kw_only=True)
+class PathMNISTOptions(FileDataSetOptions):
+    """``conf/data/pathmnist.yaml``: which file (image size), the class names (the files hold label
+    numbers only), the split -> key prefix map, and where a compressed member is inflated."""
+
+    size: int | None
+    class_names: Sequence[str] | None
+    splits: Mapping[str, str | None]
+    cache_dir: str | None
+
+
+def splits(options: PathMNISTOptions) -> dict[str, str]:
     """Split name -> key prefix in the npz file."""
-    return split_names(cfg, DEFAULT_SPLITS)
+    return split_names(options.splits)
 
 
-def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> PathMNISTDataset:
-    """The PathMNIST ``split`` (options: size, splits, class_names, cache_dir)."""
-    key = resolve_split(split, splits(cfg), NAME)
-    size = choose_size(root, cfg.get("size"), image_size)
+def load(root: Path, options: PathMNISTOptions, split: str, image_size: int) -> PathMNISTDataset:
+    """The PathMNIST ``split``."""
+    key = resolve_split(split, splits(options), NAME)
+    size = choose_size(root, options.size, image_size)
     path = root / file_name(size)
     if not path.is_file():
         raise DataError(f"PathMNIST file {path} does not exist; expected {file_name(size)} in data.root "
                         f"for data.size={size} (sizes: {list(SIZES)})")
-    return PathMNISTDataset(path, key, image_size, size, class_names_option(cfg) or CLASS_NAMES,
-                            cfg.get("cache_dir"))
+    names = class_names_option(options.class_names)
+    if names is None:
+        raise DataError("data.class_names is not set for data set 'pathmnist'; its files hold label numbers only, "
+                        "so list the nine classes in label order (conf/data/pathmnist.yaml)")
+    return PathMNISTDataset(path, key, image_size, size, names, options.cache_dir)
 
 
-register_file_data_set(NAME, splits=splits, load=load)
+register_file_data_set(NAME, options=PathMNISTOptions, splits=splits, load=load)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,9 @@ from common.data.base import PatchDataset
 from common.data.catalog import register_file_data_set
 from common.data.errors import DataError
 from common.data.images import resize_square
-from common.data.options import class_names_option, resolve_split, split_names
+from common.data.options import FileDataSetOptions, class_names_option, resolve_split, split_names
 
 NAME = "pcam"
-#: PCam's labels are 0/1 without names in the files.
-CLASS_NAMES: tuple[str, ...] = ("normal", "tumour")
-DEFAULT_SPLITS: dict[str, str | None] = {"train": "train", "val": "valid", "test": "test"}
 FILE_PATTERN = "camelyonpatch_level_2_split_{split}_{part}"
 
 
@@ -90,9 +88,9 @@ class PCamDataset(PatchDataset):
         x_path: Path,
         y_path: Path,
         image_size: int,
-        class_names: Sequence[str] = CLASS_NAMES,
-        x_key: str = "x",
-        y_key: str = "y",
+        class_names: Sequence[str],
+        x_key: str,
+        y_key: str,
         meta_path: Path | None = None,
     ) -> None:
         self.x_path, self.y_path, self.x_key = Path(x_path), Path(y_path), x_key
@@ -157,17 +155,31 @@ def split_files(root: Path, token: str) -> tuple[Path, Path, Path]:
             root / (base.format(part="meta") + ".csv"))
 
 
-def splits(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """Split name -> file token (``data.splits`` over PCam's train/valid/test)."""
-    return split_names(cfg, DEFAULT_SPLITS)
+@dataclass(frozen=True, kw_only=True)
+class PCamOptions(FileDataSetOptions):
+    """``conf/data/pcam.yaml``: the class names (PCam's files carry 0/1 only), the split -> file token
+    map, and the HDF5 keys of the patches and the labels."""
+
+    class_names: Sequence[str] | None
+    splits: Mapping[str, str | None]
+    x_key: str
+    y_key: str
 
 
-def load(root: Path, cfg: Mapping[str, Any], split: str, image_size: int) -> PCamDataset:
-    """The PCam ``split`` under ``root`` (options: splits, x_key, y_key, class_names)."""
-    token = resolve_split(split, splits(cfg), NAME)
+def splits(options: PCamOptions) -> dict[str, str]:
+    """Split name -> file token (``data.splits``)."""
+    return split_names(options.splits)
+
+
+def load(root: Path, options: PCamOptions, split: str, image_size: int) -> PCamDataset:
+    """The PCam ``split`` under ``root``."""
+    token = resolve_split(split, splits(options), NAME)
     x_path, y_path, meta = split_files(root, token)
-    return PCamDataset(x_path, y_path, image_size, class_names_option(cfg) or CLASS_NAMES,
-                       str(cfg.get("x_key") or "x"), str(cfg.get("y_key") or "y"), meta)
+    names = class_names_option(options.class_names)
+    if names is None:
+        raise DataError("data.class_names is not set for data set 'pcam'; its files carry the labels 0/1 only, "
+                        "so list the two classes (conf/data/pcam.yaml: [normal, tumour])")
+    return PCamDataset(x_path, y_path, image_size, names, str(options.x_key), str(options.y_key), meta)
 
 
-register_file_data_set(NAME, splits=splits, load=load)
+register_file_data_set(NAME, options=PCamOptions, splits=splits, load=load)

@@ -1,14 +1,14 @@
 """One hospital's data from a data set and a partition.
 
-``data.name`` picks the data set (``conf/data/<name>.yaml`` holds its options) from the registry in
-``common/data/catalog.py``, where each data-set module registers itself: how the classes are named
-before any data is read, and either a file loader (``load(root, cfg, split, image_size) ->
-PatchDataset`` and ``splits(cfg) -> {split: on-disk name}``) or, for the built-in synthetic set, how
-a hospital's patches are generated (``common.data.synthetic_site``). A hospital of a file-backed set trains on its partition
-of ``data.train_split`` (labels withheld per ``data.labeled_fraction`` / ``data.labeled_per_class``)
-and evaluates on its part of ``data.test_split``: its own patches under the natural partition,
-otherwise the test split partitioned the same way (same class proportions or size shares as its
-training part).
+``data.name`` picks the data set from the registry in ``common/data/catalog.py``, where each data-set
+module registers itself with its options (a dataclass of the keys ``conf/data/<name>.yaml`` sets):
+how the classes are named before any data is read, and either a file loader (``load(root, options,
+split, image_size) -> PatchDataset`` and ``splits(options) -> {split: on-disk name}``) or, for the
+built-in synthetic set, how a hospital's patches are generated (``common.data.synthetic_site``). A
+hospital of a file-backed set trains on its partition of ``data.train_split`` (labels withheld per
+``data.labeled_fraction`` / ``data.labeled_per_class``) and evaluates on its part of
+``data.test_split``: its own patches under the natural partition, otherwise the test split
+partitioned the same way (same class proportions or size shares as its training part).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import common.data.partition as partitioning
-from common.config import ConfigError, to_plain
+from common.config import CONF_DIR, ConfigError, load_yaml, to_plain
 
 # Every data-set module registers itself on import (common/data/catalog.py); a new one is imported here.
 from common.data import breakhis, camelyon17, catalog, imagefolder, nct_crc, pathmnist, pcam, synthetic_site  # noqa: F401
@@ -29,7 +29,7 @@ from common.data.base import PatchDataset, PatchSubset
 from common.data.catalog import data_set, file_data_set
 from common.data.config import DataConfig, PartitionConfig, data_config, partition_config
 from common.data.errors import DataError
-from common.data.options import data_root
+from common.data.options import SITE_KEYS, data_root
 from common.data.sites import SiteData, finish_site
 from common.seeds import held_out_seed, site_seed
 
@@ -40,36 +40,65 @@ def data_set_names(files_only: bool = False) -> list[str]:
     return catalog.data_set_names(files_only)
 
 
+def data_set_options(data_cfg: Mapping[str, Any] | Any) -> Any:
+    """The options of the data set ``data.name`` picks, from the ``data`` section (``ConfigError``
+    naming a key it does not know or one that is not set)."""
+    cfg = to_plain(data_cfg)
+    return data_set(cfg.get("name")).read_options(cfg)
+
+
 def dataset_splits(data_cfg: Mapping[str, Any]) -> tuple[str, ...]:
     """The split names the configured data set offers (e.g. train, val, test)."""
     cfg = to_plain(data_cfg)
-    splits = file_data_set(cfg.get("name")).splits
-    assert splits is not None  # file-backed
-    return tuple(splits(cfg))
+    entry = file_data_set(cfg.get("name"))
+    assert entry.splits is not None  # file-backed
+    return tuple(entry.splits(entry.read_options(cfg)))
 
 
 def load_dataset(data_cfg: Mapping[str, Any], split: str, image_size: int) -> PatchDataset:
     """Split ``split`` of the data set ``data_cfg`` describes, with patches of ``image_size`` pixels.
 
     Raises ``DataError`` (root, file, key, shape, dtype, label or image unusable) or ``ConfigError``
-    (unknown ``data.name``).
+    (unknown ``data.name``, or an option it does not know or lacks).
     """
     cfg = to_plain(data_cfg)
-    load = file_data_set(cfg.get("name")).load
-    assert load is not None  # file-backed
+    entry = file_data_set(cfg.get("name"))
+    assert entry.load is not None  # file-backed
     if int(image_size) < 1:
         raise ConfigError(f"image size must be >= 1, got {image_size}")
-    dataset = load(data_root(cfg), cfg, split, int(image_size))
+    options = entry.read_options(cfg)
+    dataset = entry.load(data_root(options), options, split, int(image_size))
     for warning in dataset.warnings:
         logger.warning("%s (%s split %s)", warning, cfg.get("name"), split)
     return dataset
 
 
 def site_splits(data_cfg: Mapping[str, Any]) -> tuple[str, str]:
-    """The (train, test) split names hospitals use."""
-    cfg = to_plain(data_cfg)
-    train, test = data_set(cfg.get("name")).site_splits
-    return str(cfg.get("train_split") or train), str(cfg.get("test_split") or test)
+    """The (train, test) split names the hospitals of a file-backed data set use."""
+    options = file_data_set(to_plain(data_cfg).get("name")).read_options(data_cfg)
+    return str(options.train_split), str(options.test_split)
+
+
+def hospital_data_section(name: str, run_data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` section of a hospital whose own data set ``name`` differs from the run's
+    ``data.name``: its options from ``conf/data/<name>.yaml`` as this code ships it, and the keys every
+    data set shares (labels kept, validation carve, symmetries) from the run."""
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"data set {name!r} (the hospital's node config 'dataset') is not a known data set; "
+                          f"choose one of {data_set_names()}")
+    shared = {k: v for k, v in to_plain(run_data).items() if k in SITE_KEYS and k not in ("name", "root")}
+    return {**load_yaml(path), **shared, "name": name}
+
+
+def shipped_option(name: str, key: str) -> Any:
+    """``key`` of ``conf/data/<name>.yaml`` as this copy of the code ships it, not as a run's config
+    says: what a deployed hospital falls back on for a choice the coordinator must not make."""
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    values = load_yaml(path)
+    if key not in values:
+        raise ConfigError(f"{path} does not set {key}")
+    return values[key]
 
 
 def _natural(train: PatchDataset, test: PatchDataset, num_sites: int, seed: int, where: str
@@ -151,8 +180,9 @@ def load_site_data(data: DataConfig | Mapping[str, Any], partition: PartitionCon
     if not 0 <= site < num_sites:
         raise ConfigError(f"site {site} is outside 0..{num_sites - 1}")
     entry = data_set(typed.section.get("name"))
-    load_site = entry.load_site if entry.load_site is not None else load_real_site_data
-    return load_site(typed, spec, site, num_sites, image_size, seed)
+    if entry.load_site is not None:
+        return entry.load_site(typed, entry.read_options(typed.section), spec, site, num_sites, image_size, seed)
+    return load_real_site_data(typed, spec, site, num_sites, image_size, seed)
 
 
 def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
@@ -163,4 +193,9 @@ def configured_class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
     names under ``data.root`` when it is readable here.
     """
     data = to_plain(data)
-    return data_set(data.get("name")).class_names(data)
+    entry = data_set(data.get("name"))
+    if not entry.file_backed:  # fixed by the generator: a run folder's config may be partial
+        return entry.class_names(None)
+    if data.get("class_names"):  # what every file-backed set's class_names gives when they are set
+        return tuple(str(n) for n in data["class_names"])
+    return entry.class_names(entry.read_options(data))

@@ -7,20 +7,28 @@ hospital's class proportions, ``quantity`` shares the totals out in the partitio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
 
 import numpy as np
 
 from common.config import ConfigError
 from common.data.catalog import register_generated_data_set
 from common.data.config import DataConfig, PartitionConfig
+from common.data.options import DataSetOptions
 from common.data.partition import quantity_split
 from common.data.sites import SiteData, finish_site
 from common.data.synthetic import CLASS_NAMES, SyntheticHistology
 from common.seeds import site_seed
 
-T = TypeVar("T")
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticOptions(DataSetOptions):
+    """``conf/data/synthetic.yaml``: patches per hospital (training, held out) and how far each
+    hospital's stain departs from the reference one."""
+
+    train_per_site: int
+    test_per_site: int
+    stain_shift: float
 
 #: Stream tag of the seeded rng drawing a hospital's Dirichlet class proportions.
 _CLASS_MIX = 31
@@ -38,11 +46,11 @@ def synthetic_class_weights(partition: PartitionConfig, site: int, seed: int) ->
                       "use iid, dirichlet, quantity or natural")
 
 
-def synthetic_site_sizes(data: DataConfig, partition: PartitionConfig, site: int,
+def synthetic_site_sizes(options: SyntheticOptions, partition: PartitionConfig, site: int,
                          num_sites: int, seed: int) -> tuple[int, int]:
     """(train, test) patches of a synthetic hospital: ``data.train_per_site`` / ``test_per_site``,
     or under the quantity partition those totals over all hospitals split as ``quantity_split`` does."""
-    train, test = _option(data, "train_per_site", int), _option(data, "test_per_site", int)
+    train, test = int(options.train_per_site), int(options.test_per_site)
     if partition.name != "quantity":
         return train, test
     try:
@@ -53,27 +61,20 @@ def synthetic_site_sizes(data: DataConfig, partition: PartitionConfig, site: int
     return len(train_parts[site]), len(test_parts[site])
 
 
-def load_site(data: DataConfig, partition: PartitionConfig, site: int, num_sites: int,
+def load_site(data: DataConfig, options: SyntheticOptions, partition: PartitionConfig, site: int, num_sites: int,
               image_size: int, seed: int) -> SiteData:
     """Hospital ``site``'s generated training and held-out patches, labels withheld as configured."""
     weights = tuple(synthetic_class_weights(partition, site, seed))
-    stain = _option(data, "stain_shift", float)
-    num_train, num_test = synthetic_site_sizes(data, partition, site, num_sites, seed)
+    stain = float(options.stain_shift)
+    num_train, num_test = synthetic_site_sizes(options, partition, site, num_sites, seed)
     train = SyntheticHistology(num_train, image_size, site, "train", seed, stain, weights)
     test = SyntheticHistology(num_test, image_size, site, "test", seed, stain, weights)
     return finish_site(f"site-{site}", train, np.arange(len(train)), test, data, site_seed(seed, site))
 
 
-def _option(data: DataConfig, key: str, kind: type[T]) -> T:
-    """One of the synthetic set's own keys (``conf/data/synthetic.yaml``), named when missing."""
-    if key not in data.section:
-        raise ConfigError(f"data.{key} is not set (conf/data/synthetic.yaml sets it)")
-    return kind(data.section[key])  # type: ignore[call-arg]
-
-
-def class_names(data: Mapping[str, Any]) -> tuple[str, ...]:
+def class_names(options: SyntheticOptions | None) -> tuple[str, ...]:
     """The synthetic set's five tissue classes (fixed)."""
     return CLASS_NAMES
 
 
-register_generated_data_set("synthetic", load_site=load_site, class_names=class_names)
+register_generated_data_set("synthetic", options=SyntheticOptions, load_site=load_site, class_names=class_names)
