@@ -1,11 +1,11 @@
 """One message's worth of hospital work: load model and local state, train or evaluate, reply.
 
 The hospital's data set and built model are kept between messages (``client.site_cache``);
-the global groups and the local state are loaded afresh for every message. Training with DP
-(``privacy.enabled``: ``client.private_round``; without: ``client.plain_round``; the dispatch is
-``client.training_round``) goes through the hospital's
-policy (``client.policy``), its privacy ledger and the count release before any step; every
-attempt draws fresh randomness. The local state lives per run (``client.site_state``) and
+the global groups and the local state are loaded afresh for every message. A training round is
+``client.training_round.train_round`` with a strategy: plain (``client.plain_round``) or DP-SGD
+(``privacy.enabled``: ``client.private_round``), which goes through the hospital's policy
+(``client.policy``), its privacy ledger and the count release before any step; every attempt draws
+fresh randomness. The local state lives per run (``client.site_state``) and
 remembers this run's DP releases.
 """
 
