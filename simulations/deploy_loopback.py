@@ -303,22 +303,59 @@ def training_started(ledger_folder: Path, server_round: int) -> bool:
                for attempts in content.attempts.values() for a in attempts)
 
 
-def received_train_messages(log: Path, server_round: int | None = None) -> int:
-    """Train messages a SuperNode's log says it received and handed to a ClientApp (of one round,
-    when given). A message the SuperNode ignored (its run was no longer running, as after a
-    SuperLink restart) is not counted: no ClientApp trained on it."""
+@dataclass(frozen=True)
+class TrainMessage:
+    """One train message a SuperNode's log says it received: its round, ID and what became of it.
+
+    ``confirmed``: the SuperNode logged "Received successfully", so a ClientApp trains on it.
+    ``ignored``: the SuperNode logged "Ignoring message" (its run stopped). Flower 1.42 logs this
+    also when the run stops *after* the message and its contents were stored (while confirming its
+    receipt), and then a ClientApp may still train on it, so an ignored message may or may not
+    have a DP attempt in the ledger; a confirmed one always has one.
+    """
+
+    round: int | None
+    message_id: str
+    confirmed: bool
+    ignored: bool
+
+
+def train_messages(log: Path) -> list[TrainMessage]:
+    """Every train message a SuperNode's log (all its restarts appended) says it received."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return 0
-    received: list[str] = []
+        return []
+    found: list[tuple[int | None, str]] = []
+    confirmed: set[str] = set()
     ignored: set[str] = set()
+    current: str | None = None  # the message whose receipt the next "Received successfully" confirms
     for previous, line in zip(["", *lines], lines):
-        if "Receiving: train message (ID: " in line and (server_round is None or f"ROUND {server_round}]" in previous):
-            received.append(line.split("(ID: ", 1)[1].split(")", 1)[0])
+        if "Receiving: " in line and "(ID: " in line:
+            current = line.split("(ID: ", 1)[1].split(")", 1)[0]
+            if "Receiving: train message" in line:
+                found.append((_round_of(previous), current))
+        elif "Received successfully" in line and current is not None:
+            confirmed.add(current)
+            current = None
         elif "Ignoring message " in line:
             ignored.add(line.split("Ignoring message ", 1)[1].split()[0].rstrip(".,"))
-    return sum(1 for message in received if message not in ignored)
+    return [TrainMessage(rnd, mid, mid in confirmed, mid in ignored) for rnd, mid in found]
+
+
+def _round_of(line: str) -> int | None:
+    """The round of a SuperNode log line ``[RUN <id>, ROUND <n>]``, else None."""
+    if "ROUND " not in line:
+        return None
+    digits = line.split("ROUND ", 1)[1].split("]", 1)[0].strip()
+    return int(digits) if digits.isdigit() else None
+
+
+def received_train_messages(log: Path, server_round: int | None = None) -> int:
+    """Train messages a SuperNode's log says it received and did not ignore (of one round, when
+    given): those a ClientApp surely trains on, once their receipt is confirmed."""
+    return sum(1 for m in train_messages(log)
+               if not m.ignored and (server_round is None or m.round == server_round))
 
 
 def check_run_folder(run_dir: Path, rounds: int) -> None:

@@ -28,6 +28,7 @@ from simulations.deploy_loopback import (
     LoopbackResult,
     received_train_messages,
     run_loopback,
+    train_messages,
 )
 from simulations.deployment import (
     FINISHED_COMPLETED,
@@ -208,16 +209,21 @@ def test_node_config_strings_are_what_flower_parses() -> None:
 
 def test_a_train_message_the_supernode_ignored_is_not_counted_as_received(tmp_path: Path) -> None:
     # As Flower 1.42's SuperNode logs it after a SuperLink restart: the dead run's round-2 message
-    # arrives and is ignored (no ClientApp trains on it); the resumed run's round-2 message is not.
+    # arrives and is ignored (the run stopped while its receipt was confirmed: it was stored, so a
+    # ClientApp may still train on it); the resumed run's round-2 message is confirmed.
     log = tmp_path / "site-0.log"
     log.write_text("\n".join([
         "INFO :      [RUN 11, ROUND 1]", "INFO :      Receiving: train message (ID: aa01)",
+        "INFO :      Received successfully",
         "INFO :      [RUN 11, ROUND 2]", "INFO :      Receiving: train message (ID: bb02)",
         "INFO :      Run ID 11 is not in `RUNNING` status. Ignoring message bb02.",
         "INFO :      [RUN 12, ROUND 2]", "INFO :      Receiving: train message (ID: cc03)",
         "INFO :      [RUN 12, ROUND 3]", "INFO :      Receiving: evaluate message (ID: dd04)",
+        "INFO :      Received successfully",
     ]) + "\n")
     assert received_train_messages(log) == 2
     assert received_train_messages(log, 2) == 1
     assert received_train_messages(log, 1) == 1
+    assert [(m.round, m.message_id, m.confirmed, m.ignored) for m in train_messages(log)] == [
+        (1, "aa01", True, False), (2, "bb02", False, True), (2, "cc03", False, False)]
     assert received_train_messages(tmp_path / "missing.log") == 0
