@@ -4,6 +4,7 @@
     fedvitgan experiment [hydra overrides]   variants x settings x seeds, with baselines (results.md)
     fedvitgan data check ROOT --dataset N    validate a hospital's copy of a data set
     fedvitgan data fetch mnist5k --out DIR   5,000 real MNIST digits as an ImageFolder (uses the network)
+    fedvitgan data fetch sklearn-digits --out DIR   1,797 real 8x8 digits from the installed scikit-learn
     fedvitgan report RUN                     report.md and curves.png of a run folder
     fedvitgan predict RUN PATH... --out CSV  classify image files or folders with the global classifier
     fedvitgan export RUN --out DIR           the classifier as a torch.export program (.pt2) + model.json

@@ -172,7 +172,7 @@ if __name__ == "__main__":
 
 
 DATA_USAGE = """usage: fedvitgan data check ROOT --dataset NAME     validate a copy of a data set
-       fedvitgan data fetch NAME --out DIR           download a small real-image data set (network)
+       fedvitgan data fetch NAME --out DIR           write a small real-image data set (mnist5k: network)
 
 Run 'fedvitgan data check --help' or 'fedvitgan data fetch --help' for the options."""
 

