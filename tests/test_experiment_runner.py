@@ -74,6 +74,24 @@ def test_a_stopped_experiment_continues_and_a_changed_one_is_refused(tmp_path: P
         run_experiment(_run(["experiment.variants=[plain]", "data.labeled_per_class=3"]), tmp_path, "test")
 
 
+def test_a_training_seed_offset_retrains_on_the_same_patches(tmp_path: Path) -> None:
+    # The noise floor of a per-seed comparison: the same variant, data and labels, other initial weights
+    # and batch order.
+    base = ["experiment.variants=[plain]", "experiment.seeds=[0]", "experiment.settings=[centralized]"]
+    same = run_experiment(_run(base), tmp_path / "a", "test")["runs"][0]
+    again = run_experiment(_run(base), tmp_path / "b", "test")["runs"][0]
+    other = run_experiment(_run([*base, "experiment.training_seed_offset=100"]), tmp_path / "c", "test")["runs"][0]
+    assert same["curve"] == [{**p, "seconds": q["seconds"]} for p, q in zip(again["curve"], same["curve"])]
+    assert other["test_examples"] == same["test_examples"]
+    assert [p["test_balanced_accuracy"] for p in other["curve"]] != [p["test_balanced_accuracy"] for p in same["curve"]] \
+        or other["auroc"] != same["auroc"]
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["meta"]["training_seed_offset"] == 100
+    with pytest.raises(ConfigError, match="training_seed_offset"):
+        run_experiment(_run(base), tmp_path / "c", "test")
+    with pytest.raises(ConfigError, match="centralized and local settings only"):
+        experiment_config(_run(["experiment.settings=[federated]", "experiment.training_seed_offset=1"])["experiment"])
+
+
 def test_unknown_variants_and_impossible_grids_are_refused() -> None:
     with pytest.raises(ConfigError, match="unknown variant 'plainn'"):
         experiment_config(_run(["experiment.variants=[plainn]"])["experiment"])

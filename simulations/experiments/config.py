@@ -44,6 +44,7 @@ class ExperimentConfig:
     rounds: int = 5  # federated rounds (steps must be a multiple)
     threads: int | None = None  # torch CPU threads per run (null: torch's default; 1 with several workers)
     workers: int = 1  # runs of the centralized and local settings trained side by side, one process each
+    training_seed_offset: int = 0  # added to the seed of initial weights and batch order only (data unchanged)
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
     generator_quality: GeneratorQualityConfig = field(default_factory=GeneratorQualityConfig)
 
@@ -72,6 +73,9 @@ class ExperimentConfig:
             raise ValueError(f"{not_federated} (procedure {', '.join(kinds)}: reference rows and two-stage runs) have "
                              "no federated form: they run in the centralized and local settings only (leave them out "
                              "of experiment.setting_variants.federated)")
+        if self.training_seed_offset and "federated" in self.settings:
+            raise ValueError("training_seed_offset applies to the centralized and local settings only (a federated "
+                             "simulation seeds its hospitals from the run's seed)")
         if "federated" in self.settings and (self.rounds < 1 or self.steps % self.rounds):
             raise ValueError(f"steps ({self.steps}) must be a multiple of rounds ({self.rounds}) for the federated setting")
 

@@ -160,12 +160,16 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
         saved = json.loads(path.read_text())
         if {k: v for k, v in saved.get("config", {}).items() if k != "experiment"} != base:
             raise ConfigError(f"{path} was written with another config; use a new folder (hydra.run.dir=...)")
+        if saved.get("meta", {}).get("training_seed_offset", 0) != exp.training_seed_offset:
+            raise ConfigError(f"{path} was written with another experiment.training_seed_offset; use a new folder "
+                              f"(hydra.run.dir=...)")
         results["runs"] = saved.get("runs", [])
     results["meta"] = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
                        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
                        "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "steps": exp.steps,
-                       "rounds": exp.rounds, "seeds": list(exp.seeds)}
+                       "rounds": exp.rounds, "seeds": list(exp.seeds),
+                       "training_seed_offset": exp.training_seed_offset}
     done = {(r["setting"], r["variant"], r["seed"]) for r in results["runs"]}
     todo = [job for job in exp.jobs() if job not in done]
     total, finished = len(exp.jobs()), len(done)
