@@ -150,7 +150,7 @@ class TrainConfig:
     adversarial_trunk: AdversarialTrunkConfig = field(default_factory=AdversarialTrunkConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color=False))
     classifier_augment: AugmentConfig = field(
-        default_factory=lambda: AugmentConfig(color=False, translation=0.0, cutout=0.0))
+        default_factory=lambda: AugmentConfig(color=False, translation=0.125, cutout=0.0))
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     pseudo_label: SelectionConfig = field(default_factory=lambda: SelectionConfig(
