@@ -1,4 +1,5 @@
-"""The unified step with DP-SGD (``DPTraining.unified_step``, which a trainer built with ``privacy`` calls).
+"""DP-SGD's updates of a step (``DPTraining``, the gradient strategy of a trainer built with ``privacy``;
+``common/train/step_gradients.py``): the unified step's D/C update and the plain classifier's update.
 
 It sees the DP machinery only through :class:`PrivateGradients` (``common/privacy/wiring.py`` implements it).
 
@@ -50,7 +51,8 @@ from common.train.losses import (
     masked_cross_entropy,
     real_adversarial_terms,
 )
-from common.train.transfer import host_rows, to_device, to_floats
+from common.train.step_gradients import DiscriminatorUpdate, GeneratedBatch, RealBatch
+from common.train.transfer import host_rows, to_device
 
 if TYPE_CHECKING:
     from common.train.engine import LocalTrainer
@@ -124,7 +126,7 @@ def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -
 
 def _classifier_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor,
                       labels_host: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
-                      fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
+                      fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float | None]:
     model, cfg = trainer.model, trainer.cfg
     b, big_b = real.shape[0], dp.plan.expected_batch
     both = torch.cat([_augment_real(trainer, dp, real), diff_augment(fake.detach(), cfg.augment, trainer.rng)])
@@ -158,7 +160,7 @@ def _classifier_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.T
     noisy, _ = dp.head_gradient(trunk.tokens[:b], trunk.features[:b], labels, weight)
     _add_grads(model.classifier, noisy, "classifier")
     trainer.step_discriminator(weights_learned=cfg.weighting.enabled)
-    step: dict[str, torch.Tensor | float] = {"adv_discriminator": adv_d, "selected": float(keep.sum())}
+    step: dict[str, torch.Tensor | float | None] = {"adv_discriminator": adv_d, "selected": float(keep.sum())}
     if cls_real is not None:
         step["cls_real"] = cls_real
     if cls_syn is not None:
@@ -168,7 +170,7 @@ def _classifier_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.T
 
 def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor,
                          labels_host: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
-                         fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float]:
+                         fake_labels_host: torch.Tensor) -> dict[str, torch.Tensor | float | None]:
     model, cfg = trainer.model, trainer.cfg
     weights = trainer.weighting.weights()  # fixed in this scope (weighting.enabled is false)
     w_adv = dp.plan.adversarial_weight * (weights.get("adv_discriminator", 1.0)
@@ -220,16 +222,24 @@ def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torc
     assert adv_fake is not None and keep is not None
     # "real_loss" (the real patches' summed losses / B) is a local diagnostic only: real-image losses
     # are left out of the reply in this scope (see REAL_DATA_METRICS in common/privacy/budget.py).
-    step: dict[str, torch.Tensor | float] = {"adv_discriminator_generated": adv_fake, "real_loss": losses.sum(),
-                                             "selected": float(keep.sum())}
+    step: dict[str, torch.Tensor | float | None] = {"adv_discriminator_generated": adv_fake,
+                                                    "real_loss": float(losses.sum()) / dp.plan.expected_batch,
+                                                    "selected": float(keep.sum())}
     if cls_syn is not None:
         step["cls_synthetic"] = cls_syn
     return step
 
 
-def dp_supervised_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor
-                       ) -> dict[str, float]:
-    """One step of the plain classifier (``train.method=supervised``) with DP-SGD; counts one DP step.
+def private_inputs(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
+    """The Poisson batch on the trainer's device; starts drawing the step's noise on the host first
+    (while the device computes)."""
+    dp.prefetch(trainer.device)
+    labels_host = labels.cpu()
+    return RealBatch(real.to(trainer.device, non_blocking=True), to_device(labels_host, trainer.device), labels_host)
+
+
+def private_classifier_update(trainer: LocalTrainer, dp: PrivateGradients, batch: RealBatch) -> dict[str, float]:
+    """The plain classifier's update (``train.method=supervised``) with DP-SGD; counts one DP step.
 
     The labelled rows of the Poisson batch, with the classifier's label-safe augmentation drawn by the
     DP generator; unlabelled rows count in the batch (B) and contribute nothing. scope=classifier: the
@@ -237,9 +247,7 @@ def dp_supervised_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.
     copy of the head (as in the unified step: no end-to-end guarantee). scope=discriminator: the trunk
     and the head learn from the private gradient alone (the adversarial parts get none: weight 0)."""
     model, cfg = trainer.model, trainer.cfg
-    dp.prefetch(trainer.device)
-    labels_host = labels.cpu()
-    real, labels = real.to(trainer.device, non_blocking=True), to_device(labels_host, trainer.device)
+    real, labels, labels_host = batch.images, batch.labels, batch.labels_host
     images = diff_augment(real, cfg.classifier_augment, dp.augment_rng) if real.shape[0] else real
     trainer.zero_discriminator_grads()
     if dp.plan.scope == "classifier":
@@ -260,31 +268,15 @@ def dp_supervised_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.
         # a local diagnostic only: real-image losses are left out of the reply in this scope
         step = {"real_loss": float(losses.sum()) / dp.plan.expected_batch}
     trainer.step_discriminator(weights_learned=False)
-    trainer.global_step += 1
     step["selected"] = 0.0
     return step
 
 
-def dp_unified_step(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tensor, labels: torch.Tensor
-                    ) -> dict[str, float]:
-    """One unified step of ``trainer`` with DP-SGD (``dp``) on the covered parameters; counts one DP step."""
-    model = trainer.model
-    dp.prefetch(trainer.device)  # the step's noise, drawn on the host while the device computes
-    labels_host = labels.cpu()
-    real, labels = real.to(trainer.device, non_blocking=True), to_device(labels_host, trainer.device)
-    # Public and fixed (train.generated_batch_size, else B): the realised real batch size is not revealed.
-    m = trainer.cfg.generated_batch_size or dp.plan.expected_batch
-    fake_labels_host = trainer.balanced_labels_host(m)
-    fake_labels = to_device(fake_labels_host, trainer.device)
-    z = to_device(torch.randn(m, model.cfg.z_dim, generator=trainer.rng), trainer.device)
-    fake = model.generator(z, fake_labels)
+def private_discriminator_update(trainer: LocalTrainer, dp: PrivateGradients, batch: RealBatch,
+                                 generated: GeneratedBatch) -> DiscriminatorUpdate:
+    """D's and C's update of a unified step with DP-SGD (``dp``) on the covered parameters; counts one
+    DP step. G learns afterwards from its own pass (its real-feature matching gets no real rows)."""
     scope = _classifier_scope if dp.plan.scope == "classifier" else _discriminator_scope
-    parts = scope(trainer, dp, real, labels, labels_host, fake, fake_labels, fake_labels_host)
-    adv_g, aux = trainer.generator_step(fake, fake_labels)
-    trainer.global_step += 1
-    parts.update(adv_generator=adv_g, aux_generated=aux)
-    step = {k: v for k, v in parts.items() if not isinstance(v, torch.Tensor)}
-    step.update(to_floats({k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}))
-    if "real_loss" in step:
-        step["real_loss"] /= dp.plan.expected_batch
-    return step
+    losses = scope(trainer, dp, batch.images, batch.labels, batch.labels_host, generated.images, generated.labels,
+                   generated.labels_host)
+    return DiscriminatorUpdate(losses)

@@ -53,9 +53,14 @@ from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
 from common.privacy.bookkeeping import Bookkeeping, RecordedPass
 from common.privacy.noise import NoiseSource
 from common.privacy.scopes import SCOPES
-from common.privacy.step import dp_supervised_step, dp_unified_step
+from common.privacy.step import (
+    private_classifier_update,
+    private_discriminator_update,
+    private_inputs,
+)
 from common.privacy.subspace import PublicSubspace
 from common.train.losses import fake_adversarial_terms, labelled_cross_entropy, real_adversarial_terms
+from common.train.step_gradients import DiscriminatorUpdate, GeneratedBatch, RealBatch
 
 if TYPE_CHECKING:
     from common.train.engine import LocalTrainer
@@ -415,15 +420,26 @@ class DPTraining:
                                                 generator=self.sampler_rng, steps=steps)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_empty(shape), num_workers=0)
 
+    # -------------------------------------------------------------- the gradient strategy
+    def inputs(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
+        """The Poisson batch of a step on the trainer's device (the step's noise starts drawing)."""
+        return private_inputs(trainer, self, real, labels)
+
+    def generated_rows(self, trainer: LocalTrainer, real_rows: int) -> int:
+        """Public and fixed (``train.generated_batch_size``, else B, the expected real batch): the
+        realised real batch size is not revealed."""
+        return trainer.cfg.generated_batch_size or self.plan.expected_batch
+
+    def update_discriminator(self, trainer: LocalTrainer, batch: RealBatch,
+                             generated: GeneratedBatch) -> DiscriminatorUpdate:
+        """D's and C's private update of a unified step (``common.privacy.step``); counts one DP step."""
+        return private_discriminator_update(trainer, self, batch, generated)
+
+    def update_classifier(self, trainer: LocalTrainer, batch: RealBatch) -> dict[str, float]:
+        """The plain classifier's private update (``common.privacy.step``); counts one DP step."""
+        return private_classifier_update(trainer, self, batch)
+
     # -------------------------------------------------------------- local state
-    def unified_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One private unified step of ``trainer`` (``common.privacy.step``); counts one DP step."""
-        return dp_unified_step(trainer, self, real, labels)
-
-    def supervised_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One private step of the plain classifier (``common.privacy.step``); counts one DP step."""
-        return dp_supervised_step(trainer, self, real, labels)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Nothing: the random generators are seeded afresh for every attempt (never restored), and
         the accounting lives in the hospital's privacy ledger."""

@@ -10,9 +10,10 @@ One unified step, on a real batch (labelled rows first, then unlabelled ones lab
      D, C and the log-variances.
   2. G update: adversarial loss plus the AC-GAN cross-entropy of C on G's images.
 G runs forward once per step; its images are detached for step 1 and re-scored for step 2.
-With ``privacy`` (DP-SGD, privacy.enabled=true) the trainer is handed a ``PrivateStep`` (built by
-``common.privacy``) that computes the step through the trainer's public pieces: Poisson real
-batches, per-sample clipping and noise on the covered parameters, every step counted.
+How D's and C's gradients are formed is the trainer's gradient strategy
+(``common/train/step_gradients.py``): :class:`Backpropagation` below, or, with ``privacy`` (DP-SGD,
+privacy.enabled=true), the one ``common.privacy`` builds: Poisson real batches, per-sample clipping
+and noise on the covered parameters, every step counted. The rest of a step is the same code for both.
 
 ``train.method`` picks what a step trains, from the registry (``common/train/methods.py``): ``unified``
 (the above), ``supervised`` (the same trunk and head on labelled patches only: the plain baseline) or
@@ -27,7 +28,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,12 @@ from common.train.local_state import flatten_optimizer, load_flat_optimizer
 from common.train.losses import discriminator_loss, generator_loss, masked_cross_entropy
 from common.train.methods import method_names, training_method
 from common.train.selection import SampleSelector
+from common.train.step_gradients import (
+    DiscriminatorUpdate,
+    GeneratedBatch,
+    RealBatch,
+    StepGradients,
+)
 from common.train.transfer import host_rows, to_device, to_floats
 from common.train.weighting import DynamicLossWeighting
 
@@ -94,25 +100,6 @@ class RoundMetrics:
         return flat
 
 
-class PrivateStep(Protocol):
-    """DP-SGD's unified step, handed to the trainer (``common.privacy.wiring.DPTraining``): it runs
-    the step through the trainer's public pieces and keeps its own state (noise, steps taken)."""
-
-    def unified_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One private unified step of ``trainer`` on a real batch; returns its losses and counts."""
-        ...
-
-    def supervised_step(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One private step of the plain classifier (``train.method=supervised``)."""
-        ...
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        ...
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        ...
-
-
 def _cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
     if isinstance(batches, Iterator):  # an endless stream (common/train/streams.py): keep its position
         while True:  # next(), not ``yield from``: closing this generator must not close the stream
@@ -152,7 +139,7 @@ class LocalTrainer:
         seed: int = 0,
         class_names: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
-        privacy: PrivateStep | None = None,
+        privacy: StepGradients | None = None,
         validation: Dataset | None = None,
     ) -> None:
         """``validation``: the hospital's labelled validation patches, read (never trained on) by the
@@ -215,8 +202,10 @@ class LocalTrainer:
         self._optimizers = tuple(opt for opt in (self.opt_generator, self.opt_discriminator, self.opt_classifier,
                                                  self.opt_trunk_classifier) if opt is not None)
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self._optimizers]
-        # DP-SGD's own step on the covered parameters (common/privacy); None: no DP.
+        # DP-SGD on the covered parameters (common/privacy); None: no DP.
         self.privacy = privacy
+        # How every step forms D's and C's gradients: DP-SGD's, or ordinary back-propagation.
+        self.gradients: StepGradients = privacy if privacy is not None else Backpropagation()
 
     # ----------------------------------------------------------------- shared pieces
     def autocast(self) -> AbstractContextManager[object]:
@@ -336,28 +325,13 @@ class LocalTrainer:
     def step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One local step of ``cfg.method`` on a real batch; returns the step's losses and counts."""
         self._schedule_learning_rates()
-        if self.privacy is not None:
-            assert self.method.private_step is not None  # refused at construction otherwise
-            return self.method.private_step(self.privacy, self, real, labels)
         return self.method.step(self, real, labels)
 
     def supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """The plain baseline: trunk + head on the labelled rows, label-safe augmentation, no generator."""
-        real, labels, labels_host = self._inputs(real, labels)
-        labelled = labels_host >= 0
-        if not bool(labelled.any()):
-            raise ValueError("a supervised step got a batch without labelled patches")
-        if not bool(labelled.all()):
-            rows = host_rows(labelled, self.device)
-            real, labels = real.index_select(0, rows), labels.index_select(0, rows)
-        images = diff_augment(real, self.cfg.classifier_augment, self.rng)
-        with self.autocast():
-            loss = F.cross_entropy(self.model.classify(images), labels)
-        self.zero_discriminator_grads()
-        loss.backward()
-        self.step_discriminator(weights_learned=False)
+        step = self.gradients.update_classifier(self, self.gradients.inputs(self, real, labels))
         self.global_step += 1
-        return {"cls_real": float(loss.detach()), "selected": 0.0}
+        return step
 
     def semi_supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """FixMatch: labelled weak views, plus unlabelled strong views learning confident weak-view labels."""
@@ -396,76 +370,26 @@ class LocalTrainer:
         self.global_step += 1
         return step
 
+    def generate(self, rows: int) -> GeneratedBatch:
+        """``rows`` images of G, class-balanced labels in an order from the trainer's generator."""
+        labels_host = self.balanced_labels_host(rows)
+        labels = to_device(labels_host, self.device)
+        z = to_device(torch.randn(rows, self.model.cfg.z_dim, generator=self.rng), self.device)
+        with self.autocast():
+            images = self.model.generator(z, labels)
+        return GeneratedBatch(images, labels, labels_host)
+
     def unified_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One unified step on a real batch; returns this step's losses and selection counts."""
-        if self.privacy is not None:
-            return self.privacy.unified_step(self, real, labels)
-        model, cfg = self.model, self.cfg
-        real, labels, labels_host = self._inputs(real, labels)
-        b = real.shape[0]
-        labelled, unlabelled = labels_host >= 0, labels_host < 0  # host masks: no wait for the GPU
-        m = cfg.generated_batch_size or b
-        same_pass = cfg.generator_update == "same_pass"
-        fake_labels_host = self.balanced_labels_host(m)
-        fake_labels = to_device(fake_labels_host, self.device)
-        z = to_device(torch.randn(m, model.cfg.z_dim, generator=self.rng), self.device)
-        with self.autocast():
-            fake = model.generator(z, fake_labels)
-
-        # (0) pseudo-labels of the unlabelled rows (weak view, no gradient).
-        pseudo_host = torch.full_like(labels_host, -1)
-        if cfg.pseudo_label.enabled and bool(unlabelled.any()) and (self.gate is None or self.gate.open):
-            pseudo_host[unlabelled] = self._pseudo_labels(real.index_select(0, host_rows(unlabelled, self.device)))
-        kept_pseudo = pseudo_host >= 0
-        pseudo_labels = to_device(pseudo_host, self.device)
-        conditioning = (torch.where(to_device(kept_pseudo, self.device), pseudo_labels, labels)
-                        if cfg.pseudo_condition_discriminator else labels)
-
-        # (1) D/C update on real + generated images, selection from the same pass. The generated
-        # images are detached unless G also learns from this pass (generator_update=same_pass).
-        with self.autocast():
-            both = diff_augment(torch.cat([real, fake if same_pass else fake.detach()]), cfg.augment, self.rng)
-            out = model.discriminate(both, self._projected(torch.cat([conditioning, fake_labels])),
-                                     cfg.classifier_score, self.adversarial_scale.value)
-            adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
-            cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
-            keep = self._select_generated(out, b, labels_host, fake_labels_host)
-            cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep,
-                                           m if cfg.selection.loss_over == "candidates" else None)
-            cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo,
-                                              int(unlabelled.sum()) if cfg.pseudo_label.loss_over == "candidates" else None)
-            loss_d = self.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
-            entropy = None
-            if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):
-                log_probs = F.log_softmax(out.logits[:b].index_select(0, host_rows(unlabelled, self.device)), dim=1)
-                entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
-                loss_d = loss_d + cfg.unlabelled_entropy_weight * entropy
-            if same_pass:  # G's loss against D and C as they were before this step's update
-                fake_out = DiscriminatorOutput(out.score[b:], out.logits[b:], out.features[b:])
-                loss_g, adv_g, aux = self._generator_loss(fake_out, fake_labels, out.features[:b])
-        self.zero_discriminator_grads()
-        if self.opt_trunk_classifier is not None:
-            self._split_trunk_backward(adv_d, loss_d)
-        else:
-            loss_d.backward(inputs=self._discriminator_parameters(), retain_graph=same_pass)
-        if same_pass:  # (2) G's gradients through the same graph, before D's weights change in place
-            self._step_generator(loss_g)
-        self.step_discriminator(weights_learned=cfg.weighting.enabled)
-        self.adversarial_scale.observe(out.score[:b])
-
-        # (2) otherwise: G's update against the just-updated D and C, from a second pass.
-        if not same_pass:
-            adv_g, aux = self.generator_step(fake, fake_labels, out.features[:b])
-
+        """One unified step on a real batch (D/C's update by the gradient strategy, then G's); returns
+        this step's losses and selection counts."""
+        batch = self.gradients.inputs(self, real, labels)
+        generated = self.generate(self.gradients.generated_rows(self, batch.size))
+        update = self.gradients.update_discriminator(self, batch, generated)
+        adv_g, aux = update.generator or self.generator_step(generated.images, generated.labels, update.real_features)
         self.global_step += 1
-        losses = {"adv_discriminator": adv_d, "adv_generator": adv_g, "aux_generated": aux, "cls_real": cls_real,
-                  "cls_synthetic": cls_syn, "cls_pseudo": cls_pseudo, "unlabelled_entropy": entropy}
-        step = to_floats({k: v for k, v in losses.items() if v is not None})
-        step["selected"] = float(keep.sum())
-        if cfg.adversarial_trunk.adaptive:
-            step["adversarial_trunk_scale"] = self.adversarial_scale.value
-        if cfg.pseudo_label.enabled:
-            step["pseudo_selected"] = float(kept_pseudo.sum())
+        losses = {**update.losses, "adv_generator": adv_g, "aux_generated": aux}
+        step = {k: v for k, v in losses.items() if isinstance(v, float)}
+        step.update(to_floats({k: v for k, v in losses.items() if isinstance(v, torch.Tensor)}))
         return step
 
     def _split_trunk_backward(self, adv_d: torch.Tensor, loss_d: torch.Tensor) -> None:
@@ -606,3 +530,99 @@ class LocalTrainer:
         self.global_step = int(state["global_step"])
         if self.privacy is not None:
             self.privacy.load_state_dict({k[len("privacy."):]: v for k, v in state.items() if k.startswith("privacy.")})
+
+
+class Backpropagation:
+    """The gradient strategy without DP (``common/train/step_gradients.py``): D's and C's gradients are
+    the ordinary gradients of their losses on the real and generated batch."""
+
+    def inputs(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
+        return RealBatch(*trainer._inputs(real, labels))
+
+    def generated_rows(self, trainer: LocalTrainer, real_rows: int) -> int:
+        """``train.generated_batch_size``, or as many as the real batch has rows."""
+        return trainer.cfg.generated_batch_size or real_rows
+
+    def update_discriminator(self, trainer: LocalTrainer, batch: RealBatch,
+                             generated: GeneratedBatch) -> DiscriminatorUpdate:
+        """(0) pseudo-labels of the unlabelled rows (weak view, no gradient); (1) D/C's update on the
+        real and generated images, with the generated images' selection from the same pass. The
+        generated images are detached unless G also learns from this pass (generator_update=same_pass)."""
+        model, cfg = trainer.model, trainer.cfg
+        real, labels, labels_host = batch.images, batch.labels, batch.labels_host
+        fake, fake_labels, fake_labels_host = generated.images, generated.labels, generated.labels_host
+        b, m = batch.size, fake.shape[0]
+        labelled, unlabelled = labels_host >= 0, labels_host < 0  # host masks: no wait for the GPU
+        same_pass = cfg.generator_update == "same_pass"
+
+        pseudo_host = torch.full_like(labels_host, -1)
+        if cfg.pseudo_label.enabled and bool(unlabelled.any()) and (trainer.gate is None or trainer.gate.open):
+            pseudo_host[unlabelled] = trainer._pseudo_labels(real.index_select(0, host_rows(unlabelled, trainer.device)))
+        kept_pseudo = pseudo_host >= 0
+        pseudo_labels = to_device(pseudo_host, trainer.device)
+        conditioning = (torch.where(to_device(kept_pseudo, trainer.device), pseudo_labels, labels)
+                        if cfg.pseudo_condition_discriminator else labels)
+
+        generator: tuple[torch.Tensor, torch.Tensor] | None = None
+        with trainer.autocast():
+            both = diff_augment(torch.cat([real, fake if same_pass else fake.detach()]), cfg.augment, trainer.rng)
+            out = model.discriminate(both, trainer._projected(torch.cat([conditioning, fake_labels])),
+                                     cfg.classifier_score, trainer.adversarial_scale.value)
+            adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
+            cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
+            keep = trainer._select_generated(out, b, labels_host, fake_labels_host)
+            cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep,
+                                           m if cfg.selection.loss_over == "candidates" else None)
+            cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo,
+                                              int(unlabelled.sum()) if cfg.pseudo_label.loss_over == "candidates" else None)
+            loss_d = trainer.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
+            entropy = None
+            if cfg.unlabelled_entropy_weight > 0 and bool(unlabelled.any()):
+                log_probs = F.log_softmax(out.logits[:b].index_select(0, host_rows(unlabelled, trainer.device)), dim=1)
+                entropy = -(log_probs.exp() * log_probs).sum(dim=1).mean()
+                loss_d = loss_d + cfg.unlabelled_entropy_weight * entropy
+            if same_pass:  # G's loss against D and C as they were before this step's update
+                fake_out = DiscriminatorOutput(out.score[b:], out.logits[b:], out.features[b:])
+                loss_g, adv_g, aux = trainer._generator_loss(fake_out, fake_labels, out.features[:b])
+                generator = (adv_g, aux)
+        trainer.zero_discriminator_grads()
+        if trainer.opt_trunk_classifier is not None:
+            trainer._split_trunk_backward(adv_d, loss_d)
+        else:
+            loss_d.backward(inputs=trainer._discriminator_parameters(), retain_graph=same_pass)
+        if same_pass:  # G's gradients through the same graph, before D's weights change in place
+            trainer._step_generator(loss_g)
+        trainer.step_discriminator(weights_learned=cfg.weighting.enabled)
+        trainer.adversarial_scale.observe(out.score[:b])
+
+        losses: dict[str, torch.Tensor | float | None] = {
+            "adv_discriminator": adv_d, "cls_real": cls_real, "cls_synthetic": cls_syn, "cls_pseudo": cls_pseudo,
+            "unlabelled_entropy": entropy, "selected": float(keep.sum())}
+        if cfg.adversarial_trunk.adaptive:
+            losses["adversarial_trunk_scale"] = trainer.adversarial_scale.value
+        if cfg.pseudo_label.enabled:
+            losses["pseudo_selected"] = float(kept_pseudo.sum())
+        return DiscriminatorUpdate(losses, generator, out.features[:b])
+
+    def update_classifier(self, trainer: LocalTrainer, batch: RealBatch) -> dict[str, float]:
+        """Cross-entropy of the labelled rows' label-safe view (``train.classifier_augment``)."""
+        real, labels, labelled = batch.images, batch.labels, batch.labels_host >= 0
+        if not bool(labelled.any()):
+            raise ValueError("a supervised step got a batch without labelled patches")
+        if not bool(labelled.all()):
+            rows = host_rows(labelled, trainer.device)
+            real, labels = real.index_select(0, rows), labels.index_select(0, rows)
+        images = diff_augment(real, trainer.cfg.classifier_augment, trainer.rng)
+        with trainer.autocast():
+            loss = F.cross_entropy(trainer.model.classify(images), labels)
+        trainer.zero_discriminator_grads()
+        loss.backward()
+        trainer.step_discriminator(weights_learned=False)
+        return {"cls_real": float(loss.detach()), "selected": 0.0}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """None: back-propagation keeps no state of its own."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        return None

@@ -2,8 +2,10 @@
 
 A method is a step function of the trainer, ``step(trainer, real, labels) -> losses``, which runs one
 local step through the trainer's public pieces (``common/train/engine.py:LocalTrainer``: its model,
-optimisers, augmentation and selection) and advances ``trainer.global_step``; optionally its DP-SGD
-step, ``private_step(dp, trainer, real, labels)``. It is registered once::
+optimisers, augmentation and selection) and advances ``trainer.global_step``. A method whose step
+forms its gradients through the trainer's gradient strategy (``trainer.gradients``,
+``common/train/step_gradients.py``) runs under DP-SGD too and says so with ``private=True``. It is
+registered once::
 
     register_method(TrainingMethod("my_method", step=my_step, labelled_only=True))
 
@@ -23,8 +25,6 @@ from common.registry import Registry
 
 #: (trainer, real images, labels with -1 for unlabelled rows) -> the step's losses and counts.
 StepFn = Callable[[Any, torch.Tensor, torch.Tensor], dict[str, float]]
-#: (the DP machinery, trainer, real images, labels) -> the private step's losses and counts.
-PrivateStepFn = Callable[[Any, Any, torch.Tensor, torch.Tensor], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,15 @@ class TrainingMethod:
 
     name: str
     step: StepFn
-    #: Its DP-SGD step (``common/privacy/step.py``); None: the method has none, and DP is refused.
-    private_step: PrivateStepFn | None = None
+    #: Its step forms D's and C's gradients through ``trainer.gradients`` alone, so DP-SGD's strategy
+    #: (``common/privacy``) makes it private; False: DP is refused for it.
+    private: bool = False
     #: A hospital without any labelled patch cannot train it.
     needs_labels: bool = True
     #: Its batches carry labelled patches only (the unlabelled stream is never drawn).
     labelled_only: bool = False
     #: It trains (and so ever calls) the generator.
     trains_generator: bool = False
-
-    @property
-    def private(self) -> bool:
-        return self.private_step is not None
 
 
 METHODS: Registry[TrainingMethod] = Registry("training method")

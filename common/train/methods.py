@@ -30,16 +30,6 @@ def _semi_supervised(trainer: Any, real: torch.Tensor, labels: torch.Tensor) -> 
     return trainer.semi_supervised_step(real, labels)
 
 
-def _private_unified(dp: Any, trainer: Any, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return dp.unified_step(trainer, real, labels)
-
-
-def _private_supervised(dp: Any, trainer: Any, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return dp.supervised_step(trainer, real, labels)
-
-
-register_method(TrainingMethod("unified", step=_unified, private_step=_private_unified, needs_labels=False,
-                               trains_generator=True))
-register_method(TrainingMethod("supervised", step=_supervised, private_step=_private_supervised,
-                               labelled_only=True))
+register_method(TrainingMethod("unified", step=_unified, private=True, needs_labels=False, trains_generator=True))
+register_method(TrainingMethod("supervised", step=_supervised, private=True, labelled_only=True))
 register_method(TrainingMethod("semi_supervised", step=_semi_supervised))
