@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
-from common.config import ConfigError, dataclass_from_mapping
-from common.data.registry import configured_class_names
+from common.config import ConfigError
 from common.data.sites import SiteData
-from common.model import ModelConfig, build_model
+from common.model import build_model
+from common.run_config import RunConfig, run_config
 from server.checkpoint import CheckpointStore
 from simulations.experiments.inprocess import CurvePoint, evaluate_point, final_metrics
 
@@ -52,8 +52,7 @@ def train_federated(run: dict[str, Any], sites: list[SiteData], steps: int, roun
     if sorted(rounds_done) != list(range(1, rounds + 1)):
         raise RuntimeError(f"the federation in {folder} finished rounds {sorted(rounds_done)}, not 1..{rounds}; "
                            f"see {folder / 'simulate.log'}")
-    model = build_model(dataclass_from_mapping(ModelConfig, fed_run["model"], "model"),
-                        len(configured_class_names(fed_run["data"])), seed=seed)
+    model = build_model(run_config(fed_run).model, len(sites[0].class_names), seed=seed)
     store = CheckpointStore(folder)
     curve: list[CurvePoint] = []
     seconds = 0.0
@@ -74,10 +73,9 @@ def spent_epsilon(folder: Path) -> float | None:
     return max(found) if found else None
 
 
-def final_global_model(folder: Path, run: dict[str, Any], seed: int) -> Any:
+def final_global_model(folder: Path, config: RunConfig, num_classes: int, seed: int) -> Any:
     """The federation's last global model (from ``folder``'s newest checkpoint)."""
-    model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"),
-                        len(configured_class_names(run["data"])), seed=seed)
+    model = build_model(config.model, num_classes, seed=seed)
     latest = CheckpointStore(folder).latest()
     if latest is None:
         raise RuntimeError(f"{folder} holds no checkpoint")

@@ -15,14 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from common.config import dataclass_from_mapping
 from common.data.base import PatchDataset
 from common.data.sites import SiteData
-from common.device import resolve_device
 from common.evaluation.metrics import classification_metrics, predict_probabilities
-from common.model import ModelConfig, UnifiedViTGAN, build_model
+from common.model import UnifiedViTGAN, build_model
+from common.run_config import RunConfig
 from common.seeds import batch_seed, site_seed
-from common.train import LocalTrainer, run_train_config
+from common.train import LocalTrainer
 from common.train.streams import training_batches
 
 EVAL_BATCH = 256
@@ -74,15 +73,15 @@ class TrainedSite:
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_trainer(run: dict[str, Any], site: SiteData, seed: int) -> LocalTrainer:
-    """A fresh model and trainer for ``run``'s model and train sections (weights seeded by ``seed``)."""
-    model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(site.class_names), seed=seed)
-    return LocalTrainer(model, run_train_config(run), seed=seed, class_names=site.class_names,
-                        device=resolve_device(run["device"]), validation=site.val)
+def build_trainer(config: RunConfig, site: SiteData, seed: int) -> LocalTrainer:
+    """A fresh model and trainer for ``config``'s model and train sections (weights seeded by ``seed``)."""
+    model = build_model(config.model, len(site.class_names), seed=seed)
+    return LocalTrainer(model, config.train, seed=seed, class_names=site.class_names, device=config.device,
+                        validation=site.val)
 
 
 def train_sites(
-    run: dict[str, Any],
+    config: RunConfig,
     sites: Sequence[SiteData],
     steps: int,
     eval_every: int,
@@ -95,7 +94,7 @@ def train_sites(
     ``eval_every`` steps, and each curve point pools every site's predictions on its own held-out
     patches; its ``seconds`` is the training time of all sites together on this machine.
     """
-    trainers = [build_trainer(run, site, site_seed(seed, k)) for k, site in enumerate(sites)]
+    trainers = [build_trainer(config, site, site_seed(seed, k)) for k, site in enumerate(sites)]
     batches = [training_batches(site.train, t.cfg, batch_seed(seed, k)) for k, (site, t) in enumerate(zip(sites, trainers))]
     trained = [TrainedSite(t, 0.0) for t in trainers]
     done = 0

@@ -20,14 +20,17 @@ from typing import Any
 from common.data.sites import SiteData, pool_sites
 from common.model import UnifiedViTGAN
 from common.registry import Registry
+from common.run_config import RunConfig
 from simulations.experiments.inprocess import CurvePoint, TrainedSite, final_metrics
 
 
 @dataclass(frozen=True)
 class Job:
-    """One (variant, setting, seed): its checked run config and its hospitals' data."""
+    """One (variant, setting, seed): its run config (the composed dict a federation sends, and the
+    same typed), and its hospitals' data."""
 
     run: dict[str, Any]
+    config: RunConfig
     experiment: Any  # simulations.experiments.config.ExperimentConfig
     setting: str  # centralized | local | federated
     seed: int

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import timm
@@ -25,9 +24,9 @@ from torch import nn
 
 from common.data.base import PatchDataset, PatchSubset
 from common.data.sites import SiteData
-from common.device import resolve_device
+from common.run_config import RunConfig
 from common.seeds import batch_seed, site_seed
-from common.train import TrainConfig, run_train_config
+from common.train import TrainConfig
 from common.train.augment import diff_augment
 from common.train.config import learning_rate_factor
 from common.train.streams import training_batches
@@ -93,14 +92,14 @@ def build_small_cnn(num_classes: int, seed: int) -> PlainClassifier:
         return PlainClassifier(timm.create_model("resnet18", pretrained=False, num_classes=num_classes))
 
 
-def train_small_cnn(run: dict[str, Any], sites: Sequence[SiteData], steps: int, eval_every: int, seed: int,
+def train_small_cnn(config: RunConfig, sites: Sequence[SiteData], steps: int, eval_every: int, seed: int,
                     on_point: Callable[[CurvePoint], None] | None = None
                     ) -> tuple[dict[str, float], list[CurvePoint], float]:
     """Train one ResNet-18 per site on its labelled patches for ``steps`` steps (the run's plain
     optimiser settings, batch size, schedule and label-safe augmentation); pooled test metrics,
     curve and training seconds."""
-    cfg: TrainConfig = run_train_config(run)
-    device = torch.device(resolve_device(run["device"]))
+    cfg: TrainConfig = config.train
+    device = torch.device(config.device)
     models, optimizers, streams, rngs = [], [], [], []
     for k, site in enumerate(sites):
         model = build_small_cnn(site.train.num_classes, site_seed(seed, k)).to(device)
@@ -147,7 +146,7 @@ def run_logistic_regression(job: Job) -> JobResult:
 def run_small_cnn(job: Job) -> JobResult:
     """The ``small_cnn`` reference row (centralized and local only)."""
     exp = job.experiment
-    metrics, curve, seconds = train_small_cnn(job.run, job.eval_sites, exp.steps, exp.eval_every, job.seed, job.show)
+    metrics, curve, seconds = train_small_cnn(job.config, job.eval_sites, exp.steps, exp.eval_every, job.seed, job.show)
     return JobResult(metrics, curve, seconds, job.eval_sites)
 
 

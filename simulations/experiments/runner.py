@@ -36,6 +36,7 @@ from common.config import CONF_DIR, ConfigError, plain_config  # noqa: E402
 from common.data.errors import DataError  # noqa: E402
 from common.data.registry import load_site_data  # noqa: E402
 from common.data.sites import SiteData  # noqa: E402
+from common.run_config import run_config  # noqa: E402
 from common.train import run_train_config  # noqa: E402
 from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
@@ -92,7 +93,8 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
              f"({point.seconds:.0f} s)")
 
     proc = procedure(variant.procedure)
-    result = proc.run(Job(run, exp, setting, seed, sites, folder / f"{setting}-{variant_name}-seed{seed}", show))
+    config = run_config(run)
+    result = proc.run(Job(run, config, exp, setting, seed, sites, folder / f"{setting}-{variant_name}-seed{seed}", show))
     metrics, curve, models, eval_sites = result.metrics, result.curve, result.models, result.eval_sites
     entry.update(result.entry)
     entry["seconds"] = result.seconds
@@ -100,11 +102,12 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
     entry["test_examples"] = sum(len(s.test) for s in eval_sites)
     entry["val_balanced_accuracy"] = metrics.get("val_balanced_accuracy")
     entry["curve"] = [p.as_dict() for p in curve]
-    if exp.generator_quality.enabled and run_train_config(run).uses_generator and variant.procedure == "standard":
+    if exp.generator_quality.enabled and config.train.uses_generator and variant.procedure == "standard":
         if setting == "federated":
             from simulations.experiments.federated import final_global_model
 
-            models = [final_global_model(folder / f"{setting}-{variant_name}-seed{seed}", run, seed)] * len(sites)
+            models = [final_global_model(folder / f"{setting}-{variant_name}-seed{seed}", config, len(sites[0].class_names),
+                                         seed)] * len(sites)
         entry["generator"] = site_generator_quality(eval_sites, models, exp.generator_quality.samples_per_class, seed)
     entry["wall_seconds"] = time.perf_counter() - started
     return entry

@@ -18,7 +18,7 @@ def run_standard(job: Job) -> JobResult:
         return JobResult(metrics, curve, curve[-1].seconds if curve else 0.0, job.sites,
                          entry={"epsilon": spent_epsilon(job.folder)})
     eval_sites = job.eval_sites
-    trained = train_sites(job.run, eval_sites, exp.steps, exp.eval_every, job.seed + exp.training_seed_offset,
+    trained = train_sites(job.config, eval_sites, exp.steps, exp.eval_every, job.seed + exp.training_seed_offset,
                           on_point=job.show)
     return in_process_result(eval_sites, trained, {"last_round": trained[0].rounds[-1] if trained[0].rounds else {}})
 

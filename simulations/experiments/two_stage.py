@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from common.data.base import ArrayPatches, ConcatPatches, PatchSubset, tensor_to_uint8
 from common.data.sites import SiteData
+from common.run_config import run_config
 from common.seeds import site_seed
 from common.train import LocalTrainer
 from simulations.experiments.inprocess import CurvePoint, TrainedSite, train_sites
@@ -68,7 +69,7 @@ def train_two_stage(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
         raise ValueError(f"experiment.two_stage.gan_fraction={cfg.gan_fraction} leaves no steps for one of the stages")
     gan_run = apply_overrides(run, ["train.selection.mode=none", "train.pseudo_label.mode=none",
                                     f"train.optim.schedule_steps={gan_steps}"], "two_stage stage 1")
-    stage_one = train_sites(gan_run, sites, gan_steps, gan_steps, seed)
+    stage_one = train_sites(run_config(gan_run), sites, gan_steps, gan_steps, seed)
     gan_seconds = sum(t.seconds for t in stage_one)
     augmented, info = [], {"gan_steps": gan_steps, "gan_seconds": gan_seconds, "kept": [], "acceptance": []}
     for k, (site, trained) in enumerate(zip(sites, stage_one)):
@@ -87,7 +88,7 @@ def train_two_stage(run: dict[str, Any], sites: Sequence[SiteData], steps: int, 
         if on_point is not None:
             on_point(point)
 
-    stage_three = train_sites(classifier_run, augmented, steps - gan_steps, eval_every, seed, on_point=shifted)
+    stage_three = train_sites(run_config(classifier_run), augmented, steps - gan_steps, eval_every, seed, on_point=shifted)
     stage_three[0].seconds += gan_seconds
     return stage_three, info
 
