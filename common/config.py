@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +83,42 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return loaded
+
+
+def defaults_from_conf(relative_path: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator, written under ``@dataclass``: every field of the class takes its default
+    from ``conf/<relative_path>``, which must set each one. The YAML is then the only place a default
+    is written; ``Cls()`` is the section as conf/ ships it (read once, on first use), and
+    ``Cls(key=value)`` changes one key of it. A field given a value in the class body is refused."""
+
+    def decorate(cls: type[T]) -> type[T]:
+        where = f"conf/{relative_path}"
+        built: dict[str, Any] = {}
+
+        def shipped() -> Any:
+            if "value" not in built:
+                if built.get("building"):
+                    return None  # a key the file lacks: named by the caller below
+                built["building"] = True
+                try:
+                    built["value"] = dataclass_from_mapping(cls, load_yaml(CONF_DIR / relative_path), where)
+                finally:
+                    built["building"] = False
+            return built["value"]
+
+        def default(name: str) -> Any:
+            section = shipped()
+            if section is None:
+                raise ConfigError(f"{where}: missing required key {name!r} (it holds {cls.__name__}'s defaults)")
+            return copy.deepcopy(getattr(section, name))
+
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name in cls.__dict__:
+                raise TypeError(f"{cls.__name__}.{name} has a default in code; its default belongs in {where}")
+            setattr(cls, name, dataclasses.field(default_factory=functools.partial(default, name)))
+        return cls
+
+    return decorate
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:

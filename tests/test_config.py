@@ -2,15 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from common.config import CONF_DIR, ConfigError, load_yaml
+import common.config as config_module
+from common.config import CONF_DIR, ConfigError, defaults_from_conf, load_yaml
 from common.model import model_preset
 from common.train import TrainConfig, train_config
 
 
-def test_default_train_yaml_matches_the_dataclass_defaults() -> None:
+def test_the_train_and_privacy_defaults_are_written_in_conf_alone() -> None:
+    from common.privacy.config import PrivacyConfig, privacy_config
+
+    for cls in (TrainConfig, PrivacyConfig):
+        in_code = [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
+        assert in_code == [], f"{cls.__name__} writes defaults in code: {in_code}"
     assert train_config(load_yaml(CONF_DIR / "train" / "default.yaml")) == TrainConfig()
+    assert privacy_config(load_yaml(CONF_DIR / "privacy" / "default.yaml")) == PrivacyConfig()
+    assert TrainConfig(batch_size=8) == dataclasses.replace(TrainConfig(), batch_size=8)
+
+
+def test_a_dataclass_takes_its_defaults_from_its_conf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "section.yaml").write_text("size: 3\nnames: [a, b]\n")
+    monkeypatch.setattr(config_module, "CONF_DIR", tmp_path)
+
+    @dataclasses.dataclass(frozen=True)
+    @defaults_from_conf("section.yaml")
+    class Section:
+        size: int
+        names: list[str]
+
+    assert Section() == Section(3, ["a", "b"]) and Section(size=5).names == ["a", "b"]
+    first = Section()
+    first.names.append("c")  # each instance gets its own copy of a mutable default
+    assert Section().names == ["a", "b"]
+
+    (tmp_path / "short.yaml").write_text("size: 3\n")
+
+    @dataclasses.dataclass(frozen=True)
+    @defaults_from_conf("short.yaml")
+    class Short:
+        size: int
+        names: list[str]
+
+    with pytest.raises(ConfigError, match=r"conf/short.yaml: missing required key 'names'"):
+        Short()
+    with pytest.raises(TypeError, match=r"Coded.size has a default in code; its default belongs in conf/section.yaml"):
+        @defaults_from_conf("section.yaml")
+        class Coded:
+            size: int = 1
 
 
 def test_unknown_key_is_named() -> None:
@@ -56,7 +98,3 @@ def test_every_partition_yaml_builds_its_typed_config() -> None:
     assert built["quantity"].alpha == 1.0 and built["dirichlet"].alpha == 0.5 and built["iid"].alpha is None
 
 
-def test_default_privacy_yaml_matches_the_dataclass_defaults() -> None:
-    from common.privacy.config import PrivacyConfig, privacy_config
-
-    assert privacy_config(load_yaml(CONF_DIR / "privacy" / "default.yaml")) == PrivacyConfig()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import ConfigError, dataclass_from_mapping, defaults_from_conf
 from common.privacy.scopes import SCOPES as SCOPE_TABLE
 from common.train.methods import method_names, training_method
 
@@ -29,25 +29,27 @@ def check_private_method(method: str, cfg: PrivacyConfig) -> None:
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("privacy/default.yaml")
 class PrivacyConfig:
-    """DP-SGD at each hospital; every key is documented in ``conf/privacy/default.yaml``."""
+    """DP-SGD at each hospital; every key and its default is in ``conf/privacy/default.yaml``, nowhere
+    else (``PrivacyConfig()`` is that file's section)."""
 
-    enabled: bool = False
-    scope: str = "classifier"
-    noise_multiplier: float | None = 1.0
-    target_epsilon: float | None = None
-    delta: float | None = None
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    max_epsilon: float | None = None
-    ledger_dir: str | None = None
-    seed: int | None = None
-    count_noise_std: float = 10.0
-    clipping: str = "bookkeeping"
-    clip_generated: bool = True
-    subspace_dim: int | None = None
-    subspace_history: int = 4
-    adversarial_weight: float = 0.2
+    enabled: bool
+    scope: str
+    noise_multiplier: float | None
+    target_epsilon: float | None
+    delta: float | None
+    max_grad_norm: float
+    accountant: str
+    max_epsilon: float | None
+    ledger_dir: str | None
+    seed: int | None
+    count_noise_std: float
+    clipping: str
+    clip_generated: bool
+    subspace_dim: int | None
+    subspace_history: int
+    adversarial_weight: float
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import ConfigError, dataclass_from_mapping, defaults_from_conf
 from common.train.adversarial_scale import AdversarialTrunkConfig
 from common.train.augment import AugmentConfig
 from common.train.gate import PseudoLabelGateConfig
@@ -123,40 +123,42 @@ class SemiSupervisedConfig:
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml")
 class TrainConfig:
-    """One hospital's local training: method, batches, steps per round, losses and their parts."""
+    """One hospital's local training: method, batches, steps per round, losses and their parts.
 
-    method: str = "unified"
-    batch_size: int = 32  # real patches per step: the labelled batch with separate streams
-    unlabelled_batch_size: int = 32  # unlabelled real patches per step (separate streams)
-    generated_batch_size: int | None = 16  # generated images per step; null: as many as real ones
-    streams: str = "separate"
-    local_steps: int = 50
-    adversarial_loss: str = "hinge"
-    class_projection: bool = True  # D(x, y) = psi(phi(x)) + <E[y], phi(x)>; false: psi(phi(x)) alone
-    classifier_score: bool = False  # psi(phi(x)) := log sum_k exp C_k(phi(x)) (semi-supervised GAN)
-    aux_generated_weight: float = 1.0  # AC-GAN term that makes G's images class-faithful
-    feature_matching_weight: float = 0.0  # G also matches the mean trunk feature of real patches (Salimans et al.)
-    unlabelled_entropy_weight: float = 0.0  # entropy of C on unlabelled patches, minimised (Grandvalet & Bengio)
-    pseudo_condition_discriminator: bool = False  # kept pseudo-labels also condition D's projection
-    grad_clip_norm: float | None = None
-    iterate_average: float = 0.0  # EMA decay of the parameters over a round's steps; the round ends at the average (0: off)
-    generator_update: str = "after_discriminator"  # same_pass: G's loss from D/C's pass (one trunk pass fewer)
-    amp: str = "none"  # bf16: forward passes under autocast (GPU); none: float32
-    compile: bool = False  # torch.compile the trunk and the generator (GPU; slow first steps)
-    loader_workers: int = 0  # DataLoader worker processes for the real batches (pinned memory on CUDA)
-    host_memory: str = "retain"  # retain: freed host memory is reused, not returned (glibc; common/train/host_memory.py)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    adversarial_trunk: AdversarialTrunkConfig = field(default_factory=AdversarialTrunkConfig)
-    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(color=False))
-    classifier_augment: AugmentConfig = field(
-        default_factory=lambda: AugmentConfig(color=False, translation=0.125, cutout=0.0))
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    pseudo_label: SelectionConfig = field(default_factory=lambda: SelectionConfig(
-        mode="rule", confidence_threshold=0.95, centroid_distance=False, loss_over="candidates"))
-    pseudo_label_gate: PseudoLabelGateConfig = field(default_factory=lambda: PseudoLabelGateConfig(enabled=True))
-    semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
+    Every default is in ``conf/train/default.yaml`` (which explains each key), nowhere else:
+    ``TrainConfig()`` is that file's section, ``TrainConfig(batch_size=8)`` the same with one key changed."""
+
+    method: str
+    batch_size: int  # real patches per step: the labelled batch with separate streams
+    unlabelled_batch_size: int  # unlabelled real patches per step (separate streams)
+    generated_batch_size: int | None  # generated images per step; null: as many as real ones
+    streams: str
+    local_steps: int
+    adversarial_loss: str
+    class_projection: bool  # D(x, y) = psi(phi(x)) + <E[y], phi(x)>; false: psi(phi(x)) alone
+    classifier_score: bool  # psi(phi(x)) := log sum_k exp C_k(phi(x)) (semi-supervised GAN)
+    aux_generated_weight: float  # AC-GAN term that makes G's images class-faithful
+    feature_matching_weight: float  # G also matches the mean trunk feature of real patches (Salimans et al.)
+    unlabelled_entropy_weight: float  # entropy of C on unlabelled patches, minimised (Grandvalet & Bengio)
+    pseudo_condition_discriminator: bool  # kept pseudo-labels also condition D's projection
+    grad_clip_norm: float | None
+    iterate_average: float  # EMA decay of the parameters over a round's steps; the round ends at the average (0: off)
+    generator_update: str  # same_pass: G's loss from D/C's pass (one trunk pass fewer)
+    amp: str  # bf16: forward passes under autocast (GPU); none: float32
+    compile: bool  # torch.compile the trunk and the generator (GPU; slow first steps)
+    loader_workers: int  # DataLoader worker processes for the real batches (pinned memory on CUDA)
+    host_memory: str  # retain: freed host memory is reused, not returned (glibc; common/train/host_memory.py)
+    optim: OptimConfig
+    adversarial_trunk: AdversarialTrunkConfig
+    augment: AugmentConfig  # DiffAugment on D's inputs (and FixMatch's strong view)
+    classifier_augment: AugmentConfig  # the label-safe view (plain input; weak view for pseudo-labels)
+    weighting: WeightingConfig
+    selection: SelectionConfig  # of generated images
+    pseudo_label: SelectionConfig  # of unlabelled real patches
+    pseudo_label_gate: PseudoLabelGateConfig
+    semi_supervised: SemiSupervisedConfig
 
     def __post_init__(self) -> None:
         training_method(self.method)  # ValueError naming the registered methods
