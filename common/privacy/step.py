@@ -52,7 +52,7 @@ from common.train.losses import (
     real_adversarial_terms,
 )
 from common.train.step_gradients import DiscriminatorUpdate, GeneratedBatch, RealBatch
-from common.train.transfer import host_rows, to_device
+from common.train.transfer import host_rows
 
 if TYPE_CHECKING:
     from common.train.engine import LocalTrainer
@@ -234,8 +234,7 @@ def private_inputs(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tens
     """The Poisson batch on the trainer's device; starts drawing the step's noise on the host first
     (while the device computes)."""
     dp.prefetch(trainer.device)
-    labels_host = labels.cpu()
-    return RealBatch(real.to(trainer.device, non_blocking=True), to_device(labels_host, trainer.device), labels_host)
+    return trainer.device_batch(real, labels)
 
 
 def private_classifier_update(trainer: LocalTrainer, dp: PrivateGradients, batch: RealBatch) -> dict[str, float]:

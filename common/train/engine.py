@@ -224,12 +224,12 @@ class LocalTrainer:
         """``balanced_labels_host(n)`` on the trainer's device."""
         return to_device(self.balanced_labels_host(n), self.device)
 
-    def _inputs(self, real: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def device_batch(self, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
         """The batch on the trainer's device, and its labels on the host too: every mask a step takes
         from the labels is then known without waiting for the GPU (labels from a loader are on the host)."""
         labels_host = labels.cpu()
         on_device = labels.to(self.device) if labels.device.type != "cpu" else to_device(labels_host, self.device)
-        return real.to(self.device, non_blocking=True), on_device, labels_host
+        return RealBatch(real.to(self.device, non_blocking=True), on_device, labels_host)
 
     def _projected(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels D's class projection sees: all -1 (psi alone) when ``class_projection`` is off."""
@@ -336,7 +336,8 @@ class LocalTrainer:
     def semi_supervised_step(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """FixMatch: labelled weak views, plus unlabelled strong views learning confident weak-view labels."""
         cfg = self.cfg.semi_supervised
-        real, labels, labels_host = self._inputs(real, labels)
+        batch = self.device_batch(real, labels)
+        real, labels, labels_host = batch.images, batch.labels, batch.labels_host
         labelled_rows = host_rows(labels_host >= 0, self.device)
         labelled_labels = labels.index_select(0, labelled_rows)
         weak = diff_augment(real.index_select(0, labelled_rows), self.cfg.classifier_augment, self.rng)
@@ -537,7 +538,7 @@ class Backpropagation:
     the ordinary gradients of their losses on the real and generated batch."""
 
     def inputs(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
-        return RealBatch(*trainer._inputs(real, labels))
+        return trainer.device_batch(real, labels)
 
     def generated_rows(self, trainer: LocalTrainer, real_rows: int) -> int:
         """``train.generated_batch_size``, or as many as the real batch has rows."""

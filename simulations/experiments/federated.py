@@ -18,7 +18,7 @@ from common import protocol
 from common.config import ConfigError
 from common.data.sites import SiteData
 from common.model import build_model
-from common.run_config import RunConfig, run_config
+from common.run_config import RunConfig
 from server.checkpoint import CheckpointStore
 from simulations.experiments.inprocess import CurvePoint, evaluate_point, final_metrics
 
@@ -38,9 +38,10 @@ def federated_run_config(run: dict[str, Any], steps: int, rounds: int, seed: int
     return fed_run
 
 
-def train_federated(run: dict[str, Any], sites: list[SiteData], steps: int, rounds: int, seed: int,
-                    folder: Path) -> tuple[dict[str, float], list[CurvePoint]]:
-    """Run the federation into ``folder``; returns pooled final metrics and the per-round curve."""
+def train_federated(run: dict[str, Any], config: RunConfig, sites: list[SiteData], steps: int, rounds: int,
+                    seed: int, folder: Path) -> tuple[dict[str, float], list[CurvePoint]]:
+    """Run the federation of ``run`` (``config``: the same, typed) into ``folder``; returns pooled final
+    metrics and the per-round curve."""
     from simulations.simulate import run_simulation_from_config
 
     fed_run = federated_run_config(run, steps, rounds, seed, folder)
@@ -52,7 +53,7 @@ def train_federated(run: dict[str, Any], sites: list[SiteData], steps: int, roun
     if sorted(rounds_done) != list(range(1, rounds + 1)):
         raise RuntimeError(f"the federation in {folder} finished rounds {sorted(rounds_done)}, not 1..{rounds}; "
                            f"see {folder / 'simulate.log'}")
-    model = build_model(run_config(fed_run).model, len(sites[0].class_names), seed=seed)
+    model = build_model(config.model, len(sites[0].class_names), seed=seed)
     store = CheckpointStore(folder)
     curve: list[CurvePoint] = []
     seconds = 0.0

@@ -12,7 +12,7 @@ def run_standard(job: Job) -> JobResult:
     if job.setting == "federated":
         from simulations.experiments.federated import spent_epsilon, train_federated  # Flower, only when needed
 
-        metrics, curve = train_federated(job.run, job.sites, exp.steps, exp.rounds, job.seed, job.folder)
+        metrics, curve = train_federated(job.run, job.config, job.sites, exp.steps, exp.rounds, job.seed, job.folder)
         for point in curve:
             job.show(point)
         return JobResult(metrics, curve, curve[-1].seconds if curve else 0.0, job.sites,
