@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import ConfigError, dataclass_from_mapping
+from common.config import ConfigError, dataclass_from_mapping, defaults_from_conf
 from common.data.sites import SiteData
 from common.model import UnifiedViTGAN
 
@@ -41,12 +41,13 @@ MIB = 1 << 20
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("config.yaml", "client")
 class CacheConfig:
     """The run config's ``client`` section (conf/config.yaml)."""
 
-    cache: bool = True
-    cache_sites: int = 128
-    cache_mib: int = 4096
+    cache: bool
+    cache_sites: int
+    cache_mib: int
 
     def __post_init__(self) -> None:
         if self.cache_sites < 1 or self.cache_mib < 1:

@@ -72,27 +72,51 @@ def _nested_dataclass(cls: type, name: str) -> type | None:
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read one YAML file of the config tree as a plain dict, naming the file on failure."""
+def load_yaml(path: Path, section: str | None = None) -> dict[str, Any]:
+    """Read one YAML file of the config tree as a plain dict, naming the file on failure; with
+    ``section`` (a dotted key), only that part, resolved on its own (the rest may hold
+    interpolations that only Hydra resolves, such as ``${now:...}``)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        node = OmegaConf.load(path)
     except Exception as error:  # OmegaConf raises several YAML error types
         raise ConfigError(f"cannot parse {path}: {error}") from error
+    where = f"{path}" + (f" ({section})" if section else "")
+    if section:
+        node = OmegaConf.select(node, section, default=None)
+        if node is None:
+            raise ConfigError(f"{where}: the file has no section {section!r}")
+    try:
+        loaded = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except Exception as error:
+        raise ConfigError(f"cannot resolve {where}: {error}") from error
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     return loaded
 
 
-def defaults_from_conf(relative_path: str) -> Callable[[type[T]], type[T]]:
+#: ``dataclasses.field`` metadata key of a field set from another config section by the code that
+#: builds the section (e.g. ``augment.symmetries`` from ``data.symmetries``): the one kind of field
+#: ``defaults_from_conf`` lets keep a default in code, because it is not a key of its own file.
+DERIVED_FROM = "derived_from"
+
+
+def derived_field(default: Any, source: str) -> Any:
+    """A dataclass field that no config file sets: its builder copies it from ``source`` (a dotted
+    key of the run config); ``default`` stands until it does."""
+    return dataclasses.field(default=default, metadata={DERIVED_FROM: source})
+
+
+def defaults_from_conf(relative_path: str, section: str | None = None) -> Callable[[type[T]], type[T]]:
     """Class decorator, written under ``@dataclass``: every field of the class takes its default
-    from ``conf/<relative_path>``, which must set each one. The YAML is then the only place a default
-    is written; ``Cls()`` is the section as conf/ ships it (read once, on first use), and
-    ``Cls(key=value)`` changes one key of it. A field given a value in the class body is refused."""
+    from ``conf/<relative_path>`` (from its ``section``, a dotted key, when given), which must set
+    each one. The YAML is then the only place a default is written; ``Cls()`` is the section as
+    conf/ ships it (read once, on first use), and ``Cls(key=value)`` changes one key of it. A field
+    given a value in the class body is refused, except a ``derived_field`` (set from another section)."""
 
     def decorate(cls: type[T]) -> type[T]:
-        where = f"conf/{relative_path}"
+        where = f"conf/{relative_path}" + (f" ({section})" if section else "")
         built: dict[str, Any] = {}
 
         def shipped() -> Any:
@@ -101,19 +125,23 @@ def defaults_from_conf(relative_path: str) -> Callable[[type[T]], type[T]]:
                     return None  # a key the file lacks: named by the caller below
                 built["building"] = True
                 try:
-                    built["value"] = dataclass_from_mapping(cls, load_yaml(CONF_DIR / relative_path), where)
+                    values = load_yaml(CONF_DIR / relative_path, section)
+                    built["value"] = dataclass_from_mapping(cls, values, where)
                 finally:
                     built["building"] = False
             return built["value"]
 
         def default(name: str) -> Any:
-            section = shipped()
-            if section is None:
+            shipped_section = shipped()
+            if shipped_section is None:
                 raise ConfigError(f"{where}: missing required key {name!r} (it holds {cls.__name__}'s defaults)")
-            return copy.deepcopy(getattr(section, name))
+            return copy.deepcopy(getattr(shipped_section, name))
 
         for name in cls.__dict__.get("__annotations__", {}):
             if name in cls.__dict__:
+                value = cls.__dict__[name]
+                if isinstance(value, dataclasses.Field) and DERIVED_FROM in value.metadata:
+                    continue
                 raise TypeError(f"{cls.__name__}.{name} has a default in code; its default belongs in {where}")
             setattr(cls, name, dataclasses.field(default_factory=functools.partial(default, name)))
         return cls

@@ -54,8 +54,8 @@ class AggregationConfig:
     """``federation.aggregation``: one rule per group and the federation-wide influence bounds."""
 
     rules: Mapping[str, GroupPolicy]  # each group's policy, the federation-wide bounds included
-    max_weight_share: float | str = AUTO_SHARE  # a share in (0, 1], or "auto": max(2/n, 0.5) of n hospitals
-    clip_update_norm: float | None = None
+    max_weight_share: float | str  # a share in (0, 1], or "auto": max(2/n, 0.5) of n hospitals
+    clip_update_norm: float | None  # k: each update clipped to k x the round's median norm; None: off
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> AggregationConfig:
@@ -66,8 +66,11 @@ class AggregationConfig:
         missing = [g for g in GROUPS if g not in section]
         if missing:
             raise ConfigError(f"{where}: rules missing for groups {missing}")
-        clip = section.get("clip_update_norm")
-        share = section.get("max_weight_share", AUTO_SHARE)
+        bounds = [key for key in FEDERATION_WIDE if key not in section]
+        if bounds:
+            raise ConfigError(f"{where}: missing required key(s) {bounds} (conf/federation/default.yaml sets them)")
+        clip = section["clip_update_norm"]
+        share = section["max_weight_share"]
         if not isinstance(share, str):
             share = float(share)
         clip = None if clip is None else float(clip)

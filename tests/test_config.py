@@ -8,20 +8,70 @@ from pathlib import Path
 import pytest
 
 import common.config as config_module
-from common.config import CONF_DIR, ConfigError, defaults_from_conf, load_yaml
-from common.model import model_preset
+from common.config import CONF_DIR, DERIVED_FROM, ConfigError, dataclass_from_mapping, defaults_from_conf, derived_field, load_yaml
+from common.model import ModelConfig, model_preset
 from common.train import TrainConfig, train_config
+
+
+def _code_defaults(cls: type) -> list[str]:
+    """Fields of ``cls`` with a default written in code (a derived field, set from another section, aside)."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING and DERIVED_FROM not in f.metadata]
 
 
 def test_the_train_and_privacy_defaults_are_written_in_conf_alone() -> None:
     from common.privacy.config import PrivacyConfig, privacy_config
 
     for cls in (TrainConfig, PrivacyConfig):
-        in_code = [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
-        assert in_code == [], f"{cls.__name__} writes defaults in code: {in_code}"
+        assert _code_defaults(cls) == [], f"{cls.__name__} writes defaults in code: {_code_defaults(cls)}"
     assert train_config(load_yaml(CONF_DIR / "train" / "default.yaml")) == TrainConfig()
     assert privacy_config(load_yaml(CONF_DIR / "privacy" / "default.yaml")) == PrivacyConfig()
     assert TrainConfig(batch_size=8) == dataclasses.replace(TrainConfig(), batch_size=8)
+
+
+def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf() -> None:
+    from client.site_cache import CacheConfig
+    from common.train.adversarial_scale import AdversarialTrunkConfig
+    from common.train.augment import AugmentConfig
+    from common.train.config import OptimConfig, SemiSupervisedConfig
+    from common.train.gate import PseudoLabelGateConfig
+    from common.train.selection import SelectionConfig
+    from common.train.weighting import WeightingConfig
+
+    train = "train/default.yaml"
+    sections = {OptimConfig: (train, "optim"), SemiSupervisedConfig: (train, "semi_supervised"),
+                SelectionConfig: (train, "selection"), PseudoLabelGateConfig: (train, "pseudo_label_gate"),
+                AdversarialTrunkConfig: (train, "adversarial_trunk"), WeightingConfig: (train, "weighting"),
+                AugmentConfig: (train, "augment"), CacheConfig: ("config.yaml", "client")}
+    for cls, (path, section) in sections.items():
+        assert _code_defaults(cls) == [], f"{cls.__name__} writes defaults in code: {_code_defaults(cls)}"
+        assert cls() == dataclass_from_mapping(cls, load_yaml(CONF_DIR / path, section), section), cls.__name__
+    # The pseudo-labels and the classifier's view share a class with another section, and keep their own values.
+    shipped = TrainConfig()
+    assert shipped.pseudo_label.confidence_threshold != SelectionConfig().confidence_threshold
+    assert shipped.classifier_augment.cutout != AugmentConfig().cutout
+    # The symmetries follow data.symmetries: the one field a builder sets from another section.
+    assert [f.name for f in dataclasses.fields(AugmentConfig) if DERIVED_FROM in f.metadata] == ["symmetries"]
+    assert train_config(load_yaml(CONF_DIR / "train" / "default.yaml"), symmetries="none").augment.symmetries == "none"
+
+
+def test_model_sizes_live_in_the_presets_alone() -> None:
+    fields = dataclasses.fields(ModelConfig)
+    assert [f.name for f in fields if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING] == []  # type: ignore[misc]
+    with pytest.raises(ConfigError, match=r"model: missing required key 'name'"):
+        dataclass_from_mapping(ModelConfig, {}, "model")
+
+
+def test_the_aggregation_bounds_come_from_conf(tmp_path: Path) -> None:
+    from server.strategy import AggregationConfig
+
+    section = load_yaml(CONF_DIR / "federation" / "default.yaml", "aggregation")
+    assert _code_defaults(AggregationConfig) == []
+    assert AggregationConfig.from_config(section).clip_update_norm == section["clip_update_norm"]
+    without = {k: v for k, v in section.items() if k != "max_weight_share"}
+    with pytest.raises(ConfigError, match=r"federation\.aggregation: missing required key\(s\) \['max_weight_share'\]"):
+        AggregationConfig.from_config(without)
 
 
 def test_a_dataclass_takes_its_defaults_from_its_conf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,6 +103,25 @@ def test_a_dataclass_takes_its_defaults_from_its_conf_file(tmp_path: Path, monke
         @defaults_from_conf("section.yaml")
         class Coded:
             size: int = 1
+
+    (tmp_path / "nested.yaml").write_text("outer:\n  inner:\n    size: 4\n    names: [x]\nother: ${now:%H}\n")
+
+    @dataclasses.dataclass(frozen=True)
+    @defaults_from_conf("nested.yaml", "outer.inner")
+    class Inner:
+        size: int
+        names: list[str]
+        mode: str = derived_field("d4", "data.symmetries")
+
+    assert Inner() == Inner(4, ["x"], "d4")  # the section alone is resolved: Hydra's ${now:...} elsewhere is no error
+
+    @dataclasses.dataclass(frozen=True)
+    @defaults_from_conf("nested.yaml", "outer.absent")
+    class Absent:
+        size: int
+
+    with pytest.raises(ConfigError, match=r"nested.yaml \(outer.absent\): the file has no section 'outer.absent'"):
+        Absent()
 
 
 def test_unknown_key_is_named() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,7 +52,7 @@ def test_every_state_dict_entry_is_in_exactly_one_group(tiny_cfg: ModelConfig) -
 
 
 def test_classifier_blocks_and_spectral_norm_stay_inside_groups() -> None:
-    cfg = ModelConfig(classifier_depth=1, spectral_norm=True)
+    cfg = dataclasses.replace(model_preset("tiny"), classifier_depth=1, spectral_norm=True)
     model = build_model(cfg, num_classes=3)
     keys = split_groups(model.state_dict())
     assert any(".blocks." in k for k in keys["classifier"])
@@ -93,6 +95,6 @@ def test_class_projection_changes_the_score_with_the_label(tiny_cfg: ModelConfig
 
 def test_bad_model_configs_are_refused() -> None:
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        ModelConfig(image_size=30, patch_size=4)
+        dataclasses.replace(model_preset("tiny"), image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="divisible"):
-        ModelConfig(embed_dim=30, num_heads=4)
+        dataclasses.replace(model_preset("tiny"), embed_dim=30, num_heads=4)

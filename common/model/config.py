@@ -17,26 +17,29 @@ class ModelConfig:
     ``generator_depth`` self-modulated blocks whose style comes from ``z_dim`` noise and a
     ``class_embed_dim`` class embedding through ``mapping_layers`` MLP layers; ``z`` also seeds each
     token through a ``token_noise_dim``-wide map (0: position tokens only).
+
+    Every field is required: the sizes live in the presets alone (``model_preset("tiny")``, then
+    ``dataclasses.replace`` to change one).
     """
 
-    name: str = "custom"
-    image_size: int = 32
-    patch_size: int = 4
-    embed_dim: int = 64
-    depth: int = 3
-    num_heads: int = 4
-    mlp_ratio: float = 2.0
-    classifier_depth: int = 0
-    generator_embed_dim: int = 64
-    generator_depth: int = 2
-    generator_num_heads: int = 4
-    z_dim: int = 64
-    class_embed_dim: int = 32
-    style_dim: int = 64
-    mapping_layers: int = 2
-    token_noise_dim: int = 8
-    qkv_bias: bool = True
-    spectral_norm: bool = False
+    name: str
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    classifier_depth: int
+    generator_embed_dim: int
+    generator_depth: int
+    generator_num_heads: int
+    z_dim: int
+    class_embed_dim: int
+    style_dim: int
+    mapping_layers: int
+    token_noise_dim: int
+    qkv_bias: bool
+    spectral_norm: bool
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:

@@ -19,17 +19,20 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import defaults_from_conf
+
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "adversarial_trunk")
 class AdversarialTrunkConfig:
     """``conf/train/*.yaml``: ``adversarial_trunk``."""
 
-    scale: float = 1.0  # the scale (adaptive: its upper bound and starting value)
-    adaptive: bool = False
-    target: float = 0.6  # E[sign D(real)] above which D counts as winning (ADA's target)
-    rate: float = 0.01  # change of log(scale) per step
-    min_scale: float = 0.01  # adaptive: lower bound
-    momentum: float = 0.9  # moving average of the per-step signal
+    scale: float  # the scale (adaptive: its upper bound and starting value)
+    adaptive: bool
+    target: float  # E[sign D(real)] above which D counts as winning (ADA's target)
+    rate: float  # change of log(scale) per step
+    min_scale: float  # adaptive: lower bound
+    momentum: float  # moving average of the per-step signal
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale <= 1.0:

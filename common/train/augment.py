@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.config import defaults_from_conf, derived_field
 from common.train.transfer import to_device
 
 #: Label-safe symmetry groups a data set can declare (``data.symmetries``): the 8 symmetries of the
@@ -23,14 +24,15 @@ SYMMETRIES: tuple[str, ...] = ("d4", "flips", "none")
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "augment")
 class AugmentConfig:
     """Which transforms run, and how strong they are (``conf/train/*.yaml``: ``augment``)."""
 
-    enabled: bool = True
-    color: bool = True
-    translation: float = 0.125  # max shift as a fraction of the side; 0 disables
-    cutout: float = 0.25  # side of the erased square as a fraction; 0 disables
-    symmetries: str = "d4"  # d4 | flips | none: set from data.symmetries (``with_symmetries``), not by hand
+    enabled: bool
+    color: bool
+    translation: float  # max shift as a fraction of the side; 0 disables
+    cutout: float  # side of the erased square as a fraction; 0 disables
+    symmetries: str = derived_field("d4", "data.symmetries")  # d4 | flips | none: set by ``with_symmetries``, not by hand
 
     def __post_init__(self) -> None:
         if self.symmetries not in SYMMETRIES:

@@ -43,29 +43,30 @@ def learning_rate_warmup(cfg: OptimConfig, step: int) -> float:
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "optim")
 class OptimConfig:
     """Adam with betas (0, 0.99) for G (ViTGAN/StyleGAN practice); for the shared trunk (with D's
     own layers) and the head the plain classifier's AdamW (lr 1e-3, betas (0.9, 0.999), decay 0.05)."""
 
-    lr_generator: float = 1e-4
-    lr_discriminator: float = 1e-3
-    lr_classifier: float = 1e-3
-    lr_loss_weights: float = 1e-2
-    gan_betas: tuple[float, float] = (0.0, 0.99)
-    discriminator_betas: tuple[float, float] | None = (0.9, 0.999)  # null: gan_betas (the trunk learns with D)
-    discriminator_weight_decay: float = 0.05
-    classifier_weight_decay: float = 0.05
-    schedule: str = "constant"  # constant | cosine (every learning rate decays to 0 over schedule_steps)
-    schedule_steps: int | None = None  # the run's total local steps per hospital (needed by cosine)
-    warmup_fraction: float = 0.0  # linear warm-up over this fraction of schedule_steps (0: none)
+    lr_generator: float
+    lr_discriminator: float
+    lr_classifier: float
+    lr_loss_weights: float
+    gan_betas: tuple[float, float]
+    discriminator_betas: tuple[float, float] | None  # null: gan_betas (the trunk learns with D)
+    discriminator_weight_decay: float
+    classifier_weight_decay: float
+    schedule: str  # constant | cosine (every learning rate decays to 0 over schedule_steps)
+    schedule_steps: int | None  # the run's total local steps per hospital (needed by cosine)
+    warmup_fraction: float  # linear warm-up over this fraction of schedule_steps (0: none)
     # joint: the trunk learns from D's and C's losses through one optimiser (the discriminator's);
     # split: C's losses reach the trunk through a classifier's AdamW of their own (below), D's
     # adversarial loss through the discriminator's optimiser, each with its own moments.
-    trunk_update: str = "joint"
-    lr_trunk_classifier: float = 1e-3
-    trunk_classifier_betas: tuple[float, float] = (0.9, 0.999)
-    trunk_classifier_weight_decay: float = 0.05
-    fused: bool | None = None  # fused Adam/AdamW kernels; None: on CUDA, not on the CPU
+    trunk_update: str
+    lr_trunk_classifier: float
+    trunk_classifier_betas: tuple[float, float]
+    trunk_classifier_weight_decay: float
+    fused: bool | None  # fused Adam/AdamW kernels; None: on CUDA, not on the CPU
 
     def __post_init__(self) -> None:
         if self.fused is not None and not isinstance(self.fused, bool):
@@ -106,6 +107,7 @@ AMP_MODES = ("none", "bf16")
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "semi_supervised")
 class SemiSupervisedConfig:
     """``method: semi_supervised``: FixMatch (Sohn et al. 2020) on the same trunk, no generator.
 
@@ -114,8 +116,8 @@ class SemiSupervisedConfig:
     it with weight ``unlabelled_weight``.
     """
 
-    confidence_threshold: float = 0.95
-    unlabelled_weight: float = 1.0
+    confidence_threshold: float
+    unlabelled_weight: float
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence_threshold <= 1.0:

@@ -22,18 +22,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.config import defaults_from_conf
 from common.evaluation.metrics import predict_probabilities
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "pseudo_label_gate")
 class PseudoLabelGateConfig:
     """``train.pseudo_label_gate`` (see the module docstring)."""
 
-    enabled: bool = False
-    min_precision: float = 0.9
-    min_accepted: int = 10
-    check_every: int = 100
-    batch_size: int = 256
+    enabled: bool
+    min_precision: float
+    min_accepted: int
+    check_every: int
+    batch_size: int
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_precision <= 1.0:

@@ -23,29 +23,32 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import defaults_from_conf
+
 SELECTION_MODES = ("rule", "all", "none")
 #: What a selected loss is averaged over (``SelectionConfig.loss_over``).
 LOSS_NORMALISATIONS = ("kept", "candidates")
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "selection")
 class SelectionConfig:
     """``conf/train/*.yaml``: ``selection`` (generated images) and ``pseudo_label`` (unlabelled reals)."""
 
-    mode: str = "rule"
-    warmup_steps: int = 100
-    confidence_threshold: float = 0.8
-    adaptive: bool = False
-    adaptive_floor: float = 0.5  # an adaptive threshold never falls below this fraction of the fixed one
-    adaptive_momentum: float = 0.99  # exponential mean of each class's pass rate
-    centroid_distance: bool = True
-    distance_quantile: float = 0.9
-    centroid_momentum: float = 0.95
-    history: int = 256
-    min_history: int = 8  # real distances a class needs before its candidates can be kept
+    mode: str
+    warmup_steps: int
+    confidence_threshold: float
+    adaptive: bool
+    adaptive_floor: float  # an adaptive threshold never falls below this fraction of the fixed one
+    adaptive_momentum: float  # exponential mean of each class's pass rate
+    centroid_distance: bool
+    distance_quantile: float
+    centroid_momentum: float
+    history: int
+    min_history: int  # real distances a class needs before its candidates can be kept
     # What the kept candidates' cross-entropy is averaged over: the kept rows alone, or every
     # candidate of the step (FixMatch's normalisation: the loss grows as more candidates pass).
-    loss_over: str = "kept"
+    loss_over: str
 
     def __post_init__(self) -> None:
         if self.loss_over not in LOSS_NORMALISATIONS:

@@ -8,21 +8,24 @@ weight. The ``s_i`` are a hospital's own state: they are never part of the model
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from common.config import defaults_from_conf
+
 
 @dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "weighting")
 class WeightingConfig:
     """``conf/train/*.yaml``: ``weighting``."""
 
-    enabled: bool = True
-    include_adversarial: bool = False  # also balance D's adversarial loss
-    init_log_variance: float = 0.0
-    log_variance_bounds: tuple[float, float] = (0.0, 6.0)  # weight exp(-s) in [e^-6, 1]: finite as a loss -> 0
-    fixed_weights: dict[str, float] = field(default_factory=dict)  # used when disabled (default 1)
+    enabled: bool
+    include_adversarial: bool  # also balance D's adversarial loss
+    init_log_variance: float
+    log_variance_bounds: tuple[float, float]  # weight exp(-s) in [e^-6, 1]: finite as a loss -> 0
+    fixed_weights: dict[str, float]  # used when disabled (default 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_variance_bounds", tuple(float(b) for b in self.log_variance_bounds))
