@@ -37,12 +37,17 @@ def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf
     from common.train.gate import PseudoLabelGateConfig
     from common.train.selection import SelectionConfig
     from common.train.weighting import WeightingConfig
+    from simulations.experiments.config import ExperimentConfig, GeneratorQualityConfig
+    from simulations.experiments.two_stage import TwoStageConfig
 
     train = "train/default.yaml"
     sections = {OptimConfig: (train, "optim"), SemiSupervisedConfig: (train, "semi_supervised"),
                 SelectionConfig: (train, "selection"), PseudoLabelGateConfig: (train, "pseudo_label_gate"),
                 AdversarialTrunkConfig: (train, "adversarial_trunk"), WeightingConfig: (train, "weighting"),
-                AugmentConfig: (train, "augment"), CacheConfig: ("config.yaml", "client")}
+                AugmentConfig: (train, "augment"), CacheConfig: ("config.yaml", "client"),
+                ExperimentConfig: ("experiments.yaml", "experiment"),
+                TwoStageConfig: ("experiments.yaml", "experiment.two_stage"),
+                GeneratorQualityConfig: ("experiments.yaml", "experiment.generator_quality")}
     for cls, (path, section) in sections.items():
         assert _code_defaults(cls) == [], f"{cls.__name__} writes defaults in code: {_code_defaults(cls)}"
         assert cls() == dataclass_from_mapping(cls, load_yaml(CONF_DIR / path, section), section), cls.__name__

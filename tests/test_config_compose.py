@@ -44,6 +44,7 @@ def test_every_option_of_every_group_builds_the_typed_config(group: str, option:
 def test_every_experiment_builds_the_typed_config(name: str) -> None:
     run = plain_config(compose_config([f"experiment={name}"], config_name="experiments"))
     exp = experiment_config(run["experiment"])
+    assert exp.name == name  # the experiment's file overrides conf/experiments.yaml's defaults, not the reverse
     for variant in exp.variants:  # as the runner builds each of its runs
         _typed(variant_run(run, exp, load_variant(variant), seed=0))
 

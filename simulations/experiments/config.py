@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from common.config import dataclass_from_mapping
+from common.config import dataclass_from_mapping, defaults_from_conf
 
 # Each module registers its procedures (simulations/experiments/procedures.py); a new one is imported here.
 from simulations.experiments import reference_rows, standard  # noqa: F401
@@ -15,11 +15,12 @@ from simulations.experiments.variants import SETTINGS, load_variant
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("experiments.yaml", "experiment.generator_quality")
 class GeneratorQualityConfig:
     """``experiment.generator_quality``: generated patches per class compared with real ones."""
 
-    enabled: bool = True
-    samples_per_class: int = 100
+    enabled: bool
+    samples_per_class: int
 
 
 def variant_procedure(variant: str) -> Procedure:
@@ -31,22 +32,23 @@ def variant_procedure(variant: str) -> Procedure:
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("experiments.yaml", "experiment")
 class ExperimentConfig:
     """Which (variant, setting, seed) runs, with what budget, and how often they are evaluated."""
 
-    name: str = "experiment"
-    variants: tuple[str, ...] = ("plain", "unified")
-    settings: tuple[str, ...] = ("centralized",)
-    setting_variants: dict[str, list[str]] = field(default_factory=dict)  # setting -> the variants it runs (of variants)
-    seeds: tuple[int, ...] = (0, 1)
-    steps: int = 1000  # local steps per hospital, every variant alike (split over rounds when federated)
-    eval_every: int = 250  # steps between evaluation points of the curves
-    rounds: int = 5  # federated rounds (steps must be a multiple)
-    threads: int | None = None  # torch CPU threads per run (null: torch's default; 1 with several workers)
-    workers: int = 1  # runs of the centralized and local settings trained side by side, one process each
-    training_seed_offset: int = 0  # added to the seed of initial weights and batch order only (data unchanged)
-    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
-    generator_quality: GeneratorQualityConfig = field(default_factory=GeneratorQualityConfig)
+    name: str
+    variants: tuple[str, ...]
+    settings: tuple[str, ...]
+    setting_variants: dict[str, list[str]]  # setting -> the variants it runs (of variants)
+    seeds: tuple[int, ...]
+    steps: int  # local steps per hospital, every variant alike (split over rounds when federated)
+    eval_every: int  # steps between evaluation points of the curves
+    rounds: int  # federated rounds (steps must be a multiple)
+    threads: int | None  # torch CPU threads per run (null: torch's default; 1 with several workers)
+    workers: int  # runs of the centralized and local settings trained side by side, one process each
+    training_seed_offset: int  # added to the seed of initial weights and batch order only (data unchanged)
+    two_stage: TwoStageConfig
+    generator_quality: GeneratorQualityConfig
 
     def __post_init__(self) -> None:
         for name in ("variants", "settings", "seeds"):

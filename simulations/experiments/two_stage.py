@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import defaults_from_conf
 from common.data.base import ArrayPatches, ConcatPatches, PatchSubset, tensor_to_uint8
 from common.data.sites import SiteData
 from common.run_config import run_config
@@ -32,12 +33,13 @@ from simulations.experiments.variants import apply_overrides, load_variant
 
 
 @dataclass(frozen=True)
+@defaults_from_conf("experiments.yaml", "experiment.two_stage")
 class TwoStageConfig:
     """``experiment.two_stage``."""
 
-    gan_fraction: float = 0.5
-    generated_per_class: int = 100
-    classifier_variant: str = "plain"
+    gan_fraction: float
+    generated_per_class: int
+    classifier_variant: str
 
 
 @torch.no_grad()
