@@ -14,7 +14,10 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
+
+from common.config import dataclass_from_mapping, defaults_from_conf
 
 logger = logging.getLogger("fedvitgan.progress")
 
@@ -145,10 +148,20 @@ class TrainingProgress(Progress):
         self.update(step, {k: v for k, v in losses.items() if not k.startswith("adv_generator")})
 
 
+@dataclass(frozen=True)
+@defaults_from_conf("config.yaml", "console")
+class ConsoleConfig:
+    """The run config's ``console`` section (conf/config.yaml explains each key)."""
+
+    quiet: bool
+    progress: str  # auto | bar | log | off
+    progress_every_s: float
+
+
 def training_progress(console: Mapping[str, Any] | None, label: str, total: int) -> TrainingProgress | None:
-    """The training progress callback the run's ``console`` section asks for (None when quiet or off)."""
-    console = console or {}
-    mode = str(console.get("progress", "auto"))
-    if console.get("quiet") or mode == "off":
+    """The training progress callback the run's ``console`` section asks for (None when quiet or off);
+    keys the section lacks take conf/config.yaml's values."""
+    cfg = dataclass_from_mapping(ConsoleConfig, console or {}, "console")
+    if cfg.quiet or cfg.progress == "off":
         return None
-    return TrainingProgress(label, total, mode=mode, every_s=float(console.get("progress_every_s", 30.0)))
+    return TrainingProgress(label, total, mode=cfg.progress, every_s=float(cfg.progress_every_s))

@@ -101,7 +101,9 @@ def check_secure_aggregation(mode: str, section: Mapping[str, Any], aggregation:
         raise ValueError(f"aggregation.clip_update_norm (clipping to a multiple of the round's median update norm) "
                          f"{why}; set it to null (the preset federation=secaggplus does): each hospital clips its "
                          f"own update to secaggplus.update_norm instead")
-    share = aggregation.get("max_weight_share", "auto")
+    if "max_weight_share" not in aggregation:
+        raise ValueError("aggregation.max_weight_share is missing (conf/federation/default.yaml sets it)")
+    share = aggregation["max_weight_share"]
     if share == "auto" or float(share) < 1.0:
         raise ValueError(f"aggregation.max_weight_share={share} (a cap on one hospital's share of the weight) "
                          f"{why}; set it to 1.0 (the preset federation=secaggplus does): secaggplus.max_weight "

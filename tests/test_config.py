@@ -31,6 +31,7 @@ def test_the_train_and_privacy_defaults_are_written_in_conf_alone() -> None:
 
 def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf() -> None:
     from client.site_cache import CacheConfig
+    from common.progress import ConsoleConfig
     from common.train.adversarial_scale import AdversarialTrunkConfig
     from common.train.augment import AugmentConfig
     from common.train.config import OptimConfig, SemiSupervisedConfig
@@ -45,6 +46,7 @@ def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf
                 SelectionConfig: (train, "selection"), PseudoLabelGateConfig: (train, "pseudo_label_gate"),
                 AdversarialTrunkConfig: (train, "adversarial_trunk"), WeightingConfig: (train, "weighting"),
                 AugmentConfig: (train, "augment"), CacheConfig: ("config.yaml", "client"),
+                ConsoleConfig: ("config.yaml", "console"),
                 ExperimentConfig: ("experiments.yaml", "experiment"),
                 TwoStageConfig: ("experiments.yaml", "experiment.two_stage"),
                 GeneratorQualityConfig: ("experiments.yaml", "experiment.generator_quality")}
