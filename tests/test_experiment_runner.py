@@ -60,6 +60,16 @@ def test_runner_writes_one_entry_per_job_and_a_table_that_matches(tmp_path: Path
                         if r["variant"] == variant and r["setting"] == "centralized"])
         assert abs(shown - mean) < 6e-4, (variant, shown, mean)
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # Each run's test predictions sit in predictions/ (not in results.json), on the same patches for
+    # every variant of a (setting, seed), and the report pairs them with plain's.
+    assert all("test_predictions" not in entry for entry in saved["runs"])
+    labels: dict[tuple[str, int], list[int]] = {}
+    for setting, variant, seed in jobs:
+        kept = json.loads((tmp_path / "predictions" / f"{setting}-{variant}-seed{seed}.json").read_text())
+        entry = next(r for r in saved["runs"] if (r["setting"], r["variant"], r["seed"]) == (setting, variant, seed))
+        assert len(kept["labels"]) == len(kept["predicted"]) == entry["test_examples"]
+        assert labels.setdefault((setting, seed), kept["labels"]) == kept["labels"]
+    assert re.search(r"- unified: seed 0: [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\], seed 1:", centralized)
 
 
 def test_a_stopped_experiment_continues_and_a_changed_one_is_refused(tmp_path: Path) -> None:

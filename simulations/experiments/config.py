@@ -9,6 +9,7 @@ from common.config import dataclass_from_mapping, defaults_from_conf
 
 # Each module registers its procedures (simulations/experiments/procedures.py); a new one is imported here.
 from simulations.experiments import reference_rows, standard  # noqa: F401
+from simulations.experiments.paired import PairedIntervalConfig
 from simulations.experiments.procedures import Procedure, procedure
 from simulations.experiments.two_stage import TwoStageConfig
 from simulations.experiments.variants import SETTINGS, load_variant
@@ -49,6 +50,7 @@ class ExperimentConfig:
     training_seed_offset: int  # added to the seed of initial weights and batch order only (data unchanged)
     two_stage: TwoStageConfig
     generator_quality: GeneratorQualityConfig
+    paired_interval: PairedIntervalConfig  # the report's per-seed intervals against plain
 
     def __post_init__(self) -> None:
         for name in ("variants", "settings", "seeds"):

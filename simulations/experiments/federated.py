@@ -39,7 +39,7 @@ def federated_run_config(run: dict[str, Any], steps: int, rounds: int, seed: int
 
 
 def train_federated(run: dict[str, Any], config: RunConfig, sites: list[SiteData], steps: int, rounds: int,
-                    seed: int, folder: Path) -> tuple[dict[str, float], list[CurvePoint]]:
+                    seed: int, folder: Path) -> tuple[dict[str, Any], list[CurvePoint]]:
     """Run the federation of ``run`` (``config``: the same, typed) into ``folder``; returns pooled final
     metrics and the per-round curve."""
     from simulations.simulate import run_simulation_from_config

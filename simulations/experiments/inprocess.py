@@ -121,10 +121,25 @@ def evaluate_point(sites: Sequence[SiteData], models: Sequence[UnifiedViTGAN], s
     return CurvePoint(step, seconds, val, test.metrics()["balanced_accuracy"])
 
 
-def final_metrics(sites: Sequence[SiteData], models: Sequence[UnifiedViTGAN]) -> dict[str, float]:
-    """Test metrics (pooled over sites) and validation balanced accuracy, for results.json."""
+def final_metrics(sites: Sequence[SiteData], models: Sequence[UnifiedViTGAN]) -> dict[str, Any]:
+    """Test metrics (pooled over sites), validation balanced accuracy and the pooled test predictions
+    (under ``TEST_PREDICTIONS``), for results.json and predictions/."""
     device = next(models[0].parameters()).device
-    metrics = Predictions.pooled([predict(m, s.test, device) for m, s in zip(models, sites)]).metrics()
-    vals = [predict(m, s.val, device) for m, s in zip(models, sites) if s.val is not None]
-    metrics["val_balanced_accuracy"] = Predictions.pooled(vals).metrics()["balanced_accuracy"] if vals else None
+    return pooled_scores([predict(m, s.test, device) for m, s in zip(models, sites)],
+                  [predict(m, s.val, device) for m, s in zip(models, sites) if s.val is not None])
+
+
+#: The key of ``final_metrics``'s pooled test predictions: ``{"labels": [...], "predicted": [...]}``,
+#: in the same patch order for every variant of a (setting, seed), so two variants can be paired.
+TEST_PREDICTIONS = "test_predictions"
+
+
+def pooled_scores(tests: Sequence[Predictions], vals: Sequence[Predictions]) -> dict[str, Any]:
+    """The metrics of per-site test and validation predictions: test metrics pooled over sites, the
+    validation balanced accuracy (None without validation patches) and the pooled test predictions."""
+    test = Predictions.pooled(tests)
+    metrics: dict[str, Any] = dict(test.metrics())
+    metrics["val_balanced_accuracy"] = Predictions.pooled(list(vals)).metrics()["balanced_accuracy"] if vals else None
+    metrics[TEST_PREDICTIONS] = {"labels": test.labels.astype(int).tolist(),
+                                 "predicted": test.probs.argmax(axis=1).astype(int).tolist()}
     return metrics

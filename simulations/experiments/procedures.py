@@ -48,7 +48,7 @@ class Job:
 class JobResult:
     """What a procedure reports: pooled test metrics, the curve, training seconds, and what it scored on."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # final_metrics: the test metrics, val_balanced_accuracy, TEST_PREDICTIONS
     curve: list[CurvePoint]
     seconds: float
     eval_sites: Sequence[SiteData]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import timm
@@ -30,7 +31,7 @@ from common.train import TrainConfig
 from common.train.augment import diff_augment
 from common.train.config import learning_rate_factor
 from common.train.streams import training_batches
-from simulations.experiments.inprocess import CurvePoint, Predictions, evaluate_point
+from simulations.experiments.inprocess import CurvePoint, Predictions, evaluate_point, pooled_scores
 from simulations.experiments.procedures import Job, JobResult, Procedure, register_procedure
 
 
@@ -59,7 +60,7 @@ def _pixels(dataset: PatchDataset) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32) / 255.0, np.asarray(dataset.labels, dtype=np.int64)
 
 
-def train_logistic_regression(sites: Sequence[SiteData], seed: int) -> tuple[dict[str, float], list[CurvePoint], float]:
+def train_logistic_regression(sites: Sequence[SiteData], seed: int) -> tuple[dict[str, Any], list[CurvePoint], float]:
     """Fit one logistic regression per site on its labelled pixels; pooled test metrics, curve, seconds."""
     from sklearn.linear_model import LogisticRegression
 
@@ -79,8 +80,7 @@ def train_logistic_regression(sites: Sequence[SiteData], seed: int) -> tuple[dic
         tests.append(scored(model, site.test, site.train.num_classes))
         if site.val is not None:
             vals.append(scored(model, site.val, site.train.num_classes))
-    metrics = Predictions.pooled(tests).metrics()
-    metrics["val_balanced_accuracy"] = Predictions.pooled(vals).metrics()["balanced_accuracy"] if vals else None
+    metrics = pooled_scores(tests, vals)
     curve = [CurvePoint(0, seconds, metrics["val_balanced_accuracy"], metrics["balanced_accuracy"])]
     return metrics, curve, seconds
 
@@ -94,7 +94,7 @@ def build_small_cnn(num_classes: int, seed: int) -> PlainClassifier:
 
 def train_small_cnn(config: RunConfig, sites: Sequence[SiteData], steps: int, eval_every: int, seed: int,
                     on_point: Callable[[CurvePoint], None] | None = None
-                    ) -> tuple[dict[str, float], list[CurvePoint], float]:
+                    ) -> tuple[dict[str, Any], list[CurvePoint], float]:
     """Train one ResNet-18 per site on its labelled patches for ``steps`` steps (the run's plain
     optimiser settings, batch size, schedule and label-safe augmentation); pooled test metrics,
     curve and training seconds."""

@@ -3,7 +3,9 @@
 Per setting: mean +- std over seeds of each variant's test metrics; the difference to ``plain`` with a
 paired per-seed comparison (the same seed means the same patches, labels and initial weights);
 validation balanced accuracy (what choices are made on); wall seconds; the seconds to first reach
-95 % of ``plain``'s final balanced accuracy; and, for variants with a generator, its quality.
+95 % of ``plain``'s final balanced accuracy; and, for variants with a generator, its quality. Where
+the runs' test predictions were kept (``predictions/``), each seed's difference to ``plain`` comes with
+its paired bootstrap interval over the test patches (``simulations/experiments/paired.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from common.config import dataclass_from_mapping  # noqa: E402
+from simulations.experiments.paired import PairedDifference, PairedIntervalConfig, paired_with_baseline  # noqa: E402
 
 BASELINE = "plain"
 TIME_TO_ACCURACY_FRACTION = 0.95
@@ -156,9 +161,22 @@ def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> st
     return f"{100 * diff['mean']:+.1f} ({seeds}) vs {twin}"
 
 
-def results_markdown(results: dict[str, Any], header: str = "") -> str:
-    """The Markdown report of ``results`` (the content of ``results.json``)."""
+def _paired_interval_config(results: dict[str, Any]) -> PairedIntervalConfig:
+    """The experiment's ``paired_interval`` section (conf/'s, for results written before it existed)."""
+    section = ((results.get("config") or {}).get("experiment") or {}).get("paired_interval") or {}
+    return dataclass_from_mapping(PairedIntervalConfig, section, "experiment.paired_interval")
+
+
+def _bracket(interval: PairedDifference | None) -> str:
+    return "" if interval is None else f" [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
+def results_markdown(results: dict[str, Any], header: str = "",
+                     predictions: Mapping[tuple[str, str, int], Mapping[str, Any]] | None = None) -> str:
+    """The Markdown report of ``results`` (the content of ``results.json``); with the runs' kept test
+    ``predictions`` (by setting, variant, seed) each seed's difference to plain gets its interval."""
     grouped = group_runs(results.get("runs", []))
+    interval = _paired_interval_config(results)
     plotted = privacy_utility_series(results)  # the settings privacy_utility.png shows
     lines = ["# Experiment results", ""]
     if header:
@@ -186,9 +204,15 @@ def results_markdown(results: dict[str, Any], header: str = "") -> str:
                     for name in names if name != BASELINE]
         per_seed = [(n, d) for n, d in per_seed if d is not None]
         if per_seed:
-            lines += ["Per-seed balanced-accuracy difference to `plain`:", ""]
+            intervals = {(name, seed): paired_with_baseline(predictions or {}, setting, name, BASELINE, seed, interval)
+                         for name, diff in per_seed for seed in diff["per_seed"]}
+            lines += ["Per-seed balanced-accuracy difference to `plain`"
+                      + (f" (in brackets: its {interval.level:.0%} paired bootstrap interval over the test patches, "
+                         f"{interval.resamples} draws; the test split's sampling noise only, not retraining's)"
+                         if any(v is not None for v in intervals.values()) else "") + ":", ""]
             for name, diff in per_seed:
-                cells = ", ".join(f"seed {s}: {v:+.3f}" for s, v in sorted(diff["per_seed"].items()))
+                cells = ", ".join(f"seed {s}: {v:+.3f}{_bracket(intervals[(name, s)])}"
+                                  for s, v in sorted(diff["per_seed"].items()))
                 lines.append(f"- {name}: {cells}")
             lines.append("")
         spent = [(n, [r["epsilon"] for r in variants[n] if r.get("epsilon") is not None]) for n in names]

@@ -40,7 +40,8 @@ from common.run_config import run_config  # noqa: E402
 from common.train import run_train_config  # noqa: E402
 from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
-from simulations.experiments.inprocess import CurvePoint  # noqa: E402
+from simulations.experiments.inprocess import TEST_PREDICTIONS, CurvePoint  # noqa: E402
+from simulations.experiments.paired import predictions_path  # noqa: E402
 from simulations.experiments.procedures import Job, procedure  # noqa: E402
 from simulations.experiments.quality import site_generator_quality  # noqa: E402
 from simulations.experiments.report import plot_curves, plot_privacy_utility, results_markdown  # noqa: E402
@@ -102,6 +103,7 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
     entry["test_examples"] = sum(len(s.test) for s in eval_sites)
     entry["val_balanced_accuracy"] = metrics.get("val_balanced_accuracy")
     entry["curve"] = [p.as_dict() for p in curve]
+    entry[TEST_PREDICTIONS] = metrics.get(TEST_PREDICTIONS)  # kept in predictions/, not in results.json
     if exp.generator_quality.enabled and config.train.uses_generator and variant.procedure == "standard":
         if setting == "federated":
             from simulations.experiments.federated import final_global_model
@@ -121,12 +123,38 @@ def _results_header(results: dict[str, Any]) -> str:
             f"another; federated: whole rounds, with the federation's own overhead).")
 
 
+def keep_predictions(folder: Path, entry: dict[str, Any]) -> None:
+    """Move a finished run's pooled test predictions out of its results.json entry into
+    ``predictions/<setting>-<variant>-seed<seed>.json`` (the report pairs them by seed)."""
+    predictions = entry.pop(TEST_PREDICTIONS, None)
+    if not predictions:
+        return
+    path = predictions_path(folder, entry["setting"], entry["variant"], entry["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(predictions))
+    os.replace(tmp, path)
+
+
+def load_predictions(folder: Path, runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The kept test predictions of ``runs`` (those that have a readable file), by (setting, variant, seed)."""
+    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for run in runs:
+        path = predictions_path(folder, run["setting"], run["variant"], run["seed"])
+        try:
+            found[(run["setting"], run["variant"], run["seed"])] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a run recorded before predictions were kept, or a damaged file: no interval for it
+    return found
+
+
 def write_outputs(folder: Path, results: dict[str, Any]) -> None:
     """results.json, results.md and curves.png (rewritten after every run)."""
     tmp = folder / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
     os.replace(tmp, folder / "results.json")
-    (folder / "results.md").write_text(results_markdown(results, _results_header(results)) + "\n")
+    predictions = load_predictions(folder, results.get("runs", []))
+    (folder / "results.md").write_text(results_markdown(results, _results_header(results), predictions) + "\n")
     plot_curves(results, folder / "curves.png")
     plot_privacy_utility(results, folder / "privacy_utility.png")
 
@@ -180,6 +208,7 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
     def record(entry: dict[str, Any]) -> None:
         nonlocal finished
         finished += 1
+        keep_predictions(folder, entry)
         results["runs"].append(entry)
         write_outputs(folder, results)
         _say(f"[{finished}/{total}] {entry['variant']} / {entry['setting']} / seed {entry['seed']}: test balanced "
