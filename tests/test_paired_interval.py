@@ -77,3 +77,18 @@ def test_the_report_brackets_each_seed_whose_two_runs_kept_their_predictions(tmp
     assert line.endswith("seed 1: -0.100")  # no predictions, no bracket
     assert "paired bootstrap interval over the test patches" in text
     assert "paired bootstrap" not in results_markdown({"variants": ["plain", "unified"], "runs": runs})
+    assert "difference to `semi_supervised`" not in text  # FixMatch did not run here
+
+
+def test_fixmatch_gets_its_own_per_seed_comparison_where_it_ran(tmp_path: Path) -> None:
+    labels, a = _predictions(300, 0.9, seed=0)
+    _, b = _predictions(300, 0.85, seed=1)
+    record = lambda predicted: {"labels": labels.tolist(), "predicted": predicted.tolist()}  # noqa: E731
+    runs = [_entry("plain", 0, 0.8, record(b)), _entry("semi_supervised", 0, 0.85, record(b)),
+            _entry("unified", 0, 0.9, record(a))]
+    for entry in runs:
+        keep_predictions(tmp_path, entry)
+    text = results_markdown({"variants": ["plain", "semi_supervised", "unified"], "runs": runs},
+                            predictions=load_predictions(tmp_path, runs))
+    block = text.split("difference to `semi_supervised`")[1].split("\n\n", 2)[1]
+    assert block.startswith("- plain: seed 0: -0.050 [") and "- unified: seed 0: +0.050 [" in block

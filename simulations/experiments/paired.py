@@ -30,8 +30,10 @@ class PairedIntervalConfig:
     resamples: int  # bootstrap draws of the test patches
     level: float  # central coverage of the interval (0.95: the 2.5th to the 97.5th percentile)
     seed: int  # of the draws (the same for every pair, so a report is reproducible)
+    also_against: tuple[str, ...]  # variants compared seed by seed besides plain, where they ran (e.g. FixMatch's)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "also_against", tuple(self.also_against))
         if self.resamples < 100:
             raise ValueError(f"experiment.paired_interval.resamples must be >= 100, got {self.resamples}")
         if not 0.5 <= self.level < 1.0:

@@ -171,6 +171,28 @@ def _bracket(interval: PairedDifference | None) -> str:
     return "" if interval is None else f" [{interval.low:+.3f}, {interval.high:+.3f}]"
 
 
+def _per_seed_lines(setting: str, names: Sequence[str], variants: Mapping[str, list[dict[str, Any]]], baseline: str,
+                    predictions: Mapping[tuple[str, str, int], Mapping[str, Any]],
+                    interval: PairedIntervalConfig) -> list[str]:
+    """Each variant's per-seed balanced-accuracy difference to ``baseline`` (with its paired interval
+    where both runs kept their test predictions); nothing when ``baseline`` did not run here."""
+    per_seed = [(name, paired_difference(variants[name], variants.get(baseline, [])))
+                for name in names if name != baseline]
+    found = [(n, d) for n, d in per_seed if d is not None]
+    if not found:
+        return []
+    intervals = {(name, seed): paired_with_baseline(predictions, setting, name, baseline, seed, interval)
+                 for name, diff in found for seed in diff["per_seed"]}
+    lines = [f"Per-seed balanced-accuracy difference to `{baseline}`"
+             + (f" (in brackets: its {interval.level:.0%} paired bootstrap interval over the test patches, "
+                f"{interval.resamples} draws; the test split's sampling noise only, not retraining's)"
+                if any(v is not None for v in intervals.values()) else "") + ":", ""]
+    for name, diff in found:
+        cells = ", ".join(f"seed {s}: {v:+.3f}{_bracket(intervals[(name, s)])}" for s, v in sorted(diff["per_seed"].items()))
+        lines.append(f"- {name}: {cells}")
+    return [*lines, ""]
+
+
 def results_markdown(results: dict[str, Any], header: str = "",
                      predictions: Mapping[tuple[str, str, int], Mapping[str, Any]] | None = None) -> str:
     """The Markdown report of ``results`` (the content of ``results.json``); with the runs' kept test
@@ -200,21 +222,8 @@ def results_markdown(results: dict[str, Any], header: str = "",
             seconds = _mean_std([r["seconds"] for r in runs])[0]
             lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {val} | {diff_text} | {below} | {seconds:.0f} |")
         lines.append("")
-        per_seed = [(name, paired_difference(variants[name], variants.get(BASELINE, [])))
-                    for name in names if name != BASELINE]
-        per_seed = [(n, d) for n, d in per_seed if d is not None]
-        if per_seed:
-            intervals = {(name, seed): paired_with_baseline(predictions or {}, setting, name, BASELINE, seed, interval)
-                         for name, diff in per_seed for seed in diff["per_seed"]}
-            lines += ["Per-seed balanced-accuracy difference to `plain`"
-                      + (f" (in brackets: its {interval.level:.0%} paired bootstrap interval over the test patches, "
-                         f"{interval.resamples} draws; the test split's sampling noise only, not retraining's)"
-                         if any(v is not None for v in intervals.values()) else "") + ":", ""]
-            for name, diff in per_seed:
-                cells = ", ".join(f"seed {s}: {v:+.3f}{_bracket(intervals[(name, s)])}"
-                                  for s, v in sorted(diff["per_seed"].items()))
-                lines.append(f"- {name}: {cells}")
-            lines.append("")
+        for baseline in [BASELINE, *(b for b in interval.also_against if b != BASELINE)]:
+            lines += _per_seed_lines(setting, names, variants, baseline, predictions or {}, interval)
         spent = [(n, [r["epsilon"] for r in variants[n] if r.get("epsilon") is not None]) for n in names]
         if any(values for _, values in spent):
             lines += ["Privacy: the largest epsilon any hospital reported (per hospital, never summed; the run's "
