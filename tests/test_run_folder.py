@@ -3,6 +3,7 @@ the tracking names, on small hand-written run folders (no training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from simulations.run_folder import RunFolderError, resolve_checkpoint
 from simulations.run_model import load_run_model
 from simulations.tracking import flatten, metric_key, round_metrics
 
-CONFIG = {"seed": 3, "model": {"name": "tiny"}, "federation": {"rounds": 3, "num_sites": 2},
+CONFIG = {"seed": 3, "model": dataclasses.asdict(model_preset("tiny")),  # as a run records it: every size
+          "federation": {"rounds": 3, "num_sites": 2},
           "data": {"name": "synthetic"}, "partition": {"name": "iid"}, "privacy": {"enabled": False}}
 
 
