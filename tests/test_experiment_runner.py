@@ -110,6 +110,15 @@ def test_unknown_variants_and_impossible_grids_are_refused() -> None:
                                 "experiment.setting_variants.federated=[two_stage]"])["experiment"])
     with pytest.raises(ConfigError, match="multiple of rounds"):
         experiment_config(_run(["experiment.settings=[federated]", "experiment.rounds=3"])["experiment"])
+    # A grid that setting_variants empties runs nothing: refused, naming the key; a partly empty one
+    # names the settings it skips.
+    with pytest.raises(ConfigError, match=r"no run to do: experiment.setting_variants leaves none of the variants "
+                                          r"\['semi_supervised'\] in the settings \['federated'\]"):
+        experiment_config(_run(["experiment.variants=[semi_supervised]", "experiment.settings=[federated]",
+                                "experiment.setting_variants.federated=[plain]"])["experiment"])
+    partly = experiment_config(_run(["experiment.variants=[semi_supervised]", "experiment.settings=[centralized,federated]",
+                                     "experiment.setting_variants.federated=[plain]"])["experiment"])
+    assert partly.settings_left_empty() == ["federated"] and [j[0] for j in partly.jobs()] == ["centralized"] * 2
 
 
 def test_a_dp_variant_outside_the_federated_setting_is_refused_before_any_training(tmp_path: Path) -> None:

@@ -80,6 +80,10 @@ class ExperimentConfig:
         if self.training_seed_offset and "federated" in self.settings:
             raise ValueError("training_seed_offset applies to the centralized and local settings only (a federated "
                              "simulation seeds its hospitals from the run's seed)")
+        if not self.jobs():
+            raise ValueError(f"no run to do: experiment.setting_variants leaves none of the variants {list(self.variants)} "
+                             f"in the settings {list(self.settings)} (it lists {self.setting_variants}); add them there "
+                             f"(e.g. experiment.setting_variants.{self.settings[0]}=[{','.join(self.variants)}])")
         if "federated" in self.settings and (self.rounds < 1 or self.steps % self.rounds):
             raise ValueError(f"steps ({self.steps}) must be a multiple of rounds ({self.rounds}) for the federated setting")
 
@@ -88,6 +92,10 @@ class ExperimentConfig:
         if setting not in self.setting_variants:
             return list(self.variants)
         return [v for v in self.variants if v in self.setting_variants[setting]]
+
+    def settings_left_empty(self) -> list[str]:
+        """The settings ``setting_variants`` leaves without any of ``variants`` (they run nothing)."""
+        return [s for s in self.settings if not self.variants_for(s)]
 
     def jobs(self) -> list[tuple[str, str, int]]:
         """Every (setting, variant, seed) to run, in running order."""

@@ -214,6 +214,9 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
         _say(f"[{finished}/{total}] {entry['variant']} / {entry['setting']} / seed {entry['seed']}: test balanced "
              f"accuracy {entry['balanced_accuracy']:.3f} after {entry['seconds']:.0f} s of training")
 
+    for setting in exp.settings_left_empty():
+        _say(f"setting {setting}: none of {list(exp.variants)} runs there (experiment.setting_variants.{setting} = "
+             f"{exp.setting_variants[setting]}); it is skipped")
     in_process = [job for job in todo if job[0] != "federated"]
     _say(f"{len(todo)} of {total} runs to do ({exp.steps} steps each), {exp.workers} at a time in this process group")
     if exp.workers > 1 and len(in_process) > 1:
