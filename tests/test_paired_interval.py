@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from simulations.experiments.paired import PairedIntervalConfig, paired_difference
+from simulations.experiments.paired import PairedIntervalConfig, bootstrap_difference
 from simulations.experiments.report import results_markdown
 from simulations.experiments.runner import keep_predictions, load_predictions
 
@@ -26,28 +26,28 @@ def _predictions(n: int, accuracy: float, seed: int) -> tuple[np.ndarray, np.nda
 def test_the_difference_is_that_of_the_balanced_accuracies_and_its_interval_narrows_with_more_patches() -> None:
     labels, a = _predictions(400, 0.9, seed=0)
     _, b = _predictions(400, 0.8, seed=1)
-    pair = paired_difference(labels, a, b, CONFIG)
+    pair = bootstrap_difference(labels, a, b, CONFIG)
     expected = balanced_accuracy_score(labels, a) - balanced_accuracy_score(labels, b)
     assert pair.difference == pytest.approx(expected, abs=1e-12)
     assert pair.low < pair.difference < pair.high
     big_labels, big_a = _predictions(6400, 0.9, seed=0)
     _, big_b = _predictions(6400, 0.8, seed=1)
-    big = paired_difference(big_labels, big_a, big_b, CONFIG)
+    big = bootstrap_difference(big_labels, big_a, big_b, CONFIG)
     assert (big.high - big.low) < 0.5 * (pair.high - pair.low)  # 16x the patches: about 1/4 of the width
 
 
 def test_agreeing_models_have_a_narrow_interval_and_the_draws_are_reproducible() -> None:
     labels, a = _predictions(400, 0.85, seed=0)
-    same = paired_difference(labels, a, a, CONFIG)
+    same = bootstrap_difference(labels, a, a, CONFIG)
     assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)
     b = a.copy()
     b[:4] = labels[:4]  # b differs from a on 4 patches only: the pair moves together
     _, independent = _predictions(400, 0.85, seed=7)
-    close, apart = paired_difference(labels, b, a, CONFIG), paired_difference(labels, independent, a, CONFIG)
+    close, apart = bootstrap_difference(labels, b, a, CONFIG), bootstrap_difference(labels, independent, a, CONFIG)
     assert close.high - close.low < 0.5 * (apart.high - apart.low)
-    assert paired_difference(labels, b, a, CONFIG) == close
+    assert bootstrap_difference(labels, b, a, CONFIG) == close
     with pytest.raises(ValueError, match="equal, non-empty"):
-        paired_difference(labels, a[:-1], a, CONFIG)
+        bootstrap_difference(labels, a[:-1], a, CONFIG)
 
 
 def _entry(variant: str, seed: int, accuracy: float, predictions: dict | None) -> dict:
@@ -71,7 +71,7 @@ def test_the_report_brackets_each_seed_whose_two_runs_kept_their_predictions(tmp
     kept = load_predictions(tmp_path, runs)
     assert sorted(kept) == [("centralized", "plain", 0), ("centralized", "unified", 0)]
     text = results_markdown({"variants": ["plain", "unified"], "runs": runs}, predictions=kept)
-    pair = paired_difference(labels, a, b, PairedIntervalConfig())
+    pair = bootstrap_difference(labels, a, b, PairedIntervalConfig())
     line = next(x for x in text.splitlines() if x.startswith("- unified:"))
     assert f"seed 0: +0.100 [{pair.low:+.3f}, {pair.high:+.3f}]" in line
     assert line.endswith("seed 1: -0.100")  # no predictions, no bracket

@@ -126,7 +126,7 @@ def final_metrics(sites: Sequence[SiteData], models: Sequence[UnifiedViTGAN]) ->
     (under ``TEST_PREDICTIONS``), for results.json and predictions/."""
     device = next(models[0].parameters()).device
     return pooled_scores([predict(m, s.test, device) for m, s in zip(models, sites)],
-                  [predict(m, s.val, device) for m, s in zip(models, sites) if s.val is not None])
+                         [predict(m, s.val, device) for m, s in zip(models, sites) if s.val is not None])
 
 
 #: The key of ``final_metrics``'s pooled test predictions: ``{"labels": [...], "predicted": [...]}``,

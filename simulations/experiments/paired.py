@@ -59,7 +59,7 @@ def _balanced_accuracies(weights: np.ndarray, onehot: np.ndarray, correct: np.nd
     return np.nanmean(recall, axis=1)
 
 
-def paired_difference(labels: Sequence[int], predicted_a: Sequence[int], predicted_b: Sequence[int],
+def bootstrap_difference(labels: Sequence[int], predicted_a: Sequence[int], predicted_b: Sequence[int],
                       config: PairedIntervalConfig) -> PairedDifference:
     """``a - b`` in balanced accuracy on these patches, and its percentile-bootstrap interval."""
     y, a, b = (np.asarray(v, dtype=np.int64) for v in (labels, predicted_a, predicted_b))
@@ -95,4 +95,4 @@ def paired_with_baseline(predictions: Mapping[tuple[str, str, int], Mapping[str,
     mine, theirs = predictions.get((setting, variant, seed)), predictions.get((setting, baseline, seed))
     if mine is None or theirs is None or list(mine["labels"]) != list(theirs["labels"]):
         return None
-    return paired_difference(mine["labels"], mine["predicted"], theirs["predicted"], config)
+    return bootstrap_difference(mine["labels"], mine["predicted"], theirs["predicted"], config)
