@@ -9,7 +9,8 @@ import torch
 
 from common.model import build_model
 from common.train import LocalTrainer, TrainConfig
-from common.train.adversarial_scale import AdversarialTrunkConfig, AdversarialTrunkScale
+from common.train.adversarial_scale import AdversarialTrunkConfig, AdversarialTrunkScale, ramp_up
+from common.train.config import OptimConfig
 
 
 def _grads(tiny_cfg, scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -89,8 +90,42 @@ def test_the_trainer_keeps_the_adaptive_scale_in_its_local_state(tiny_cfg) -> No
     assert fresh.adversarial_scale.value < 1.0 or trainer.adversarial_scale.signal <= cfg.adversarial_trunk.target
 
 
+def test_the_ramp_rises_from_almost_nothing_to_the_scale_and_stays_there() -> None:
+    scale = AdversarialTrunkScale(AdversarialTrunkConfig(scale=0.5, ramp_fraction=0.25), schedule_steps=400)
+    assert scale.ramp_steps == 100
+    values = [scale.at(step) for step in range(0, 120)]
+    assert values[0] == pytest.approx(0.5 * math.exp(-5.0))
+    assert values[50] == pytest.approx(0.5 * math.exp(-5.0 * 0.25))
+    assert all(a < b for a, b in zip(values[:100], values[1:101]))  # rises every step of the ramp
+    assert values[100:] == [0.5] * 20
+    assert ramp_up(7, 0) == 1.0  # no ramp
+    off = AdversarialTrunkScale(AdversarialTrunkConfig(scale=0.5), schedule_steps=400)
+    assert off.ramp_steps == 0 and off.at(0) == 0.5
+
+
+def test_the_trainer_ramps_the_scale_over_the_whole_run_not_each_round(tiny_cfg) -> None:
+    cfg = TrainConfig(batch_size=4, unlabelled_batch_size=0, generated_batch_size=4, local_steps=2,
+                      optim=OptimConfig(schedule_steps=8), adversarial_trunk=AdversarialTrunkConfig(ramp_fraction=0.5))
+    trainer = LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0)
+    images = torch.rand(4, 3, tiny_cfg.image_size, tiny_cfg.image_size) * 2 - 1
+    batches = [(images, torch.tensor([0, 1, 2, 3]))]
+    scales = []
+    for _ in range(3):  # three rounds of two steps, a fresh trainer state each round as at a hospital
+        state = trainer.state_dict()
+        trainer = LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0)
+        trainer.load_state_dict(state)
+        trainer.train_round(batches, progress=lambda i, n, losses: scales.append(losses["adversarial_trunk_scale"]))
+    assert scales == pytest.approx([ramp_up(step, 4) for step in range(6)])
+    assert scales[:4] == sorted(scales[:4]) and scales[0] < 0.01 and scales[4:] == [1.0, 1.0]
+
+
+def test_a_ramp_without_a_run_length_is_refused() -> None:
+    with pytest.raises(ValueError, match="schedule_steps"):
+        AdversarialTrunkScale(AdversarialTrunkConfig(ramp_fraction=0.25), schedule_steps=None)
+
+
 @pytest.mark.parametrize("bad", [dict(scale=1.5), dict(scale=-0.1), dict(adaptive=True, min_scale=0.0),
-                                 dict(target=1.0), dict(momentum=1.0)])
+                                 dict(target=1.0), dict(momentum=1.0), dict(ramp_fraction=1.5)])
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(ValueError, match="adversarial_trunk"):
         AdversarialTrunkConfig(**bad)

@@ -10,6 +10,11 @@ G's update are untouched).
 signal ``r = E[sign D(x_real)]`` (0 when D cannot tell, 1 when it wins on every real patch), kept
 as a moving average over steps, lowers ``log scale`` by ``rate`` each step it stays above
 ``target`` and raises it each step below, between ``min_scale`` and ``scale``.
+
+``ramp_fraction`` makes the schedule classifier-first: over the first ``ramp_fraction`` of the run's
+local steps the scale rises from almost 0 to its value along the sigmoid-shaped ramp-up of
+semi-supervised learning, ``exp(-5 (1 - t)^2)`` (Laine and Aila 2017; Tarvainen and Valpola 2017), so
+the shared features first learn the classes and D's gradient reaches them once they do.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class AdversarialTrunkConfig:
     rate: float  # change of log(scale) per step
     min_scale: float  # adaptive: lower bound
     momentum: float  # moving average of the per-step signal
+    ramp_fraction: float  # classifier-first: the scale ramps up over this fraction of the run's steps (0: off)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale <= 1.0:
@@ -43,19 +49,39 @@ class AdversarialTrunkConfig:
             raise ValueError(f"adversarial_trunk.target must be in (-1, 1), got {self.target}")
         if self.rate < 0 or not 0.0 <= self.momentum < 1.0:
             raise ValueError("adversarial_trunk.rate must be >= 0 and momentum in [0, 1)")
+        if not 0.0 <= self.ramp_fraction <= 1.0:
+            raise ValueError(f"adversarial_trunk.ramp_fraction must be in [0, 1], got {self.ramp_fraction}")
+
+
+def ramp_up(step: int, length: int) -> float:
+    """The sigmoid-shaped ramp-up ``exp(-5 (1 - t)^2)`` at ``t = step / length`` (1 from ``length`` on)."""
+    if length <= 0 or step >= length:
+        return 1.0
+    t = max(0, step) / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 class AdversarialTrunkScale:
     """The current scale and the overfitting signal behind it; ``state_dict`` stays at the hospital."""
 
-    def __init__(self, cfg: AdversarialTrunkConfig) -> None:
+    def __init__(self, cfg: AdversarialTrunkConfig, schedule_steps: int | None = None) -> None:
+        """``schedule_steps``: the run's total local steps, which ``ramp_fraction`` is a fraction of."""
+        if cfg.ramp_fraction > 0 and not schedule_steps:
+            raise ValueError("adversarial_trunk.ramp_fraction needs train.optim.schedule_steps (the run's total "
+                             "local steps; the experiment runner sets it)")
         self.cfg = cfg
+        self.ramp_steps = int(round(cfg.ramp_fraction * int(schedule_steps or 0)))
         self.log_scale = math.log(cfg.scale) if cfg.scale > 0 else -math.inf
         self.signal = 0.0
 
     @property
     def value(self) -> float:
+        """The scale before the ramp: fixed, or where the adaptive rule has moved it."""
         return math.exp(self.log_scale) if self.cfg.adaptive else self.cfg.scale
+
+    def at(self, step: int) -> float:
+        """The scale at local step ``step`` (0-based, counted over the whole run): ``value`` times the ramp."""
+        return self.value * ramp_up(step, self.ramp_steps)
 
     def observe(self, real_scores: torch.Tensor) -> None:
         """Fold one step's scores of real patches into the signal and move the scale (adaptive only)."""

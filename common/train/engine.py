@@ -193,7 +193,7 @@ class LocalTrainer:
         self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights, fused=fused)
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
         self.pseudo = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.pseudo_label)
-        self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk)
+        self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk, cfg.optim.schedule_steps)
         gated = cfg.method == "unified" and cfg.pseudo_label.enabled and cfg.pseudo_label_gate.enabled
         self.gate = PseudoLabelGate(cfg.pseudo_label_gate, cfg.pseudo_label.confidence_threshold, validation,
                                     self.device) if gated else None
@@ -565,10 +565,11 @@ class Backpropagation:
                         if cfg.pseudo_condition_discriminator else labels)
 
         generator: tuple[torch.Tensor, torch.Tensor] | None = None
+        trunk_scale = trainer.adversarial_scale.at(trainer.global_step)
         with trainer.autocast():
             both = diff_augment(torch.cat([real, fake if same_pass else fake.detach()]), cfg.augment, trainer.rng)
             out = model.discriminate(both, trainer._projected(torch.cat([conditioning, fake_labels])),
-                                     cfg.classifier_score, trainer.adversarial_scale.value)
+                                     cfg.classifier_score, trunk_scale)
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
             keep = trainer._select_generated(out, b, labels_host, fake_labels_host)
@@ -599,8 +600,8 @@ class Backpropagation:
         losses: dict[str, torch.Tensor | float | None] = {
             "adv_discriminator": adv_d, "cls_real": cls_real, "cls_synthetic": cls_syn, "cls_pseudo": cls_pseudo,
             "unlabelled_entropy": entropy, "selected": float(keep.sum())}
-        if cfg.adversarial_trunk.adaptive:
-            losses["adversarial_trunk_scale"] = trainer.adversarial_scale.value
+        if cfg.adversarial_trunk.adaptive or trainer.adversarial_scale.ramp_steps:
+            losses["adversarial_trunk_scale"] = trunk_scale
         if cfg.pseudo_label.enabled:
             losses["pseudo_selected"] = float(kept_pseudo.sum())
         return DiscriminatorUpdate(losses, generator, out.features[:b])
