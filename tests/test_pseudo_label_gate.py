@@ -35,14 +35,18 @@ def test_bad_gate_settings_are_refused() -> None:
         PseudoLabelGateConfig(min_precision=1.5)
     with pytest.raises(ValueError, match="check_every"):
         PseudoLabelGateConfig(check_every=0)
+    with pytest.raises(ValueError, match="governs"):
+        PseudoLabelGateConfig(governs="everything")
+    with pytest.raises(ValueError, match="streams=separate"):
+        TrainConfig(streams="mixed", pseudo_label_gate=PseudoLabelGateConfig(governs="unlabelled"))
 
 
-def _trainer(tiny_cfg, validation, min_precision: float) -> LocalTrainer:
+def _trainer(tiny_cfg, validation, min_precision: float, governs: str = "pseudo_labels") -> LocalTrainer:
     cfg = TrainConfig(batch_size=4, unlabelled_batch_size=4, generated_batch_size=4, local_steps=3,
                       pseudo_label=SelectionConfig(mode="rule", warmup_steps=0, confidence_threshold=0.0,
                                                    centroid_distance=False),
                       pseudo_label_gate=PseudoLabelGateConfig(enabled=True, min_precision=min_precision,
-                                                              min_accepted=1, check_every=2))
+                                                              min_accepted=1, check_every=2, governs=governs))
     return LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0, validation=validation)
 
 
@@ -96,3 +100,19 @@ def test_the_shipped_defaults_gate_fixmatch_style_pseudo_labels() -> None:
     assert cfg.pseudo_label_gate == PseudoLabelGateConfig(enabled=True)
     assert cfg.pseudo_label.enabled and not cfg.pseudo_label.centroid_distance
     assert cfg.pseudo_label.loss_over == "candidates" and cfg.pseudo_label.confidence_threshold == 0.95
+
+
+@pytest.mark.parametrize("governs", ["pseudo_labels", "unlabelled"])
+@pytest.mark.parametrize("right", [True, False])
+def test_a_closed_gate_governing_the_unlabelled_patches_keeps_them_from_d(tiny_cfg, governs: str, right: bool) -> None:
+    probe = _trainer(tiny_cfg, None, 0.9)
+    trainer = _trainer(tiny_cfg, _validation(tiny_cfg, probe, right), 0.9, governs)
+    seen: list[list[int]] = []
+    discriminate = trainer.model.discriminate
+    trainer.model.discriminate = lambda images, labels, *args: (  # type: ignore[method-assign]
+        seen.append(labels.tolist()), discriminate(images, labels, *args))[1]
+    metrics = trainer.train_round(_batches(tiny_cfg), 1)
+    assert metrics.gate["gate/open_fraction"] == (1.0 if right else 0.0)
+    real_rows = seen[0][: len(seen[0]) - 4]  # D/C's pass: the real rows, then the 4 generated images
+    withheld = governs == "unlabelled" and not right
+    assert real_rows == ([0, 1, 2, 3] if withheld else [0, 1, 2, 3, -1, -1, -1, -1])

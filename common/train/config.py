@@ -184,6 +184,9 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.loader_workers < 0:
             raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.streams == "mixed" and self.pseudo_label_gate.governs == "unlabelled":
+            raise ValueError("pseudo_label_gate.governs=unlabelled needs streams=separate (a mixed batch may hold "
+                             "no labelled patch once the unlabelled ones are withheld)")
         if self.host_memory not in HOST_MEMORY_POLICIES:
             raise ValueError(f"host_memory must be one of {HOST_MEMORY_POLICIES}, got {self.host_memory!r}")
 

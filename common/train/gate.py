@@ -9,6 +9,11 @@ hospital can check. The gate is open while that precision is at least ``min_prec
 least ``min_accepted`` kept patches; a closed gate turns the pseudo-label loss off for the steps
 until the next check. Without validation patches the gate stays closed: nothing checks the labels.
 
+``governs`` says what a closed gate withholds: ``pseudo_labels`` (their loss alone; D still reads the
+unlabelled patches as real images) or ``unlabelled`` (every use of the unlabelled patches: a closed
+gate drops them from the step, so they reach the model only while the hospital's validation
+patches show the model can label them).
+
 The validation patches are never trained on; the gate reads one forward pass over them per check
 (a few hundred patches every 100 steps: about 1 % of a round on the CPU).
 """
@@ -25,6 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 from common.config import defaults_from_conf
 from common.evaluation.metrics import predict_probabilities
 
+#: ``pseudo_label_gate.governs``: what a closed gate withholds.
+GATE_GOVERNS = ("pseudo_labels", "unlabelled")
+
 
 @dataclass(frozen=True)
 @defaults_from_conf("train/default.yaml", "pseudo_label_gate")
@@ -36,8 +44,11 @@ class PseudoLabelGateConfig:
     min_accepted: int
     check_every: int
     batch_size: int
+    governs: str  # pseudo_labels | unlabelled: what a closed gate withholds (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.governs not in GATE_GOVERNS:
+            raise ValueError(f"pseudo_label_gate.governs must be one of {GATE_GOVERNS}, got {self.governs!r}")
         if not 0.0 <= self.min_precision <= 1.0:
             raise ValueError(f"pseudo_label_gate.min_precision must be in [0, 1], got {self.min_precision}")
         if self.min_accepted < 1:

@@ -34,6 +34,16 @@ class RealBatch:
     def size(self) -> int:
         return int(self.images.shape[0])
 
+    def labelled_rows(self) -> RealBatch:
+        """The same batch without its unlabelled rows (itself when it has none)."""
+        labelled = self.labels_host >= 0
+        if bool(labelled.all()):
+            return self
+        rows = torch.nonzero(labelled).flatten()
+        on_device = rows.to(self.images.device)
+        return RealBatch(self.images.index_select(0, on_device), self.labels.index_select(0, on_device),
+                         self.labels_host.index_select(0, rows))
+
 
 @dataclass(frozen=True)
 class GeneratedBatch:
