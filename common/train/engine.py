@@ -550,7 +550,7 @@ class Backpropagation:
         real and generated images, with the generated images' selection from the same pass. The
         generated images are detached unless G also learns from this pass (generator_update=same_pass)."""
         model, cfg = trainer.model, trainer.cfg
-        if trainer.gate is not None and not trainer.gate.open and cfg.pseudo_label_gate.governs == "unlabelled":
+        if trainer.gate is not None and trainer.gate.withholds_unlabelled:
             batch = batch.labelled_rows()  # a closed gate withholds the unlabelled patches from D as well
         real, labels, labels_host = batch.images, batch.labels, batch.labels_host
         fake, fake_labels, fake_labels_host = generated.images, generated.labels, generated.labels_host

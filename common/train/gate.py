@@ -118,6 +118,11 @@ class PseudoLabelGate:
     def reset_counters(self) -> None:
         self.steps_open = self.steps_seen = 0
 
+    @property
+    def withholds_unlabelled(self) -> bool:
+        """Whether this step must leave the unlabelled patches out altogether (closed, ``governs: unlabelled``)."""
+        return not self.open and self.cfg.governs == "unlabelled"
+
     def metrics(self) -> dict[str, float]:
         """The round's gate entries: share of steps open, and the last check's precision and kept patches."""
         out = {"gate/open_fraction": self.steps_open / self.steps_seen if self.steps_seen else 0.0}

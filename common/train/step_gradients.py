@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from common.train.transfer import host_rows
+
 
 @dataclass(frozen=True)
 class RealBatch:
@@ -39,10 +41,9 @@ class RealBatch:
         labelled = self.labels_host >= 0
         if bool(labelled.all()):
             return self
-        rows = torch.nonzero(labelled).flatten()
-        on_device = rows.to(self.images.device)
-        return RealBatch(self.images.index_select(0, on_device), self.labels.index_select(0, on_device),
-                         self.labels_host.index_select(0, rows))
+        rows = host_rows(labelled, self.images.device)
+        return RealBatch(self.images.index_select(0, rows), self.labels.index_select(0, rows),
+                         self.labels_host[labelled])
 
 
 @dataclass(frozen=True)

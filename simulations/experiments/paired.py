@@ -60,7 +60,7 @@ def _balanced_accuracies(weights: np.ndarray, onehot: np.ndarray, correct: np.nd
 
 
 def bootstrap_difference(labels: Sequence[int], predicted_a: Sequence[int], predicted_b: Sequence[int],
-                      config: PairedIntervalConfig) -> PairedDifference:
+                         config: PairedIntervalConfig) -> PairedDifference:
     """``a - b`` in balanced accuracy on these patches, and its percentile-bootstrap interval."""
     y, a, b = (np.asarray(v, dtype=np.int64) for v in (labels, predicted_a, predicted_b))
     if not (y.shape == a.shape == b.shape) or y.ndim != 1 or y.size == 0:
