@@ -16,6 +16,7 @@ from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import PrivacyPlan, build_plan, compact, epsilon
 from common.privacy.budget import REAL_DATA_METRICS, private_train_config, shared_train_metrics
 from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.scopes import SCOPES
 from common.privacy.wiring import DPTraining, attempt_seed, clip_and_sum, per_sample_gradients
 from common.train import LocalTrainer, TrainConfig
 from common.train.selection import SelectionConfig
@@ -284,6 +285,27 @@ def test_the_count_release_has_sensitivity_sqrt2_and_is_accounted_as_such(tmp_pa
     again = SitePrivacy.open(ledger, "data", {}, "run-b", 1, [])
     assert again.release_counts(PrivacyConfig(enabled=True), 40, 17, lambda attempt: attempt) == counts
     assert len(ledger.load().attempts["data"]) == 1
+
+
+@pytest.mark.parametrize("scope", ["classifier", "discriminator"])
+def test_the_dp_learning_rate_drives_exactly_the_scopes_covered_optimisers(tiny_cfg: ModelConfig, scope: str) -> None:
+    """privacy.learning_rate replaces train.optim's rate of each group the scope's DP-SGD trains (the
+    head; or the trunk and the head) and no other; null, or DP off, leaves train.optim's."""
+    train = TrainConfig(batch_size=4)
+    base = {"discriminator": train.optim.lr_discriminator, "classifier": train.optim.lr_classifier}
+    assert 3e-3 not in base.values()
+    model = build_model(tiny_cfg, 5, seed=0)
+    dp = DPTraining(model, _plan(scope, batch=4, n=20), seed=0)
+    trainer = LocalTrainer(model, private_train_config(train, PrivacyConfig(enabled=True, scope=scope,
+                                                                            learning_rate=3e-3)), seed=0, privacy=dp)
+    rates = {group: {g["lr"] for g in opt.param_groups}
+             for group, opt in (("discriminator", trainer.opt_discriminator), ("classifier", trainer.opt_classifier))}
+    covered = set(SCOPES[scope].dp_groups)
+    assert rates == {group: {3e-3} if group in covered else {base[group]} for group in base}
+    for pcfg in (PrivacyConfig(enabled=True, scope=scope), PrivacyConfig(enabled=False, learning_rate=3e-3)):
+        assert private_train_config(train, pcfg).optim == train.optim
+    with pytest.raises(ConfigError, match="learning_rate"):
+        privacy_config({"learning_rate": 0})
 
 
 @pytest.mark.parametrize("scope", ["classifier", "discriminator"])

@@ -30,6 +30,7 @@ from common.privacy.ledger import (
     ReleasedCounts,
     history_of,
 )
+from common.privacy.scopes import SCOPES
 from common.train.config import TrainConfig
 
 #: Train metrics computed from real patches without DP, or revealing the realised Poisson batch
@@ -43,13 +44,22 @@ def private_train_config(tcfg: TrainConfig, cfg: PrivacyConfig) -> TrainConfig:
     """The training config a hospital uses under ``cfg``: with DP on, pseudo-labels of unlabelled
     patches are off (the DP step has no pseudo-label loss, and the config says so); in
     scope=discriminator the learned loss weights (fitted to real-data losses, a channel outside the
-    DP-SGD) are turned off too."""
+    DP-SGD) are turned off too; ``privacy.learning_rate`` (when set) replaces train.optim's learning
+    rate of each parameter group the scope's DP-SGD trains (``SCOPES[scope].dp_groups``)."""
     if not cfg.enabled:
         return tcfg
     tcfg = dataclasses.replace(tcfg, pseudo_label=dataclasses.replace(tcfg.pseudo_label, mode="none"))
+    if cfg.learning_rate is not None:
+        tcfg = dataclasses.replace(tcfg, optim=dataclasses.replace(
+            tcfg.optim, **{_DP_GROUP_LEARNING_RATES[group]: float(cfg.learning_rate)
+                           for group in SCOPES[cfg.scope].dp_groups}))
     if cfg.scope != "discriminator":
         return tcfg
     return dataclasses.replace(tcfg, weighting=dataclasses.replace(tcfg.weighting, enabled=False))
+
+
+#: The train.optim key of each DP-trained parameter group's learning rate.
+_DP_GROUP_LEARNING_RATES = {"discriminator": "lr_discriminator", "classifier": "lr_classifier"}
 
 
 def shared_train_metrics(flat: dict[str, float], cfg: PrivacyConfig) -> dict[str, float]:

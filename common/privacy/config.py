@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class PrivacyConfig:
     subspace_dim: int | None
     subspace_history: int
     adversarial_weight: float
+    learning_rate: float | None
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -68,6 +70,10 @@ class PrivacyConfig:
         if isinstance(self.adversarial_weight, bool) or not isinstance(self.adversarial_weight, (int, float)) \
                 or not 0.0 <= float(self.adversarial_weight) <= 1.0:
             raise ValueError(f"adversarial_weight must be a number in [0, 1], got {self.adversarial_weight!r}")
+        if self.learning_rate is not None and (isinstance(self.learning_rate, bool)
+                                               or not isinstance(self.learning_rate, (int, float))
+                                               or not math.isfinite(self.learning_rate) or not self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number or null, got {self.learning_rate!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:
@@ -96,7 +102,7 @@ def privacy_config(section: Any) -> PrivacyConfig:
         return PrivacyConfig()
     cfg = dataclass_from_mapping(PrivacyConfig, section, "privacy")
     floats = {k: (None if getattr(cfg, k) is None else float(getattr(cfg, k)))
-              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon")}
+              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "learning_rate")}
     try:
         return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm),
                                 "count_noise_std": float(cfg.count_noise_std),
