@@ -32,7 +32,7 @@ from common.privacy.budget import (
     private_train_config,
     shared_train_metrics,
 )
-from common.privacy.config import PrivacyConfig, check_private_method
+from common.privacy.config import PrivacyConfig, check_private_training
 from common.privacy.ledger import Attempt, PrivacyLedger, ReleasedCounts, dataset_fingerprint
 from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
 from common.train import RoundMetrics
@@ -56,7 +56,7 @@ class PrivateRound:
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         private = private_train_config(train, self.pcfg)
-        check_private_method(private.method, self.pcfg)  # before anything is read or released
+        check_private_training(private, self.pcfg)  # before anything is read or released
         return private
 
     def before_training(self, local: LocalRun, data: SiteData, saved: SavedLocal | None, train: TrainConfig) -> None:

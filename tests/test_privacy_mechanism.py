@@ -15,7 +15,7 @@ from common.model import ModelConfig, build_model
 from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import PrivacyPlan, build_plan, compact, epsilon
 from common.privacy.budget import REAL_DATA_METRICS, private_train_config, shared_train_metrics
-from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.config import PrivacyConfig, check_private_training, privacy_config
 from common.privacy.scopes import SCOPES
 from common.privacy.wiring import DPTraining, attempt_seed, clip_and_sum, per_sample_gradients
 from common.train import LocalTrainer, TrainConfig
@@ -147,6 +147,29 @@ def test_poisson_batches_vary_in_size_and_every_attempt_draws_afresh(tiny_cfg: M
     again = draws(attempt_seed(7, "data", 3))
     assert seeded[0] == again[0] and torch.equal(seeded[1], again[1])  # the reproducible test mode
     assert not torch.equal(draws(attempt_seed(7, "data", 4))[1], seeded[1])  # the next attempt differs
+
+
+@pytest.mark.parametrize("change", [{"scale": 0.5}, {"adaptive": True}, {"ramp_fraction": 0.5}])
+def test_dp_refuses_an_adversarial_trunk_setting_its_step_would_ignore(tiny_cfg: ModelConfig, change: dict) -> None:
+    """The private step does not scale D's adversarial gradient into the trunk: a run that asks for it
+    is refused (by the trainer, and by the check the coordinator and each hospital run before anything
+    is trained), not silently trained without it; the defaults, and the same setting without DP, pass."""
+    def trainer(train: TrainConfig, private: bool) -> LocalTrainer:
+        model = build_model(tiny_cfg, 5, seed=0)
+        dp = DPTraining(model, _plan("discriminator", batch=4, n=20), seed=0) if private else None
+        return LocalTrainer(model, train, seed=0, privacy=dp)
+
+    base = TrainConfig(batch_size=4, optim=dataclasses.replace(TrainConfig().optim, schedule_steps=100))
+    changed = dataclasses.replace(base, adversarial_trunk=dataclasses.replace(base.adversarial_trunk, **change))
+    trainer(base, private=True)
+    trainer(changed, private=False)
+    with pytest.raises(ValueError, match="adversarial_trunk"):
+        trainer(changed, private=True)
+    private = PrivacyConfig(enabled=True, scope="discriminator")
+    check_private_training(base, private)
+    check_private_training(changed, PrivacyConfig(enabled=False))
+    with pytest.raises(ConfigError, match="adversarial_trunk"):  # the coordinator's one refusal at start
+        check_private_training(changed, private)
 
 
 @pytest.mark.parametrize("scope", ["classifier", "discriminator"])

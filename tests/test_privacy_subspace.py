@@ -39,7 +39,8 @@ def test_the_private_gradient_lies_in_the_public_span_and_its_noise_has_subspace
     dp.observe_public(public, public_labels, "hinge", 1.0, 1.0)
     basis = dp.subspace.basis()
     assert basis.shape[1] == 3
-    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    # float32 SVD over ~10^5 coordinates: rounding of order sqrt(d) x 6e-8, depending on the thread count
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=2e-4, rtol=0)
     noisy, _ = dp.discriminator_gradient(real, labels, "hinge", 1.0, 1.0)
     vector = _flat(noisy)
     # Everything the step adds, signal and noise, is in the span: its projection is itself.

@@ -8,6 +8,8 @@ from typing import Any
 
 from common.config import ConfigError, dataclass_from_mapping, defaults_from_conf
 from common.privacy.scopes import SCOPES as SCOPE_TABLE
+from common.train.adversarial_scale import PRIVATE_ADVERSARIAL_TRUNK
+from common.train.config import TrainConfig
 from common.train.methods import method_names, training_method
 
 #: ``privacy.scope`` values, from the one covering least to the one covering most.
@@ -27,6 +29,15 @@ def check_private_method(method: str, cfg: PrivacyConfig) -> None:
     if cfg.enabled and cfg.subspace_dim is not None and not training_method(method).trains_generator:
         raise ConfigError(f"privacy.subspace_dim with train.method={method}: the subspace is spanned by the "
                           f"generator's images, which only train.method=unified has")
+
+
+def check_private_training(train: TrainConfig, cfg: PrivacyConfig) -> None:
+    """:func:`check_private_method`, and the train settings the private step cannot honour: ``ConfigError``
+    for a run no hospital could train (the coordinator refuses it at start, a hospital before it releases
+    anything)."""
+    check_private_method(train.method, cfg)
+    if cfg.enabled and not train.adversarial_trunk.passes_everything:
+        raise ConfigError(PRIVATE_ADVERSARIAL_TRUNK)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,20 @@ class AdversarialTrunkConfig:
         if not 0.0 <= self.ramp_fraction <= 1.0:
             raise ValueError(f"adversarial_trunk.ramp_fraction must be in [0, 1], got {self.ramp_fraction}")
 
+    @property
+    def passes_everything(self) -> bool:
+        """Whether D's adversarial gradient reaches the trunk whole at every step (scale 1, no adaptation, no ramp)."""
+        return self.scale == 1.0 and not self.adaptive and self.ramp_fraction == 0.0
+
+
+#: Why a DP run refuses any other adversarial_trunk setting. The private step clips each real patch's
+#: whole D/C gradient and does not scale its adversarial part into the trunk (privacy.adversarial_weight
+#: weights it as a whole), and the adaptive scale would steer training by D's real-patch scores outside
+#: the DP-SGD.
+PRIVATE_ADVERSARIAL_TRUNK = ("DP-SGD (privacy.enabled) does not apply train.adversarial_trunk: leave its scale at 1.0, "
+                             "adaptive false and ramp_fraction 0 (privacy.adversarial_weight weights D's adversarial "
+                             "losses under DP)")
+
 
 def ramp_up(step: int, length: int) -> float:
     """The sigmoid-shaped ramp-up ``exp(-5 (1 - t)^2)`` at ``t = step / length`` (1 from ``length`` on)."""

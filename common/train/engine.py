@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from common.model import UnifiedViTGAN
 from common.model.unified import DiscriminatorOutput
-from common.train.adversarial_scale import AdversarialTrunkScale
+from common.train.adversarial_scale import PRIVATE_ADVERSARIAL_TRUNK, AdversarialTrunkScale
 from common.train.augment import diff_augment
 from common.train.averaging import IterateAverage
 from common.train.config import TrainConfig, learning_rate_factor
@@ -161,6 +161,8 @@ class LocalTrainer:
         if privacy is not None and (cfg.amp != "none" or cfg.compile or cfg.generator_update != "after_discriminator"):
             raise ValueError("DP-SGD (privacy.enabled) runs its own step: use train.amp=none, train.compile=false "
                              "and train.generator_update=after_discriminator with it")
+        if privacy is not None and not cfg.adversarial_trunk.passes_everything:
+            raise ValueError(PRIVATE_ADVERSARIAL_TRUNK)
         if cfg.compile:  # in place: the state-dict keys stay those of the plain modules
             if cfg.generator_update == "same_pass":
                 # two backward passes share one compiled graph (retain_graph), which donated buffers forbid
