@@ -34,7 +34,9 @@ def test_separate_streams_put_labelled_patches_in_every_batch() -> None:
 
 
 def test_mixed_stream_is_the_old_single_loader() -> None:
-    batches = training_batches(_site().train, TrainConfig(batch_size=8, streams="mixed"), seed=0)
+    cfg = TrainConfig(batch_size=8, streams="mixed",
+                      pseudo_label_gate=PseudoLabelGateConfig(governs="pseudo_labels"))  # mixed needs it
+    batches = training_batches(_site().train, cfg, seed=0)
     without_labels = sum(int((next(batches)[1] >= 0).sum() == 0) for _ in range(30))
     assert without_labels > 0  # with 10 labels among 120 patches, many mixed batches carry none
 

@@ -12,7 +12,8 @@ until the next check. Without validation patches the gate stays closed: nothing 
 ``governs`` says what a closed gate withholds: ``pseudo_labels`` (their loss alone; D still reads the
 unlabelled patches as real images) or ``unlabelled`` (every use of the unlabelled patches: a closed
 gate drops them from the step, so they reach the model only while the hospital's validation
-patches show the model can label them).
+patches show the model can label them; the default). A batch with no labelled patch at all (a
+hospital without labels) keeps its unlabelled patches for D, which has no other real images.
 
 The validation patches are never trained on; the gate reads one forward pass over them per check
 (a few hundred patches every 100 steps: about 1 % of a round on the CPU).
