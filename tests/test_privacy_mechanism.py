@@ -325,7 +325,8 @@ def test_the_dp_learning_rate_drives_exactly_the_scopes_covered_optimisers(tiny_
              for group, opt in (("discriminator", trainer.opt_discriminator), ("classifier", trainer.opt_classifier))}
     covered = set(SCOPES[scope].dp_groups)
     assert rates == {group: {3e-3} if group in covered else {base[group]} for group in base}
-    for pcfg in (PrivacyConfig(enabled=True, scope=scope), PrivacyConfig(enabled=False, learning_rate=3e-3)):
+    for pcfg in (PrivacyConfig(enabled=True, scope=scope, learning_rate=None),
+                 PrivacyConfig(enabled=False, learning_rate=3e-3)):
         assert private_train_config(train, pcfg).optim == train.optim
     with pytest.raises(ConfigError, match="learning_rate"):
         privacy_config({"learning_rate": 0})
