@@ -179,12 +179,15 @@ def test_unlabelled_entropy_and_feature_matching_enter_the_losses(tiny_cfg: Mode
     images, labels = torch.rand(8, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3, -1, -1, -1, -1])
     plain = LocalTrainer(build_model(tiny_cfg, 5, seed=0), TrainConfig(), seed=0).unified_step(images, labels)
     assert "unlabelled_entropy" not in plain
-    cfg = TrainConfig(unlabelled_entropy_weight=0.5, feature_matching_weight=1.0)
+    # No validation patches: the gate is closed, so it must not withhold the unlabelled patches here.
+    ungated = PseudoLabelGateConfig(governs="pseudo_labels")
+    cfg = TrainConfig(unlabelled_entropy_weight=0.5, feature_matching_weight=1.0, pseudo_label_gate=ungated)
     with_terms = LocalTrainer(build_model(tiny_cfg, 5, seed=0), cfg, seed=0)
     result = with_terms.unified_step(images, labels)
     assert 0.0 < result["unlabelled_entropy"] <= np.log(5) + 1e-5
     # Same seed, same draws: the generator ends elsewhere only because of the feature-matching term.
-    base = LocalTrainer(build_model(tiny_cfg, 5, seed=0), TrainConfig(unlabelled_entropy_weight=0.5), seed=0)
+    base = LocalTrainer(build_model(tiny_cfg, 5, seed=0),
+                        TrainConfig(unlabelled_entropy_weight=0.5, pseudo_label_gate=ungated), seed=0)
     base.unified_step(images, labels)
     g_with = with_terms.model.generator.to_patch.weight
     g_base = base.model.generator.to_patch.weight
