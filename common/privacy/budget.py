@@ -40,6 +40,10 @@ REAL_DATA_METRICS = ("real_images", "images_per_second", "loss/cls_real", "loss/
                      "loss/real_loss")
 
 
+#: The train.optim key of each DP-trained parameter group's learning rate.
+_DP_GROUP_LEARNING_RATES = {"discriminator": "lr_discriminator", "classifier": "lr_classifier"}
+
+
 def private_train_config(tcfg: TrainConfig, cfg: PrivacyConfig) -> TrainConfig:
     """The training config a hospital uses under ``cfg``: with DP on, pseudo-labels of unlabelled
     patches are off (the DP step has no pseudo-label loss, and the config says so); in
@@ -56,10 +60,6 @@ def private_train_config(tcfg: TrainConfig, cfg: PrivacyConfig) -> TrainConfig:
     if cfg.scope != "discriminator":
         return tcfg
     return dataclasses.replace(tcfg, weighting=dataclasses.replace(tcfg.weighting, enabled=False))
-
-
-#: The train.optim key of each DP-trained parameter group's learning rate.
-_DP_GROUP_LEARNING_RATES = {"discriminator": "lr_discriminator", "classifier": "lr_classifier"}
 
 
 def shared_train_metrics(flat: dict[str, float], cfg: PrivacyConfig) -> dict[str, float]:

@@ -552,10 +552,8 @@ class Backpropagation:
         real and generated images, with the generated images' selection from the same pass. The
         generated images are detached unless G also learns from this pass (generator_update=same_pass)."""
         model, cfg = trainer.model, trainer.cfg
-        if trainer.gate is not None and trainer.gate.withholds_unlabelled and bool((batch.labels_host >= 0).any()):
-            # A closed gate withholds the unlabelled patches from D as well; a batch of unlabelled patches
-            # alone (a hospital without labels) keeps them: D needs real images, and nothing else is there.
-            batch = batch.labelled_rows()
+        if trainer.gate is not None and trainer.gate.withholds_unlabelled:
+            batch = batch.without_unlabelled()  # a closed gate withholds the unlabelled patches from D as well
         real, labels, labels_host = batch.images, batch.labels, batch.labels_host
         fake, fake_labels, fake_labels_host = generated.images, generated.labels, generated.labels_host
         b, m = batch.size, fake.shape[0]

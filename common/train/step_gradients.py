@@ -36,10 +36,12 @@ class RealBatch:
     def size(self) -> int:
         return int(self.images.shape[0])
 
-    def labelled_rows(self) -> RealBatch:
-        """The same batch without its unlabelled rows (itself when it has none)."""
+    def without_unlabelled(self) -> RealBatch:
+        """The same batch without its unlabelled rows: what a closed gate leaves D. Itself when it has no
+        unlabelled row, or no labelled one (a hospital without labels: D needs real images, and these are
+        all there are)."""
         labelled = self.labels_host >= 0
-        if bool(labelled.all()):
+        if bool(labelled.all()) or not bool(labelled.any()):
             return self
         rows = host_rows(labelled, self.images.device)
         return RealBatch(self.images.index_select(0, rows), self.labels.index_select(0, rows),
