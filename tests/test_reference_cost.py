@@ -42,6 +42,16 @@ def test_the_statement_quotes_the_cost_and_says_where_it_was_measured() -> None:
     assert "No reference" in cost_statement(None, "unified", "discriminator", 7.5)
 
 
+def test_a_run_far_from_every_measured_epsilon_is_quoted_no_cost() -> None:
+    reference = {"source": "s", "rows": ROWS}
+    # 8 x 3 = 24 is the last epsilon the epsilon-8 row speaks for; clipping with almost no noise
+    # (epsilon about 10^5) and a very strict budget are far from every row
+    assert "points lost to DP" in cost_statement(reference, "unified", "discriminator", 23.0)
+    for epsilon in (25.0, 95_000.0, 0.3):
+        text = cost_statement(reference, "unified", "discriminator", epsilon)
+        assert "points" not in text and "not measured" in text and "the nearest: epsilon" in text
+
+
 def _results() -> dict:
     config = plain_config(compose_config(["experiment=privacy_utility"], config_name="experiments"))
 

@@ -16,6 +16,12 @@ from typing import Any
 
 REFERENCE_FILE = Path(__file__).with_name("reference_costs.json")
 
+#: A reference row is quoted only for a run whose epsilon is within this factor of the row's (either
+#: way). DP's cost changes steeply with epsilon, so the cost measured at epsilon 8 says little about
+#: a run at epsilon 50 or at 10^5 (clipping with almost no noise): such a run is told that no row
+#: near its epsilon was measured, and which one is nearest.
+MAX_EPSILON_RATIO = 3.0
+
 
 @dataclass(frozen=True)
 class ReferenceCost:
@@ -45,8 +51,8 @@ def load_reference(path: Path | str = REFERENCE_FILE) -> dict[str, Any] | None:
 
 
 def nearest_cost(rows: list[ReferenceCost], method: str, scope: str, epsilon: float | None) -> ReferenceCost | None:
-    """The row of ``method`` and ``scope`` whose epsilon is nearest ``epsilon`` on a log scale; None
-    without such a row or without a finite positive epsilon."""
+    """The row of ``method`` and ``scope`` whose epsilon is nearest ``epsilon`` on a log scale, however
+    far; None without such a row or without a finite positive epsilon."""
     if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
         return None
     candidates = [r for r in rows if r.method == method and r.scope == scope and r.epsilon > 0]
@@ -64,6 +70,12 @@ def cost_statement(reference: dict[str, Any] | None, method: str, scope: str, ep
         return (f"The reference experiment has no row for train.method={method} with privacy.scope={scope}"
                 + ("" if epsilon is not None and math.isfinite(epsilon) and epsilon > 0 else
                    " (or this run reports no finite epsilon)") + ": its cost in accuracy is not measured.")
+    ratio = max(row.epsilon / epsilon, epsilon / row.epsilon)
+    if ratio > MAX_EPSILON_RATIO:
+        return (f"The reference experiment ({reference['source']}) measured train.method={method} with "
+                f"privacy.scope={scope} at no epsilon within a factor {MAX_EPSILON_RATIO:g} of this run's "
+                f"{epsilon:.3g} (the nearest: epsilon {row.epsilon:.3g}), so its cost in accuracy at this "
+                "epsilon is not measured; DP's cost changes steeply with epsilon.")
     cost = (f"{row.cost_points:.1f} points lost to DP" if row.cost_points >= 0
             else f"{-row.cost_points:.1f} points gained under DP")
     return (f"In the reference experiment ({reference['source']}), train.method={method} with privacy.scope={scope} "
