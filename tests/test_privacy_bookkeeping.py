@@ -214,3 +214,92 @@ def test_the_clipping_key_is_validated() -> None:
     assert privacy_config({"enabled": True, "clipping": "vmap"}).clipping == "vmap"
     with pytest.raises(ConfigError, match="clipping"):
         privacy_config({"enabled": True, "clipping": "ghost"})
+
+
+@pytest.mark.parametrize("views", [2, 3])
+def test_an_example_of_several_views_has_the_norm_of_its_views_summed_gradient(tiny_cfg: ModelConfig,
+                                                                                views: int) -> None:
+    """Augmentation multiplicity: an example spans ``views`` consecutive rows (same label, different
+    images); its book-keeping norm, layer by layer included the ghost norm over the group's tokens,
+    is the norm of its rows' summed torch.func gradients, not the sum of the rows' norms."""
+    model = build_model(dataclasses.replace(tiny_cfg, classifier_depth=1), 5, seed=0)
+    adapter = DiscriminatorAdapter(model)
+    names = [n for n, p in adapter.named_parameters() if p.requires_grad]
+    torch.manual_seed(3)
+    labels = torch.tensor([2, -1, 4]).repeat_interleave(views)
+    images = torch.rand(len(labels), 3, 32, 32) * 2 - 1
+    per_row, _ = per_sample_gradients(adapter, names, _example_loss, (images, labels))
+    per_example = {n: g.reshape(3, views, *g.shape[1:]).sum(1) for n, g in per_row.items()}
+    want = clip_and_sum(per_example, 1.0)[1]
+    book = Bookkeeping(adapter, names, DiscriminatorAdapter.broadcast_parameters)
+    with book.record(len(labels)) as (record, forward):
+        outputs = forward(images, labels)
+    book.backward(record, _example_loss(outputs, images, labels).sum())
+    torch.testing.assert_close(book.squared_norms(record, slice(None), group=views).sqrt(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(book.squared_norms(record, slice(views, 3 * views), group=views).sqrt(), want[1:],
+                               rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(book.squared_norms(record, slice(None)).sqrt().reshape(3, views).sum(1), want, rtol=1e-2)
+    with pytest.raises(ValueError, match="whole examples"):
+        book.squared_norms(record, slice(0, views + 1), group=views)
+    mixed = torch.tensor([2, 3, 4, 4, 1, 1])[:2 * views] if views == 2 else torch.tensor([2, 2, 3, 4, 4, 4, 1, 1, 1])
+    with book.record(len(mixed)) as (record, forward):
+        outputs = forward(images[:len(mixed)], mixed)
+    book.backward(record, _example_loss(outputs, images[:len(mixed)], mixed).sum())
+    with pytest.raises(RuntimeError, match="share its label"):
+        book.squared_norms(record, slice(None), group=views)
+
+
+def test_augmentation_multiplicity_clips_each_patch_s_mean_view_gradient_to_c(tiny_cfg: ModelConfig) -> None:
+    """privacy.augmentation_multiplicity k: a patch's k views enter one private gradient whose part
+    from that patch is the mean of its views' gradients, clipped to C as a whole: with no noise and
+    one patch, the private gradient is C times the unit mean-view gradient (so its bound, and the
+    guarantee, are one view's), and it counts one DP step."""
+    model = build_model(tiny_cfg, 5, seed=0)
+    torch.manual_seed(6)
+    views, clip = 4, 0.05
+    images, labels = torch.rand(views, 3, 32, 32) * 2 - 1, torch.full((views,), 3)
+    plan = dataclasses.replace(_plan("discriminator", "bookkeeping", clip=clip, batch=1), augmentations=views)
+    dp = DPTraining(model, plan, seed=0)
+    noisy, losses = dp.discriminator_gradient(images, labels, "hinge", weight_adv=1.0, weight_cls=1.0)
+    assert losses.shape == (1,) and dp.steps_total == 1
+    adapter = DiscriminatorAdapter(model)
+    names = list(noisy)
+    per_row, row_losses = per_sample_gradients(
+        adapter, names, lambda o, _i, y: real_adversarial_terms(o[0], "hinge") + 2.0 * labelled_cross_entropy(o[1], y),
+        (images, labels))  # labelled_fraction 0.5: the cross-entropy weighs 2
+    mean = {n: g.mean(0) for n, g in per_row.items()}
+    norm = torch.sqrt(sum((g ** 2).sum() for g in mean.values()))
+    assert norm > 10 * clip
+    assert float(losses[0]) == pytest.approx(float(row_losses.mean()), rel=1e-5)
+    for name in names:
+        torch.testing.assert_close(noisy[name], mean[name] * clip / norm, rtol=1e-3, atol=1e-7, msg=name)
+
+
+def test_augmentation_multiplicity_is_validated() -> None:
+    assert privacy_config({"enabled": True}).augmentation_multiplicity == 1
+    cfg = privacy_config({"enabled": True, "scope": "discriminator", "augmentation_multiplicity": 4})
+    assert cfg.augmentation_multiplicity == 4
+    for bad in ({"augmentation_multiplicity": 0}, {"augmentation_multiplicity": 2.5},
+                {"augmentation_multiplicity": 2, "scope": "classifier"},
+                {"augmentation_multiplicity": 2, "scope": "discriminator", "clipping": "vmap"}):
+        with pytest.raises(ConfigError, match="augmentation_multiplicity"):
+            privacy_config({"enabled": True, **bad})
+
+
+@pytest.mark.parametrize("method", ["unified", "supervised"])
+def test_a_private_step_with_several_views_trains_and_counts_one_dp_step(tiny_cfg: ModelConfig, method: str) -> None:
+    """Both private steps of scope=discriminator take augmentation multiplicity: the model moves,
+    the per-patch real loss is reported, and each step is one DP step (the views are not examples)."""
+    model = build_model(tiny_cfg, 5, seed=0)
+    before = {n: p.detach().clone() for n, p in model.discriminator.named_parameters()}
+    plan = dataclasses.replace(_plan("discriminator", "bookkeeping", sigma=1.0, clip=0.5, batch=4), augmentations=3)
+    dp = DPTraining(model, plan, seed=1)
+    cfg = private_train_config(TrainConfig(batch_size=4, method=method), PrivacyConfig(enabled=True, scope="discriminator"))
+    trainer = LocalTrainer(model, cfg, seed=0, privacy=dp)
+    torch.manual_seed(2)
+    for size in (4, 0):
+        images, labels = torch.rand(size, 3, 32, 32) * 2 - 1, torch.arange(size) % 5
+        step = trainer.unified_step(images, labels) if method == "unified" else trainer.supervised_step(images, labels)
+        assert "real_loss" in step
+    assert dp.steps_total == 2
+    assert any(not torch.equal(p, before[n]) for n, p in model.discriminator.named_parameters())

@@ -244,6 +244,8 @@ class PrivacyPlan:
     #: scope=discriminator, unified step: the weight of D's adversarial losses (real and generated halves)
     #: against the classification losses inside each clipped per-patch gradient.
     adversarial_weight: float = 0.2
+    #: scope=discriminator: views per real patch, averaged before clipping (augmentation multiplicity).
+    augmentations: int = 1
 
     def next_round(self) -> tuple[float, float, int]:
         """The history entry the coming round adds if it trains."""
@@ -284,5 +286,5 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         max_epsilon=max_epsilon if max_epsilon is not None else (None if cfg.max_epsilon is None else float(cfg.max_epsilon)),
         clipping=cfg.clipping, clip_generated=bool(cfg.clip_generated),
         subspace_dim=cfg.subspace_dim, subspace_history=int(cfg.subspace_history),
-        adversarial_weight=float(cfg.adversarial_weight),
+        adversarial_weight=float(cfg.adversarial_weight), augmentations=int(cfg.augmentation_multiplicity),
     )

@@ -21,8 +21,12 @@ What one example's gradient is made of, per covered parameter:
   (R, ...) copy, one row per example, whose gradient is the per-example gradient itself.
 
 Examples must not interact in the forward pass (no batch norm): every row's gradient then comes
-from its own loss only. Every covered parameter must be one of the above; :class:`Bookkeeping`
-refuses anything else at construction, naming the parameter.
+from its own loss only. An example may span ``group`` consecutive rows (several augmented views of
+one patch, whose gradients sum to the example's): its norm is then taken of the rows' summed
+gradient, which for a linear-like layer is the ghost norm over the group's tokens together.
+
+Every covered parameter must be one of the above; :class:`Bookkeeping` refuses anything else at
+construction, naming the parameter.
 """
 
 from __future__ import annotations
@@ -64,6 +68,16 @@ class RecordedPass:
     broadcast_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     #: The small per-row gradients side by side, (R, K), and each one's (name, parameter shape) in order.
     packed: tuple[torch.Tensor, list[tuple[str, torch.Size]]] | None = None
+
+
+def grouped_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-row tensors (R, ...) summed over consecutive groups of ``group`` rows: (R / group, ...)."""
+    return rows if group == 1 else rows.reshape(-1, group, *rows.shape[1:]).sum(1)
+
+
+def _group_tokens(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(R, T, d) token views as (R / group, group * T, d): one example's rows as one token sequence."""
+    return x if group == 1 else x.reshape(-1, group * x.shape[1], x.shape[2])
 
 
 def _check_conv(name: str, conv: nn.Conv2d) -> None:
@@ -248,15 +262,21 @@ class Bookkeeping:
             record.packed = matrix, layout
         return record.packed
 
-    def _layer_norms(self, module_name: str, call: _Call, rows: slice, packed: bool = False) -> torch.Tensor:
-        """Squared per-example gradient norm of this layer's covered parameters, for ``rows``
-        (``packed``: leaving out those in :meth:`_packed`)."""
+    def _layer_norms(self, module_name: str, call: _Call, rows: slice, packed: bool = False,
+                     group: int = 1) -> torch.Tensor:
+        """Squared per-example gradient norm of this layer's covered parameters, for ``rows`` taken as
+        examples of ``group`` consecutive rows each (``packed``: leaving out those in :meth:`_packed`)."""
         sub, per_row = self._modules[module_name], self._per_row(module_name, call)
-        total = sum(torch.linalg.vector_norm(r[rows].flatten(1), dim=1).square() for local, r in per_row.items()
-                    if not (packed and self._packable(sub, local)))
+        if group > 1 and isinstance(sub, nn.Embedding):
+            index = call.inputs.reshape(-1)[rows].reshape(-1, group)
+            if not bool((index == index[:, :1]).all()):
+                raise RuntimeError(f"book-keeping clipping: the rows of one example looked up different entries of "
+                                   f"{module_name!r} (an example's views must share its label)")
+        total = sum(torch.linalg.vector_norm(grouped_rows(r[rows], group).flatten(1), dim=1).square()
+                    for local, r in per_row.items() if not (packed and self._packable(sub, local)))
         if "weight" in self.layers[module_name] and "weight" not in per_row:  # the ghost norm
             a, g = self._tokens(module_name, call)
-            a, g = a[rows], g[rows]
+            a, g = _group_tokens(a[rows], group), _group_tokens(g[rows], group)
             total = total + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return total  # type: ignore[return-value]
 
@@ -268,14 +288,18 @@ class Bookkeeping:
             parts[name] = torch.linalg.vector_norm(grad[rows].flatten(1), dim=1).square()
         return parts
 
-    def squared_norms(self, record: RecordedPass, rows: slice) -> torch.Tensor:
-        """Squared L2 norm of each example's gradient over every covered parameter, for ``rows``."""
-        total = torch.zeros(len(range(record.rows)[rows]), device=self._device())
+    def squared_norms(self, record: RecordedPass, rows: slice, group: int = 1) -> torch.Tensor:
+        """Squared L2 norm of each example's gradient over every covered parameter, for ``rows``; an
+        example is ``group`` consecutive rows (its views), whose gradients sum to its own."""
+        count = len(range(record.rows)[rows])
+        if count % group:
+            raise ValueError(f"book-keeping clipping: {count} rows are not whole examples of {group} rows each")
+        total = torch.zeros(count // group, device=self._device())
         if total.numel() == 0:
             return total
-        total = total + torch.linalg.vector_norm(self._packed(record)[0][rows], dim=1).square()
+        total = total + torch.linalg.vector_norm(grouped_rows(self._packed(record)[0][rows], group), dim=1).square()
         for name, call in record.calls.items():
-            total = total + self._layer_norms(name, call, rows, packed=True)
+            total = total + self._layer_norms(name, call, rows, packed=True, group=group)
         return total
 
     def _device(self) -> torch.device:

@@ -63,6 +63,7 @@ class PrivacyConfig:
     subspace_history: int
     adversarial_weight: float
     learning_rate: float | None
+    augmentation_multiplicity: int
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -85,6 +86,12 @@ class PrivacyConfig:
                                                or not isinstance(self.learning_rate, (int, float))
                                                or not math.isfinite(self.learning_rate) or not self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a positive number or null, got {self.learning_rate!r}")
+        if isinstance(self.augmentation_multiplicity, bool) or not isinstance(self.augmentation_multiplicity, int) \
+                or self.augmentation_multiplicity < 1:
+            raise ValueError(f"augmentation_multiplicity must be a positive integer, got {self.augmentation_multiplicity!r}")
+        if self.augmentation_multiplicity > 1 and (self.scope != "discriminator" or self.clipping != "bookkeeping"):
+            raise ValueError("augmentation_multiplicity > 1 needs scope=discriminator and clipping=bookkeeping (the "
+                             "views of a patch are clipped together as that patch's one gradient)")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:

@@ -16,6 +16,9 @@ Differences from the plain step (``common/train/engine.py``), all needed for the
   each generated image's gradient is clipped too (``privacy.clip_generated``, default), to C / m for
   m generated images: their sum is then bounded by C like the real half's, and cannot swamp it (an
   unclipped generated half is often 10x the clipped real one, and Adam's step sizes then follow it);
+- scope=discriminator: with ``privacy.augmentation_multiplicity`` k > 1 each real patch enters the
+  pass as k independently augmented views whose mean gradient is clipped as the patch's one
+  gradient (De et al. 2022); the bound per patch, and so the guarantee, are those of one view;
 - scope=discriminator, unified step: D's adversarial losses (real and generated halves) are weighted
   by ``privacy.adversarial_weight`` (default 0.2) inside each clipped gradient, so that the labels'
   part gets most of the clipping bound (a public constant: no effect on the guarantee);
@@ -114,6 +117,15 @@ def _augment_real(trainer: LocalTrainer, dp: PrivateGradients, real: torch.Tenso
     return diff_augment(real, trainer.cfg.augment, dp.augment_rng)
 
 
+def _views(real: torch.Tensor, labels: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each real patch and its label repeated ``views`` times, consecutively (augmentation
+    multiplicity, ``privacy.augmentation_multiplicity``): augmented afterwards, every copy draws its
+    own transform, and the private gradient clips each patch's rows together."""
+    if views == 1:
+        return real, labels
+    return real.repeat_interleave(views, 0), labels.repeat_interleave(views, 0)
+
+
 def _add_grads(module: nn.Module, grads: dict[str, torch.Tensor], prefix: str) -> None:
     """Add ``grads`` (this step's own tensors, by full parameter name) to ``module``'s ``.grad``; a
     parameter without a gradient takes its tensor as is (nothing else holds it: no copy)."""
@@ -176,6 +188,7 @@ def _discriminator_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torc
     w_adv = dp.plan.adversarial_weight * (weights.get("adv_discriminator", 1.0)
                                           if cfg.weighting.include_adversarial else 1.0)
     w_real, w_syn = weights["cls_real"], weights["cls_synthetic"]
+    real, labels = _views(real, labels, dp.plan.augmentations)
     aug_real = _augment_real(trainer, dp, real)
     aug_fake = diff_augment(fake.detach(), cfg.augment, trainer.rng)
     parts: dict[str, torch.Tensor | None] = {}
@@ -247,6 +260,8 @@ def private_classifier_update(trainer: LocalTrainer, dp: PrivateGradients, batch
     and the head learn from the private gradient alone (the adversarial parts get none: weight 0)."""
     model, cfg = trainer.model, trainer.cfg
     real, labels, labels_host = batch.images, batch.labels, batch.labels_host
+    if dp.plan.scope == "discriminator":
+        real, labels = _views(real, labels, dp.plan.augmentations)
     images = diff_augment(real, cfg.classifier_augment, dp.augment_rng) if real.shape[0] else real
     trainer.zero_discriminator_grads()
     if dp.plan.scope == "classifier":

@@ -50,7 +50,7 @@ from common.config import ConfigError
 from common.model import UnifiedViTGAN
 from common.model.discriminator import TrunkOutput
 from common.privacy.accounting import History, PrivacyPlan, compact, total_steps
-from common.privacy.bookkeeping import Bookkeeping, RecordedPass
+from common.privacy.bookkeeping import Bookkeeping, RecordedPass, grouped_rows
 from common.privacy.noise import NoiseSource
 from common.privacy.scopes import SCOPES
 from common.privacy.step import (
@@ -316,11 +316,15 @@ class DPTraining:
         half of the discriminator loss plus the real classification loss, fixed weights).
         """
         example_loss = self._discriminator_example_loss(adversarial_loss, weight_adv, weight_cls)
-        return self._private_sum((images, labels), (), example_loss)
+        return self._private_sum((images, labels), (), example_loss, group=self.plan.augmentations)
 
     def _discriminator_example_loss(self, adversarial_loss: str, weight_adv: float, weight_cls: float
                                     ) -> Callable[..., torch.Tensor]:
-        scale = weight_cls / self.plan.labelled_fraction
+        """A real row's loss; with ``plan.augmentations`` views per patch each row weighs 1 / views, so
+        that a patch's rows sum to the mean of its views' losses."""
+        views = self.plan.augmentations
+        scale = weight_cls / self.plan.labelled_fraction / views
+        weight_adv = weight_adv / views
 
         def example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Tensor,
                          label: torch.Tensor) -> torch.Tensor:
@@ -330,31 +334,36 @@ class DPTraining:
         return example_loss
 
     def _private_sum(self, inputs: tuple[torch.Tensor, ...], extras: tuple[torch.Tensor, ...],
-                     example_loss: Callable[..., torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                     example_loss: Callable[..., torch.Tensor], group: int = 1
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The noisy gradient of ``sum_i example_loss(adapter(*inputs_i), *inputs_i, *extras_i)`` over the
-        rows of ``inputs`` (per-example clipping by ``plan.clipping``); counts one DP step. Returns (noisy
-        gradient by parameter name, per-example losses)."""
+        rows of ``inputs`` (per-example clipping by ``plan.clipping``; an example is ``group``
+        consecutive rows, its views); counts one DP step. Returns (noisy gradient by parameter name,
+        per-example losses)."""
         rows = inputs[0].shape[0]
         if rows == 0:
             empty = self._empty_per_sample(inputs[0].device)
             return self.add_noise(clip_and_sum(empty, self.plan.max_grad_norm)[0]), inputs[0].new_zeros(0)
         if self.bookkeeping is None:
+            if group != 1:
+                raise ValueError("several views per example need privacy.clipping=bookkeeping")
             per_sample, losses = per_sample_gradients(self.adapter, self.names, example_loss, inputs, extras)
             return self.privatize(per_sample), losses
         with self.bookkeeping.record(rows) as (record, forward):
             outputs = forward(*inputs)
         losses = example_loss(outputs, *inputs, *extras)
         self.bookkeeping.backward(record, losses.sum())
-        return self.add_noise(self.clipped_sum(record, rows)), losses.detach()
+        return self.add_noise(self.clipped_sum(record, rows, group=group)), grouped_rows(losses.detach(), group)
 
     def clipped_sum(self, record: RecordedPass, real_rows: int, other_weight: float = 0.0,
-                    other_bound: float | None = None) -> dict[str, torch.Tensor]:
-        """Book-keeping: the sum of the first ``real_rows`` rows' gradients, each clipped to C, plus
-        ``other_weight`` times the gradient of the remaining rows of ``record``, each of those rows
-        first clipped to ``other_bound`` when it is given (unclipped when None)."""
+                    other_bound: float | None = None, group: int = 1) -> dict[str, torch.Tensor]:
+        """Book-keeping: the sum of the first ``real_rows`` rows' gradients, each example (``group``
+        consecutive rows: its views) clipped to C as a whole, plus ``other_weight`` times the gradient
+        of the remaining rows of ``record``, each of those rows first clipped to ``other_bound`` when
+        it is given (unclipped when None)."""
         assert self.bookkeeping is not None
-        norms = self.bookkeeping.squared_norms(record, slice(0, real_rows)).sqrt()
-        factors = clip_factors(norms, self.plan.max_grad_norm)
+        norms = self.bookkeeping.squared_norms(record, slice(0, real_rows), group=group).sqrt()
+        factors = clip_factors(norms, self.plan.max_grad_norm).repeat_interleave(group)
         rest = factors.new_full((record.rows - real_rows,), float(other_weight))
         if other_bound is not None and record.rows > real_rows:
             other = self.bookkeeping.squared_norms(record, slice(real_rows, record.rows)).sqrt()
@@ -405,9 +414,10 @@ class DPTraining:
             (score[:b], logits[:b]), images, labels)
         self.bookkeeping.backward(record, real_losses.sum() + generated_loss(score[b:], logits[b:]))
         # Generated rows weigh B here, so that the division by B in add_noise leaves their (clipped) gradient as is.
+        views = self.plan.augmentations
         summed = self.clipped_sum(record, b, other_weight=self.plan.expected_batch,
-                                  other_bound=self.generated_bound(generated.shape[0]))
-        return self.add_noise(summed), real_losses.detach()
+                                  other_bound=self.generated_bound(generated.shape[0]), group=views)
+        return self.add_noise(summed), grouped_rows(real_losses.detach(), views)
 
     # -------------------------------------------------------------- data
     def poisson_loader(self, dataset: Dataset, steps: int) -> DataLoader:
