@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import ConfigError, compose_config, plain_config
 from simulations.experiments.config import experiment_config
+from simulations.experiments.environment import PACKAGES, cpu_model, package_versions
 from simulations.experiments.runner import run_experiment
 
 TOY = [
@@ -82,6 +84,22 @@ def test_a_stopped_experiment_continues_and_a_changed_one_is_refused(tmp_path: P
     assert runs[0] == first[0] and [r["seed"] for r in runs] == [0, 1]
     with pytest.raises(ConfigError, match="another config"):
         run_experiment(_run(["experiment.variants=[plain]", "data.labeled_per_class=3"]), tmp_path, "test")
+
+
+def test_results_record_the_cpu_and_the_package_versions_they_came_from(tmp_path: Path) -> None:
+    # One commit gives other figures on another install or CPU: results.json and results.md name both.
+    run_experiment(_run(["experiment.variants=[plain]", "experiment.seeds=[0]", "experiment.settings=[centralized]"]),
+                   tmp_path, "test")
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["packages"]["numpy"] == np.__version__ and meta["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert set(meta["packages"]) == set(PACKAGES)
+    assert cpu_model() in meta["machine"]
+    assert f"numpy {np.__version__}" in (tmp_path / "results.md").read_text()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Some CPU @ 2.10GHz\nflags\t: avx2\n")
+    assert cpu_model(cpuinfo) == "Some CPU @ 2.10GHz"
+    assert package_versions(("numpy", "no-such-package-here")) == {"numpy": np.__version__,
+                                                                    "no-such-package-here": "not installed"}
 
 
 def test_a_training_seed_offset_retrains_on_the_same_patches(tmp_path: Path) -> None:

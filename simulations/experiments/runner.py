@@ -16,7 +16,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from common.run_config import run_config  # noqa: E402
 from common.train import run_train_config  # noqa: E402
 from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
+from simulations.experiments.environment import machine_description, package_versions  # noqa: E402
 from simulations.experiments.inprocess import TEST_PREDICTIONS, CurvePoint  # noqa: E402
 from simulations.experiments.paired import predictions_path  # noqa: E402
 from simulations.experiments.procedures import Job, procedure  # noqa: E402
@@ -117,7 +117,10 @@ def run_one(base: dict[str, Any], exp: ExperimentConfig, setting: str, variant_n
 
 def _results_header(results: dict[str, Any]) -> str:
     meta = results["meta"]
-    return (f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \nDate: {meta['date']}, commit {meta['commit']}  \n"
+    packages = ", ".join(f"{name} {version}" for name, version in meta.get("packages", {}).items())
+    return (f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
+            + (f"Packages: {packages}  \n" if packages else "")
+            + f"Date: {meta['date']}, commit {meta['commit']}  \n"
             f"Budget: {meta['steps']} local steps per hospital (federated: {meta['rounds']} rounds), "
             f"seeds {meta['seeds']}. `seconds` is training time on this machine (local: all hospitals one after "
             f"another; federated: whole rounds, with the federation's own overhead).")
@@ -195,9 +198,7 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
             raise ConfigError(f"{path} was written with another experiment.training_seed_offset; use a new folder "
                               f"(hydra.run.dir=...)")
         results["runs"] = saved.get("runs", [])
-    results["meta"] = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                       f"{platform.python_implementation()} {platform.python_version()}, torch {torch.__version__}"
-                       + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+    results["meta"] = {"command": command, "machine": machine_description(), "packages": package_versions(),
                        "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "steps": exp.steps,
                        "rounds": exp.rounds, "seeds": list(exp.seeds),
                        "training_seed_offset": exp.training_seed_offset}
