@@ -38,7 +38,7 @@ from common.data.registry import configured_class_names
 from common.durable import atomic_write_json
 from common.evaluation import METRIC_NAMES, save_generator_grid
 from common.federation_config import FederationConfig
-from common.model import build_model, split_groups
+from common.model import initial_model, split_groups
 from common.records import arrayrecord_to_tensors, state_nbytes, tensors_to_arrayrecord
 from common.run_config import RunConfig, run_config
 from common.secure_aggregation import check_secure_aggregation
@@ -198,7 +198,7 @@ def _set_up(run: dict[str, Any], typed: RunConfig, run_dir: Path) -> _Federation
     faults = typed.faults  # checked here, injected by the hospitals
     if faults:
         _progress(f"fault injection (simulation): {len(faults)} fault(s) configured")
-    model = build_model(typed.model, len(class_names), seed=typed.seed)
+    model = initial_model(typed.model, len(class_names), seed=typed.seed)
     fingerprint = _fingerprint(run, len(class_names))
     store = CheckpointStore(run_dir, fed.checkpoint_keep_last)
     latest = store.latest()

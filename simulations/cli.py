@@ -10,6 +10,7 @@
     fedvitgan export RUN --out DIR           the classifier as a torch.export program (.pt2) + model.json
     fedvitgan generate RUN --per-class N --out DIR   an ImageFolder of generated patches
     fedvitgan privacy-report RUN             the privacy-budget report of a run with DP on
+    fedvitgan prior --out FILE               a trunk prior from random-process images (no patient data)
     fedvitgan certs [options]                TLS certificates and hospital keys for a deployment
     fedvitgan supernode [flower flags]       a hospital's SuperNode that polls more often than Flower's
     fedvitgan superexec [flower flags]       a hospital's SuperExec (warm ClientApps, pinned app code)
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "superexec": ("client.warm_superexec", "main"),
     "fab": ("client.app_pin", "fab_command"),
     "privacy-report": ("simulations.privacy_report", "main"),
+    "prior": ("simulations.prior", "main"),
     "report": ("simulations.report", "main"),
     "predict": ("simulations.predict", "main"),
     "export": ("simulations.export", "main"),

@@ -13,17 +13,20 @@ from common.model import ModelConfig, build_model
 from common.privacy.accounting import build_plan
 from common.privacy.budget import private_train_config
 from common.privacy.config import PrivacyConfig, check_private_method
+from common.privacy.report import _coverage
 from common.privacy.wiring import DPTraining
 from common.run_config import run_config
 from common.train import LocalTrainer, TrainConfig
 
 
-def _trainer(tiny_cfg: ModelConfig, scope: str, sigma: float = 1.0, clip: float = 0.5) -> tuple[LocalTrainer, DPTraining]:
+def _trainer(tiny_cfg: ModelConfig, scope: str, sigma: float = 1.0, clip: float = 0.5, method: str = "supervised",
+             freeze_trunk: bool = False) -> tuple[LocalTrainer, DPTraining]:
     model = build_model(tiny_cfg, 4, seed=0)
-    pcfg = PrivacyConfig(enabled=True, scope=scope, noise_multiplier=sigma, max_grad_norm=clip)
+    pcfg = PrivacyConfig(enabled=True, scope=scope, noise_multiplier=sigma, max_grad_norm=clip,
+                         freeze_trunk=freeze_trunk)
     plan = build_plan(pcfg, num_examples=40, num_labelled=20, batch_size=4, steps_per_round=3, planned_rounds=1)
     dp = DPTraining(model, plan, seed=1)
-    cfg = private_train_config(dataclasses.replace(TrainConfig(batch_size=4), method="supervised"), pcfg)
+    cfg = private_train_config(dataclasses.replace(TrainConfig(batch_size=4), method=method), pcfg)
     return LocalTrainer(model, cfg, seed=0, privacy=dp), dp
 
 
@@ -83,6 +86,35 @@ def test_scope_discriminator_moves_the_trunk_only_through_the_private_gradient(t
         assert _changed(trunk, trainer.model.discriminator.trunk) or scope == "discriminator"
     assert moved["discriminator"] <= 1e-6 * 5 / 4 * (1 + 1e-3)  # <= (sum of clipped norms) / B
     assert moved["classifier"] > 1e-3
+
+
+@pytest.mark.parametrize("method", ["supervised", "unified"])
+def test_a_frozen_trunk_never_moves_and_the_noise_covers_the_heads_alone(tiny_cfg: ModelConfig, method: str) -> None:
+    trainer, dp = _trainer(tiny_cfg, "discriminator", method=method, freeze_trunk=True)
+    model = trainer.model
+    trunk, head = _snapshot(model.discriminator.trunk), _snapshot(model.classifier)
+    real, labels = _batch()
+    for _ in range(2):
+        trainer.step(real, labels)
+    assert dp.steps_total == 2
+    assert _changed(trunk, model.discriminator.trunk) == set()
+    assert _changed(head, model.classifier)
+    assert dp.names and not any(n.startswith("discriminator.trunk.") for n in dp.names)
+    covered = sum(p.numel() for n, p in dp.adapter.named_parameters() if n in dp.names)
+    assert covered < sum(p.numel() for p in model.discriminator.trunk.parameters()) / 10
+    # The same hospital's model under a plan without the switch trains its trunk privately again.
+    _, again = _trainer(tiny_cfg, "discriminator")
+    assert any(n.startswith("discriminator.trunk.") for n in again.names)
+
+
+def test_a_frozen_trunk_is_refused_outside_the_end_to_end_scope_and_said_in_the_report() -> None:
+    with pytest.raises(ValueError, match="freeze_trunk needs scope=discriminator"):
+        PrivacyConfig(enabled=True, scope="classifier", freeze_trunk=True)
+    frozen = _coverage(PrivacyConfig(enabled=True, scope="discriminator", freeze_trunk=True))
+    trained = _coverage(PrivacyConfig(enabled=True, scope="discriminator"))
+    assert frozen["covered"]["discriminator"].startswith("the trunk is frozen at its initial weights")
+    assert "frozen" not in trained["covered"]["discriminator"]
+    assert frozen["end_to_end_guarantee"] and frozen["covered_groups"] == trained["covered_groups"]
 
 
 def test_a_method_without_a_private_step_is_refused_at_start_and_at_the_hospital() -> None:

@@ -8,6 +8,7 @@ from common.model.unified import (
     build_model,
     group_entries,
     group_of,
+    initial_model,
     split_groups,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "build_model",
     "group_entries",
     "group_of",
+    "initial_model",
     "model_preset",
     "preset_names",
     "split_groups",

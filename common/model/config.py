@@ -40,6 +40,7 @@ class ModelConfig:
     token_noise_dim: int
     qkv_bias: bool
     spectral_norm: bool
+    trunk_prior: str | None
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:

@@ -17,6 +17,7 @@ from torch import nn
 from common.model.config import ModelConfig
 from common.model.discriminator import ClassifierHead, ProjectionDiscriminator, TrunkOutput
 from common.model.generator import ViTGenerator
+from common.model.prior.store import load_trunk_prior
 
 GROUPS: tuple[str, ...] = ("generator", "discriminator", "classifier")
 
@@ -124,3 +125,14 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int | None = None) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UnifiedViTGAN(cfg, num_classes)
+
+
+def initial_model(cfg: ModelConfig, num_classes: int, seed: int | None = None) -> UnifiedViTGAN:
+    """The model a training run starts from: ``build_model``'s, its trunk replaced by the weights in
+    ``cfg.trunk_prior`` when set. Only whoever makes the run's first weights calls this (the
+    coordinator, an in-process run); a hospital receives them, so it needs no prior file."""
+    model = build_model(cfg, num_classes, seed)
+    if cfg.trunk_prior:
+        trunk = model.discriminator.trunk
+        trunk.load_state_dict(load_trunk_prior(cfg.trunk_prior, trunk))
+    return model

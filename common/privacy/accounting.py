@@ -246,6 +246,8 @@ class PrivacyPlan:
     adversarial_weight: float = 0.2
     #: scope=discriminator: views per real patch, averaged before clipping (augmentation multiplicity).
     augmentations: int = 1
+    #: scope=discriminator: the trunk stays at its (public) initial weights; DP-SGD trains the heads only.
+    freeze_trunk: bool = False
 
     def next_round(self) -> tuple[float, float, int]:
         """The history entry the coming round adds if it trains."""
@@ -287,4 +289,5 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         clipping=cfg.clipping, clip_generated=bool(cfg.clip_generated),
         subspace_dim=cfg.subspace_dim, subspace_history=int(cfg.subspace_history),
         adversarial_weight=float(cfg.adversarial_weight), augmentations=int(cfg.augmentation_multiplicity),
+        freeze_trunk=bool(cfg.freeze_trunk),
     )

@@ -64,6 +64,7 @@ class PrivacyConfig:
     adversarial_weight: float
     learning_rate: float | None
     augmentation_multiplicity: int
+    freeze_trunk: bool
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -92,6 +93,11 @@ class PrivacyConfig:
         if self.augmentation_multiplicity > 1 and (self.scope != "discriminator" or self.clipping != "bookkeeping"):
             raise ValueError("augmentation_multiplicity > 1 needs scope=discriminator and clipping=bookkeeping (the "
                              "views of a patch are clipped together as that patch's one gradient)")
+        if not isinstance(self.freeze_trunk, bool):
+            raise ValueError(f"freeze_trunk must be true or false, got {self.freeze_trunk!r}")
+        if self.freeze_trunk and self.scope != "discriminator":
+            raise ValueError("freeze_trunk needs scope=discriminator (with scope=classifier the trunk is not "
+                             "private whether it learns or not, and the scope's statement says so)")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:

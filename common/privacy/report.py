@@ -158,12 +158,22 @@ def _lifetime(name: str, latest: dict[str, Any], replies: list[tuple[int, dict[s
             "steps_total": max(ledger["steps_total"], reported["steps_total"])}
 
 
+#: What covers the discriminator under privacy.freeze_trunk (scope=discriminator).
+FROZEN_TRUNK = ("the trunk is frozen at its initial weights (a seeded random initialisation, or model.trunk_prior's, "
+                "learnt from random-process images without any patient data): no real patch's gradient reaches it, "
+                "so it reveals nothing about them; DP-SGD on the adversarial head and class projection for the real "
+                "patches' gradients")
+
+
 def _coverage(cfg: PrivacyConfig) -> dict[str, Any]:
     """What the scope covers and leaves out, in plain words (``common.privacy.scopes``)."""
     scope = SCOPES[cfg.scope]
+    covered = dict(scope.covered)
+    if cfg.freeze_trunk:
+        covered["discriminator"] = FROZEN_TRUNK
     return {
         "covered_groups": list(scope.covered),
-        "covered": dict(scope.covered),
+        "covered": covered,
         "not_covered_groups": list(scope.not_covered),
         "not_covered": dict(scope.not_covered),
         "side_channels": {**scope.side_channels, "randomness": SEEDED if cfg.seed is not None else RANDOMNESS},

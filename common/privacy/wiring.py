@@ -187,6 +187,9 @@ class DPTraining:
         if plan.scope == "discriminator" and model.cfg.spectral_norm:
             raise ConfigError("privacy.scope=discriminator does not support model.spectral_norm=true (its power "
                               "iteration updates buffers inside the per-sample gradient computation)")
+        if plan.scope == "discriminator":  # every round: a hospital's cached model may come from another plan
+            for parameter in model.discriminator.trunk.parameters():
+                parameter.requires_grad_(not plan.freeze_trunk)
         self.adapter: nn.Module = HeadAdapter(model) if plan.scope == "classifier" else DiscriminatorAdapter(model)
         self.names = [n for n, p in self.adapter.named_parameters() if p.requires_grad]
         if {n.split(".", 1)[0] for n in self.names} != set(SCOPES[plan.scope].dp_groups):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from common.data.base import PatchDataset
 from common.data.sites import SiteData
 from common.evaluation.metrics import classification_metrics, predict_probabilities
-from common.model import UnifiedViTGAN, build_model
+from common.model import UnifiedViTGAN, initial_model
 from common.run_config import RunConfig
 from common.seeds import batch_seed, site_seed
 from common.train import LocalTrainer
@@ -75,7 +75,7 @@ class TrainedSite:
 
 def build_trainer(config: RunConfig, site: SiteData, seed: int) -> LocalTrainer:
     """A fresh model and trainer for ``config``'s model and train sections (weights seeded by ``seed``)."""
-    model = build_model(config.model, len(site.class_names), seed=seed)
+    model = initial_model(config.model, len(site.class_names), seed=seed)
     return LocalTrainer(model, config.train, seed=seed, class_names=site.class_names, device=config.device,
                         validation=site.val)
 
