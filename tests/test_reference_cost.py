@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.config import compose_config, plain_config
-from common.privacy.reference_cost import ReferenceCost, cost_statement, load_reference, nearest_cost
+from common.privacy.reference_cost import Recipe, ReferenceCost, cost_statement, load_reference, nearest_cost
 from simulations.experiments.reference_costs import main as reference_main
 from simulations.experiments.reference_costs import reference_rows
 
@@ -23,32 +23,45 @@ ROWS = [ReferenceCost("unified", "discriminator", 1.1, 0.40, 0.74, 3),
 
 def test_the_nearest_epsilon_on_a_log_scale_of_the_same_method_and_scope_is_chosen() -> None:
     # the geometric mean of 3 and 8 is 4.90: below it 3 is nearer, above it 8
-    assert nearest_cost(ROWS, "unified", "discriminator", 4.8).epsilon == 3.0
-    assert nearest_cost(ROWS, "unified", "discriminator", 5.0).epsilon == 8.0
-    assert nearest_cost(ROWS, "unified", "discriminator", 0.2).epsilon == 1.1
-    assert nearest_cost(ROWS, "supervised", "discriminator", 1.0).accuracy == 0.50
-    assert nearest_cost(ROWS, "supervised", "classifier", 3.0) is None
-    assert nearest_cost(ROWS, "unified", "discriminator", float("inf")) is None
+    assert nearest_cost(ROWS, Recipe("unified", "discriminator"), 4.8).epsilon == 3.0
+    assert nearest_cost(ROWS, Recipe("unified", "discriminator"), 5.0).epsilon == 8.0
+    assert nearest_cost(ROWS, Recipe("unified", "discriminator"), 0.2).epsilon == 1.1
+    assert nearest_cost(ROWS, Recipe("supervised", "discriminator"), 1.0).accuracy == 0.50
+    assert nearest_cost(ROWS, Recipe("supervised", "classifier"), 3.0) is None
+    assert nearest_cost(ROWS, Recipe("unified", "discriminator"), float("inf")) is None
 
 
 def test_the_statement_quotes_the_cost_and_says_where_it_was_measured() -> None:
     reference = {"source": "the synthetic reference", "rows": ROWS}
-    text = cost_statement(reference, "unified", "discriminator", 7.5)
+    text = cost_statement(reference, Recipe("unified", "discriminator"), 7.5)
     assert "the synthetic reference" in text and "epsilon 8" in text
     assert "**14.0 points lost to DP**" in text and "0.600 against 0.740" in text
     better = {"source": "s", "rows": [ReferenceCost("unified", "discriminator", 8.0, 0.80, 0.74, 3)]}
-    assert "**6.0 points gained under DP**" in cost_statement(better, "unified", "discriminator", 8.0)
-    assert "not measured" in cost_statement(reference, "semi_supervised", "discriminator", 7.5)
-    assert "No reference" in cost_statement(None, "unified", "discriminator", 7.5)
+    assert "**6.0 points gained under DP**" in cost_statement(better, Recipe("unified", "discriminator"), 8.0)
+    assert "not measured" in cost_statement(reference, Recipe("semi_supervised", "discriminator"), 7.5)
+    assert "No reference" in cost_statement(None, Recipe("unified", "discriminator"), 7.5)
+
+
+def test_a_run_from_the_trunk_prior_is_quoted_its_own_recipe_never_the_one_from_scratch() -> None:
+    frozen = ReferenceCost("supervised", "discriminator", 8.0, 0.76, 0.80, 3, trunk_prior=True, freeze_trunk=True)
+    reference = {"source": "s", "rows": [*ROWS, frozen]}
+    recipe = Recipe("supervised", "discriminator", trunk_prior=True, freeze_trunk=True)
+    assert nearest_cost(reference["rows"], recipe, 8.0) == frozen
+    assert nearest_cost(reference["rows"], Recipe("supervised", "discriminator"), 8.0).accuracy == 0.50
+    text = cost_statement(reference, recipe, 8.0)
+    assert "**4.0 points lost to DP**" in text and "a model.trunk_prior and privacy.freeze_trunk" in text
+    # a frozen trunk without the prior (a random one) was not measured: no row of another recipe stands in
+    alone = cost_statement(reference, Recipe("supervised", "discriminator", freeze_trunk=True), 8.0)
+    assert "not measured" in alone and "points" not in alone
 
 
 def test_a_run_far_from_every_measured_epsilon_is_quoted_no_cost() -> None:
     reference = {"source": "s", "rows": ROWS}
     # 8 x 3 = 24 is the last epsilon the epsilon-8 row speaks for; clipping with almost no noise
     # (epsilon about 10^5) and a very strict budget are far from every row
-    assert "points lost to DP" in cost_statement(reference, "unified", "discriminator", 23.0)
+    assert "points lost to DP" in cost_statement(reference, Recipe("unified", "discriminator"), 23.0)
     for epsilon in (25.0, 95_000.0, 0.3):
-        text = cost_statement(reference, "unified", "discriminator", epsilon)
+        text = cost_statement(reference, Recipe("unified", "discriminator"), epsilon)
         assert "points" not in text and "not measured" in text and "the nearest: epsilon" in text
 
 

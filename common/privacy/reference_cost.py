@@ -33,6 +33,8 @@ class ReferenceCost:
     accuracy: float  # test balanced accuracy with DP
     accuracy_without_dp: float  # the same variant without DP, on the same seeds
     seeds: int
+    trunk_prior: bool = False  # started from a model.trunk_prior (both with and without DP)
+    freeze_trunk: bool = False  # privacy.freeze_trunk: the trunk stayed at its initial weights under DP
 
     @property
     def cost_points(self) -> float:
@@ -50,35 +52,57 @@ def load_reference(path: Path | str = REFERENCE_FILE) -> dict[str, Any] | None:
     return data
 
 
-def nearest_cost(rows: list[ReferenceCost], method: str, scope: str, epsilon: float | None) -> ReferenceCost | None:
-    """The row of ``method`` and ``scope`` whose epsilon is nearest ``epsilon`` on a log scale, however
-    far; None without such a row or without a finite positive epsilon."""
+@dataclass(frozen=True)
+class Recipe:
+    """What a DP run's cost depends on besides epsilon: its method, scope and starting trunk."""
+
+    method: str
+    scope: str
+    trunk_prior: bool = False
+    freeze_trunk: bool = False
+
+    def describe(self) -> str:
+        text = f"train.method={self.method} with privacy.scope={self.scope}"
+        if self.trunk_prior:
+            text += ", a model.trunk_prior"
+        if self.freeze_trunk:
+            text += " and privacy.freeze_trunk"
+        return text
+
+    def matches(self, row: ReferenceCost) -> bool:
+        return (row.method, row.scope, row.trunk_prior, row.freeze_trunk) == (
+            self.method, self.scope, self.trunk_prior, self.freeze_trunk)
+
+
+def nearest_cost(rows: list[ReferenceCost], recipe: Recipe, epsilon: float | None) -> ReferenceCost | None:
+    """The row of ``recipe`` whose epsilon is nearest ``epsilon`` on a log scale, however far; None
+    without such a row or without a finite positive epsilon."""
     if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
         return None
-    candidates = [r for r in rows if r.method == method and r.scope == scope and r.epsilon > 0]
+    candidates = [r for r in rows if recipe.matches(r) and r.epsilon > 0]
     if not candidates:
         return None
     return min(candidates, key=lambda r: abs(math.log(r.epsilon) - math.log(epsilon)))
 
 
-def cost_statement(reference: dict[str, Any] | None, method: str, scope: str, epsilon: float | None) -> str:
+def cost_statement(reference: dict[str, Any] | None, recipe: Recipe, epsilon: float | None) -> str:
     """One paragraph for the privacy report: what the nearest reference epsilon cost, or why none is given."""
     if reference is None:
         return "No reference measurement of DP's cost in accuracy ships with this installation."
-    row = nearest_cost(reference["rows"], method, scope, epsilon)
+    row = nearest_cost(reference["rows"], recipe, epsilon)
     if row is None:
-        return (f"The reference experiment has no row for train.method={method} with privacy.scope={scope}"
+        return (f"The reference experiment has no row for {recipe.describe()}"
                 + ("" if epsilon is not None and math.isfinite(epsilon) and epsilon > 0 else
                    " (or this run reports no finite epsilon)") + ": its cost in accuracy is not measured.")
     ratio = max(row.epsilon / epsilon, epsilon / row.epsilon)
     if ratio > MAX_EPSILON_RATIO:
-        return (f"The reference experiment ({reference['source']}) measured train.method={method} with "
-                f"privacy.scope={scope} at no epsilon within a factor {MAX_EPSILON_RATIO:g} of this run's "
+        return (f"The reference experiment ({reference['source']}) measured {recipe.describe()} at no epsilon "
+                f"within a factor {MAX_EPSILON_RATIO:g} of this run's "
                 f"{epsilon:.3g} (the nearest: epsilon {row.epsilon:.3g}), so its cost in accuracy at this "
                 "epsilon is not measured; DP's cost changes steeply with epsilon.")
     cost = (f"{row.cost_points:.1f} points lost to DP" if row.cost_points >= 0
             else f"{-row.cost_points:.1f} points gained under DP")
-    return (f"In the reference experiment ({reference['source']}), train.method={method} with privacy.scope={scope} "
+    return (f"In the reference experiment ({reference['source']}), {recipe.describe()} "
             f"at epsilon {row.epsilon:.3g} (the nearest to this run's {epsilon:.3g}) reached balanced accuracy "
             f"{row.accuracy:.3f} against {row.accuracy_without_dp:.3f} without DP, mean of {row.seeds} seeds: "
             f"**{cost}**. That is what DP cost there; on another data set, "

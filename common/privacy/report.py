@@ -29,7 +29,7 @@ from common.privacy.accounting import (
 )
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
-from common.privacy.reference_cost import cost_statement, load_reference
+from common.privacy.reference_cost import Recipe, cost_statement, load_reference
 from common.privacy.scopes import SCOPES
 
 RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded afresh from the "
@@ -236,8 +236,10 @@ def build_report(run_dir: Path | str) -> dict[str, Any]:
         report["sites"][name] = site_report(name, trained.get(name, []), stopped.get(name, []), cfg, config, run_dir)
     epsilons = [s["epsilon"] for s in report["sites"].values() if s.get("epsilon") is not None]
     if epsilons:
-        method = str((config.get("train") or {}).get("method", "unified"))
-        report["accuracy_cost"] = cost_statement(load_reference(), method, cfg.scope, max(epsilons))
+        recipe = Recipe(method=str((config.get("train") or {}).get("method", "unified")), scope=cfg.scope,
+                        trunk_prior=bool((config.get("model") or {}).get("trunk_prior")),
+                        freeze_trunk=bool(cfg.freeze_trunk))
+        report["accuracy_cost"] = cost_statement(load_reference(), recipe, max(epsilons))
     return report
 
 

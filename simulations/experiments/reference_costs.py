@@ -45,8 +45,9 @@ def reference_rows(results: dict[str, Any]) -> list[ReferenceCost]:
             method=str(run["train"]["method"]), scope=str(run["privacy"]["scope"]),
             epsilon=sum(r["epsilon"] for r in paired) / n,
             accuracy=sum(r["balanced_accuracy"] for r in paired) / n,
-            accuracy_without_dp=sum(twin[r["seed"]] for r in paired) / n, seeds=n))
-    return sorted(rows, key=lambda r: (r.method, r.scope, r.epsilon))
+            accuracy_without_dp=sum(twin[r["seed"]] for r in paired) / n, seeds=n,
+            trunk_prior=bool(run["model"].get("trunk_prior")), freeze_trunk=bool(run["privacy"]["freeze_trunk"])))
+    return sorted(rows, key=lambda r: (r.method, r.scope, r.trunk_prior, r.freeze_trunk, r.epsilon))
 
 
 def main(argv: list[str] | None = None) -> int:
