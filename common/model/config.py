@@ -18,8 +18,9 @@ class ModelConfig:
     ``class_embed_dim`` class embedding through ``mapping_layers`` MLP layers; ``z`` also seeds each
     token through a ``token_noise_dim``-wide map (0: position tokens only).
 
-    Every field is required: the sizes live in the presets alone (``model_preset("tiny")``, then
-    ``dataclasses.replace`` to change one).
+    Every size is required: the sizes live in the presets alone (``model_preset("tiny")``, then
+    ``dataclasses.replace`` to change one). ``trunk_prior`` (null in every preset) is the one key with a
+    default.
     """
 
     name: str
@@ -40,7 +41,10 @@ class ModelConfig:
     token_noise_dim: int
     qkv_bias: bool
     spectral_norm: bool
-    trunk_prior: str | None
+    #: A safetensors file of trunk weights to start from (``fedvitgan prior``), read by ``initial_model``.
+    #: Not a size, so it has a default: a model recorded before the key existed (a run folder, the
+    #: reference classifier's metadata) had none.
+    trunk_prior: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
