@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,35 +22,6 @@ REFERENCE_FILE = Path(__file__).with_name("reference_costs.json")
 #: a run at epsilon 50 or at 10^5 (clipping with almost no noise): such a run is told that no row
 #: near its epsilon was measured, and which one is nearest.
 MAX_EPSILON_RATIO = 3.0
-
-
-@dataclass(frozen=True)
-class ReferenceCost:
-    """One DP variant of the reference experiment against the same variant without DP (means over seeds)."""
-
-    method: str  # train.method
-    scope: str  # privacy.scope
-    epsilon: float  # the largest any hospital reported, mean over seeds
-    accuracy: float  # test balanced accuracy with DP
-    accuracy_without_dp: float  # the same variant without DP, on the same seeds
-    seeds: int
-    trunk_prior: bool = False  # started from a model.trunk_prior (both with and without DP)
-    freeze_trunk: bool = False  # privacy.freeze_trunk: the trunk stayed at its initial weights under DP
-
-    @property
-    def cost_points(self) -> float:
-        """Balanced-accuracy points lost to DP (positive: DP is worse)."""
-        return 100.0 * (self.accuracy_without_dp - self.accuracy)
-
-
-def load_reference(path: Path | str = REFERENCE_FILE) -> dict[str, Any] | None:
-    """The reference file's content (``source``: how it was measured; ``rows``), None when absent."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    data["rows"] = [ReferenceCost(**row) for row in data.get("rows", [])]
-    return data
 
 
 @dataclass(frozen=True)
@@ -69,9 +41,47 @@ class Recipe:
             text += " and privacy.freeze_trunk"
         return text
 
-    def matches(self, row: ReferenceCost) -> bool:
-        return (row.method, row.scope, row.trunk_prior, row.freeze_trunk) == (
-            self.method, self.scope, self.trunk_prior, self.freeze_trunk)
+    @classmethod
+    def of_run(cls, run: Mapping[str, Any]) -> Recipe:
+        """The recipe of a run config (a run folder's, or an experiment variant's); keys a config
+        recorded before them lacks take their defaults."""
+        privacy = run.get("privacy") or {}
+        return cls(method=str((run.get("train") or {}).get("method", "unified")), scope=str(privacy["scope"]),
+                   trunk_prior=bool((run.get("model") or {}).get("trunk_prior")),
+                   freeze_trunk=bool(privacy.get("freeze_trunk", False)))
+
+
+@dataclass(frozen=True)
+class ReferenceCost:
+    """One DP variant of the reference experiment against the same variant without DP (means over seeds)."""
+
+    method: str  # train.method
+    scope: str  # privacy.scope
+    epsilon: float  # the largest any hospital reported, mean over seeds
+    accuracy: float  # test balanced accuracy with DP
+    accuracy_without_dp: float  # the same variant without DP, on the same seeds
+    seeds: int
+    trunk_prior: bool = False  # started from a model.trunk_prior (both with and without DP)
+    freeze_trunk: bool = False  # privacy.freeze_trunk: the trunk stayed at its initial weights under DP
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk)
+
+    @property
+    def cost_points(self) -> float:
+        """Balanced-accuracy points lost to DP (positive: DP is worse)."""
+        return 100.0 * (self.accuracy_without_dp - self.accuracy)
+
+
+def load_reference(path: Path | str = REFERENCE_FILE) -> dict[str, Any] | None:
+    """The reference file's content (``source``: how it was measured; ``rows``), None when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    data["rows"] = [ReferenceCost(**row) for row in data.get("rows", [])]
+    return data
 
 
 def nearest_cost(rows: list[ReferenceCost], recipe: Recipe, epsilon: float | None) -> ReferenceCost | None:
@@ -79,7 +89,7 @@ def nearest_cost(rows: list[ReferenceCost], recipe: Recipe, epsilon: float | Non
     without such a row or without a finite positive epsilon."""
     if epsilon is None or not math.isfinite(epsilon) or epsilon <= 0:
         return None
-    candidates = [r for r in rows if recipe.matches(r) and r.epsilon > 0]
+    candidates = [r for r in rows if r.recipe == recipe and r.epsilon > 0]
     if not candidates:
         return None
     return min(candidates, key=lambda r: abs(math.log(r.epsilon) - math.log(epsilon)))

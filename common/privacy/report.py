@@ -236,10 +236,7 @@ def build_report(run_dir: Path | str) -> dict[str, Any]:
         report["sites"][name] = site_report(name, trained.get(name, []), stopped.get(name, []), cfg, config, run_dir)
     epsilons = [s["epsilon"] for s in report["sites"].values() if s.get("epsilon") is not None]
     if epsilons:
-        recipe = Recipe(method=str((config.get("train") or {}).get("method", "unified")), scope=cfg.scope,
-                        trunk_prior=bool((config.get("model") or {}).get("trunk_prior")),
-                        freeze_trunk=bool(cfg.freeze_trunk))
-        report["accuracy_cost"] = cost_statement(load_reference(), recipe, max(epsilons))
+        report["accuracy_cost"] = cost_statement(load_reference(), Recipe.of_run(config), max(epsilons))
     return report
 
 

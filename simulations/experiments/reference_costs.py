@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import Any
 
-from common.privacy.reference_cost import REFERENCE_FILE, ReferenceCost
+from common.privacy.reference_cost import REFERENCE_FILE, Recipe, ReferenceCost
 from simulations.experiments.config import experiment_config
 from simulations.experiments.report import DP_VARIANT, group_runs
 from simulations.experiments.runner import variant_run
@@ -42,12 +42,10 @@ def reference_rows(results: dict[str, Any]) -> list[ReferenceCost]:
         run = variant_run(base, exp, load_variant(name), paired[0]["seed"])
         n = len(paired)
         rows.append(ReferenceCost(
-            method=str(run["train"]["method"]), scope=str(run["privacy"]["scope"]),
-            epsilon=sum(r["epsilon"] for r in paired) / n,
+            **asdict(Recipe.of_run(run)), epsilon=sum(r["epsilon"] for r in paired) / n,
             accuracy=sum(r["balanced_accuracy"] for r in paired) / n,
-            accuracy_without_dp=sum(twin[r["seed"]] for r in paired) / n, seeds=n,
-            trunk_prior=bool(run["model"].get("trunk_prior")), freeze_trunk=bool(run["privacy"]["freeze_trunk"])))
-    return sorted(rows, key=lambda r: (r.method, r.scope, r.trunk_prior, r.freeze_trunk, r.epsilon))
+            accuracy_without_dp=sum(twin[r["seed"]] for r in paired) / n, seeds=n))
+    return sorted(rows, key=lambda r: (astuple(r.recipe), r.epsilon))
 
 
 def main(argv: list[str] | None = None) -> int:
