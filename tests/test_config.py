@@ -64,15 +64,17 @@ def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf
 
 def test_model_sizes_live_in_the_presets_alone() -> None:
     fields = dataclasses.fields(ModelConfig)
-    # trunk_prior is not a size: null in every preset, and absent from models recorded before it existed
+    # trunk_prior and classifier_grid are not sizes: null or 0 in every preset, absent from models recorded before them
     assert [(f.name, f.default) for f in fields if f.default is not dataclasses.MISSING
-            or f.default_factory is not dataclasses.MISSING] == [("trunk_prior", None)]  # type: ignore[misc]
+            or f.default_factory is not dataclasses.MISSING] == [("trunk_prior", None), ("classifier_grid", 0)]  # type: ignore[misc]
     with pytest.raises(ConfigError, match=r"model: missing required key 'name'"):
         dataclass_from_mapping(ModelConfig, {}, "model")
     for preset in ("tiny", "small", "base"):
-        assert "trunk_prior" in load_yaml(CONF_DIR / "model" / f"{preset}.yaml")
-    recorded = {k: v for k, v in dataclasses.asdict(model_preset("tiny")).items() if k != "trunk_prior"}
-    assert dataclass_from_mapping(ModelConfig, recorded, "model").trunk_prior is None
+        assert {"trunk_prior", "classifier_grid"} <= set(load_yaml(CONF_DIR / "model" / f"{preset}.yaml"))
+    recorded = {k: v for k, v in dataclasses.asdict(model_preset("tiny")).items()
+                if k not in ("trunk_prior", "classifier_grid")}
+    old = dataclass_from_mapping(ModelConfig, recorded, "model")
+    assert old.trunk_prior is None and old.classifier_grid == 0
 
 
 def test_the_aggregation_bounds_come_from_conf(tmp_path: Path) -> None:

@@ -34,11 +34,14 @@ def _example_loss(outputs: tuple[torch.Tensor, torch.Tensor], _images: torch.Ten
     return real_adversarial_terms(score, "hinge") + 0.7 * labelled_cross_entropy(logits, labels)
 
 
-@pytest.mark.parametrize("classifier_depth", [0, 1])
-def test_norms_and_weighted_sums_equal_per_sample_gradients(tiny_cfg: ModelConfig, classifier_depth: int) -> None:
+@pytest.mark.parametrize(("classifier_depth", "classifier_grid"), [(0, 0), (1, 0), (0, 2), (1, 2)])
+def test_norms_and_weighted_sums_equal_per_sample_gradients(tiny_cfg: ModelConfig, classifier_depth: int,
+                                                            classifier_grid: int) -> None:
     """Every covered parameter (blocks, patch embedding, CLS token, position embedding, class
-    projection, heads): per-example norms and an arbitrary row-weighted sum match torch.func."""
-    _assert_matches_torch_func(build_model(dataclasses.replace(tiny_cfg, classifier_depth=classifier_depth), 5, seed=0))
+    projection, heads, a head on the pooled patch grid): per-example norms and an arbitrary
+    row-weighted sum match torch.func."""
+    cfg = dataclasses.replace(tiny_cfg, classifier_depth=classifier_depth, classifier_grid=classifier_grid)
+    _assert_matches_torch_func(build_model(cfg, 5, seed=0))
 
 
 def test_layer_norm_gradients_match_for_any_scale_and_shift(tiny_cfg: ModelConfig) -> None:

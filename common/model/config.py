@@ -19,8 +19,8 @@ class ModelConfig:
     token through a ``token_noise_dim``-wide map (0: position tokens only).
 
     Every size is required: the sizes live in the presets alone (``model_preset("tiny")``, then
-    ``dataclasses.replace`` to change one). ``trunk_prior`` (null in every preset) is the one key with a
-    default.
+    ``dataclasses.replace`` to change one). ``trunk_prior`` (null in every preset) and
+    ``classifier_grid`` (0 in every preset) are not sizes and have defaults.
     """
 
     name: str
@@ -45,6 +45,11 @@ class ModelConfig:
     #: Not a size, so it has a default: a model recorded before the key existed (a run folder, the
     #: reference classifier's metadata) had none.
     trunk_prior: str | None = None
+    #: What the classification head reads besides the normalised CLS feature: the patch tokens,
+    #: normalised and averaged over a ``classifier_grid`` x ``classifier_grid`` grid of the image
+    #: (0: the CLS feature alone). Where a thing is in the image (a digit's strokes) survives the grid
+    #: and not the CLS token of a frozen trunk. Default 0, for models recorded before the key existed.
+    classifier_grid: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -57,10 +62,20 @@ class ModelConfig:
                 raise ValueError(f"{name} {getattr(self, name)} is not divisible by {heads} heads")
         if min(self.depth, self.generator_depth, self.mapping_layers) < 1 or self.classifier_depth < 0:
             raise ValueError("depth, generator_depth and mapping_layers must be >= 1")
+        side = self.image_size // self.patch_size
+        if isinstance(self.classifier_grid, bool) or not isinstance(self.classifier_grid, int) \
+                or not 0 <= self.classifier_grid <= side:
+            raise ValueError(f"classifier_grid must be an integer in [0, {side}] (patches per side), "
+                             f"got {self.classifier_grid!r}")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def classifier_features(self) -> int:
+        """The width of what the classification head reads: the CLS feature and the grid cells."""
+        return self.embed_dim * (1 + self.classifier_grid ** 2)
 
 
 def model_preset(name: str) -> ModelConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -76,21 +77,39 @@ class ProjectionDiscriminator(nn.Module):
         return unconditional + projection * known.to(features.dtype)
 
 
+def grid_pooled(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """The patch tokens of ``tokens`` (B, 1 + N, D), layer-normalised without parameters and averaged
+    over a ``grid`` x ``grid`` grid of the image: (B, grid * grid * D)."""
+    patches = F.layer_norm(tokens[:, 1:], tokens.shape[-1:])
+    batch, count, dim = patches.shape
+    side = int(round(count ** 0.5))
+    image = patches.transpose(1, 2).reshape(batch, dim, side, side)
+    return F.adaptive_avg_pool2d(image, grid).flatten(1)
+
+
 class ClassifierHead(nn.Module):
-    """Optional dedicated transformer blocks, then a linear head over the classes."""
+    """Optional dedicated transformer blocks, then a linear head over the classes; with
+    ``classifier_grid`` g > 0 the head reads the CLS feature beside the g x g grid of pooled patch
+    tokens (:func:`grid_pooled`)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         dim = cfg.embed_dim
+        self.grid = cfg.classifier_grid
         self.blocks = nn.Sequential(
             *(Block(dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias) for _ in range(cfg.classifier_depth))
         )
         self.norm = nn.LayerNorm(dim) if cfg.classifier_depth else nn.Identity()
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(cfg.classifier_features, num_classes)
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, trunk: TrunkOutput) -> torch.Tensor:
         if len(self.blocks) == 0:
-            return self.head(trunk.features)
-        return self.head(self.norm(self.blocks(trunk.tokens)[:, 0]))
+            tokens, cls = trunk.tokens, trunk.features
+        else:
+            tokens = self.blocks(trunk.tokens)
+            cls = self.norm(tokens[:, 0])
+        if self.grid:
+            cls = torch.cat([cls, grid_pooled(tokens, self.grid)], dim=1)
+        return self.head(cls)
