@@ -164,12 +164,35 @@ def test_the_report_shows_each_dp_variants_epsilon_and_its_cost_against_the_same
             run("plain_dp8", 0, 0.60, 7.9), run("plain_dp8", 1, 0.65, 8.1),
             run("unified_dp8", 0, 0.62, 8.0)]
     text = results_markdown({"variants": ["plain", "plain_dp8", "unified_dp8"], "runs": runs})
-    assert "| plain_dp8 | 8.00 | 0.625 | -12.5 (-20.0 / -5.0) vs plain |" in text
-    assert "| unified_dp8 | 8.00 | 0.620 | - |" in text  # no `unified` run to compare with
-    assert "| plain | - | 0.750 | - |" in text
+    assert "| plain_dp8 | 8.00 | 0.625 | -12.5 (-20.0 / -5.0) vs plain | - | - |" in text  # recorded without curves
+    assert "| unified_dp8 | 8.00 | 0.620 | - | - | - |" in text  # no `unified` run to compare with
+    assert "| plain | - | 0.750 | - | - | - |" in text
     no_dp = results_markdown({"variants": ["plain"], "runs": runs[:2]})
     assert "Privacy:" not in no_dp
     assert "privacy_utility.png" in text and "privacy_utility.png" not in no_dp
+
+
+def test_the_privacy_table_gives_the_mean_of_each_run_s_last_evaluations_and_its_cost() -> None:
+    from simulations.experiments.report import last_evaluations_mean, results_markdown
+
+    def run(variant: str, seed: int, curve: list[float], epsilon: float | None) -> dict:
+        points = [{"step": 10 * (i + 1), "seconds": i + 1.0, "test_balanced_accuracy": v} for i, v in enumerate(curve)]
+        return {"variant": variant, "setting": "federated", "seed": seed, "balanced_accuracy": curve[-1],
+                "macro_f1": 0.5, "accuracy": 0.5, "auroc": 0.5, "seconds": 1.0, "epsilon": epsilon, "curve": points}
+
+    runs = [run("plain", 0, [0.1, 0.7, 0.8, 0.9], None), run("plain", 1, [0.6, 0.6, 0.6, 0.6], None),
+            run("plain_dp8", 0, [0.9, 0.5, 0.6, 0.4], 8.0), run("plain_dp8", 1, [0.5, 0.5, 0.5, 0.2], 8.0)]
+    assert last_evaluations_mean(runs[0], 3) == pytest.approx(0.8)
+    assert last_evaluations_mean(runs[0], 9) == pytest.approx(0.625)  # fewer points than asked: all of them
+    text = results_markdown({"variants": ["plain", "plain_dp8"], "runs": runs,
+                             "config": {"experiment": {"last_evaluations": 3}}})
+    # last 3: plain 0.8 and 0.6, plain_dp8 0.5 and 0.4; at the last point: -50.0 and -40.0
+    assert "| last 3 evaluations | vs without DP (last 3; mean, per seed) |" in text
+    assert "| plain_dp8 | 8.00 | 0.300 | -45.0 (-50.0 / -40.0) vs plain | 0.450 | -25.0 (-30.0 / -20.0) |" in text
+    assert "| plain | - | 0.750 | - | 0.700 | - |" in text
+    two = results_markdown({"variants": ["plain", "plain_dp8"], "runs": runs,
+                            "config": {"experiment": {"last_evaluations": 2}}})
+    assert "| plain_dp8 | 8.00 | 0.300 | -45.0 (-50.0 / -40.0) vs plain | 0.425 | -30.0 (-35.0 / -25.0) |" in two
 
 
 def test_the_privacy_utility_plot_has_one_line_per_dp_family_beside_each_variant_without_dp(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ class ExperimentConfig:
     threads: int | None  # torch CPU threads per run (null: torch's default; 1 with several workers)
     workers: int  # runs of the centralized and local settings trained side by side, one process each
     training_seed_offset: int  # added to the seed of initial weights and batch order only (data unchanged)
+    last_evaluations: int  # the privacy table's mean over each run's last this many evaluation points
     two_stage: TwoStageConfig
     generator_quality: GeneratorQualityConfig
     paired_interval: PairedIntervalConfig  # the report's per-seed intervals against plain
@@ -70,6 +71,8 @@ class ExperimentConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
+        if isinstance(self.last_evaluations, bool) or not isinstance(self.last_evaluations, int) or self.last_evaluations < 1:
+            raise ValueError(f"last_evaluations must be an integer >= 1, got {self.last_evaluations!r}")
         federated = {v: variant_procedure(v) for v in self.variants_for("federated")} if "federated" in self.settings else {}
         not_federated = [v for v, proc in federated.items() if not proc.federated]
         if not_federated:

@@ -161,6 +161,39 @@ def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> st
     return f"{100 * diff['mean']:+.1f} ({seeds}) vs {twin}"
 
 
+def last_evaluations_mean(run: Mapping[str, Any], count: int) -> float | None:
+    """The mean test balanced accuracy of ``run``'s last ``count`` evaluation points (all of them when
+    it has fewer); None for a run recorded without its curve."""
+    points = [p["test_balanced_accuracy"] for p in (run.get("curve") or [])][-count:]
+    return float(np.mean(points)) if points else None
+
+
+def _last_evaluations_cells(name: str, variants: Mapping[str, list[dict[str, Any]]], count: int) -> str:
+    """The privacy table's last two cells: the mean over seeds of each run's last ``count`` evaluation
+    points, and its paired difference to the same variant without DP (``-`` where not computable)."""
+    means = {r["seed"]: last_evaluations_mean(r, count) for r in variants[name]}
+    if any(v is None for v in means.values()):
+        return "- | -"
+    text = f"{float(np.mean(list(means.values()))):.3f}"
+    match = DP_VARIANT.match(name)
+    twin = [r for r in variants.get(match["twin"], [])] if match else []
+    twin_means = {r["seed"]: last_evaluations_mean(r, count) for r in twin}
+    seeds = sorted(s for s in means if twin_means.get(s) is not None)
+    if not seeds:
+        return f"{text} | -"
+    diffs = [means[s] - twin_means[s] for s in seeds]  # type: ignore[operator]
+    per_seed = " / ".join(f"{100 * d:+.1f}" for d in diffs)
+    return f"{text} | {100 * float(np.mean(diffs)):+.1f} ({per_seed})"
+
+
+def _last_evaluations_count(results: dict[str, Any]) -> int:
+    """The experiment's ``last_evaluations`` (conf/'s, for results written before it existed)."""
+    from simulations.experiments.config import ExperimentConfig
+
+    value = ((results.get("config") or {}).get("experiment") or {}).get("last_evaluations")
+    return int(value) if value is not None else ExperimentConfig().last_evaluations
+
+
 def _paired_interval_config(results: dict[str, Any]) -> PairedIntervalConfig:
     """The experiment's ``paired_interval`` section (conf/'s, for results written before it existed)."""
     section = ((results.get("config") or {}).get("experiment") or {}).get("paired_interval") or {}
@@ -226,14 +259,18 @@ def results_markdown(results: dict[str, Any], header: str = "",
             lines += _per_seed_lines(setting, names, variants, baseline, predictions or {}, interval)
         spent = [(n, [r["epsilon"] for r in variants[n] if r.get("epsilon") is not None]) for n in names]
         if any(values for _, values in spent):
+            last = _last_evaluations_count(results)
             lines += ["Privacy: the largest epsilon any hospital reported (per hospital, never summed; the run's "
-                      "accountant), mean over seeds; `-`: no DP.", "",
-                      "| variant | epsilon | balanced accuracy | vs the same variant without DP (mean, per seed) |",
-                      "|---|---|---|---|"]
+                      "accountant), mean over seeds; `-`: no DP. Balanced accuracy at the last evaluation, and the "
+                      f"mean of each run's last {last} evaluation points (then over seeds).", "",
+                      "| variant | epsilon | balanced accuracy | vs the same variant without DP (mean, per seed) "
+                      f"| last {last} evaluations | vs without DP (last {last}; mean, per seed) |",
+                      "|---|---|---|---|---|---|"]
             for name, values in spent:
                 mean_acc = _mean_std([r["balanced_accuracy"] for r in variants[name]])[0]
                 epsilon_text = f"{sum(values) / len(values):.2f}" if values else "-"
-                lines.append(f"| {name} | {epsilon_text} | {mean_acc:.3f} | {_cost_of_privacy(name, variants)} |")
+                lines.append(f"| {name} | {epsilon_text} | {mean_acc:.3f} | {_cost_of_privacy(name, variants)} "
+                             f"| {_last_evaluations_cells(name, variants, last)} |")
             lines.append("")
             if setting in plotted:
                 lines += ["![balanced accuracy against epsilon](privacy_utility.png)", ""]
