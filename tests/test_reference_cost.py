@@ -53,6 +53,15 @@ def test_a_run_from_the_trunk_prior_is_quoted_its_own_recipe_never_the_one_from_
     # a frozen trunk without the prior (a random one) was not measured: no row of another recipe stands in
     alone = cost_statement(reference, Recipe("supervised", "discriminator", freeze_trunk=True), 8.0)
     assert "not measured" in alone and "points" not in alone
+    # nor does the frozen prior's row stand in for a head that also reads the grid of patch tokens
+    grid = Recipe("supervised", "discriminator", trunk_prior=True, freeze_trunk=True, classifier_grid=2)
+    assert nearest_cost(reference["rows"], grid, 8.0) is None
+    assert "(model.classifier_grid=2)" in cost_statement(reference, grid, 8.0)
+    run = {"train": {"method": "supervised"}, "model": {"trunk_prior": "p.safetensors", "classifier_grid": 2},
+           "privacy": {"scope": "discriminator", "freeze_trunk": True}}
+    assert Recipe.of_run(run) == grid
+    del run["model"]["classifier_grid"]  # a run recorded before the key: the CLS head
+    assert Recipe.of_run(run) == recipe
 
 
 def test_a_run_far_from_every_measured_epsilon_is_quoted_no_cost() -> None:

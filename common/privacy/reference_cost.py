@@ -26,12 +26,14 @@ MAX_EPSILON_RATIO = 3.0
 
 @dataclass(frozen=True)
 class Recipe:
-    """What a DP run's cost depends on besides epsilon: its method, scope and starting trunk."""
+    """What a DP run's cost depends on besides epsilon: its method, scope, starting trunk and what
+    its classification head reads."""
 
     method: str
     scope: str
     trunk_prior: bool = False
     freeze_trunk: bool = False
+    classifier_grid: int = 0
 
     def describe(self) -> str:
         text = f"train.method={self.method} with privacy.scope={self.scope}"
@@ -39,6 +41,8 @@ class Recipe:
             text += ", a model.trunk_prior"
         if self.freeze_trunk:
             text += " and privacy.freeze_trunk"
+        if self.classifier_grid:
+            text += f" (model.classifier_grid={self.classifier_grid})"
         return text
 
     @classmethod
@@ -48,7 +52,8 @@ class Recipe:
         privacy = run.get("privacy") or {}
         return cls(method=str((run.get("train") or {}).get("method", "unified")), scope=str(privacy["scope"]),
                    trunk_prior=bool((run.get("model") or {}).get("trunk_prior")),
-                   freeze_trunk=bool(privacy.get("freeze_trunk", False)))
+                   freeze_trunk=bool(privacy.get("freeze_trunk", False)),
+                   classifier_grid=int((run.get("model") or {}).get("classifier_grid") or 0))
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,11 @@ class ReferenceCost:
     seeds: int
     trunk_prior: bool = False  # started from a model.trunk_prior (both with and without DP)
     freeze_trunk: bool = False  # privacy.freeze_trunk: the trunk stayed at its initial weights under DP
+    classifier_grid: int = 0  # model.classifier_grid (rows recorded before it: 0)
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk)
+        return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid)
 
     @property
     def cost_points(self) -> float:
