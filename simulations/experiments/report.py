@@ -139,7 +139,7 @@ def plot_privacy_utility(results: dict[str, Any], path: Path | str) -> Path | No
         ax.set_ylabel("test balanced accuracy")
         ax.set_title(f"{setting}: accuracy against privacy budget")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")  # lower right hid the low DP points of the digits
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
