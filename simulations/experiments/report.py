@@ -176,7 +176,7 @@ def _last_evaluations_cells(name: str, variants: Mapping[str, list[dict[str, Any
         return "- | -"
     text = f"{float(np.mean(list(means.values()))):.3f}"
     match = DP_VARIANT.match(name)
-    twin = [r for r in variants.get(match["twin"], [])] if match else []
+    twin = variants.get(match["twin"], []) if match else []
     twin_means = {r["seed"]: last_evaluations_mean(r, count) for r in twin}
     seeds = sorted(s for s in means if twin_means.get(s) is not None)
     if not seeds:
