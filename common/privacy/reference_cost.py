@@ -49,11 +49,10 @@ class Recipe:
     def of_run(cls, run: Mapping[str, Any]) -> Recipe:
         """The recipe of a run config (a run folder's, or an experiment variant's); keys a config
         recorded before them lacks take their defaults."""
-        privacy = run.get("privacy") or {}
+        privacy, model = run.get("privacy") or {}, run.get("model") or {}
         return cls(method=str((run.get("train") or {}).get("method", "unified")), scope=str(privacy["scope"]),
-                   trunk_prior=bool((run.get("model") or {}).get("trunk_prior")),
-                   freeze_trunk=bool(privacy.get("freeze_trunk", False)),
-                   classifier_grid=int((run.get("model") or {}).get("classifier_grid") or 0))
+                   trunk_prior=bool(model.get("trunk_prior")), freeze_trunk=bool(privacy.get("freeze_trunk", False)),
+                   classifier_grid=int(model.get("classifier_grid") or 0))
 
 
 @dataclass(frozen=True)

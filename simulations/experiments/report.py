@@ -147,18 +147,24 @@ def plot_privacy_utility(results: dict[str, Any], path: Path | str) -> Path | No
     return path
 
 
-def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> str:
-    """A variant ``<twin>_dp...`` against ``<twin>`` (the same variant without DP), paired by seed,
-    in points of balanced accuracy; ``-`` without such a twin."""
+def _paired_cost(name: str, variants: Mapping[str, list[dict[str, Any]]], key: str = "balanced_accuracy"
+                 ) -> str | None:
+    """A variant ``<twin>_dp...`` against ``<twin>`` (the same variant without DP), paired by seed on
+    ``key``, in points: ``mean (per seed)``; None without such a twin or a shared seed."""
     match = DP_VARIANT.match(name)
-    twin = match["twin"] if match else None
-    if twin is None or twin not in variants:
-        return "-"
-    diff = paired_difference(variants[name], variants[twin])
+    if match is None or match["twin"] not in variants:
+        return None
+    diff = paired_difference(variants[name], variants[match["twin"]], key)
     if diff is None:
-        return "-"
+        return None
     seeds = " / ".join(f"{100 * v:+.1f}" for _, v in sorted(diff["per_seed"].items()))
-    return f"{100 * diff['mean']:+.1f} ({seeds}) vs {twin}"
+    return f"{100 * diff['mean']:+.1f} ({seeds})"
+
+
+def _cost_of_privacy(name: str, variants: dict[str, list[dict[str, Any]]]) -> str:
+    """The paired cost against the same variant without DP in balanced accuracy; ``-`` without one."""
+    cost = _paired_cost(name, variants)
+    return "-" if cost is None else f"{cost} vs {DP_VARIANT.match(name)['twin']}"  # type: ignore[index]
 
 
 def last_evaluations_mean(run: Mapping[str, Any], count: int) -> float | None:
@@ -170,20 +176,12 @@ def last_evaluations_mean(run: Mapping[str, Any], count: int) -> float | None:
 
 def _last_evaluations_cells(name: str, variants: Mapping[str, list[dict[str, Any]]], count: int) -> str:
     """The privacy table's last two cells: the mean over seeds of each run's last ``count`` evaluation
-    points, and its paired difference to the same variant without DP (``-`` where not computable)."""
-    means = {r["seed"]: last_evaluations_mean(r, count) for r in variants[name]}
-    if any(v is None for v in means.values()):
+    points, and its paired cost against the same variant without DP (``-`` where not computable)."""
+    last = {variant: [{"seed": r["seed"], "last": m} for r in runs if (m := last_evaluations_mean(r, count)) is not None]
+            for variant, runs in variants.items()}
+    if len(last[name]) < len(variants[name]):
         return "- | -"
-    text = f"{float(np.mean(list(means.values()))):.3f}"
-    match = DP_VARIANT.match(name)
-    twin = variants.get(match["twin"], []) if match else []
-    twin_means = {r["seed"]: last_evaluations_mean(r, count) for r in twin}
-    seeds = sorted(s for s in means if twin_means.get(s) is not None)
-    if not seeds:
-        return f"{text} | -"
-    diffs = [means[s] - twin_means[s] for s in seeds]  # type: ignore[operator]
-    per_seed = " / ".join(f"{100 * d:+.1f}" for d in diffs)
-    return f"{text} | {100 * float(np.mean(diffs)):+.1f} ({per_seed})"
+    return f"{_mean_std([r['last'] for r in last[name]])[0]:.3f} | {_paired_cost(name, last, 'last') or '-'}"
 
 
 def _last_evaluations_count(results: dict[str, Any]) -> int:
