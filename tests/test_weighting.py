@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from common.train.weighting import DynamicLossWeighting, WeightingConfig
@@ -57,3 +58,41 @@ def test_weights_stay_finite_when_a_loss_vanishes() -> None:
         opt.step()
         weighting.project_()
     assert abs(weighting.weights()["x"] - float(torch.exp(torch.tensor(3.0)))) < 1e-3
+
+
+def _train_weights(weighting: DynamicLossWeighting, losses: dict[str, float], steps: int = 300) -> None:
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    for _ in range(steps):
+        total = weighting.combine({k: torch.tensor(v) for k, v in losses.items()})
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        weighting.project_()
+
+
+def test_the_anchor_keeps_weight_one_while_a_large_auxiliary_loss_is_lowered() -> None:
+    # A real-label loss of 2.3 (ten classes, early in training) is not lowered when it is the anchor;
+    # without the anchor it is (Kendall's optimum 1/2.3), which let D's term dominate the shared trunk.
+    losses = {"cls_real": 2.3, "cls_synthetic": 4.0}
+    anchored = DynamicLossWeighting(list(losses), WeightingConfig(anchor="cls_real"))
+    _train_weights(anchored, losses)
+    assert anchored.learned == ("cls_synthetic",) and anchored.log_vars.shape == (1,)
+    assert anchored.weights()["cls_real"] == 1.0
+    assert anchored.weights()["cls_synthetic"] < 0.4
+    assert set(anchored.log_variances()) == {"cls_synthetic"}
+    free = DynamicLossWeighting(list(losses), WeightingConfig(anchor=None))
+    _train_weights(free, losses)
+    assert free.weights()["cls_real"] < 0.6
+
+
+def test_the_anchor_term_is_its_loss_times_its_fixed_weight() -> None:
+    weighting = DynamicLossWeighting(["cls_real", "cls_synthetic"],
+                                     WeightingConfig(anchor="cls_real", fixed_weights={"cls_real": 2.0}))
+    total = weighting.combine({"cls_real": torch.tensor(3.0)})
+    assert float(total) == 6.0
+    assert weighting.weights()["cls_real"] == 2.0
+
+
+def test_an_anchor_that_is_no_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="weighting.anchor"):
+        WeightingConfig(anchor="cls_rael")

@@ -476,7 +476,7 @@ class LocalTrainer:
             seconds=seconds,
             losses={k: sums[k] / counts[k] for k in sums},
             loss_weights=self.weighting.weights(),
-            log_variances=dict(zip(self.weighting.names, self.weighting.clamped().tolist())),
+            log_variances=self.weighting.log_variances(),
             acceptance=dict(zip(self.class_names, self.selector.acceptance())) if self.cfg.uses_generator else {},
             selected_images=selected,
             global_step=self.global_step,
@@ -519,7 +519,8 @@ class LocalTrainer:
         if log_vars.shape != self.weighting.log_vars.shape:
             raise ValueError(
                 f"loss weighting state has {tuple(log_vars.shape)} log-variances, expected "
-                f"{tuple(self.weighting.log_vars.shape)} ({self.weighting.names})"
+                f"{tuple(self.weighting.log_vars.shape)} ({self.weighting.learned}; weighting.anchor="
+                f"{self.weighting.anchor!r} has none)"
             )
         with torch.no_grad():
             self.weighting.log_vars.copy_(log_vars.to(self.weighting.log_vars.device))
