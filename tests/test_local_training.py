@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -75,3 +77,20 @@ def test_unlabelled_real_images_train_the_gan_but_not_the_classifier_loss(tiny_c
     images = torch.rand(8, 3, 32, 32) * 2 - 1
     result = trainer.unified_step(images, torch.full((8,), -1, dtype=torch.long))
     assert "cls_real" not in result and np.isfinite(result["adv_discriminator"])
+
+
+def test_the_real_label_loss_keeps_weight_one_while_it_is_large(tiny_cfg: ModelConfig) -> None:
+    """Early on the real cross-entropy is ~ln 5 > 1: the paper's weighting lowers its weight, the
+    default anchor (weighting.anchor=cls_real) keeps it at 1 and learns only the other losses' weights."""
+    data = SyntheticHistology(64, 32, seed=5)
+    weights = {}
+    for anchor in ("cls_real", None):
+        cfg = TrainConfig(batch_size=8)
+        cfg = dataclasses.replace(cfg, weighting=dataclasses.replace(cfg.weighting, anchor=anchor))
+        trainer = LocalTrainer(build_model(tiny_cfg, 5, seed=1), cfg, seed=3)
+        metrics = trainer.train_round(_loader(data, seed=7, batch=8), steps=4)
+        assert metrics.losses["cls_real"] > 1.0
+        weights[anchor] = metrics.loss_weights["cls_real"]
+    assert TrainConfig().weighting.anchor == "cls_real"
+    assert weights["cls_real"] == 1.0
+    assert weights[None] < 0.99

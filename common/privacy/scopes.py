@@ -51,8 +51,9 @@ _CLASSIFIER = Scope(
                          "head's epsilon is conditional on it",
     },
     side_channels={
-        "loss weights": "learned from real-patch losses without DP (local state, steers the head's training): "
-                        "not covered",
+        "loss weights": "learned without DP from losses of the model the real patches train (the generated "
+                        "images' loss; the real-label loss's own weight is fixed under weighting.anchor; local "
+                        "state, steers the head's training): not covered",
         "class centroids": "real-feature centroids steer which generated images teach the classifier, without "
                            "DP: not covered",
         "train metrics and class counts": "real-image losses, realised batch sizes and per-class counts are "
