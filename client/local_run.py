@@ -260,7 +260,7 @@ class LocalRun:
                       dp: DPTraining | None) -> LocalTrainer:
         trainer = LocalTrainer(model, tcfg, seed=site_seed(self.config.seed, self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp,
-                               validation=data.val)
+                               validation=data.val, labelled_examples=data.labelled_examples)
         if saved is not None:
             trainer.load_state_dict(saved.trainer)
         return trainer

@@ -125,7 +125,42 @@ def test_a_ramp_without_a_run_length_is_refused() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(scale=1.5), dict(scale=-0.1), dict(adaptive=True, min_scale=0.0),
-                                 dict(target=1.0), dict(momentum=1.0), dict(ramp_fraction=1.5)])
+                                 dict(target=1.0), dict(momentum=1.0), dict(ramp_fraction=1.5),
+                                 dict(ramp_passes=-1.0)])
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(ValueError, match="adversarial_trunk"):
         AdversarialTrunkConfig(**bad)
+
+
+def test_the_ramp_in_passes_is_long_for_many_labels_and_short_for_few() -> None:
+    cfg = AdversarialTrunkConfig(ramp_passes=10)
+    few = AdversarialTrunkScale(cfg, steps_per_pass=2.0)  # 64 labelled patches, 32 a step
+    many = AdversarialTrunkScale(cfg, steps_per_pass=40.0)  # 1,280 labelled patches
+    assert few.ramp_pass_steps == 20 and many.ramp_pass_steps == 400
+    assert few.at(10) == pytest.approx(math.exp(-5.0 * 0.25)) and few.at(20) == 1.0
+    assert many.at(10) == pytest.approx(math.exp(-5.0 * (1 - 10 / 400) ** 2)) and many.at(200) < 0.3
+    assert AdversarialTrunkScale(cfg).at(0) == 1.0  # no count of labelled patches: no ramp (and a warning)
+    assert not cfg.passes_everything
+
+
+def test_the_trainer_counts_passes_over_its_own_labelled_patches(tiny_cfg) -> None:
+    cfg = TrainConfig(batch_size=4, unlabelled_batch_size=0, generated_batch_size=4,
+                      adversarial_trunk=AdversarialTrunkConfig(ramp_passes=2))
+    trainer = LocalTrainer(build_model(tiny_cfg, 4, seed=0), cfg, seed=0, labelled_examples=16)
+    images = torch.rand(4, 3, tiny_cfg.image_size, tiny_cfg.image_size) * 2 - 1
+    scales = [trainer.step(images, torch.tensor([0, 1, 2, 3]))["adversarial_trunk_scale"] for _ in range(10)]
+    assert scales == pytest.approx([ramp_up(step, 8) for step in range(10)])  # 2 passes of 4 steps
+
+
+
+def test_dp_switches_the_passes_ramp_off_instead_of_refusing_the_run() -> None:
+    from common.privacy.budget import private_train_config
+    from common.privacy.config import PrivacyConfig, check_private_training
+
+    cfg = TrainConfig(batch_size=4, adversarial_trunk=AdversarialTrunkConfig(ramp_passes=50))
+    private = PrivacyConfig(enabled=True, scope="discriminator")
+    check_private_training(cfg, private)  # accepted
+    assert private_train_config(cfg, private).adversarial_trunk.ramp_passes == 0.0
+    assert private_train_config(cfg, PrivacyConfig(enabled=False)).adversarial_trunk.ramp_passes == 50
+    with pytest.raises(Exception, match="adversarial_trunk"):  # any other setting is still refused
+        check_private_training(TrainConfig(batch_size=4, adversarial_trunk=AdversarialTrunkConfig(scale=0.5)), private)

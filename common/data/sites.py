@@ -32,6 +32,11 @@ class SiteData:
     def class_names(self) -> tuple[str, ...]:
         return self.train.class_names
 
+    @property
+    def labelled_examples(self) -> int:
+        """How many training patches carry a label (the rest are unlabelled)."""
+        return int((self.train.labels >= 0).sum())
+
     def report(self) -> dict[str, Any]:
         """Per-split class counts (the partition report's row for this hospital)."""
         row = {"site": self.name, "train": self.train.class_counts(), "test": self.test.class_counts()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,8 @@ def check_private_training(train: TrainConfig, cfg: PrivacyConfig) -> None:
     for a run no hospital could train (the coordinator refuses it at start, a hospital before it releases
     anything)."""
     check_private_method(train.method, cfg)
-    if cfg.enabled and not train.adversarial_trunk.passes_everything:
+    # ramp_passes is switched off under DP by private_train_config, not refused
+    if cfg.enabled and not dataclasses.replace(train.adversarial_trunk, ramp_passes=0.0).passes_everything:
         raise ConfigError(PRIVATE_ADVERSARIAL_TRUNK)
 
 

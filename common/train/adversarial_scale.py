@@ -15,16 +15,24 @@ as a moving average over steps, lowers ``log scale`` by ``rate`` each step it st
 local steps the scale rises from almost 0 to its value along the sigmoid-shaped ramp-up of
 semi-supervised learning, ``exp(-5 (1 - t)^2)`` (Laine and Aila 2017; Tarvainen and Valpola 2017), so
 the shared features first learn the classes and D's gradient reaches them once they do.
+``ramp_passes`` is the same ramp measured in passes over the hospital's labelled patches, as Laine and
+Aila measure theirs in epochs: ``t = step * batch_size / labelled patches``. A hospital with a few
+labelled patches passes over them many times within a few dozen steps, so D's gradient arrives
+almost at once; one with thousands of labels and a short budget stays early in the ramp for the
+whole run, where D's gradient would only compete with the labels for the shared features.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
 from common.config import defaults_from_conf
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class AdversarialTrunkConfig:
     min_scale: float  # adaptive: lower bound
     momentum: float  # moving average of the per-step signal
     ramp_fraction: float  # classifier-first: the scale ramps up over this fraction of the run's steps (0: off)
+    ramp_passes: float  # classifier-first: the scale ramps up over this many passes over the labelled patches (0: off)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale <= 1.0:
@@ -51,11 +60,13 @@ class AdversarialTrunkConfig:
             raise ValueError("adversarial_trunk.rate must be >= 0 and momentum in [0, 1)")
         if not 0.0 <= self.ramp_fraction <= 1.0:
             raise ValueError(f"adversarial_trunk.ramp_fraction must be in [0, 1], got {self.ramp_fraction}")
+        if self.ramp_passes < 0:
+            raise ValueError(f"adversarial_trunk.ramp_passes must be >= 0, got {self.ramp_passes}")
 
     @property
     def passes_everything(self) -> bool:
         """Whether D's adversarial gradient reaches the trunk whole at every step (scale 1, no adaptation, no ramp)."""
-        return self.scale == 1.0 and not self.adaptive and self.ramp_fraction == 0.0
+        return self.scale == 1.0 and not self.adaptive and self.ramp_fraction == 0.0 and self.ramp_passes == 0.0
 
 
 #: Why a DP run refuses any other adversarial_trunk setting. The private step clips each real patch's
@@ -63,28 +74,35 @@ class AdversarialTrunkConfig:
 #: weights it as a whole), and the adaptive scale would steer training by D's real-patch scores outside
 #: the DP-SGD.
 PRIVATE_ADVERSARIAL_TRUNK = ("DP-SGD (privacy.enabled) does not apply train.adversarial_trunk: leave its scale at 1.0, "
-                             "adaptive false and ramp_fraction 0 (privacy.adversarial_weight weights D's adversarial "
+                             "adaptive false, ramp_fraction 0 and ramp_passes 0 (privacy.adversarial_weight weights D's adversarial "
                              "losses under DP)")
 
 
-def ramp_up(step: int, length: int) -> float:
+def ramp_up(step: float, length: float) -> float:
     """The sigmoid-shaped ramp-up ``exp(-5 (1 - t)^2)`` at ``t = step / length`` (1 from ``length`` on)."""
     if length <= 0 or step >= length:
         return 1.0
-    t = max(0, step) / length
+    t = max(0.0, step) / length
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 class AdversarialTrunkScale:
     """The current scale and the overfitting signal behind it; ``state_dict`` stays at the hospital."""
 
-    def __init__(self, cfg: AdversarialTrunkConfig, schedule_steps: int | None = None) -> None:
-        """``schedule_steps``: the run's total local steps, which ``ramp_fraction`` is a fraction of."""
+    def __init__(self, cfg: AdversarialTrunkConfig, schedule_steps: int | None = None,
+                 steps_per_pass: float | None = None) -> None:
+        """``schedule_steps``: the run's total local steps, which ``ramp_fraction`` is a fraction of;
+        ``steps_per_pass``: local steps per pass over the hospital's labelled patches (``ramp_passes``; without
+        it that ramp is off, with a warning)."""
         if cfg.ramp_fraction > 0 and not schedule_steps:
             raise ValueError("adversarial_trunk.ramp_fraction needs train.optim.schedule_steps (the run's total "
                              "local steps; the experiment runner sets it)")
+        if cfg.ramp_passes > 0 and not steps_per_pass:  # a trainer built without its labelled patches' count
+            log.warning("adversarial_trunk.ramp_passes=%s is off: the trainer was not told how many labelled "
+                        "patches the hospital has (LocalTrainer(labelled_examples=...))", cfg.ramp_passes)
         self.cfg = cfg
         self.ramp_steps = int(round(cfg.ramp_fraction * int(schedule_steps or 0)))
+        self.ramp_pass_steps = cfg.ramp_passes * float(steps_per_pass or 0.0)  # the ramp's length in local steps
         self.log_scale = math.log(cfg.scale) if cfg.scale > 0 else -math.inf
         self.signal = 0.0
 
@@ -94,8 +112,8 @@ class AdversarialTrunkScale:
         return math.exp(self.log_scale) if self.cfg.adaptive else self.cfg.scale
 
     def at(self, step: int) -> float:
-        """The scale at local step ``step`` (0-based, counted over the whole run): ``value`` times the ramp."""
-        return self.value * ramp_up(step, self.ramp_steps)
+        """The scale at local step ``step`` (0-based, counted over the whole run): ``value`` times the ramps."""
+        return self.value * ramp_up(step, self.ramp_steps) * ramp_up(step, self.ramp_pass_steps)
 
     def observe(self, real_scores: torch.Tensor) -> None:
         """Fold one step's scores of real patches into the signal and move the scale (adaptive only)."""

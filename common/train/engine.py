@@ -40,6 +40,7 @@ from common.train.adversarial_scale import PRIVATE_ADVERSARIAL_TRUNK, Adversaria
 from common.train.augment import diff_augment
 from common.train.averaging import IterateAverage
 from common.train.config import TrainConfig, learning_rate_factor
+from common.train.fit_gate import FitGate
 from common.train.gate import PseudoLabelGate
 from common.train.host_memory import apply_host_memory_policy
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
@@ -141,9 +142,11 @@ class LocalTrainer:
         device: torch.device | str = "cpu",
         privacy: StepGradients | None = None,
         validation: Dataset | None = None,
+        labelled_examples: int | None = None,
     ) -> None:
         """``validation``: the hospital's labelled validation patches, read (never trained on) by the
-        pseudo-label gate (``train.pseudo_label_gate``; common/train/gate.py)."""
+        pseudo-label gate (``train.pseudo_label_gate``; common/train/gate.py); ``labelled_examples``: how
+        many labelled training patches it has (``train.adversarial_trunk.ramp_passes`` counts passes over them)."""
         apply_host_memory_policy(cfg.host_memory)  # process-wide, once: freed host memory kept for reuse
         self.model = model.to(device)
         self.cfg = cfg
@@ -195,7 +198,9 @@ class LocalTrainer:
         self.opt_weights = torch.optim.Adam(self.weighting.parameters(), lr=o.lr_loss_weights, fused=fused)
         self.selector = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.selection)
         self.pseudo = SampleSelector(self.num_classes, model.cfg.embed_dim, cfg.pseudo_label)
-        self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk, cfg.optim.schedule_steps)
+        steps_per_pass = labelled_examples / cfg.batch_size if labelled_examples else None
+        self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk, cfg.optim.schedule_steps, steps_per_pass)
+        self.fit_gate = FitGate(cfg.fit_gate, self.num_classes)
         gated = cfg.method == "unified" and cfg.pseudo_label.enabled and cfg.pseudo_label_gate.enabled
         self.gate = PseudoLabelGate(cfg.pseudo_label_gate, cfg.pseudo_label.confidence_threshold, validation,
                                     self.device) if gated else None
@@ -502,6 +507,7 @@ class LocalTrainer:
         state.update({f"selection.{k}": v for k, v in self.selector.state_dict().items()})
         state.update({f"pseudo.{k}": v for k, v in self.pseudo.state_dict().items()})
         state.update({f"adversarial_scale.{k}": v for k, v in self.adversarial_scale.state_dict().items()})
+        state.update({f"fit_gate.{k}": v for k, v in self.fit_gate.state_dict().items()})
         state["rng"] = self.rng.get_state().clone()
         state["global_step"] = torch.tensor(self.global_step, dtype=torch.long)
         if self.privacy is not None:
@@ -530,6 +536,7 @@ class LocalTrainer:
         self.pseudo.load_state_dict({k[len("pseudo."):]: v for k, v in state.items() if k.startswith("pseudo.")})
         self.adversarial_scale.load_state_dict(
             {k[len("adversarial_scale."):]: v for k, v in state.items() if k.startswith("adversarial_scale.")})
+        self.fit_gate.load_state_dict({k[len("fit_gate."):]: v for k, v in state.items() if k.startswith("fit_gate.")})
         self.rng.set_state(state["rng"].clone().to(torch.uint8))
         self.global_step = int(state["global_step"])
         if self.privacy is not None:
@@ -570,7 +577,10 @@ class Backpropagation:
                         if cfg.pseudo_condition_discriminator else labels)
 
         generator: tuple[torch.Tensor, torch.Tensor] | None = None
+        fit_share = trainer.fit_gate.share  # the GAN's share of C's learning now (1 without the gate)
         trunk_scale = trainer.adversarial_scale.at(trainer.global_step)
+        if cfg.fit_gate.governs_adversarial:
+            trunk_scale *= fit_share
         with trainer.autocast():
             both = diff_augment(torch.cat([real, fake if same_pass else fake.detach()]), cfg.augment, trainer.rng)
             out = model.discriminate(both, trainer._projected(torch.cat([conditioning, fake_labels])),
@@ -578,8 +588,12 @@ class Backpropagation:
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
             keep = trainer._select_generated(out, b, labels_host, fake_labels_host)
+            if fit_share == 0.0:  # the fit gate is closed: no generated image reaches C
+                keep = torch.zeros_like(keep)
             cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep,
                                            m if cfg.selection.loss_over == "candidates" else None)
+            if cls_syn is not None and fit_share < 1.0:
+                cls_syn = cls_syn * fit_share
             cls_pseudo = masked_cross_entropy(out.logits[:b], pseudo_labels, kept_pseudo,
                                               int(unlabelled.sum()) if cfg.pseudo_label.loss_over == "candidates" else None)
             loss_d = trainer.discriminator_objective(adv_d, cls_real, cls_syn, cls_pseudo)
@@ -601,12 +615,16 @@ class Backpropagation:
             trainer._step_generator(loss_g)
         trainer.step_discriminator(weights_learned=cfg.weighting.enabled)
         trainer.adversarial_scale.observe(out.score[:b])
+        if bool(labelled.any()):
+            trainer.fit_gate.observe(cls_real.detach())
 
         losses: dict[str, torch.Tensor | float | None] = {
             "adv_discriminator": adv_d, "cls_real": cls_real, "cls_synthetic": cls_syn, "cls_pseudo": cls_pseudo,
             "unlabelled_entropy": entropy, "selected": float(keep.sum())}
-        if cfg.adversarial_trunk.adaptive or trainer.adversarial_scale.ramp_steps:
+        if cfg.adversarial_trunk.adaptive or trainer.adversarial_scale.ramp_steps or cfg.adversarial_trunk.ramp_passes:
             losses["adversarial_trunk_scale"] = trunk_scale
+        if cfg.fit_gate.enabled:
+            losses["fit_gate_share"] = fit_share
         if cfg.pseudo_label.enabled:
             losses["pseudo_selected"] = float(kept_pseudo.sum())
         return DiscriminatorUpdate(losses, generator, out.features[:b])

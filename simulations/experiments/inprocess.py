@@ -77,7 +77,7 @@ def build_trainer(config: RunConfig, site: SiteData, seed: int) -> LocalTrainer:
     """A fresh model and trainer for ``config``'s model and train sections (weights seeded by ``seed``)."""
     model = initial_model(config.model, len(site.class_names), seed=seed)
     return LocalTrainer(model, config.train, seed=seed, class_names=site.class_names, device=config.device,
-                        validation=site.val)
+                        validation=site.val, labelled_examples=site.labelled_examples)
 
 
 def train_sites(
