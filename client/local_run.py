@@ -69,6 +69,12 @@ class SavedLocal:
     skipped: list[str] = field(default_factory=list)
 
 
+def run_local_steps(config: RunConfig, tcfg: TrainConfig) -> int:
+    """The local steps this hospital takes over the whole run: the schedule's length where the run
+    sets one, else rounds x local steps a round (``train.gan_signals`` counts passes over them)."""
+    return int(tcfg.optim.schedule_steps or config.federation.rounds * tcfg.local_steps)
+
+
 @dataclass
 class LocalRun:
     """What one instruction needs: the run's config, the site, the round and the message."""
@@ -260,7 +266,8 @@ class LocalRun:
                       dp: DPTraining | None) -> LocalTrainer:
         trainer = LocalTrainer(model, tcfg, seed=site_seed(self.config.seed, self.site.site_id),
                                class_names=data.class_names, device=self.site.device, privacy=dp,
-                               validation=data.val, labelled_examples=data.labelled_examples)
+                               validation=data.val, labelled_examples=data.labelled_examples,
+                               run_steps=run_local_steps(self.config, tcfg))
         if saved is not None:
             trainer.load_state_dict(saved.trainer)
         return trainer

@@ -16,6 +16,7 @@ from common.data.synthetic import SyntheticHistology
 from common.model import ModelConfig, build_model
 from common.train import LocalTrainer, TrainConfig
 from common.train.augment import AugmentConfig
+from common.train.fit_gate import FitGateConfig
 from common.train.losses import generator_loss
 from common.train.selection import SelectionConfig
 from common.train.streams import _endless, training_batches
@@ -122,7 +123,8 @@ def test_fused_optimisers_give_the_loop_update(tiny_cfg: ModelConfig) -> None:
     attention key bias's, into a full-size step.)"""
     base = TrainConfig(batch_size=8, generated_batch_size=8,
                        selection=SelectionConfig(warmup_steps=0, min_history=1, confidence_threshold=0.0,
-                                                 centroid_distance=False))
+                                                 centroid_distance=False),
+                       fit_gate=FitGateConfig(threshold=0.0))  # generated images reach C from the first step
     loop = _trainer(tiny_cfg, replace(base, optim=replace(base.optim, fused=False)))
     fused = _trainer(tiny_cfg, replace(base, optim=replace(base.optim, fused=True)))
     assert fused.opt_discriminator.defaults["fused"] and not loop.opt_discriminator.defaults["fused"]

@@ -10,6 +10,7 @@ from common.data.registry import load_site_data
 from common.model import ModelConfig, build_model
 from common.train import LocalTrainer, TrainConfig
 from common.train.config import SemiSupervisedConfig
+from common.train.fit_gate import FitGateConfig
 from common.train.gate import PseudoLabelGateConfig
 from common.train.selection import SelectionConfig
 from common.train.streams import training_batches
@@ -117,7 +118,8 @@ def test_unlabelled_real_patches_give_the_head_no_gradient_while_d_and_g_change(
 def test_selection_accepts_generated_images_after_the_warm_up_and_none_before(tiny_cfg: ModelConfig) -> None:
     site = _site(labeled_per_class=8)
     cfg = TrainConfig(batch_size=16, unlabelled_batch_size=4, selection=SelectionConfig(
-        warmup_steps=3, confidence_threshold=0.0, centroid_distance=False))
+        warmup_steps=3, confidence_threshold=0.0, centroid_distance=False),
+        fit_gate=FitGateConfig(threshold=0.0))  # the selection rule alone (test_fit_gate covers the gate)
     trainer = LocalTrainer(build_model(tiny_cfg, 5, seed=0), cfg, seed=0)
     batches = training_batches(site.train, cfg, seed=1)
     before = trainer.train_round(batches, steps=3)

@@ -47,8 +47,9 @@ _DP_GROUP_LEARNING_RATES = {"discriminator": "lr_discriminator", "classifier": "
 def private_train_config(tcfg: TrainConfig, cfg: PrivacyConfig) -> TrainConfig:
     """The training config a hospital uses under ``cfg``: with DP on, pseudo-labels of unlabelled
     patches are off (the DP step has no pseudo-label loss, and the config says so), and so are the fit
-    gate (it reads the real-label loss outside the DP-SGD) and the ramp of D's gradient over passes
-    (the private step weighs D's gradient by ``privacy.adversarial_weight`` instead); in
+    gate (it reads the real-label loss outside the DP-SGD) and the rules that count passes over the
+    labelled patches, ``gan_signals`` and the ramp of D's gradient (a choice made from the exact labelled
+    count; the private step weighs D's gradient by ``privacy.adversarial_weight`` instead); in
     scope=discriminator the learned loss weights (fitted to real-data losses, a channel outside the
     DP-SGD) are turned off too; ``privacy.learning_rate`` (when set) replaces train.optim's learning
     rate of each parameter group the scope's DP-SGD trains (``SCOPES[scope].dp_groups``)."""
@@ -56,7 +57,8 @@ def private_train_config(tcfg: TrainConfig, cfg: PrivacyConfig) -> TrainConfig:
         return tcfg
     tcfg = dataclasses.replace(tcfg, pseudo_label=dataclasses.replace(tcfg.pseudo_label, mode="none"),
                                fit_gate=dataclasses.replace(tcfg.fit_gate, threshold=0.0),
-                               adversarial_trunk=dataclasses.replace(tcfg.adversarial_trunk, ramp_passes=0.0))
+                               adversarial_trunk=dataclasses.replace(tcfg.adversarial_trunk, ramp_passes=0.0),
+                               gan_signals=dataclasses.replace(tcfg.gan_signals, min_label_passes=0.0))
     if cfg.learning_rate is not None:
         tcfg = dataclasses.replace(tcfg, optim=dataclasses.replace(
             tcfg.optim, **{_DP_GROUP_LEARNING_RATES[group]: float(cfg.learning_rate)

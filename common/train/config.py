@@ -13,6 +13,7 @@ from common.config import ConfigError, dataclass_from_mapping, defaults_from_con
 from common.train.adversarial_scale import AdversarialTrunkConfig
 from common.train.augment import AugmentConfig
 from common.train.fit_gate import FitGateConfig
+from common.train.gan_signals import GanSignalsConfig
 from common.train.gate import PseudoLabelGateConfig
 from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
@@ -155,7 +156,8 @@ class TrainConfig:
     host_memory: str  # retain: freed host memory is reused, not returned (glibc; common/train/host_memory.py)
     optim: OptimConfig
     adversarial_trunk: AdversarialTrunkConfig
-    fit_gate: FitGateConfig  # the GAN's signals reach C as it fits its labelled patches
+    gan_signals: GanSignalsConfig  # whether the GAN's signals reach C, from the run's passes over its labels
+    fit_gate: FitGateConfig  # generated images reach C as it fits its labelled patches
     augment: AugmentConfig  # DiffAugment on D's inputs (and FixMatch's strong view)
     classifier_augment: AugmentConfig  # the label-safe view (plain input; weak view for pseudo-labels)
     weighting: WeightingConfig

@@ -41,6 +41,7 @@ from common.train.augment import diff_augment
 from common.train.averaging import IterateAverage
 from common.train.config import TrainConfig, learning_rate_factor
 from common.train.fit_gate import FitGate
+from common.train.gan_signals import gan_signals_reach_classifier
 from common.train.gate import PseudoLabelGate
 from common.train.host_memory import apply_host_memory_policy
 from common.train.local_state import flatten_optimizer, load_flat_optimizer
@@ -143,10 +144,13 @@ class LocalTrainer:
         privacy: StepGradients | None = None,
         validation: Dataset | None = None,
         labelled_examples: int | None = None,
+        run_steps: int | None = None,
     ) -> None:
         """``validation``: the hospital's labelled validation patches, read (never trained on) by the
         pseudo-label gate (``train.pseudo_label_gate``; common/train/gate.py); ``labelled_examples``: how
-        many labelled training patches it has (``train.adversarial_trunk.ramp_passes`` counts passes over them)."""
+        many labelled training patches it has and ``run_steps`` how many local steps the whole run takes
+        (default ``train.optim.schedule_steps``): ``train.gan_signals`` and ``train.adversarial_trunk.ramp_passes``
+        count passes over the labelled patches."""
         apply_host_memory_policy(cfg.host_memory)  # process-wide, once: freed host memory kept for reuse
         self.model = model.to(device)
         self.cfg = cfg
@@ -201,6 +205,8 @@ class LocalTrainer:
         steps_per_pass = labelled_examples / cfg.batch_size if labelled_examples else None
         self.adversarial_scale = AdversarialTrunkScale(cfg.adversarial_trunk, cfg.optim.schedule_steps, steps_per_pass)
         self.fit_gate = FitGate(cfg.fit_gate, self.num_classes)
+        self.gan_signals = gan_signals_reach_classifier(cfg.gan_signals, run_steps or cfg.optim.schedule_steps,
+                                                        cfg.batch_size, labelled_examples)
         gated = cfg.method == "unified" and cfg.pseudo_label.enabled and cfg.pseudo_label_gate.enabled
         self.gate = PseudoLabelGate(cfg.pseudo_label_gate, cfg.pseudo_label.confidence_threshold, validation,
                                     self.device) if gated else None
@@ -577,8 +583,8 @@ class Backpropagation:
                         if cfg.pseudo_condition_discriminator else labels)
 
         generator: tuple[torch.Tensor, torch.Tensor] | None = None
-        fit_share = trainer.fit_gate.share  # the GAN's share of C's learning now (1 without the gate)
-        trunk_scale = trainer.adversarial_scale.at(trainer.global_step)
+        fit_share = trainer.fit_gate.share if trainer.gan_signals else 0.0  # generated images' share of C's learning
+        trunk_scale = trainer.adversarial_scale.at(trainer.global_step) if trainer.gan_signals else 0.0
         if cfg.fit_gate.governs_adversarial:
             trunk_scale *= fit_share
         with trainer.autocast():
@@ -588,7 +594,7 @@ class Backpropagation:
             adv_d = discriminator_loss(out.score[:b], out.score[b:], cfg.adversarial_loss)
             cls_real = masked_cross_entropy(out.logits[:b], labels, labelled)
             keep = trainer._select_generated(out, b, labels_host, fake_labels_host)
-            if fit_share == 0.0:  # the fit gate is closed: no generated image reaches C
+            if fit_share == 0.0:  # the fit gate is closed, or the GAN's signals are off: no generated image reaches C
                 keep = torch.zeros_like(keep)
             cls_syn = masked_cross_entropy(out.logits[b:], fake_labels, keep,
                                            m if cfg.selection.loss_over == "candidates" else None)
@@ -625,6 +631,8 @@ class Backpropagation:
             losses["adversarial_trunk_scale"] = trunk_scale
         if cfg.fit_gate.enabled:
             losses["fit_gate_share"] = fit_share
+        if cfg.gan_signals.min_label_passes > 0:
+            losses["gan_signals"] = float(trainer.gan_signals)
         if cfg.pseudo_label.enabled:
             losses["pseudo_selected"] = float(kept_pseudo.sum())
         return DiscriminatorUpdate(losses, generator, out.features[:b])
