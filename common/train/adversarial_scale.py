@@ -17,8 +17,9 @@ semi-supervised learning, ``exp(-5 (1 - t)^2)`` (Laine and Aila 2017; Tarvainen 
 the shared features first learn the classes and D's gradient reaches them once they do.
 ``ramp_passes`` is the same ramp measured in passes over the hospital's labelled patches, as Laine and
 Aila measure theirs in epochs: ``t = step * batch_size / labelled patches``. A hospital with a few
-labelled patches passes over them many times within a few dozen steps, so D's gradient arrives
-almost at once; one with thousands of labels and a short budget stays early in the ramp for the
+dozen labelled patches passes over them many times within one or two hundred steps (50 passes over
+40-130 labels at 32 a batch take 65-200 steps), so D's gradient arrives early in a run of
+thousands; one with thousands of labels and a short budget stays early in the ramp for the
 whole run, where D's gradient would only compete with the labels for the shared features.
 """
 
