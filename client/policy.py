@@ -12,7 +12,7 @@ hospital's patients may come from it. The policy comes from the SuperNode's ``--
 | ``cache-dir``          | ``cache_dir``          | where compressed data files are inflated |
 | ``privacy-required``   | ``privacy_required``   | refuse every training round without DP |
 | ``privacy-scope``      | ``privacy_scope``      | the least DP scope accepted; unset with DP required: ``discriminator`` (the strict reading) |
-| ``min-noise-multiplier`` | ``min_noise_multiplier`` | refuse less noise (DP-SGD and the count release) |
+| ``min-noise-multiplier`` | ``min_noise_multiplier`` | refuse less noise (DP-SGD, the count and head-centre releases) |
 | ``max-epsilon``        | ``max_epsilon``        | lifetime budget; the stricter of this and ``privacy.max_epsilon`` wins |
 | ``max-grad-norm``      | ``max_grad_norm``      | refuse a larger clipping norm ``privacy.max_grad_norm`` |
 | ``max-delta``          | ``max_delta``          | the largest delta at which this hospital's epsilon is judged (default with DP required: min(1e-5, 1/(10 n))) |
@@ -231,6 +231,9 @@ def check_privacy(cfg: PrivacyConfig, policy: SitePolicy) -> None:
         if cfg.noise_multiplier is not None and cfg.noise_multiplier < policy.min_noise_multiplier:
             raise Refusal("privacy.noise_multiplier",
                           f"{cfg.noise_multiplier:g} is below this hospital's floor ({floor})")
+        if cfg.centre_noise_multiplier < policy.min_noise_multiplier:  # the head centre's release (if the model has one)
+            raise Refusal("privacy.centre_noise_multiplier",
+                          f"{cfg.centre_noise_multiplier:g} is below this hospital's floor ({floor})")
     from common.privacy.accounting import counts_noise_multiplier  # Opacus: only when DP is asked for
 
     count_sigma = counts_noise_multiplier(cfg.count_noise_std)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.local_run import LocalRun, SavedLocal
@@ -32,7 +33,8 @@ from common.privacy.budget import (
     private_train_config,
     shared_train_metrics,
 )
-from common.privacy.config import PrivacyConfig, check_private_training
+from common.privacy.centre import centre_entry, centre_pending, centre_radius, clipped_feature_sum, noisy_centre, set_centre
+from common.privacy.config import PrivacyConfig, check_private_centre, check_private_training
 from common.privacy.ledger import Attempt, PrivacyLedger, ReleasedCounts, dataset_fingerprint
 from common.privacy.wiring import DPTraining, attempt_seed, secret_seed
 from common.train import RoundMetrics
@@ -52,6 +54,7 @@ class PrivateRound:
         self.check: BudgetCheck | None = None
         self.attempt: Attempt | None = None
         self.dp: DPTraining | None = None
+        self.data: SiteData | None = None
         self.seed_for: Callable[[int], int] = lambda _attempt: secret_seed()
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
@@ -61,6 +64,9 @@ class PrivateRound:
 
     def before_training(self, local: LocalRun, data: SiteData, saved: SavedLocal | None, train: TrainConfig) -> None:
         pcfg = self.pcfg
+        centred = local.config.model.classifier_centre
+        check_private_centre(centred, pcfg)  # before anything is read or released
+        self.data = data
         self.privacy = privacy = _site_privacy(local, saved)
         if pcfg.seed is not None:
             self.seed_for = lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt)
@@ -76,7 +82,7 @@ class PrivateRound:
                 metrics[protocol.DP_WOULD_BE_EPSILON] = stop.check.would_be_epsilon
             raise RoundEnds(_budget_exhausted(local, stop.check.message, metrics)) from None
         plan = build_plan(pcfg, counts.examples, counts.labelled, train.batch_size, train.local_steps,
-                          local.config.federation.rounds, max_epsilon)
+                          local.config.federation.rounds, max_epsilon, before=(centre_entry(pcfg),) if centred else ())
         check_derived_noise(plan.noise_multiplier, pcfg, policy)
         plan = dataclasses.replace(plan, delta=judged_delta(plan.delta, counts.examples, policy))
         privacy.plan, privacy.budget_source = plan, source
@@ -88,12 +94,30 @@ class PrivateRound:
         privacy = self.privacy
         assert privacy is not None and privacy.plan is not None, "before_training opens the round's privacy"
         try:
+            if centre_pending(model):
+                self._release_centre(local, model)
             self.attempt = attempt = privacy.begin_training()  # the budget checked again, under the ledger's lock
         except BudgetExhausted as stop:
             raise RoundEnds(_budget_exhausted(local, stop.check.message, privacy.metrics(0, stop.check))) from None
         self.dp = DPTraining(model, privacy.plan, self.seed_for(attempt.number),
                              on_step=lambda step: privacy.ledger.step(attempt, step))
         return self.dp
+
+    def _release_centre(self, local: LocalRun, model: UnifiedViTGAN) -> None:
+        """The head centre no hospital has set yet, from this hospital's patches (a Gaussian release in
+        the ledger before its noise is drawn; common/privacy/centre.py); FedAvg averages it."""
+        privacy, data, counts = self.privacy, self.data, self.counts
+        assert privacy is not None and data is not None and counts is not None
+        radius = centre_radius(self.pcfg, model.cfg.classifier_features)
+        summed = clipped_feature_sum(model, data.train, radius)
+
+        def draw(attempt: int) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(self.seed_for(attempt))
+            return noisy_centre(summed, radius, self.pcfg.centre_noise_multiplier, counts.examples, generator)
+
+        set_centre(model, privacy.release_centre(centre_entry(self.pcfg), draw))
+        logger.info("%s round %d: head centre released (radius %.3g, noise multiplier %.3g)", local.site.name,
+                    local.server_round, radius, self.pcfg.centre_noise_multiplier)
 
     def batches(self, local: LocalRun, data: SiteData, train: TrainConfig) -> Iterable[Any]:
         assert self.dp is not None

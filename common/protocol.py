@@ -72,6 +72,8 @@ DP_BUDGET_EXHAUSTED = "dp/budget_exhausted"
 #: Std of the Gaussian noise on the released training-set size and labelled count (which then
 #: stand in for the exact counts: sampling rate, loss scale, num-examples, labelled-examples).
 DP_COUNT_NOISE_STD = "dp/count_noise_std"
+#: Noise multiplier of this run's head-centre release at the hospital (model.classifier_centre), when it made one.
+DP_CENTRE_NOISE = "dp/centre_noise_multiplier"
 #: This run's accountant history as three parallel lists (noise multiplier, sample rate, steps).
 DP_HISTORY_NOISE = "dp/history_noise_multiplier"
 DP_HISTORY_RATE = "dp/history_sample_rate"

@@ -19,7 +19,7 @@ from common.device import resolve_device
 from common.faults import Fault, parse_faults
 from common.federation_config import FederationConfig, federation_config
 from common.model import ModelConfig
-from common.privacy.config import PrivacyConfig, check_private_training, privacy_config
+from common.privacy.config import PrivacyConfig, check_private_centre, check_private_training, privacy_config
 from common.train.config import TrainConfig, run_train_config
 
 #: Top-level keys that are single values (the sections are typed below).
@@ -66,4 +66,5 @@ def run_config(run: Mapping[str, Any] | Any) -> RunConfig:
         faults=tuple(parse_faults(values.get("faults"), federation.num_sites)),
     )
     check_private_training(typed.train, typed.privacy)  # no hospital could run it: refused once, here
+    check_private_centre(typed.model.classifier_centre, typed.privacy)
     return typed

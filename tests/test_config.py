@@ -64,17 +64,19 @@ def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf
 
 def test_model_sizes_live_in_the_presets_alone() -> None:
     fields = dataclasses.fields(ModelConfig)
-    # trunk_prior and classifier_grid are not sizes: null or 0 in every preset, absent from models recorded before them
+    # trunk_prior, classifier_grid and classifier_centre are not sizes: null, 0 or false in every preset,
+    # absent from models recorded before them
+    extras = ("trunk_prior", "classifier_grid", "classifier_centre")
     assert [(f.name, f.default) for f in fields if f.default is not dataclasses.MISSING
-            or f.default_factory is not dataclasses.MISSING] == [("trunk_prior", None), ("classifier_grid", 0)]  # type: ignore[misc]
+            or f.default_factory is not dataclasses.MISSING] == [("trunk_prior", None), ("classifier_grid", 0),  # type: ignore[misc]
+                                                                ("classifier_centre", False)]
     with pytest.raises(ConfigError, match=r"model: missing required key 'name'"):
         dataclass_from_mapping(ModelConfig, {}, "model")
     for preset in ("tiny", "small", "base"):
-        assert {"trunk_prior", "classifier_grid"} <= set(load_yaml(CONF_DIR / "model" / f"{preset}.yaml"))
-    recorded = {k: v for k, v in dataclasses.asdict(model_preset("tiny")).items()
-                if k not in ("trunk_prior", "classifier_grid")}
+        assert set(extras) <= set(load_yaml(CONF_DIR / "model" / f"{preset}.yaml"))
+    recorded = {k: v for k, v in dataclasses.asdict(model_preset("tiny")).items() if k not in extras}
     old = dataclass_from_mapping(ModelConfig, recorded, "model")
-    assert old.trunk_prior is None and old.classifier_grid == 0
+    assert old.trunk_prior is None and old.classifier_grid == 0 and old.classifier_centre is False
 
 
 def test_the_aggregation_bounds_come_from_conf(tmp_path: Path) -> None:

@@ -119,6 +119,8 @@ def test_a_stricter_scope_and_a_derived_noise_below_the_floor_are_refused(tmp_pa
     _assert_refused(reply, "privacy.target_epsilon", tmp_path)
     content = PrivacyLedger.in_folder(tmp_path / "hospital" / "hug").load()
     assert all(a.kind == "counts" for attempts in content.attempts.values() for a in attempts)  # no training step
+    weak_centre = _run(tmp_path, ["privacy.noise_multiplier=3.0", "privacy.centre_noise_multiplier=1.0"])
+    _assert_refused(_train(floor, weak_centre), "privacy.centre_noise_multiplier", tmp_path)
 
 
 def test_privacy_required_without_a_scope_means_the_whole_discriminator(tmp_path: Path) -> None:

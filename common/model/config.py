@@ -50,6 +50,12 @@ class ModelConfig:
     #: (0: the CLS feature alone). Where a thing is in the image (a digit's strokes) survives the grid
     #: and not the CLS token of a frozen trunk. Default 0, for models recorded before the key existed.
     classifier_grid: int = 0
+    #: Whether the classification head subtracts a centre from what it reads (a buffer, zero until a
+    #: hospital sets it). Under DP with a frozen trunk each hospital sets it once, from a Gaussian
+    #: release of its features' mean (``privacy.centre_noise_multiplier``; common/privacy/centre.py),
+    #: and FedAvg averages it: a frozen trunk's features share a large common part, which would take
+    #: most of each patch's clipped gradient. Default false, for models recorded before the key existed.
+    classifier_centre: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -67,6 +73,9 @@ class ModelConfig:
                 or not 0 <= self.classifier_grid <= side:
             raise ValueError(f"classifier_grid must be an integer in [0, {side}] (patches per side), "
                              f"got {self.classifier_grid!r}")
+        if self.classifier_centre and self.classifier_depth:
+            raise ValueError("classifier_centre needs classifier_depth 0: the centre is measured on the trunk's "
+                             "features, which the head's own blocks would change")
 
     @property
     def num_patches(self) -> int:

@@ -90,7 +90,8 @@ def grid_pooled(tokens: torch.Tensor, grid: int) -> torch.Tensor:
 class ClassifierHead(nn.Module):
     """Optional dedicated transformer blocks, then a linear head over the classes; with
     ``classifier_grid`` g > 0 the head reads the CLS feature beside the g x g grid of pooled patch
-    tokens (:func:`grid_pooled`)."""
+    tokens (:func:`grid_pooled`); with ``classifier_centre`` it subtracts the buffer ``input_centre``
+    from them first (zero until a hospital sets it; ``centre_ready`` is 1 from then on)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
@@ -103,8 +104,13 @@ class ClassifierHead(nn.Module):
         self.head = nn.Linear(cfg.classifier_features, num_classes)
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.centred = cfg.classifier_centre
+        if self.centred:
+            self.register_buffer("input_centre", torch.zeros(cfg.classifier_features))
+            self.register_buffer("centre_ready", torch.zeros(1))
 
-    def forward(self, trunk: TrunkOutput) -> torch.Tensor:
+    def inputs(self, trunk: TrunkOutput) -> torch.Tensor:
+        """What the linear head reads, before any centre: (B, ``classifier_features``)."""
         if len(self.blocks) == 0:
             tokens, cls = trunk.tokens, trunk.features
         else:
@@ -112,4 +118,10 @@ class ClassifierHead(nn.Module):
             cls = self.norm(tokens[:, 0])
         if self.grid:
             cls = torch.cat([cls, grid_pooled(tokens, self.grid)], dim=1)
-        return self.head(cls)
+        return cls
+
+    def forward(self, trunk: TrunkOutput) -> torch.Tensor:
+        features = self.inputs(trunk)
+        if self.centred:
+            features = features - self.input_centre
+        return self.head(features)

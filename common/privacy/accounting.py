@@ -45,6 +45,9 @@ NEIGHBOURING = ("add/remove one training patch of the hospital's training split 
                 "privacy.scope=classifier the class counts are still sent, outside the guarantee)")
 COUNTS_MECHANISM = ("Gaussian mechanism on (training-set size, labelled count), L2 sensitivity sqrt(2) under add/remove-one, "
                     "released once per hospital and data set and reused")
+CENTRE_MECHANISM = ("Gaussian mechanism on the sum of the head's input features over the training patches, each "
+                    "patch's vector clipped to an L2 norm of R (sensitivity R under add/remove-one), divided by the "
+                    "released size; once per run, before the first DP-SGD step, then averaged over the hospitals")
 SAMPLING = ("Poisson: each training patch joins each step's batch independently with probability q "
             "(batches vary in size and can be empty; every noisy step is counted)")
 
@@ -158,8 +161,10 @@ def epsilons(history: Iterable[Sequence[float]], delta: float) -> dict[str, floa
 
 
 @lru_cache(maxsize=64)
-def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
-    """The noise multiplier whose ``steps`` steps at ``sample_rate`` reach ``target_epsilon``.
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str,
+                     before: History = ()) -> float:
+    """The noise multiplier whose ``steps`` steps at ``sample_rate`` reach ``target_epsilon``, after
+    the releases ``before`` (history entries; e.g. the head centre's) where there are any.
 
     RDP: Opacus' search. PRV: the same search (raise the noise until epsilon <= target, then bisect
     to within 0.01 of it) on :func:`epsilon`, whose memory is bounded; where PRV is not computable
@@ -171,9 +176,10 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
                                                    sample_rate=sample_rate, steps=steps, accountant="rdp"))
         except ValueError as error:
             raise ConfigError(f"privacy.target_epsilon={target_epsilon}: {error}") from error
-    if kind == "rdp":
+    if kind == "rdp" and not before:
         return rdp_sigma
-    return _bisect_noise(lambda sigma: epsilon([(sigma, sample_rate, steps)], delta, kind), target_epsilon, rdp_sigma)
+    return _bisect_noise(lambda sigma: epsilon([*before, (sigma, sample_rate, steps)], delta, kind), target_epsilon,
+                         rdp_sigma)
 
 
 def _bisect_noise(epsilon_at: Callable[[float], float], target: float, start: float, tolerance: float = 0.01) -> float:
@@ -255,8 +261,11 @@ class PrivacyPlan:
 
 
 def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_size: int,
-               steps_per_round: int, planned_rounds: int, max_epsilon: float | None = None) -> PrivacyPlan:
-    """The plan for a hospital whose released counts are ``num_examples`` and ``num_labelled``.
+               steps_per_round: int, planned_rounds: int, max_epsilon: float | None = None,
+               before: History = ()) -> PrivacyPlan:
+    """The plan for a hospital whose released counts are ``num_examples`` and ``num_labelled``;
+    ``before``: the releases the run makes besides its DP-SGD steps that target_epsilon includes
+    (the head centre's).
 
     Pass the noisy released counts, never the exact ones (the guarantee depends on it).
     ``max_epsilon`` (when given) replaces ``cfg.max_epsilon`` (a hospital's stricter budget).
@@ -277,7 +286,7 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
     else:
         assert cfg.target_epsilon is not None
         sigma = noise_for_target(float(cfg.target_epsilon), delta, q, int(planned_rounds) * int(steps_per_round),
-                                 cfg.accountant)
+                                 cfg.accountant, tuple(before))
     if not (math.isfinite(sigma) and sigma > 0):
         raise ConfigError(f"privacy: noise multiplier {sigma} is not a positive number")
     return PrivacyPlan(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from common import protocol
 from common.privacy.accounting import History, PrivacyPlan, counts_noise_multiplier, epsilon, noisy_counts
 from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import (
+    CENTRE,
     COUNTS,
     SGD,
     Attempt,
@@ -32,6 +33,8 @@ from common.privacy.ledger import (
 )
 from common.privacy.scopes import SCOPES
 from common.train.config import TrainConfig
+
+T = TypeVar("T")
 
 #: Train metrics computed from real patches without DP, or revealing the realised Poisson batch
 #: sizes. Left out of the reply in scope=discriminator (in scope=classifier they are among the
@@ -212,15 +215,16 @@ class SitePrivacy:
             f"{epsilon(lifetime, delta, cfg.accountant):.4g} to {would_be:.4g}, above {source} = {max_epsilon:g} "
             f"(delta {delta:.3g}, {cfg.accountant} accountant); nothing was released and this hospital does not train"))
 
-    def check_budget(self) -> BudgetCheck:
-        """Before training: would the coming round's planned steps push the lifetime epsilon above
-        the budget? (The history plus the planned steps; nothing is trained.)"""
+    def check_budget(self, first: History = ()) -> BudgetCheck:
+        """Before training: would the coming round's planned steps (after the releases ``first``)
+        push the lifetime epsilon above the budget? (The history plus the planned steps; nothing is
+        trained.)"""
         plan = self.plan
         assert plan is not None
         if plan.max_epsilon is None:
             return BudgetCheck(False, None)
         lifetime = history_of(self.lifetime)
-        would_be = self.epsilon([*lifetime, plan.next_round()])
+        would_be = self.epsilon([*lifetime, *first, plan.next_round()])
         if would_be <= plan.max_epsilon:
             return BudgetCheck(False, would_be)
         spent = self.epsilon(lifetime)
@@ -228,6 +232,25 @@ class SitePrivacy:
             f"privacy budget exhausted: lifetime epsilon {spent:.4g} would reach {would_be:.4g} after this "
             f"round's {plan.steps_per_round} DP steps, above {self.budget_source} = {plan.max_epsilon:g} "
             f"(delta {plan.delta:.3g}, {plan.accountant} accountant); this hospital does not train"))
+
+    def release_centre(self, entry: tuple[float, float, int], draw: Callable[[int], T]) -> T:
+        """The head centre's release: recorded in the ledger (its cost counts from then) before
+        ``draw(attempt number)`` draws its noise. Checked under the ledger's lock with the round's
+        planned steps after it: ``BudgetExhausted``, with nothing released, if the two do not fit."""
+
+        def guard(content: LedgerContent) -> None:
+            self.refresh(content)
+            check = self.check_budget((entry,))
+            if check.exhausted:
+                raise BudgetExhausted(check)
+
+        noise, rate, steps = entry
+        attempt = self.ledger.begin(self.dataset, self.description, CENTRE, self.run_id, self.server_round, noise,
+                                    rate, steps, guard=guard)
+        self.run.append(attempt)  # its cost counts from here, whatever happens next
+        value = draw(attempt.number)
+        self.run[-1] = self.ledger.end(attempt, steps)
+        return value
 
     def begin_training(self) -> Attempt:
         """The round's training attempt, recorded in the ledger before any noise is drawn. The budget
@@ -276,6 +299,9 @@ class SitePrivacy:
         }
         if self.counts is not None and any(a.kind == COUNTS and a.number == self.counts.attempt for a in self.run):
             out[protocol.DP_COUNT_NOISE_STD] = self.counts.noise_std  # released in this run (its cost is in the history)
+        centre = [a for a in self.run if a.kind == CENTRE]
+        if centre:
+            out[protocol.DP_CENTRE_NOISE] = centre[-1].noise_multiplier  # released in this run (its cost is in the history)
         if plan.max_epsilon is not None:
             out[protocol.DP_MAX_EPSILON] = plan.max_epsilon
         if check is not None and check.would_be_epsilon is not None:

@@ -32,6 +32,15 @@ def check_private_method(method: str, cfg: PrivacyConfig) -> None:
                           f"generator's images, which only train.method=unified has")
 
 
+def check_private_centre(centred_model: bool, cfg: PrivacyConfig) -> None:
+    """``ConfigError`` for a model whose head centre (``model.classifier_centre``) would be set by DP-SGD's
+    release while its trunk learns: the centre is measured once, on a frozen trunk's features."""
+    if cfg.enabled and centred_model and not cfg.freeze_trunk:
+        raise ConfigError("model.classifier_centre=true with privacy.enabled=true needs privacy.freeze_trunk=true "
+                          "(privacy.scope=discriminator): the centre is released once, on the frozen trunk's features, "
+                          "and a trunk that learns would move them away from it")
+
+
 def check_private_training(train: TrainConfig, cfg: PrivacyConfig) -> None:
     """:func:`check_private_method`, and the train settings the private step cannot honour: ``ConfigError``
     for a run no hospital could train (the coordinator refuses it at start, a hospital before it releases
@@ -67,6 +76,8 @@ class PrivacyConfig:
     learning_rate: float | None
     augmentation_multiplicity: int
     freeze_trunk: bool
+    centre_noise_multiplier: float
+    centre_radius: float | None
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -100,6 +111,13 @@ class PrivacyConfig:
         if self.freeze_trunk and self.scope != "discriminator":
             raise ValueError("freeze_trunk needs scope=discriminator (with scope=classifier the trunk is not "
                              "private whether it learns or not, and the scope's statement says so)")
+        if isinstance(self.centre_noise_multiplier, bool) or not isinstance(self.centre_noise_multiplier, (int, float)) \
+                or not math.isfinite(self.centre_noise_multiplier) or not self.centre_noise_multiplier > 0:
+            raise ValueError(f"centre_noise_multiplier must be a positive number, got {self.centre_noise_multiplier!r}")
+        if self.centre_radius is not None and (isinstance(self.centre_radius, bool)
+                                               or not isinstance(self.centre_radius, (int, float))
+                                               or not math.isfinite(self.centre_radius) or not self.centre_radius > 0):
+            raise ValueError(f"centre_radius must be a positive number or null, got {self.centre_radius!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if not self.max_grad_norm > 0:
@@ -128,10 +146,11 @@ def privacy_config(section: Any) -> PrivacyConfig:
         return PrivacyConfig()
     cfg = dataclass_from_mapping(PrivacyConfig, section, "privacy")
     floats = {k: (None if getattr(cfg, k) is None else float(getattr(cfg, k)))
-              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "learning_rate")}
+              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "learning_rate", "centre_radius")}
     try:
         return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm),
                                 "count_noise_std": float(cfg.count_noise_std),
+                                "centre_noise_multiplier": cfg.centre_noise_multiplier,
                                 "adversarial_weight": cfg.adversarial_weight})
     except ValueError as error:
         raise ConfigError(f"privacy: {error}") from error

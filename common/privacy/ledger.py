@@ -55,6 +55,9 @@ MARKER = "privacy-ledger.marker.json"
 
 SGD = "sgd"  # DP-SGD steps of one training attempt
 COUNTS = "counts"  # the Gaussian release of the training-set size and labelled count
+CENTRE = "centre"  # the Gaussian release of the head centre (common/privacy/centre.py)
+#: Releases of one Gaussian step at sample rate 1, counted in full from the moment they begin.
+ONE_STEP = (COUNTS, CENTRE)
 
 
 class LedgerError(RuntimeError):
@@ -100,7 +103,8 @@ def dataset_fingerprint(data: Mapping[str, Any], site_id: int, seed: int) -> tup
 
 @dataclass(frozen=True)
 class Attempt:
-    """One DP release of a data set: a training attempt (``sgd``) or the count release (``counts``)."""
+    """One DP release of a data set: a training attempt (``sgd``), the count release (``counts``) or a
+    head-centre release (``centre``)."""
 
     dataset: str
     number: int
@@ -124,7 +128,7 @@ class Attempt:
 
     @property
     def dp_steps(self) -> int:
-        """DP-SGD steps (0 for the count release)."""
+        """DP-SGD steps (0 for the count and centre releases)."""
         return self.steps if self.kind == SGD else 0
 
     def to_json(self) -> dict[str, Any]:
@@ -238,7 +242,7 @@ class _Parser:
         for dataset, number in self.order:
             state = self.open[(dataset, number)]
             kind = str(state["kind"])
-            if kind == COUNTS:
+            if kind in ONE_STEP:
                 steps = 1  # counted from the moment the release began
             else:
                 steps = int(state.get("steps_end", state["steps_seen"]))
@@ -467,7 +471,7 @@ class PrivacyLedger:
 
         self._append(records)
         return Attempt(dataset, numbers[0], kind, run, int(server_round), float(noise_multiplier), float(sample_rate),
-                       1 if kind == COUNTS else 0, int(planned_steps), False)
+                       1 if kind in ONE_STEP else 0, int(planned_steps), False)
 
     def step(self, attempt: Attempt, step: int) -> None:
         """Step ``step`` (1-based) of ``attempt`` is about to draw its noise."""

@@ -34,6 +34,7 @@ class Recipe:
     trunk_prior: bool = False
     freeze_trunk: bool = False
     classifier_grid: int = 0
+    classifier_centre: bool = False
 
     def describe(self) -> str:
         text = f"train.method={self.method} with privacy.scope={self.scope}"
@@ -43,6 +44,8 @@ class Recipe:
             text += " and privacy.freeze_trunk"
         if self.classifier_grid:
             text += f" (model.classifier_grid={self.classifier_grid})"
+        if self.classifier_centre:
+            text += ", the head's input centred by the hospitals' released mean (model.classifier_centre)"
         return text
 
     @classmethod
@@ -52,7 +55,8 @@ class Recipe:
         privacy, model = run.get("privacy") or {}, run.get("model") or {}
         return cls(method=str((run.get("train") or {}).get("method", "unified")), scope=str(privacy["scope"]),
                    trunk_prior=bool(model.get("trunk_prior")), freeze_trunk=bool(privacy.get("freeze_trunk", False)),
-                   classifier_grid=int(model.get("classifier_grid") or 0))
+                   classifier_grid=int(model.get("classifier_grid") or 0),
+                   classifier_centre=bool(model.get("classifier_centre", False)))
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,12 @@ class ReferenceCost:
     trunk_prior: bool = False  # started from a model.trunk_prior (both with and without DP)
     freeze_trunk: bool = False  # privacy.freeze_trunk: the trunk stayed at its initial weights under DP
     classifier_grid: int = 0  # model.classifier_grid (rows recorded before it: 0)
+    classifier_centre: bool = False  # model.classifier_centre (rows recorded before it: false)
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid)
+        return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid,
+                      self.classifier_centre)
 
     @property
     def cost_points(self) -> float:

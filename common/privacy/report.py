@@ -17,6 +17,7 @@ from typing import Any
 from common import protocol
 from common.durable import atomic_write, atomic_write_with
 from common.privacy.accounting import (
+    CENTRE_MECHANISM,
     COUNTS_MECHANISM,
     MECHANISM,
     NEIGHBOURING,
@@ -27,6 +28,7 @@ from common.privacy.accounting import (
     epsilon,
     epsilons,
 )
+from common.privacy.centre import centre_radius
 from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
 from common.privacy.reference_cost import Recipe, cost_statement, load_reference
@@ -48,6 +50,18 @@ def _count_release(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return {"mechanism": COUNTS_MECHANISM, "noise_std": std, "noise_multiplier": counts_noise_multiplier(std),
             "released_examples": _finite(metrics.get(protocol.REAL_EXAMPLES)),
             "released_labelled": _finite(metrics.get(protocol.LABELLED_EXAMPLES))}
+
+
+def _centre_release(metrics: dict[str, Any], cfg: PrivacyConfig, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The head centre's release at this hospital in this run (None: model.classifier_centre is off)."""
+    model = config.get("model") or {}
+    if not model.get("classifier_centre"):
+        return None
+    sigma = _finite(metrics.get(protocol.DP_CENTRE_NOISE))
+    features = int(model.get("embed_dim", 0)) * (1 + int(model.get("classifier_grid") or 0) ** 2)
+    radius = centre_radius(cfg, features)
+    return {"mechanism": CENTRE_MECHANISM, "released": sigma is not None, "noise_multiplier": sigma,
+            "radius": radius, "noise_std": None if sigma is None else sigma * radius}
 
 
 def _finite(value: Any) -> float | None:
@@ -121,6 +135,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "neighbouring_relation": NEIGHBOURING,
         "sampling": SAMPLING,
         "count_release": _count_release(latest),
+        "centre_release": _centre_release(latest, cfg, config),
         **_coverage(cfg),
         **_budget(latest, trained, stopped),
         "lifetime": lifetime,
@@ -280,6 +295,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                    f"{site['lifetime']['steps_total']} DP steps ({site['lifetime']['source']}) |"),
                   f"| neighbouring relation | {site['neighbouring_relation']} |",
                   f"| count release | {_count_text(site['count_release'])} |",
+                  *([f"| head centre release | {_centre_text(site['centre_release'])} |"] if site.get("centre_release") else []),
                   f"| sampling | {site['sampling']} |",
                   f"| budget stop triggered | {_budget_stop_text(site)} |",
                   ""]
@@ -349,6 +365,14 @@ def _count_text(release: dict[str, Any] | None) -> str:
     return (f"{release['mechanism']}: noise std {release['noise_std']:g} (noise multiplier "
             f"{release['noise_multiplier']:.4g}); released size {_fmt(release['released_examples'], '.0f')}, "
             f"labelled {_fmt(release['released_labelled'], '.0f')}")
+
+
+def _centre_text(release: dict[str, Any]) -> str:
+    if not release["released"]:
+        return ("none by this hospital in this run: the head centre it trained with came from the other hospitals' "
+                "releases (no cost here)")
+    return (f"{release['mechanism']}: R = {release['radius']:.4g}, noise multiplier {release['noise_multiplier']:.4g} "
+            f"(std {release['noise_std']:.4g} on the sum); in the history above as one step at sample rate 1")
 
 
 def _budget_stop_text(site: dict[str, Any]) -> str:
