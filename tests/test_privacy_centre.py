@@ -23,6 +23,7 @@ from common.privacy.centre import centre_entry, centre_pending, centre_radius, c
 from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import CENTRE, PrivacyLedger
 from common.privacy.reference_cost import Recipe, ReferenceCost, nearest_cost
+from common.privacy.wiring import DiscriminatorAdapter
 from common.run_config import run_config
 from tests.test_privacy_federation import COUNT_SIGMA, K, _opacus_epsilon, _run, _train
 
@@ -42,6 +43,14 @@ def test_the_head_subtracts_its_centre_and_a_model_without_the_switch_has_none(t
     head.input_centre.copy_(centre)
     assert torch.allclose(head(trunk), before - head.head.weight @ centre, atol=1e-5)
     assert torch.allclose(head(TrunkOutput(trunk.tokens, trunk.features)), head.head(head.inputs(trunk) - centre))
+    # The discriminator's heads read the CLS feature less the centre's CLS part, on every path.
+    images, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        features = model.discriminator.trunk(images).features
+        expected = model.discriminator.score(features - centre[: features.shape[1]], labels)
+        assert torch.allclose(model.discriminate(images, labels).score, expected, atol=1e-5)
+        assert torch.allclose(DiscriminatorAdapter(model)(images, labels)[0], expected, atol=1e-5)
+        assert not torch.allclose(model.discriminator.score(features, labels), expected, atol=1e-3)
     with pytest.raises(ValueError, match="classifier_centre needs classifier_depth 0"):
         dataclasses.replace(tiny_cfg, classifier_centre=True, classifier_depth=1)
 

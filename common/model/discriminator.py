@@ -120,6 +120,14 @@ class ClassifierHead(nn.Module):
             cls = torch.cat([cls, grid_pooled(tokens, self.grid)], dim=1)
         return cls
 
+    def centred_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The CLS feature phi(x) less the centre's CLS part (``features`` unchanged without a centre):
+        what the discriminator's heads read, so that under DP their share of each patch's clipped
+        gradient is not spent on the features' common part either."""
+        if not self.centred:
+            return features
+        return features - self.input_centre[: features.shape[-1]]
+
     def forward(self, trunk: TrunkOutput) -> torch.Tensor:
         features = self.inputs(trunk)
         if self.centred:

@@ -98,7 +98,7 @@ class UnifiedViTGAN(nn.Module):
         trunk = self.trunk(images)
         logits = self.classifier(trunk)
         unconditional = torch.logsumexp(logits, dim=1) if classifier_score else None
-        features = scale_gradient(trunk.features, trunk_gradient_scale)
+        features = scale_gradient(self.classifier.centred_features(trunk.features), trunk_gradient_scale)
         return DiscriminatorOutput(self.discriminator.score(features, labels, unconditional), logits,
                                    trunk.features)
 

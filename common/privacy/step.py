@@ -144,7 +144,7 @@ def _classifier_scope(trainer: LocalTrainer, dp: PrivateGradients, real: torch.T
     both = torch.cat([_augment_real(trainer, dp, real), diff_augment(fake.detach(), cfg.augment, trainer.rng)])
     all_labels = torch.cat([labels, fake_labels])
     trunk = model.trunk(both)
-    score = model.discriminator.score(trunk.features, all_labels)
+    score = model.discriminator.score(model.classifier.centred_features(trunk.features), all_labels)
     adv_d = real_adversarial_terms(score[:b], cfg.adversarial_loss).sum() / big_b \
         + fake_adversarial_terms(score[b:], cfg.adversarial_loss).mean()
     labelled = labels_host >= 0

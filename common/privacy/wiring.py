@@ -102,7 +102,7 @@ class DiscriminatorAdapter(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trunk = self.discriminator.trunk(images)
-        return self.discriminator.score(trunk.features, labels), self.classifier(trunk)
+        return self.discriminator.score(self.classifier.centred_features(trunk.features), labels), self.classifier(trunk)
 
 
 @contextlib.contextmanager
