@@ -3,6 +3,7 @@ nearest the run's, written from an experiment's results by simulations.experimen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -100,6 +101,15 @@ def test_rows_come_from_each_dp_variant_and_its_twin_on_the_same_seeds(tmp_path:
     assert reference_main([str(results), "--source", "a test", "--out", str(out)]) == 0
     loaded = load_reference(out)
     assert loaded["source"] == "a test" and [asdict(r) for r in loaded["rows"]] == [asdict(r) for r in rows]
+    # Measuring one recipe again replaces its rows and, asked to, keeps the other recipes' rows.
+    other = ReferenceCost("supervised", "discriminator", 8.0, 0.7, 0.75, 3, True, True, 2, True)
+    stale = dataclasses.replace(rows[0], accuracy=0.01)
+    out.write_text(json.dumps({"source": "old", "rows": [asdict(other), asdict(stale)]}))
+    assert reference_main([str(results), "--source", "both", "--out", str(out), "--keep-other-recipes"]) == 0
+    merged = load_reference(out)["rows"]
+    assert other in merged and stale not in merged and set(rows) <= set(merged) and len(merged) == len(rows) + 1
+    assert reference_main([str(results), "--source", "x", "--out", str(out)]) == 0
+    assert other not in load_reference(out)["rows"]  # without the switch the file holds these results alone
 
 
 def test_the_shipped_reference_covers_both_methods_in_the_end_to_end_scope() -> None:

@@ -6,6 +6,10 @@ same seeds becomes one row: its training method and scope (from the variant's ow
 epsilon (the largest any hospital reported, mean over seeds) and the two mean balanced accuracies.
 
     python -m simulations.experiments.reference_costs runs/privacy_utility/results.json
+
+With ``--keep-other-recipes`` the rows already in ``--out`` whose recipe (method, scope, prior,
+frozen trunk, head) these results do not measure are kept beside the new ones: an experiment that
+runs one recipe again replaces that recipe's rows and leaves the others' as they were measured.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import Any
 
-from common.privacy.reference_cost import REFERENCE_FILE, Recipe, ReferenceCost
+from common.privacy.reference_cost import REFERENCE_FILE, Recipe, ReferenceCost, load_reference
 from simulations.experiments.config import experiment_config
 from simulations.experiments.report import DP_VARIANT, group_runs
 from simulations.experiments.runner import variant_run
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="how it was measured, in one phrase (data, hospitals, budget, seeds, commit); "
                              "the privacy report quotes it")
     parser.add_argument("--out", type=Path, default=REFERENCE_FILE, help=f"where to write (default {REFERENCE_FILE})")
+    parser.add_argument("--keep-other-recipes", action="store_true",
+                        help="keep the rows of --out whose recipe these results do not measure (the source "
+                             "should then say how both were measured)")
     args = parser.parse_args(argv)
     if not args.results.is_file():
         parser.error(f"{args.results} not found")
@@ -62,8 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"{args.results}: no federated DP variant with its twin without DP", file=sys.stderr)
         return 1
+    kept: list[ReferenceCost] = []
+    if args.keep_other_recipes:
+        existing = load_reference(args.out)
+        if existing is None:
+            parser.error(f"--keep-other-recipes: {args.out} not found")
+        measured = {r.recipe for r in rows}
+        kept = [r for r in existing["rows"] if r.recipe not in measured]
+    rows = sorted([*kept, *rows], key=lambda r: (astuple(r.recipe), r.epsilon))
     args.out.write_text(json.dumps({"source": args.source, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    print(f"{len(rows)} rows written to {args.out}")
+    print(f"{len(rows)} rows written to {args.out} ({len(kept)} kept from it)")
     return 0
 
 
