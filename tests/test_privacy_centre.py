@@ -92,6 +92,13 @@ def test_target_epsilon_is_met_with_the_centre_release_included() -> None:
     total = epsilon([centre_entry(cfg), (centred.noise_multiplier, centred.sample_rate, 500)], centred.delta, "rdp")
     assert 2.97 < total <= 3.0
     assert epsilon([centre_entry(cfg), (alone.noise_multiplier, alone.sample_rate, 500)], alone.delta, "rdp") > 3.0
+    # A budget the centre's release alone would spend is refused with the key to change, not searched forever.
+    strict = dataclasses.replace(cfg, target_epsilon=1.0)
+    with pytest.raises(ConfigError, match=r"centre's release alone \(privacy.centre_noise_multiplier=4\) costs epsilon"):
+        build_plan(strict, 1000, 1000, 32, 50, 10, before=(centre_entry(strict),))
+    loose = dataclasses.replace(strict, centre_noise_multiplier=12.0)
+    plan = build_plan(loose, 1000, 1000, 32, 50, 10, before=(centre_entry(loose),))
+    assert epsilon([centre_entry(loose), (plan.noise_multiplier, plan.sample_rate, 500)], plan.delta, "rdp") <= 1.0
 
 
 def test_a_centre_the_budget_cannot_pay_for_is_never_released(tmp_path: Path) -> None:

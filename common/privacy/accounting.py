@@ -285,6 +285,12 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         sigma = float(cfg.noise_multiplier)
     else:
         assert cfg.target_epsilon is not None
+        if before and epsilon(list(before), delta, cfg.accountant) >= float(cfg.target_epsilon):
+            raise ConfigError(
+                f"privacy.target_epsilon={cfg.target_epsilon:g}: the head centre's release alone "
+                f"(privacy.centre_noise_multiplier={cfg.centre_noise_multiplier:g}) costs epsilon "
+                f"{epsilon(list(before), delta, cfg.accountant):.3g} at delta {delta:.3g}, leaving nothing for DP-SGD; "
+                f"raise privacy.centre_noise_multiplier (12 at epsilon 1: docs/privacy.md) or the target")
         sigma = noise_for_target(float(cfg.target_epsilon), delta, q, int(planned_rounds) * int(steps_per_round),
                                  cfg.accountant, tuple(before))
     if not (math.isfinite(sigma) and sigma > 0):
