@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
+from common.config import dataclass_from_mapping
 from common.durable import atomic_write, atomic_write_with
+from common.model.config import ModelConfig
 from common.privacy.accounting import (
     CENTRE_MECHANISM,
     COUNTS_MECHANISM,
@@ -58,8 +60,7 @@ def _centre_release(metrics: dict[str, Any], cfg: PrivacyConfig, config: dict[st
     if not model.get("classifier_centre"):
         return None
     sigma = _finite(metrics.get(protocol.DP_CENTRE_NOISE))
-    features = int(model.get("embed_dim", 0)) * (1 + int(model.get("classifier_grid") or 0) ** 2)
-    radius = centre_radius(cfg, features)
+    radius = centre_radius(cfg, dataclass_from_mapping(ModelConfig, model, "model").classifier_features)
     return {"mechanism": CENTRE_MECHANISM, "released": sigma is not None, "noise_multiplier": sigma,
             "radius": radius, "noise_std": None if sigma is None else sigma * radius}
 
