@@ -64,12 +64,13 @@ def test_every_section_dataclass_takes_its_defaults_from_its_own_section_of_conf
 
 def test_model_sizes_live_in_the_presets_alone() -> None:
     fields = dataclasses.fields(ModelConfig)
-    # trunk_prior, classifier_grid and classifier_centre are not sizes: null, 0 or false in every preset,
-    # absent from models recorded before them
-    extras = ("trunk_prior", "classifier_grid", "classifier_centre")
+    # trunk_prior, classifier_grid, classifier_centre and classifier_whitening are not sizes: null, 0 or
+    # false in every preset, absent from models recorded before them
+    extras = ("trunk_prior", "classifier_grid", "classifier_centre", "classifier_whitening")
     assert [(f.name, f.default) for f in fields if f.default is not dataclasses.MISSING
             or f.default_factory is not dataclasses.MISSING] == [("trunk_prior", None), ("classifier_grid", 0),  # type: ignore[misc]
-                                                                ("classifier_centre", False)]
+                                                                ("classifier_centre", False),
+                                                                ("classifier_whitening", False)]
     with pytest.raises(ConfigError, match=r"model: missing required key 'name'"):
         dataclass_from_mapping(ModelConfig, {}, "model")
     for preset in ("tiny", "small", "base"):
@@ -77,6 +78,7 @@ def test_model_sizes_live_in_the_presets_alone() -> None:
     recorded = {k: v for k, v in dataclasses.asdict(model_preset("tiny")).items() if k not in extras}
     old = dataclass_from_mapping(ModelConfig, recorded, "model")
     assert old.trunk_prior is None and old.classifier_grid == 0 and old.classifier_centre is False
+    assert old.classifier_whitening is False
 
 
 def test_the_aggregation_bounds_come_from_conf(tmp_path: Path) -> None:

@@ -56,6 +56,11 @@ class ModelConfig:
     #: and FedAvg averages it: a frozen trunk's features share a large common part, which would take
     #: most of each patch's clipped gradient. Default false, for models recorded before the key existed.
     classifier_centre: bool = False
+    #: Whether the classification head whitens what it reads (after the centre) by a buffer matrix,
+    #: the identity until a trainer sets it from the covariance of images that cost no privacy budget
+    #: (``train.whitening``; common/train/whitening.py). Default false, for models recorded before the
+    #: key existed.
+    classifier_whitening: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:

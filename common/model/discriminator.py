@@ -91,7 +91,9 @@ class ClassifierHead(nn.Module):
     """Optional dedicated transformer blocks, then a linear head over the classes; with
     ``classifier_grid`` g > 0 the head reads the CLS feature beside the g x g grid of pooled patch
     tokens (:func:`grid_pooled`); with ``classifier_centre`` it subtracts the buffer ``input_centre``
-    from them first (zero until a hospital sets it; ``centre_ready`` is 1 from then on)."""
+    from them first (zero until a hospital sets it; ``centre_ready`` is 1 from then on); with
+    ``classifier_whitening`` it then multiplies them by the buffer ``input_whitening`` (the identity
+    until a trainer sets it, common/train/whitening.py)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
@@ -108,6 +110,9 @@ class ClassifierHead(nn.Module):
         if self.centred:
             self.register_buffer("input_centre", torch.zeros(cfg.classifier_features))
             self.register_buffer("centre_ready", torch.zeros(1))
+        self.whitened = cfg.classifier_whitening
+        if self.whitened:
+            self.register_buffer("input_whitening", torch.eye(cfg.classifier_features))
 
     def inputs(self, trunk: TrunkOutput) -> torch.Tensor:
         """What the linear head reads, before any centre: (B, ``classifier_features``)."""
@@ -132,4 +137,6 @@ class ClassifierHead(nn.Module):
         features = self.inputs(trunk)
         if self.centred:
             features = features - self.input_centre
+        if self.whitened:
+            features = features @ self.input_whitening
         return self.head(features)

@@ -20,6 +20,7 @@ from common.train.losses import ADVERSARIAL_LOSSES
 from common.train.methods import training_method
 from common.train.selection import SelectionConfig
 from common.train.weighting import WeightingConfig
+from common.train.whitening import WhiteningConfig
 
 SCHEDULES = ("constant", "cosine")
 #: How the shared trunk learns from D's and C's losses (``OptimConfig.trunk_update``).
@@ -156,6 +157,7 @@ class TrainConfig:
     host_memory: str  # retain: freed host memory is reused, not returned (glibc; common/train/host_memory.py)
     optim: OptimConfig
     adversarial_trunk: AdversarialTrunkConfig
+    whitening: WhiteningConfig  # of the head's input, with model.classifier_whitening
     gan_signals: GanSignalsConfig  # whether the GAN's signals reach C, from the run's passes over its labels
     fit_gate: FitGateConfig  # generated images reach C as it fits its labelled patches
     augment: AugmentConfig  # DiffAugment on D's inputs (and FixMatch's strong view)

@@ -56,6 +56,7 @@ from common.train.step_gradients import (
 )
 from common.train.transfer import host_rows, to_device, to_floats
 from common.train.weighting import DynamicLossWeighting
+from common.train.whitening import refresh_whitening
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -155,6 +156,8 @@ class LocalTrainer:
         self.model = model.to(device)
         self.cfg = cfg
         self.device = torch.device(device)
+        if model.cfg.classifier_whitening:  # from free images, before any step (common/train/whitening.py)
+            refresh_whitening(model, cfg.uses_generator, cfg.whitening)
         self.num_classes = model.num_classes
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:

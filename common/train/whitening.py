@@ -1,0 +1,94 @@
+"""The classification head's input whitening from free images (``model.classifier_whitening``).
+
+A frozen trunk's features are strongly correlated: a few directions carry most of their variance.
+Under DP-SGD the head is a linear probe whose per-patch gradient ``(p - y) x^T`` is clipped as a
+whole and noised in every coordinate, so the few large directions take most of the clipping bound
+and the noise drowns the rest. Whitening the head's input by the features' covariance spreads the
+bound evenly (measured on the digits at epsilon 8: docs/results.md).
+
+The covariance comes from images that cost nothing to the privacy budget, never from a hospital's
+patches:
+
+- the unified model (``train.method`` trains the generator): the received global generator's own
+  images, balanced over the classes. The generator learns from real patches only through the
+  private discriminator, so its images are post-processing of DP outputs;
+- otherwise (the plain classifier has no trained generator): random-process images, the public
+  images the trunk prior learnt from (common/model/prior/random_images.py).
+
+The matrix is refreshed each time a trainer is built (every federated round; once in a centralised
+run), from ``train.whitening.seed``: every hospital holding the same global model computes the same
+matrix, so FedAvg averages heads expressed in the same coordinates. The head's weight is rewritten
+at each refresh so that the model's function does not change (``W A = W' A'``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from common.config import defaults_from_conf
+from common.model.prior.random_images import random_process_images
+
+if TYPE_CHECKING:
+    from common.model.unified import UnifiedViTGAN
+
+
+@dataclass(frozen=True)
+@defaults_from_conf("train/default.yaml", "whitening")
+class WhiteningConfig:
+    """``conf/train/*.yaml``: ``whitening`` (read only with ``model.classifier_whitening``)."""
+
+    images: int  # free images per refresh
+    shrinkage: float  # eigenvalue floor, a fraction of the largest eigenvalue
+    seed: int  # of the free images: public randomness, the same at every hospital
+
+    def __post_init__(self) -> None:
+        if self.images < 2:
+            raise ValueError(f"train.whitening.images must be >= 2, got {self.images}")
+        if not 0.0 < float(self.shrinkage) <= 1.0:
+            raise ValueError(f"train.whitening.shrinkage must be in (0, 1], got {self.shrinkage}")
+
+
+def free_images(model: UnifiedViTGAN, from_generator: bool, count: int, generator: torch.Generator,
+                chunk: int = 250) -> torch.Tensor:
+    """``count`` images that cost no privacy budget, on the model's device: the generator's (classes
+    in turn) or random-process images."""
+    device = next(model.parameters()).device
+    if not from_generator:
+        return random_process_images(count, model.cfg.image_size, generator).to(device)
+    labels = torch.arange(count, device=device) % model.num_classes
+    return torch.cat([model.generate(labels[i:i + chunk], generator) for i in range(0, count, chunk)])
+
+
+def whitening_matrix(features: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """The symmetric ``(Sigma + s lambda_max I)^(-1/2)`` of ``features`` (rows), scaled so that the
+    mean norm of the centred rows is unchanged (the clipping bound keeps its meaning)."""
+    centred = features.double() - features.double().mean(0)
+    covariance = centred.T @ centred / len(centred)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues = eigenvalues.clamp(min=0.0)
+    floor = shrinkage * float(eigenvalues.max())
+    if floor <= 0.0:
+        raise ValueError("the free images' features do not vary: no whitening can be derived from them")
+    inverse_root = eigenvectors @ torch.diag((eigenvalues + floor).rsqrt()) @ eigenvectors.T
+    scale = centred.norm(dim=1).mean() / (centred @ inverse_root).norm(dim=1).mean()
+    return (inverse_root * scale).float()
+
+
+@torch.no_grad()
+def refresh_whitening(model: UnifiedViTGAN, from_generator: bool, cfg: WhiteningConfig, chunk: int = 250) -> None:
+    """Set the head's ``input_whitening`` from free images, rewriting the head's weight so that the
+    model computes the same function as before."""
+    head = model.classifier
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    images = free_images(model, from_generator, cfg.images, generator, chunk)
+    features = torch.cat([head.inputs(model.discriminator.trunk(images[i:i + chunk]))
+                          for i in range(0, len(images), chunk)])
+    new = whitening_matrix(features, cfg.shrinkage).to(head.input_whitening.device)
+    old = head.input_whitening
+    weight = head.head.weight
+    # logits = W (A x) + b = W' (A' x) + b  with  W' = W A A'^-1 (A, A' symmetric)
+    weight.copy_(torch.linalg.solve(new.double(), (weight.double() @ old.double()).T).T.to(weight.dtype))
+    old.copy_(new)

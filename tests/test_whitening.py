@@ -1,0 +1,101 @@
+"""The head's input whitening (model.classifier_whitening): the matrix, where its images come from
+(never a hospital's patches), that a refresh leaves the model's function unchanged, and that every
+trainer refreshes it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from common.model import ModelConfig, build_model
+from common.model.unified import UnifiedViTGAN
+from common.train.config import TrainConfig
+from common.train.engine import LocalTrainer
+from common.train.whitening import WhiteningConfig, refresh_whitening, whitening_matrix
+
+SMALL = WhiteningConfig(images=64, shrinkage=0.01, seed=0)
+
+
+def _model(tiny_cfg: ModelConfig, **extra: object) -> UnifiedViTGAN:
+    cfg = dataclasses.replace(tiny_cfg, classifier_whitening=True, classifier_grid=1, **extra)
+    return build_model(cfg, 3, seed=0)
+
+
+def test_the_matrix_whitens_correlated_features_and_keeps_their_mean_norm() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=generator) * torch.tensor([10.0, 3.0, 1.0, 0.5, 0.2, 0.1])
+    features = torch.randn(4000, 6, generator=generator, dtype=torch.float64) @ mixing.double().T + 5.0
+    matrix = whitening_matrix(features, shrinkage=1e-6).double()
+    assert torch.allclose(matrix, matrix.T, atol=1e-6)
+    centred = features - features.mean(0)
+    whitened = centred @ matrix
+    covariance = whitened.T @ whitened / len(whitened)
+    # equal variance in every direction (a multiple of the identity), where the raw spread is 100:0.01
+    assert torch.allclose(covariance / covariance.diagonal().mean(), torch.eye(6, dtype=torch.float64), atol=0.05)
+    assert whitened.norm(dim=1).mean() == pytest.approx(float(centred.norm(dim=1).mean()), rel=1e-4)
+    # the floor bounds the gain of the weakest directions: at most sqrt((1 + s) / s) times the strongest's
+    floored = whitening_matrix(features, shrinkage=0.5).double()
+    assert float(torch.linalg.cond(floored)) <= 3 ** 0.5 + 1e-6 and float(torch.linalg.cond(matrix)) > 50
+    with pytest.raises(ValueError, match="do not vary"):
+        whitening_matrix(torch.ones(10, 6), shrinkage=0.01)
+
+
+def test_a_refresh_keeps_the_model_s_function_and_every_hospital_computes_the_same_matrix(tiny_cfg: ModelConfig) -> None:
+    model = _model(tiny_cfg)
+    assert torch.equal(model.classifier.input_whitening, torch.eye(model.cfg.classifier_features))
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        before = model.classifier(model.discriminator.trunk(images))
+    for from_generator in (True, False, True):
+        refresh_whitening(model, from_generator, SMALL)
+        with torch.no_grad():
+            after = model.classifier(model.discriminator.trunk(images))
+        assert torch.allclose(after, before, atol=1e-4)
+    assert not torch.allclose(model.classifier.input_whitening, torch.eye(model.cfg.classifier_features), atol=0.1)
+    other = _model(tiny_cfg)  # another hospital holding the same global model
+    refresh_whitening(other, True, SMALL)
+    assert torch.equal(other.classifier.input_whitening, model.classifier.input_whitening)
+
+
+def test_the_unified_model_whitens_by_its_generator_s_images_the_plain_one_by_public_images(tiny_cfg: ModelConfig) -> None:
+    def matrices(model: UnifiedViTGAN) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for from_generator in (True, False):
+            model.classifier.input_whitening.copy_(torch.eye(model.cfg.classifier_features))
+            refresh_whitening(model, from_generator, SMALL)
+            out.append(model.classifier.input_whitening.clone())
+        return out[0], out[1]
+
+    model = _model(tiny_cfg)
+    generated, public = matrices(model)
+    with torch.no_grad():  # another generator, the same trunk
+        for p in model.generator.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    generated_after, public_after = matrices(model)
+    assert not torch.allclose(generated, generated_after, atol=1e-3)
+    assert torch.equal(public, public_after)
+
+
+def test_every_trainer_refreshes_the_whitening_and_a_model_without_the_switch_has_none(tiny_cfg: ModelConfig) -> None:
+    plain = build_model(tiny_cfg, 3, seed=0)
+    assert not any("whitening" in k for k in plain.state_dict())
+    cfg = dataclasses.replace(TrainConfig(), whitening=SMALL)
+    model = _model(tiny_cfg)
+    LocalTrainer(model, cfg, seed=0)
+    unified = model.classifier.input_whitening.clone()
+    assert not torch.allclose(unified, torch.eye(model.cfg.classifier_features), atol=0.1)
+    supervised = _model(tiny_cfg)
+    LocalTrainer(supervised, dataclasses.replace(cfg, method="supervised"), seed=0)
+    reference = _model(tiny_cfg)
+    refresh_whitening(reference, False, SMALL)
+    assert torch.equal(supervised.classifier.input_whitening, reference.classifier.input_whitening)
+    assert not torch.allclose(supervised.classifier.input_whitening, unified, atol=1e-3)
+
+
+def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
+    with pytest.raises(ValueError, match="shrinkage"):
+        WhiteningConfig(images=64, shrinkage=0.0, seed=0)
+    with pytest.raises(ValueError, match="images"):
+        WhiteningConfig(images=1, shrinkage=0.01, seed=0)
