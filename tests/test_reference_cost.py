@@ -63,6 +63,16 @@ def test_a_run_from_the_trunk_prior_is_quoted_its_own_recipe_never_the_one_from_
     assert Recipe.of_run(run) == grid
     del run["model"]["classifier_grid"]  # a run recorded before the key: the CLS head
     assert Recipe.of_run(run) == recipe
+    # a whitened head is its own recipe: the centred one's rows do not stand in for it
+    centred = Recipe("supervised", "discriminator", trunk_prior=True, freeze_trunk=True, classifier_grid=2,
+                     classifier_centre=True)
+    whitened = dataclasses.replace(centred, classifier_whitening=True)
+    rows = [ReferenceCost(**dataclasses.asdict(centred), epsilon=8.0, accuracy=0.7, accuracy_without_dp=0.6, seeds=3)]
+    assert nearest_cost(rows, centred, 8.0) == rows[0] and nearest_cost(rows, whitened, 8.0) is None
+    assert "whitened by free images (model.classifier_whitening)" in cost_statement({"source": "s", "rows": rows},
+                                                                                    whitened, 8.0)
+    run["model"].update(classifier_grid=2, classifier_centre=True, classifier_whitening=True)
+    assert Recipe.of_run(run) == whitened
 
 
 def test_a_run_far_from_every_measured_epsilon_is_quoted_no_cost() -> None:

@@ -35,6 +35,7 @@ class Recipe:
     freeze_trunk: bool = False
     classifier_grid: int = 0
     classifier_centre: bool = False
+    classifier_whitening: bool = False
 
     def describe(self) -> str:
         text = f"train.method={self.method} with privacy.scope={self.scope}"
@@ -46,6 +47,8 @@ class Recipe:
             text += f" (model.classifier_grid={self.classifier_grid})"
         if self.classifier_centre:
             text += ", the head's input centred by the hospitals' released mean (model.classifier_centre)"
+        if self.classifier_whitening:
+            text += ", whitened by free images (model.classifier_whitening)"
         return text
 
     @classmethod
@@ -56,7 +59,8 @@ class Recipe:
         return cls(method=str((run.get("train") or {}).get("method", "unified")), scope=str(privacy["scope"]),
                    trunk_prior=bool(model.get("trunk_prior")), freeze_trunk=bool(privacy.get("freeze_trunk", False)),
                    classifier_grid=int(model.get("classifier_grid") or 0),
-                   classifier_centre=bool(model.get("classifier_centre", False)))
+                   classifier_centre=bool(model.get("classifier_centre", False)),
+                   classifier_whitening=bool(model.get("classifier_whitening", False)))
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,12 @@ class ReferenceCost:
     freeze_trunk: bool = False  # privacy.freeze_trunk: the trunk stayed at its initial weights under DP
     classifier_grid: int = 0  # model.classifier_grid (rows recorded before it: 0)
     classifier_centre: bool = False  # model.classifier_centre (rows recorded before it: false)
+    classifier_whitening: bool = False  # model.classifier_whitening (rows recorded before it: false)
 
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid,
-                      self.classifier_centre)
+                      self.classifier_centre, self.classifier_whitening)
 
     @property
     def cost_points(self) -> float:
