@@ -69,6 +69,9 @@ def test_a_run_from_the_trunk_prior_is_quoted_its_own_recipe_never_the_one_from_
     whitened = dataclasses.replace(centred, classifier_whitening=True)
     rows = [ReferenceCost(**dataclasses.asdict(centred), epsilon=8.0, accuracy=0.7, accuracy_without_dp=0.6, seeds=3)]
     assert nearest_cost(rows, centred, 8.0) == rows[0] and nearest_cost(rows, whitened, 8.0) is None
+    rows.append(ReferenceCost(**dataclasses.asdict(whitened), epsilon=8.0, accuracy=0.8, accuracy_without_dp=0.6,
+                              seeds=3))
+    assert nearest_cost(rows, whitened, 8.0) == rows[1] and nearest_cost(rows, centred, 8.0) == rows[0]
     assert "whitened by free images (model.classifier_whitening)" in cost_statement({"source": "s", "rows": rows},
                                                                                     whitened, 8.0)
     run["model"].update(classifier_grid=2, classifier_centre=True, classifier_whitening=True)

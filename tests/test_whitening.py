@@ -5,15 +5,22 @@ trainer refreshes it."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from common.config import dataclass_from_mapping
+from common.data.synthetic import CLASS_NAMES
 from common.model import ModelConfig, build_model
 from common.model.unified import UnifiedViTGAN
+from common.privacy.ledger import CENTRE, PrivacyLedger
 from common.train.config import TrainConfig
 from common.train.engine import LocalTrainer
 from common.train.whitening import WhiteningConfig, refresh_whitening, whitening_matrix
+from tests.test_privacy_federation import K, _run
 
 SMALL = WhiteningConfig(images=64, shrinkage=0.01, seed=0)
 
@@ -99,3 +106,29 @@ def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
         WhiteningConfig(images=64, shrinkage=0.0, seed=0)
     with pytest.raises(ValueError, match="images"):
         WhiteningConfig(images=1, shrinkage=0.01, seed=0)
+
+
+def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_path: Path) -> None:
+    _, summary = _run(tmp_path, ["federation.num_sites=2", "federation.rounds=2", "privacy.noise_multiplier=1.3",
+                                 "model.classifier_centre=true", "model.classifier_grid=1", "privacy.scope=discriminator",
+                                 "privacy.freeze_trunk=true", "model.classifier_whitening=true",
+                                 "train.whitening.images=64"])
+    for site in ("site-0", "site-1"):
+        content = PrivacyLedger.in_folder(tmp_path / "sites" / site).load()
+        (attempts,) = content.attempts.values()
+        # the releases of a centred run and nothing else: the whitening reads no patch
+        assert [(a.kind, a.round, a.steps) for a in attempts] == [
+            ("counts", 1, 1), (CENTRE, 1, 1), ("sgd", 1, K), ("sgd", 2, K)]
+    final = load_file(str(tmp_path / "checkpoints" / "round-0002.safetensors"))
+    whitening = final["classifier.input_whitening"]
+    assert torch.isfinite(whitening).all()
+    assert not torch.allclose(whitening, torch.eye(len(whitening)), atol=0.1)
+    # every hospital computed the same matrix from the round-1 global model, so their average is that matrix
+    run = json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())
+    model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(CLASS_NAMES), seed=0)
+    model.load_state_dict(load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors")))
+    refresh_whitening(model, True, WhiteningConfig(images=64, shrinkage=0.01, seed=0))
+    assert torch.allclose(model.classifier.input_whitening, whitening, atol=1e-5)
+    report = (tmp_path / "privacy" / "report.md").read_text()
+    assert "| head input whitening | from 64 images of the received global generator" in report
+    assert "spends no budget" in report

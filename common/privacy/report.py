@@ -35,6 +35,7 @@ from common.privacy.config import PrivacyConfig, privacy_config
 from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
 from common.privacy.reference_cost import Recipe, cost_statement, load_reference
 from common.privacy.scopes import SCOPES
+from common.train.methods import training_method
 
 RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded afresh from the "
               "OS's CSPRNG for every training attempt, never stored nor sent, so a repeated round never repeats a draw; "
@@ -63,6 +64,20 @@ def _centre_release(metrics: dict[str, Any], cfg: PrivacyConfig, config: dict[st
     radius = centre_radius(cfg, dataclass_from_mapping(ModelConfig, model, "model").classifier_features)
     return {"mechanism": CENTRE_MECHANISM, "released": sigma is not None, "noise_multiplier": sigma,
             "radius": radius, "noise_std": None if sigma is None else sigma * radius}
+
+
+def _whitening(config: dict[str, Any]) -> str | None:
+    """Where the head's whitening came from (None: model.classifier_whitening is off): no budget is spent on it."""
+    if not (config.get("model") or {}).get("classifier_whitening"):
+        return None
+    train = config.get("train") or {}
+    images = int((train.get("whitening") or {}).get("images", 0))
+    if training_method(str(train.get("method", "unified"))).trains_generator:
+        return (f"from {images} images of the received global generator, drawn at the hospital with a public seed "
+                "each round: the generator learns from real patches only through the private discriminator, so this "
+                "is post-processing of DP outputs and spends no budget")
+    return (f"from {images} random-process images (public, no patient data) each round: no patient data, no budget "
+            "spent")
 
 
 def _finite(value: Any) -> float | None:
@@ -137,6 +152,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "sampling": SAMPLING,
         "count_release": _count_release(latest),
         "centre_release": _centre_release(latest, cfg, config),
+        "head_whitening": _whitening(config),
         **_coverage(cfg),
         **_budget(latest, trained, stopped),
         "lifetime": lifetime,
@@ -297,6 +313,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"| neighbouring relation | {site['neighbouring_relation']} |",
                   f"| count release | {_count_text(site['count_release'])} |",
                   *([f"| head centre release | {_centre_text(site['centre_release'])} |"] if site.get("centre_release") else []),
+                  *([f"| head input whitening | {site['head_whitening']} |"] if site.get("head_whitening") else []),
                   f"| sampling | {site['sampling']} |",
                   f"| budget stop triggered | {_budget_stop_text(site)} |",
                   ""]
