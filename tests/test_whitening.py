@@ -17,6 +17,7 @@ from common.data.synthetic import CLASS_NAMES
 from common.model import ModelConfig, build_model
 from common.model.unified import UnifiedViTGAN
 from common.privacy.ledger import CENTRE, PrivacyLedger
+from common.privacy.report import head_whitening_text
 from common.train.config import TrainConfig
 from common.train.engine import LocalTrainer
 from common.train.whitening import WhiteningConfig, refresh_whitening, whitening_matrix
@@ -132,3 +133,15 @@ def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_p
     report = (tmp_path / "privacy" / "report.md").read_text()
     assert "| head input whitening | from 64 images of the received global generator" in report
     assert "spends no budget" in report
+
+
+def test_the_report_says_the_matrix_is_free_only_where_the_generator_is_private() -> None:
+    def row(method: str, scope: str) -> str | None:
+        return head_whitening_text({"model": {"classifier_whitening": True}, "privacy": {"scope": scope},
+                           "train": {"method": method, "whitening": {"images": 1000}}})
+
+    assert "post-processing of DP outputs and spends no budget" in row("unified", "discriminator")
+    head_only = row("unified", "classifier")
+    assert "WITHOUT DP" in head_only and "spends no budget" not in head_only
+    assert "1000 random-process images" in row("supervised", "classifier")
+    assert head_whitening_text({"model": {}, "privacy": {"scope": "discriminator"}}) is None

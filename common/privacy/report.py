@@ -66,15 +66,18 @@ def _centre_release(metrics: dict[str, Any], cfg: PrivacyConfig, config: dict[st
             "radius": radius, "noise_std": None if sigma is None else sigma * radius}
 
 
-def _whitening(config: dict[str, Any]) -> str | None:
+def head_whitening_text(config: dict[str, Any]) -> str | None:
     """Where the head's whitening came from (None: model.classifier_whitening is off): no budget is spent on it."""
     if not (config.get("model") or {}).get("classifier_whitening"):
         return None
     train = config.get("train") or {}
     images = int((train.get("whitening") or {}).get("images", 0))
     if training_method(str(train.get("method", "unified"))).trains_generator:
-        return (f"from {images} images of the received global generator, drawn at the hospital with a public seed "
-                "each round: the generator learns from real patches only through the private discriminator, so this "
+        drawn = f"from {images} images of the received global generator, drawn at the hospital with a public seed each round"
+        if (config.get("privacy") or {}).get("scope") != "discriminator":
+            return (f"{drawn}: in this scope the generator learns from real patches WITHOUT DP (through the "
+                    "discriminator trunk, not covered), so the matrix is no more private than the generator")
+        return (f"{drawn}: the generator learns from real patches only through the private discriminator, so this "
                 "is post-processing of DP outputs and spends no budget")
     return (f"from {images} random-process images (public, no patient data) each round: no patient data, no budget "
             "spent")
@@ -152,7 +155,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "sampling": SAMPLING,
         "count_release": _count_release(latest),
         "centre_release": _centre_release(latest, cfg, config),
-        "head_whitening": _whitening(config),
+        "head_whitening": head_whitening_text(config),
         **_coverage(cfg),
         **_budget(latest, trained, stopped),
         "lifetime": lifetime,
