@@ -31,6 +31,7 @@ from common.privacy.budget import (
     attempts_from_json,
     attempts_to_json,
     private_train_config,
+    releases_before_training,
     shared_train_metrics,
 )
 from common.privacy.centre import centre_entry, centre_pending, centre_radius, clipped_feature_sum, noisy_centre, set_centre
@@ -82,7 +83,7 @@ class PrivateRound:
                 metrics[protocol.DP_WOULD_BE_EPSILON] = stop.check.would_be_epsilon
             raise RoundEnds(_budget_exhausted(local, stop.check.message, metrics)) from None
         plan = build_plan(pcfg, counts.examples, counts.labelled, train.batch_size, train.local_steps,
-                          local.config.federation.rounds, max_epsilon, before=(centre_entry(pcfg),) if centred else ())
+                          local.config.federation.rounds, max_epsilon, before=releases_before_training(pcfg, centred))
         check_derived_noise(plan.noise_multiplier, pcfg, policy)
         plan = dataclasses.replace(plan, delta=judged_delta(plan.delta, counts.examples, policy))
         privacy.plan, privacy.budget_source = plan, source

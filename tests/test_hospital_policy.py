@@ -123,6 +123,20 @@ def test_a_stricter_scope_and_a_derived_noise_below_the_floor_are_refused(tmp_pa
     _assert_refused(_train(floor, weak_centre), "privacy.centre_noise_multiplier", tmp_path)
 
 
+def test_a_derived_noise_keeps_the_runs_epsilon_within_the_target_count_release_included(tmp_path: Path) -> None:
+    """privacy.target_epsilon is this run's epsilon: the count release the first round makes is part
+    of it, so the noise derived for the planned steps leaves room for it (one round planned here)."""
+    run = _run(tmp_path, ["federation.rounds=1", "privacy.noise_multiplier=null", "privacy.target_epsilon=3"])
+    reply = _train(_hospital(tmp_path), run)
+    assert _site(reply)[protocol.STATUS] == "ok", dict(_site(reply))
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert int(metrics[protocol.DP_STEPS_TOTAL]) == 2 and float(metrics[protocol.DP_COUNT_NOISE_STD]) == 10.0
+    assert 2.97 <= float(metrics[protocol.DP_EPSILON]) <= 3.0
+    dp_alone = [(float(metrics[protocol.DP_NOISE_MULTIPLIER]), float(metrics[protocol.DP_SAMPLE_RATE]), 2)]
+    # the count release's share is left out of the DP-SGD steps' epsilon
+    assert epsilon(dp_alone, float(metrics[protocol.DP_DELTA]), "rdp") < float(metrics[protocol.DP_EPSILON]) - 0.03
+
+
 def test_privacy_required_without_a_scope_means_the_whole_discriminator(tmp_path: Path) -> None:
     required = _hospital(tmp_path, **{"privacy-required": True})
     reply = _train(required, _run(tmp_path, ["privacy.scope=classifier", "privacy.noise_multiplier=1.0"]))

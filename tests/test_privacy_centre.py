@@ -94,7 +94,7 @@ def test_target_epsilon_is_met_with_the_centre_release_included() -> None:
     assert epsilon([centre_entry(cfg), (alone.noise_multiplier, alone.sample_rate, 500)], alone.delta, "rdp") > 3.0
     # A budget the centre's release alone would spend is refused with the key to change, not searched forever.
     strict = dataclasses.replace(cfg, target_epsilon=1.0)
-    with pytest.raises(ConfigError, match=r"centre's release alone \(privacy.centre_noise_multiplier=4\) costs epsilon"):
+    with pytest.raises(ConfigError, match=r"before DP-SGD alone .*centre_noise_multiplier=4, where there is one\) cost epsilon"):
         build_plan(strict, 1000, 1000, 32, 50, 10, before=(centre_entry(strict),))
     loose = dataclasses.replace(strict, centre_noise_multiplier=12.0)
     plan = build_plan(loose, 1000, 1000, 32, 50, 10, before=(centre_entry(loose),))

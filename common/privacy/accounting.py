@@ -215,6 +215,11 @@ def counts_noise_multiplier(noise_std: float) -> float:
     return float(noise_std) / math.sqrt(2.0)
 
 
+def counts_entry(noise_std: float) -> tuple[float, float, int]:
+    """The count release's accountant history entry: one Gaussian step at sample rate 1."""
+    return (counts_noise_multiplier(noise_std), 1.0, 1)
+
+
 def noisy_counts(examples: int, labelled: int, noise_std: float, generator: torch.Generator) -> tuple[int, int]:
     """(n~, l~): the counts plus N(0, s^2) each, rounded and clamped to 1 <= n~ and 0 <= l~ <= n~
     (post-processing: the clamps use nothing but the noisy values)."""
@@ -265,7 +270,7 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
                before: History = ()) -> PrivacyPlan:
     """The plan for a hospital whose released counts are ``num_examples`` and ``num_labelled``;
     ``before``: the releases the run makes besides its DP-SGD steps that target_epsilon includes
-    (the head centre's).
+    (the count release and, with model.classifier_centre, the head centre's).
 
     Pass the noisy released counts, never the exact ones (the guarantee depends on it).
     ``max_epsilon`` (when given) replaces ``cfg.max_epsilon`` (a hospital's stricter budget).
@@ -287,10 +292,11 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         assert cfg.target_epsilon is not None
         if before and epsilon(list(before), delta, cfg.accountant) >= float(cfg.target_epsilon):
             raise ConfigError(
-                f"privacy.target_epsilon={cfg.target_epsilon:g}: the head centre's release alone "
-                f"(privacy.centre_noise_multiplier={cfg.centre_noise_multiplier:g}) costs epsilon "
+                f"privacy.target_epsilon={cfg.target_epsilon:g}: the releases before DP-SGD alone (the count "
+                f"release, privacy.count_noise_std={cfg.count_noise_std:g}, and the head centre's, "
+                f"privacy.centre_noise_multiplier={cfg.centre_noise_multiplier:g}, where there is one) cost epsilon "
                 f"{epsilon(list(before), delta, cfg.accountant):.3g} at delta {delta:.3g}, leaving nothing for DP-SGD; "
-                f"raise privacy.centre_noise_multiplier (12 at epsilon 1: docs/privacy.md) or the target")
+                f"raise their noise (centre: 12 at epsilon 1, docs/privacy.md) or the target")
         sigma = noise_for_target(float(cfg.target_epsilon), delta, q, int(planned_rounds) * int(steps_per_round),
                                  cfg.accountant, tuple(before))
     if not (math.isfinite(sigma) and sigma > 0):

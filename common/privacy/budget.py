@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import torch
 
 from common import protocol
-from common.privacy.accounting import History, PrivacyPlan, counts_noise_multiplier, epsilon, noisy_counts
+from common.privacy.accounting import History, PrivacyPlan, counts_entry, counts_noise_multiplier, epsilon, noisy_counts
+from common.privacy.centre import centre_entry
 from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import (
     CENTRE,
@@ -76,6 +77,14 @@ def shared_train_metrics(flat: dict[str, float], cfg: PrivacyConfig) -> dict[str
     if not cfg.enabled or cfg.scope != "discriminator":
         return flat
     return {k: v for k, v in flat.items() if k not in REAL_DATA_METRICS}
+
+
+def releases_before_training(cfg: PrivacyConfig, centred: bool) -> History:
+    """The releases a run makes besides its DP-SGD steps, which ``privacy.target_epsilon`` includes
+    when it derives the noise: the count release and, with ``model.classifier_centre``, the head
+    centre's. The count release counts even in a run that reuses counts released before: the plan
+    is then the same in every run and round, and this run's epsilon can only fall short of the target."""
+    return (counts_entry(cfg.count_noise_std), *((centre_entry(cfg),) if centred else ()))
 
 
 @dataclass
@@ -204,7 +213,7 @@ class SitePrivacy:
         before, or no budget is set.)"""
         if self.counts is not None or max_epsilon is None:
             return BudgetCheck(False, None)
-        entry = (counts_noise_multiplier(cfg.count_noise_std), 1.0, 1)
+        entry = counts_entry(cfg.count_noise_std)
         lifetime = history_of(self.lifetime)
         would_be = epsilon([*lifetime, entry], delta, cfg.accountant)
         if would_be <= max_epsilon:
