@@ -100,6 +100,10 @@ def test_every_trainer_refreshes_the_whitening_and_a_model_without_the_switch_ha
     refresh_whitening(reference, False, SMALL)
     assert torch.equal(supervised.classifier.input_whitening, reference.classifier.input_whitening)
     assert not torch.allclose(supervised.classifier.input_whitening, unified, atol=1e-3)
+    # train.whitening.source=random_process: the unified model whitens by the public images too.
+    public = _model(tiny_cfg)
+    LocalTrainer(public, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="random_process")), seed=0)
+    assert torch.equal(public.classifier.input_whitening, reference.classifier.input_whitening)
 
 
 def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
@@ -107,6 +111,12 @@ def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
         WhiteningConfig(images=64, shrinkage=0.0, seed=0)
     with pytest.raises(ValueError, match="images"):
         WhiteningConfig(images=1, shrinkage=0.01, seed=0)
+    with pytest.raises(ValueError, match="source must be one of"):
+        WhiteningConfig(images=64, shrinkage=0.01, seed=0, source="real")
+    generator = WhiteningConfig(images=64, shrinkage=0.01, seed=0, source="generator")
+    with pytest.raises(ValueError, match="source=generator needs a train.method that trains the generator"):
+        generator.from_generator(trains_generator=False)
+    assert generator.from_generator(True) and not dataclasses.replace(generator, source="random_process").from_generator(True)
 
 
 def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_path: Path) -> None:
@@ -144,4 +154,7 @@ def test_the_report_says_the_matrix_is_free_only_where_the_generator_is_private(
     head_only = row("unified", "classifier")
     assert "WITHOUT DP" in head_only and "spends no budget" not in head_only
     assert "1000 random-process images" in row("supervised", "classifier")
+    public = head_whitening_text({"model": {"classifier_whitening": True}, "privacy": {"scope": "classifier"},
+                                  "train": {"method": "unified", "whitening": {"images": 1000, "source": "random_process"}}})
+    assert "1000 random-process images" in public and "WITHOUT DP" not in public
     assert head_whitening_text({"model": {}, "privacy": {"scope": "discriminator"}}) is None

@@ -71,8 +71,10 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
     if not (config.get("model") or {}).get("classifier_whitening"):
         return None
     train = config.get("train") or {}
-    images = int((train.get("whitening") or {}).get("images", 0))
-    if training_method(str(train.get("method", "unified"))).trains_generator:
+    whitening = train.get("whitening") or {}
+    images, source = int(whitening.get("images", 0)), str(whitening.get("source", "auto"))
+    trains_generator = training_method(str(train.get("method", "unified"))).trains_generator
+    if source == "generator" or (source == "auto" and trains_generator):
         drawn = f"from {images} images of the received global generator, drawn at the hospital with a public seed each round"
         if (config.get("privacy") or {}).get("scope") != "discriminator":
             return (f"{drawn}: in this scope the generator learns from real patches WITHOUT DP (through the "

@@ -15,6 +15,8 @@ patches:
 - otherwise (the plain classifier has no trained generator): random-process images, the public
   images the trunk prior learnt from (common/model/prior/random_images.py).
 
+``train.whitening.source`` (auto, the rule above, by default) picks one of the two whatever the method.
+
 The matrix is refreshed each time a trainer is built (every federated round; once in a centralised
 run), from ``train.whitening.seed``: every hospital holding the same global model computes the same
 matrix, so FedAvg averages heads expressed in the same coordinates. The head's weight is rewritten
@@ -35,6 +37,11 @@ if TYPE_CHECKING:
     from common.model.unified import UnifiedViTGAN
 
 
+#: ``train.whitening.source``: auto (the generator's images when the training method trains it,
+#: random-process images otherwise), or one of the two whatever the method.
+WHITENING_SOURCES = ("auto", "generator", "random_process")
+
+
 @dataclass(frozen=True)
 @defaults_from_conf("train/default.yaml", "whitening")
 class WhiteningConfig:
@@ -43,12 +50,24 @@ class WhiteningConfig:
     images: int  # free images per refresh
     shrinkage: float  # eigenvalue floor, a fraction of the largest eigenvalue
     seed: int  # of the free images: public randomness, the same at every hospital
+    source: str  # auto | generator | random_process (see WHITENING_SOURCES)
 
     def __post_init__(self) -> None:
+        if self.source not in WHITENING_SOURCES:
+            raise ValueError(f"train.whitening.source must be one of {WHITENING_SOURCES}, got {self.source!r}")
         if self.images < 2:
             raise ValueError(f"train.whitening.images must be >= 2, got {self.images}")
         if not 0.0 < float(self.shrinkage) <= 1.0:
             raise ValueError(f"train.whitening.shrinkage must be in (0, 1], got {self.shrinkage}")
+
+
+    def from_generator(self, trains_generator: bool) -> bool:
+        """Whether the free images are the generator's (``source``; ``auto``: when the training method
+        trains one). A generator that is never trained has nothing to give: refused."""
+        if self.source == "generator" and not trains_generator:
+            raise ValueError("train.whitening.source=generator needs a train.method that trains the generator "
+                             "(an untrained generator's images carry nothing): use auto or random_process")
+        return self.source == "generator" or (self.source == "auto" and trains_generator)
 
 
 def free_images(model: UnifiedViTGAN, from_generator: bool, count: int, generator: torch.Generator,
