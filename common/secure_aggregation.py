@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from common.config import dataclass_from_mapping
+from common.model import is_derived_state
 
 #: ``federation.secure_aggregation`` values.
 MODES = ("none", "secaggplus")
@@ -130,12 +131,18 @@ def neighbour_count(num_shares: int, hospitals: int) -> int:
 
 
 def clip_update(update: Mapping[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], bool]:
-    """``update`` (float64) scaled so its L2 norm over every key is at most ``bound``; whether it was."""
-    norm = math.sqrt(sum(float(np.sum(np.square(v))) for v in update.values()))
-    if norm <= bound:
-        return dict(update), False
-    scale = bound / norm
-    return {k: v * scale for k, v in update.items()}, True
+    """``update`` (float64) scaled so that its L2 norm is at most ``bound``, over the learnt weights
+    and over the derived buffers (``common.model.DERIVED_STATE``) apart: the whitening's change,
+    the same at every hospital, must not shrink the learnt update; whether either part was clipped."""
+    clipped: dict[str, np.ndarray] = {}
+    was_clipped = False
+    for derived in (False, True):
+        part = {k: v for k, v in update.items() if is_derived_state(k) == derived}
+        norm = math.sqrt(sum(float(np.sum(np.square(v))) for v in part.values()))
+        scale = 1.0 if norm <= bound else bound / norm
+        was_clipped = was_clipped or scale < 1.0
+        clipped.update(part if scale == 1.0 else {k: v * scale for k, v in part.items()})
+    return {k: clipped[k] for k in update}, was_clipped
 
 
 @dataclass(frozen=True)

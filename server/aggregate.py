@@ -15,7 +15,9 @@ the group is local to the hospitals. A group's rule is one of
 Median and trimmed mean count every hospital once (weights only decide who takes part: a
 hospital whose weight for the group is 0 does not). Before any rule, ``clip_update_norm = k``
 clips each hospital's update (its group minus the current global group) to ``k`` times the median
-update norm of the round.
+update norm of the round: the learnt weights' part and the derived buffers' part
+(``common.model.DERIVED_STATE``, the head's centre and whitening, which every hospital derives alike)
+each against its own median.
 
 Memory. ``fedavg`` is a running weighted sum in float64, never a stack of the updates: over
 updates already in memory (the server's case: Flower hands it a round's replies together) one key
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common import protocol
+from common.model import is_derived_state
 from common.registry import Registry
 
 GroupArrays = Mapping[str, np.ndarray]
@@ -74,10 +77,18 @@ def _is_float(array: np.ndarray) -> bool:
 @dataclass(frozen=True)
 class Clipping:
     """Clipped updates without copies: update ``i`` stands for ``current + scales[i] * (x_i - current)``
-    in its floating-point entries (integer entries are never clipped)."""
+    in its floating-point learnt entries, and with ``derived_scales[i]`` in its derived buffers
+    (``common.model.DERIVED_STATE``; the learnt scale when None). Integer entries are never clipped."""
 
     current: GroupArrays
     scales: Sequence[float]
+    derived_scales: Sequence[float] | None = None
+
+    def scales_for(self, key: str) -> Sequence[float]:
+        """The per-update scales of ``key``."""
+        if self.derived_scales is not None and is_derived_state(key):
+            return self.derived_scales
+        return self.scales
 
 
 def _stack(updates: Sequence[GroupArrays], key: str, clipping: Clipping | None = None) -> np.ndarray:
@@ -85,7 +96,7 @@ def _stack(updates: Sequence[GroupArrays], key: str, clipping: Clipping | None =
     stacked = np.stack([np.asarray(u[key], dtype=np.float64) for u in updates])
     if clipping is not None and _is_float(np.asarray(clipping.current[key])):
         base = np.asarray(clipping.current[key], dtype=np.float64)
-        scales = np.asarray(clipping.scales, dtype=np.float64).reshape((-1,) + (1,) * base.ndim)
+        scales = np.asarray(clipping.scales_for(key), dtype=np.float64).reshape((-1,) + (1,) * base.ndim)
         stacked = base + scales * (stacked - base)
     return stacked
 
@@ -207,13 +218,13 @@ def weighted_mean(updates: Sequence[GroupArrays], weights: Sequence[float],
     """
     keys = _check_updates(updates)
     shares = [float(a) for a in _normalised(weights, len(updates))]
-    scales = [1.0] * len(updates) if clipping is None else [float(s) for s in clipping.scales]
-    towards_current = sum(a * (1.0 - s) for a, s in zip(shares, scales))
     scratch = np.empty(2 * max(np.asarray(updates[0][k]).size for k in keys), dtype=np.float64)
     out: dict[str, np.ndarray] = {}
     for key in keys:
         like = np.asarray(updates[0][key])
         floating = _is_float(like)
+        scales = [1.0] * len(updates) if clipping is None else [float(s) for s in clipping.scales_for(key)]
+        towards_current = sum(a * (1.0 - s) for a, s in zip(shares, scales))
         running = _KeySum(like.shape, scratch)
         for index, (update, share, scale) in enumerate(zip(updates, shares, scales)):
             value = _checked(update, key, like.shape, index)
@@ -286,24 +297,26 @@ def capped_shares(weights: Sequence[float], max_share: float = 1.0) -> np.ndarra
     return shares
 
 
-def update_norm(update: GroupArrays, current: GroupArrays) -> float:
-    """L2 norm of ``update - current`` over the group's floating-point entries (float64, one key at a time)."""
+def update_norm(update: GroupArrays, current: GroupArrays, derived: bool = False) -> float:
+    """L2 norm of ``update - current`` over the group's floating-point learnt entries (``derived``:
+    over its derived buffers instead, ``common.model.DERIVED_STATE``), float64, one key at a time."""
     total = 0.0
     for key, value in current.items():
         value = np.asarray(value)
-        if _is_float(value):
+        if _is_float(value) and is_derived_state(key) == derived:
             diff = np.subtract(update[key], value, dtype=np.float64).ravel()
             total += float(np.dot(diff, diff))
     return float(np.sqrt(total))
 
 
-def clip_scales(current: GroupArrays, updates: Sequence[GroupArrays], factor: float
+def clip_scales(current: GroupArrays, updates: Sequence[GroupArrays], factor: float, derived: bool = False
                 ) -> tuple[list[float], list[float], float]:
     """Per update, the factor that clips its difference from ``current`` to ``factor`` x the median
-    difference norm (1.0 for an update within it). Returns the scales, the norms and the threshold."""
+    difference norm (1.0 for an update within it), over the learnt entries (``derived``: over the
+    derived buffers). Returns the scales, the norms and the threshold."""
     if not factor > 0:
         raise ValueError(f"clip_update_norm must be > 0, got {factor}")
-    norms = [update_norm(u, current) for u in updates]
+    norms = [update_norm(u, current, derived) for u in updates]
     threshold = float(factor * np.median(norms))
     scales = [threshold / norm if norm > threshold else 1.0 for norm in norms]
     return scales, norms, threshold
@@ -318,12 +331,13 @@ def clip_updates(current: GroupArrays, updates: Sequence[GroupArrays], factor: f
     (counters) are left as they are.
     """
     scales, norms, threshold = clip_scales(current, updates, factor)
+    derived_scales, _, _ = clip_scales(current, updates, factor, derived=True)
     clipped: list[dict[str, np.ndarray]] = []
-    for update, scale in zip(updates, scales):
-        if scale == 1.0:
+    for update, scale, derived_scale in zip(updates, scales, derived_scales):
+        if scale == 1.0 and derived_scale == 1.0:
             clipped.append({k: np.asarray(v) for k, v in update.items()})
             continue
-        alone = Clipping(current, [scale])
+        alone = Clipping(current, [scale], [derived_scale])
         clipped.append({key: as_reference_dtype(_stack([update], key, alone)[0], np.asarray(value)) for key, value in update.items()})
     return clipped, norms, threshold
 
@@ -395,8 +409,10 @@ def aggregate_group(current: GroupArrays, updates: Sequence[GroupArrays], weight
     clipping: Clipping | None = None
     if policy.clip_update_norm is not None:
         scales, norms, threshold = clip_scales(current, chosen, policy.clip_update_norm)
-        clipping = Clipping(current, scales)
-        clipped = [members[j] for j, norm in enumerate(norms) if norm > threshold]
+        derived_scales, _, _ = clip_scales(current, chosen, policy.clip_update_norm, derived=True)
+        clipping = Clipping(current, scales, derived_scales)
+        clipped = [members[j] for j, (scale, derived) in enumerate(zip(scales, derived_scales))
+                   if scale < 1.0 or derived < 1.0]
     return RULES[policy.rule](RuleInputs(current, chosen, w[members], members, clipped, clipping, policy))
 
 

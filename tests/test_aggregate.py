@@ -174,6 +174,31 @@ def test_update_clipping_against_a_hand_computation() -> None:
     np.testing.assert_allclose(outcome.arrays["w"], [(3.0 + 0 + 0 + 4.2) / 4, (4.0 + 1 - 2 + 5.6) / 4], rtol=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["fedavg", "median"])
+def test_derived_buffers_are_clipped_apart_from_the_learnt_weights(rule: str) -> None:
+    """The head's whitening changes alike at every hospital. Counted with the weights, its large
+    change would set the threshold and hide a hospital whose learnt weights are 3.5 x the others';
+    apart, that hospital is clipped and the whitening, the same everywhere, is left as it was sent."""
+    current = {"classifier.w": np.zeros(2, np.float32), "classifier.input_whitening": np.eye(2, dtype=np.float32)}
+    whitening = np.array([[30.0, 0.0], [0.0, 40.0]], np.float32)  # a change of norm ~50 at every hospital
+    learnt = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, -1.0]), np.array([0.0, 3.5])]
+    updates = [{"classifier.w": w.astype(np.float32), "classifier.input_whitening": whitening} for w in learnt]
+    outcome = aggregate_group(current, updates, [1.0] * 4, GroupPolicy(rule=rule, clip_update_norm=3.0))
+    assert outcome.clipped == [3]  # 3.5 > 3 x the median learnt norm (1)
+    np.testing.assert_allclose(outcome.arrays["classifier.input_whitening"], whitening)
+    clipped, _, _ = clip_updates(current, updates, 3.0)
+    np.testing.assert_allclose(clipped[3]["classifier.w"], [0.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(clipped[3]["classifier.input_whitening"], whitening)
+    # An outlying whitening is clipped against the others' whitening, its learnt weights untouched.
+    odd = [*updates[:3], {"classifier.w": learnt[1].astype(np.float32),
+                          "classifier.input_whitening": np.eye(2, dtype=np.float32) + 10 * (whitening - np.eye(2))}]
+    clipped, _, _ = clip_updates(current, odd, 3.0)
+    np.testing.assert_allclose(clipped[3]["classifier.w"], learnt[1])
+    change = clipped[3]["classifier.input_whitening"] - np.eye(2)
+    assert np.linalg.norm(change) == pytest.approx(3.0 * np.linalg.norm(whitening - np.eye(2)), rel=1e-5)
+    assert aggregate_group(current, odd, [1.0] * 4, GroupPolicy(rule=rule, clip_update_norm=3.0)).clipped == [3]
+
+
 def test_median_and_trimmed_mean_leave_out_hospitals_with_zero_weight() -> None:
     current = {"w": np.zeros(1, np.float32)}
     updates = [{"w": np.array([v], np.float32)} for v in (1.0, 2.0, 100.0)]

@@ -30,7 +30,7 @@ from client.policy import Refusal, SitePolicy, check_secure_policy
 from common.config import ConfigError, compose_config, dataclass_from_mapping, plain_config
 from common.model import GROUPS
 from common.run_config import run_config
-from common.secure_aggregation import SecAggPlusConfig, VectorLayout
+from common.secure_aggregation import SecAggPlusConfig, VectorLayout, clip_update
 from server.federation import FederationFailed, run_federation
 from tests.fakes import InProcessGrid
 
@@ -192,6 +192,19 @@ def _initial_state(run: dict) -> dict[str, np.ndarray]:
     state = model.state_dict()
     assert all(torch.is_floating_point(v) for v in state.values())
     return {k: v.detach().double().numpy() for k, v in state.items()}
+
+
+def test_a_hospital_clips_its_learnt_update_and_its_derived_buffers_each_to_the_bound() -> None:
+    """The whitening's change (the same at every hospital) must not shrink the learnt update."""
+    update = {"classifier.w": np.array([3.0, 4.0]), "classifier.input_whitening": np.array([30.0, 40.0])}
+    clipped, was = clip_update(update, 5.0)
+    assert was and list(clipped) == list(update)
+    np.testing.assert_allclose(clipped["classifier.w"], [3.0, 4.0])  # within the bound on its own
+    np.testing.assert_allclose(clipped["classifier.input_whitening"], [3.0, 4.0])
+    small, was = clip_update({"classifier.w": np.array([0.3, 0.4]), "classifier.input_whitening": np.array([3.0, 4.0])}, 5.0)
+    assert not was and small["classifier.w"].tolist() == [0.3, 0.4]
+    learnt, was = clip_update({"discriminator.w": np.array([6.0, 8.0])}, 5.0)
+    assert was and learnt["discriminator.w"].tolist() == pytest.approx([3.0, 4.0])
 
 
 @pytest.mark.parametrize(("override", "named"), [

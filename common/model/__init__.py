@@ -2,6 +2,7 @@
 
 from common.model.config import ModelConfig, model_preset, preset_names
 from common.model.unified import (
+    DERIVED_STATE,
     GROUPS,
     DiscriminatorOutput,
     UnifiedViTGAN,
@@ -9,10 +10,12 @@ from common.model.unified import (
     group_entries,
     group_of,
     initial_model,
+    is_derived_state,
     split_groups,
 )
 
 __all__ = [
+    "DERIVED_STATE",
     "GROUPS",
     "DiscriminatorOutput",
     "ModelConfig",
@@ -21,6 +24,7 @@ __all__ = [
     "group_entries",
     "group_of",
     "initial_model",
+    "is_derived_state",
     "model_preset",
     "preset_names",
     "split_groups",

@@ -23,6 +23,19 @@ GROUPS: tuple[str, ...] = ("generator", "discriminator", "classifier")
 
 V = TypeVar("V")
 
+#: Buffers every hospital derives by a fixed rule instead of learning them: the head's released
+#: centre, its readiness flag and its input whitening. Their change in a round is (near) the same
+#: at every hospital, so update clipping bounds them apart from the learnt weights: counted with
+#: the weights they would set the clipping threshold and hide a learnt outlier, and a clipped
+#: hospital's whitening would be scaled with its weights.
+DERIVED_STATE: frozenset[str] = frozenset({"classifier.input_centre", "classifier.centre_ready",
+                                           "classifier.input_whitening"})
+
+
+def is_derived_state(key: str) -> bool:
+    """Whether a state-dict key is a derived buffer (``DERIVED_STATE``), not a learnt weight."""
+    return key in DERIVED_STATE
+
 
 def group_of(key: str) -> str:
     """The group of a state-dict key; raises KeyError for a key outside every group."""
