@@ -24,6 +24,7 @@ from common.train.whitening import WhiteningConfig, refresh_whitening, whitening
 from tests.test_privacy_federation import K, _run
 
 SMALL = WhiteningConfig(images=64, shrinkage=0.01, seed=0)
+GEN, PUBLIC = ("generator",), ("random_process",)
 
 
 def _model(tiny_cfg: ModelConfig, **extra: object) -> UnifiedViTGAN:
@@ -48,6 +49,12 @@ def test_the_matrix_whitens_correlated_features_and_keeps_their_mean_norm() -> N
     assert float(torch.linalg.cond(floored)) <= 3 ** 0.5 + 1e-6 and float(torch.linalg.cond(matrix)) > 50
     with pytest.raises(ValueError, match="do not vary"):
         whitening_matrix(torch.ones(10, 6), shrinkage=0.01)
+    # Several sets: each centred on its own mean and weighed at equal trace, so a set's overall
+    # scale or offset does not change the matrix, and a second set pulls it towards its own shape.
+    assert torch.allclose(whitening_matrix([features, 10 * features - 3.0], 1e-6).double(), matrix, atol=1e-4)
+    isotropic = torch.randn(4000, 6, generator=generator, dtype=torch.float64)
+    mixed = whitening_matrix([features, isotropic], 1e-6).double()
+    assert float(torch.linalg.cond(mixed)) < float(torch.linalg.cond(matrix)) / 5
 
 
 def test_a_refresh_keeps_the_model_s_function_and_every_hospital_computes_the_same_matrix(tiny_cfg: ModelConfig) -> None:
@@ -56,23 +63,23 @@ def test_a_refresh_keeps_the_model_s_function_and_every_hospital_computes_the_sa
     images = torch.rand(5, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         before = model.classifier(model.discriminator.trunk(images))
-    for from_generator in (True, False, True):
-        refresh_whitening(model, from_generator, SMALL)
+    for sources in (GEN, PUBLIC, GEN):
+        refresh_whitening(model, sources, SMALL)
         with torch.no_grad():
             after = model.classifier(model.discriminator.trunk(images))
         assert torch.allclose(after, before, atol=1e-4)
     assert not torch.allclose(model.classifier.input_whitening, torch.eye(model.cfg.classifier_features), atol=0.1)
     other = _model(tiny_cfg)  # another hospital holding the same global model
-    refresh_whitening(other, True, SMALL)
+    refresh_whitening(other, GEN, SMALL)
     assert torch.equal(other.classifier.input_whitening, model.classifier.input_whitening)
 
 
 def test_the_unified_model_whitens_by_its_generator_s_images_the_plain_one_by_public_images(tiny_cfg: ModelConfig) -> None:
     def matrices(model: UnifiedViTGAN) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
-        for from_generator in (True, False):
+        for sources in (GEN, PUBLIC):
             model.classifier.input_whitening.copy_(torch.eye(model.cfg.classifier_features))
-            refresh_whitening(model, from_generator, SMALL)
+            refresh_whitening(model, sources, SMALL)
             out.append(model.classifier.input_whitening.clone())
         return out[0], out[1]
 
@@ -97,13 +104,21 @@ def test_every_trainer_refreshes_the_whitening_and_a_model_without_the_switch_ha
     supervised = _model(tiny_cfg)
     LocalTrainer(supervised, dataclasses.replace(cfg, method="supervised"), seed=0)
     reference = _model(tiny_cfg)
-    refresh_whitening(reference, False, SMALL)
+    refresh_whitening(reference, PUBLIC, SMALL)
     assert torch.equal(supervised.classifier.input_whitening, reference.classifier.input_whitening)
     assert not torch.allclose(supervised.classifier.input_whitening, unified, atol=1e-3)
     # train.whitening.source=random_process: the unified model whitens by the public images too.
     public = _model(tiny_cfg)
     LocalTrainer(public, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="random_process")), seed=0)
     assert torch.equal(public.classifier.input_whitening, reference.classifier.input_whitening)
+    # source=mixed: half the generator's images, half random-process ones.
+    mixed = _model(tiny_cfg)
+    LocalTrainer(mixed, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="mixed")), seed=0)
+    both = _model(tiny_cfg)
+    refresh_whitening(both, (*GEN, *PUBLIC), SMALL)
+    assert torch.equal(mixed.classifier.input_whitening, both.classifier.input_whitening)
+    assert not torch.allclose(both.classifier.input_whitening, unified, atol=1e-3)
+    assert not torch.allclose(both.classifier.input_whitening, reference.classifier.input_whitening, atol=1e-3)
 
 
 def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
@@ -114,9 +129,13 @@ def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
     with pytest.raises(ValueError, match="source must be one of"):
         WhiteningConfig(images=64, shrinkage=0.01, seed=0, source="real")
     generator = WhiteningConfig(images=64, shrinkage=0.01, seed=0, source="generator")
-    with pytest.raises(ValueError, match="source=generator needs a train.method that trains the generator"):
-        generator.from_generator(trains_generator=False)
-    assert generator.from_generator(True) and not dataclasses.replace(generator, source="random_process").from_generator(True)
+    for source in ("generator", "mixed"):
+        with pytest.raises(ValueError, match=f"source={source} needs a train.method that trains the generator"):
+            dataclasses.replace(generator, source=source).sources(trains_generator=False)
+    assert generator.sources(True) == GEN and dataclasses.replace(generator, source="random_process").sources(True) == PUBLIC
+    assert dataclasses.replace(generator, source="mixed").sources(True) == (*GEN, *PUBLIC)
+    assert dataclasses.replace(generator, source="auto").sources(True) == GEN
+    assert dataclasses.replace(generator, source="auto").sources(False) == PUBLIC
 
 
 def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_path: Path) -> None:
@@ -138,7 +157,7 @@ def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_p
     run = json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(CLASS_NAMES), seed=0)
     model.load_state_dict(load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors")))
-    refresh_whitening(model, True, WhiteningConfig(images=64, shrinkage=0.01, seed=0))
+    refresh_whitening(model, GEN, WhiteningConfig(images=64, shrinkage=0.01, seed=0))
     assert torch.allclose(model.classifier.input_whitening, whitening, atol=1e-5)
     report = (tmp_path / "privacy" / "report.md").read_text()
     assert "| head input whitening | from 64 images of the received global generator" in report
@@ -157,4 +176,8 @@ def test_the_report_says_the_matrix_is_free_only_where_the_generator_is_private(
     public = head_whitening_text({"model": {"classifier_whitening": True}, "privacy": {"scope": "classifier"},
                                   "train": {"method": "unified", "whitening": {"images": 1000, "source": "random_process"}}})
     assert "1000 random-process images" in public and "WITHOUT DP" not in public
+    mixed = head_whitening_text({"model": {"classifier_whitening": True}, "privacy": {"scope": "discriminator"},
+                                 "train": {"method": "unified", "whitening": {"images": 1000, "source": "mixed"}}})
+    assert "500 images of the received global generator and 500 random-process images" in mixed
+    assert "spends no budget" in mixed
     assert head_whitening_text({"model": {}, "privacy": {"scope": "discriminator"}}) is None

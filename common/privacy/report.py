@@ -74,15 +74,19 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
     whitening = train.get("whitening") or {}
     images, source = int(whitening.get("images", 0)), str(whitening.get("source", "auto"))
     trains_generator = training_method(str(train.get("method", "unified"))).trains_generator
-    if source == "generator" or (source == "auto" and trains_generator):
+    if source == "random_process" or (source == "auto" and not trains_generator):
+        return (f"from {images} random-process images (public, no patient data) each round: no patient data, no budget "
+                "spent")
+    if source == "mixed":
+        drawn = (f"from {images // 2} images of the received global generator and {images // 2} random-process images, "
+                 "drawn at the hospital with a public seed each round")
+    else:
         drawn = f"from {images} images of the received global generator, drawn at the hospital with a public seed each round"
-        if (config.get("privacy") or {}).get("scope") != "discriminator":
-            return (f"{drawn}: in this scope the generator learns from real patches WITHOUT DP (through the "
-                    "discriminator trunk, not covered), so the matrix is no more private than the generator")
-        return (f"{drawn}: the generator learns from real patches only through the private discriminator, so this "
-                "is post-processing of DP outputs and spends no budget")
-    return (f"from {images} random-process images (public, no patient data) each round: no patient data, no budget "
-            "spent")
+    if (config.get("privacy") or {}).get("scope") != "discriminator":
+        return (f"{drawn}: in this scope the generator learns from real patches WITHOUT DP (through the "
+                "discriminator trunk, not covered), so the matrix is no more private than the generator")
+    return (f"{drawn}: the generator learns from real patches only through the private discriminator, so this "
+            "is post-processing of DP outputs and spends no budget")
 
 
 def _finite(value: Any) -> float | None:

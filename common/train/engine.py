@@ -157,7 +157,7 @@ class LocalTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         if model.cfg.classifier_whitening:  # from free images, before any step (common/train/whitening.py)
-            refresh_whitening(model, cfg.whitening.from_generator(cfg.uses_generator), cfg.whitening)
+            refresh_whitening(model, cfg.whitening.sources(cfg.uses_generator), cfg.whitening)
         self.num_classes = model.num_classes
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:

@@ -25,6 +25,7 @@ at each refresh so that the model's function does not change (``W A = W' A'``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 
 
 #: ``train.whitening.source``: auto (the generator's images when the training method trains it,
-#: random-process images otherwise), or one of the two whatever the method.
-WHITENING_SOURCES = ("auto", "generator", "random_process")
+#: random-process images otherwise), one of the two whatever the method, or mixed (half of each,
+#: their covariances averaged at equal trace).
+WHITENING_SOURCES = ("auto", "generator", "random_process", "mixed")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class WhiteningConfig:
     images: int  # free images per refresh
     shrinkage: float  # eigenvalue floor, a fraction of the largest eigenvalue
     seed: int  # of the free images: public randomness, the same at every hospital
-    source: str  # auto | generator | random_process (see WHITENING_SOURCES)
+    source: str  # auto | generator | random_process | mixed (see WHITENING_SOURCES)
 
     def __post_init__(self) -> None:
         if self.source not in WHITENING_SOURCES:
@@ -60,51 +62,61 @@ class WhiteningConfig:
         if not 0.0 < float(self.shrinkage) <= 1.0:
             raise ValueError(f"train.whitening.shrinkage must be in (0, 1], got {self.shrinkage}")
 
-
-    def from_generator(self, trains_generator: bool) -> bool:
-        """Whether the free images are the generator's (``source``; ``auto``: when the training method
-        trains one). A generator that is never trained has nothing to give: refused."""
-        if self.source == "generator" and not trains_generator:
-            raise ValueError("train.whitening.source=generator needs a train.method that trains the generator "
+    def sources(self, trains_generator: bool) -> tuple[str, ...]:
+        """The free images' sources, ``generator`` and/or ``random_process`` (``auto``: the generator
+        when the training method trains one). A generator that is never trained has nothing to give:
+        refused."""
+        if self.source in ("generator", "mixed") and not trains_generator:
+            raise ValueError(f"train.whitening.source={self.source} needs a train.method that trains the generator "
                              "(an untrained generator's images carry nothing): use auto or random_process")
-        return self.source == "generator" or (self.source == "auto" and trains_generator)
+        if self.source == "mixed":
+            return ("generator", "random_process")
+        if self.source == "generator" or (self.source == "auto" and trains_generator):
+            return ("generator",)
+        return ("random_process",)
 
 
-def free_images(model: UnifiedViTGAN, from_generator: bool, count: int, generator: torch.Generator,
+def free_images(model: UnifiedViTGAN, source: str, count: int, generator: torch.Generator,
                 chunk: int = 250) -> torch.Tensor:
     """``count`` images that cost no privacy budget, on the model's device: the generator's (classes
-    in turn) or random-process images."""
+    in turn; ``source="generator"``) or random-process images (``"random_process"``)."""
     device = next(model.parameters()).device
-    if not from_generator:
+    if source == "random_process":
         return random_process_images(count, model.cfg.image_size, generator).to(device)
     labels = torch.arange(count, device=device) % model.num_classes
     return torch.cat([model.generate(labels[i:i + chunk], generator) for i in range(0, count, chunk)])
 
 
-def whitening_matrix(features: torch.Tensor, shrinkage: float) -> torch.Tensor:
+def whitening_matrix(features: torch.Tensor | Sequence[torch.Tensor], shrinkage: float) -> torch.Tensor:
     """The symmetric ``(Sigma + s lambda_max I)^(-1/2)`` of ``features`` (rows), scaled so that the
-    mean norm of the centred rows is unchanged (the clipping bound keeps its meaning)."""
-    centred = features.double() - features.double().mean(0)
-    covariance = centred.T @ centred / len(centred)
+    mean norm of the centred rows is unchanged (the clipping bound keeps its meaning). Several sets:
+    each centred on its own mean, Sigma the mean of their covariances scaled to equal trace."""
+    sets = [features] if isinstance(features, torch.Tensor) else list(features)
+    centred = [f.double() - f.double().mean(0) for f in sets]
+    covariances = [c.T @ c / len(c) for c in centred]
+    covariance = sum(c / c.trace().clamp(min=1e-300) for c in covariances) / len(covariances)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues = eigenvalues.clamp(min=0.0)
     floor = shrinkage * float(eigenvalues.max())
     if floor <= 0.0:
         raise ValueError("the free images' features do not vary: no whitening can be derived from them")
     inverse_root = eigenvectors @ torch.diag((eigenvalues + floor).rsqrt()) @ eigenvectors.T
-    scale = centred.norm(dim=1).mean() / (centred @ inverse_root).norm(dim=1).mean()
+    rows = torch.cat(centred)
+    scale = rows.norm(dim=1).mean() / (rows @ inverse_root).norm(dim=1).mean()
     return (inverse_root * scale).float()
 
 
 @torch.no_grad()
-def refresh_whitening(model: UnifiedViTGAN, from_generator: bool, cfg: WhiteningConfig, chunk: int = 250) -> None:
-    """Set the head's ``input_whitening`` from free images, rewriting the head's weight so that the
-    model computes the same function as before."""
+def refresh_whitening(model: UnifiedViTGAN, sources: Sequence[str], cfg: WhiteningConfig, chunk: int = 250) -> None:
+    """Set the head's ``input_whitening`` from free images (``cfg.images``, shared equally by the
+    ``sources``), rewriting the head's weight so that the model computes the same function as before."""
     head = model.classifier
     generator = torch.Generator().manual_seed(int(cfg.seed))
-    images = free_images(model, from_generator, cfg.images, generator, chunk)
-    features = torch.cat([head.inputs(model.discriminator.trunk(images[i:i + chunk]))
-                          for i in range(0, len(images), chunk)])
+    features = []
+    for source in sources:
+        images = free_images(model, source, cfg.images // len(sources), generator, chunk)
+        features.append(torch.cat([head.inputs(model.discriminator.trunk(images[i:i + chunk]))
+                                   for i in range(0, len(images), chunk)]))
     new = whitening_matrix(features, cfg.shrinkage).to(head.input_whitening.device)
     old = head.input_whitening
     weight = head.head.weight
