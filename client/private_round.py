@@ -70,7 +70,7 @@ class PrivateRound:
         self.data = data
         self.privacy = privacy = _site_privacy(local, saved)
         if pcfg.seed is not None:
-            self.seed_for = lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt)
+            self.seed_for = lambda attempt: attempt_seed(int(pcfg.seed), privacy.dataset, attempt, local.site.name)
         labelled = int((data.train.labels >= 0).sum())
         policy = local.site.policy
         max_epsilon, source = effective_max_epsilon(pcfg, policy)

@@ -60,7 +60,8 @@ def _train(summary: dict, site: str) -> list[dict]:
 def _released(site_id: int, privacy_seed: int, n: int, labelled: int, std: float = 10.0) -> tuple[int, int]:
     """The counts a synthetic hospital releases in the seeded mode (its first ledger attempt)."""
     key, _ = dataset_fingerprint({"name": "synthetic", "root": None}, site_id, 0)
-    return noisy_counts(n, labelled, std, torch.Generator().manual_seed(attempt_seed(privacy_seed, key, 1)))
+    seed = attempt_seed(privacy_seed, key, 1, f"site-{site_id}")
+    return noisy_counts(n, labelled, std, torch.Generator().manual_seed(seed))
 
 
 def test_epsilon_is_cumulative_matches_opacus_and_the_report_says_what_is_not_covered(tmp_path: Path) -> None:

@@ -143,10 +143,12 @@ def test_poisson_batches_vary_in_size_and_every_attempt_draws_afresh(tiny_cfg: M
 
     first, second = draws(None), draws(None)  # two attempts, secret OS seeds
     assert first[0] != second[0] and not torch.equal(first[1], second[1])
-    seeded = draws(attempt_seed(7, "data", 3))
-    again = draws(attempt_seed(7, "data", 3))
+    seeded = draws(attempt_seed(7, "data", 3, "site-0"))
+    again = draws(attempt_seed(7, "data", 3, "site-0"))
     assert seeded[0] == again[0] and torch.equal(seeded[1], again[1])  # the reproducible test mode
-    assert not torch.equal(draws(attempt_seed(7, "data", 4))[1], seeded[1])  # the next attempt differs
+    assert not torch.equal(draws(attempt_seed(7, "data", 4, "site-0"))[1], seeded[1])  # the next attempt differs
+    # Another hospital partitioning the same folder (one data-set key) draws other noise.
+    assert not torch.equal(draws(attempt_seed(7, "data", 3, "site-1"))[1], seeded[1])
 
 
 @pytest.mark.parametrize("change", [{"scale": 0.5}, {"adaptive": True}, {"ramp_fraction": 0.5}])

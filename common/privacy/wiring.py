@@ -71,10 +71,12 @@ def secret_seed() -> int:
     return secrets.randbits(63)
 
 
-def attempt_seed(seed: int, dataset: str, attempt: int) -> int:
-    """The reproducible-mode seed of one attempt: ``seed`` mixed with the data set and the attempt
-    number from the hospital's ledger. No protection against whoever knows ``seed``."""
-    digest = hashlib.sha256(f"fedvitgan-dp:{int(seed)}:{dataset}:{int(attempt)}".encode()).digest()
+def attempt_seed(seed: int, dataset: str, attempt: int, site: str) -> int:
+    """The reproducible-mode seed of one attempt: ``seed`` mixed with the data set, the attempt
+    number from the hospital's ledger and the hospital's name (simulated hospitals partitioning one
+    folder share its data-set key, and must not draw the same noise: FedAvg would then average
+    nothing out). No protection against whoever knows ``seed``."""
+    digest = hashlib.sha256(f"fedvitgan-dp:{int(seed)}:{dataset}:{int(attempt)}:{site}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
