@@ -111,14 +111,20 @@ def test_every_trainer_refreshes_the_whitening_and_a_model_without_the_switch_ha
     public = _model(tiny_cfg)
     LocalTrainer(public, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="random_process")), seed=0)
     assert torch.equal(public.classifier.input_whitening, reference.classifier.input_whitening)
-    # source=mixed: half the generator's images, half random-process ones.
-    mixed = _model(tiny_cfg)
-    LocalTrainer(mixed, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="mixed")), seed=0)
+    # The unified default (auto) and source=mixed: half the generator's images, half random-process ones.
     both = _model(tiny_cfg)
     refresh_whitening(both, (*GEN, *PUBLIC), SMALL)
-    assert torch.equal(mixed.classifier.input_whitening, both.classifier.input_whitening)
-    assert not torch.allclose(both.classifier.input_whitening, unified, atol=1e-3)
-    assert not torch.allclose(both.classifier.input_whitening, reference.classifier.input_whitening, atol=1e-3)
+    assert torch.equal(unified, both.classifier.input_whitening)
+    mixed = _model(tiny_cfg)
+    LocalTrainer(mixed, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="mixed")), seed=0)
+    assert torch.equal(mixed.classifier.input_whitening, unified)
+    # source=generator: its images alone.
+    generated = _model(tiny_cfg)
+    LocalTrainer(generated, dataclasses.replace(cfg, whitening=dataclasses.replace(SMALL, source="generator")), seed=0)
+    alone = _model(tiny_cfg)
+    refresh_whitening(alone, GEN, SMALL)
+    assert torch.equal(generated.classifier.input_whitening, alone.classifier.input_whitening)
+    assert not torch.allclose(alone.classifier.input_whitening, unified, atol=1e-3)
 
 
 def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
@@ -134,7 +140,7 @@ def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
             dataclasses.replace(generator, source=source).sources(trains_generator=False)
     assert generator.sources(True) == GEN and dataclasses.replace(generator, source="random_process").sources(True) == PUBLIC
     assert dataclasses.replace(generator, source="mixed").sources(True) == (*GEN, *PUBLIC)
-    assert dataclasses.replace(generator, source="auto").sources(True) == GEN
+    assert dataclasses.replace(generator, source="auto").sources(True) == (*GEN, *PUBLIC)  # auto: mixed for the unified model
     assert dataclasses.replace(generator, source="auto").sources(False) == PUBLIC
 
 
@@ -157,10 +163,10 @@ def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_p
     run = json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(CLASS_NAMES), seed=0)
     model.load_state_dict(load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors")))
-    refresh_whitening(model, GEN, WhiteningConfig(images=64, shrinkage=0.01, seed=0))
+    refresh_whitening(model, (*GEN, *PUBLIC), WhiteningConfig(images=64, shrinkage=0.01, seed=0))  # auto: mixed
     assert torch.allclose(model.classifier.input_whitening, whitening, atol=1e-5)
     report = (tmp_path / "privacy" / "report.md").read_text()
-    assert "| head input whitening | from 64 images of the received global generator" in report
+    assert "| head input whitening | from 32 images of the received global generator and 32 random-process" in report
     assert "spends no budget" in report
 
 

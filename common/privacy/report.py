@@ -77,7 +77,7 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
     if source == "random_process" or (source == "auto" and not trains_generator):
         return (f"from {images} random-process images (public, no patient data) each round: no patient data, no budget "
                 "spent")
-    if source == "mixed":
+    if source == "mixed" or (source == "auto" and trains_generator):
         drawn = (f"from {images // 2} images of the received global generator and {images // 2} random-process images, "
                  "drawn at the hospital with a public seed each round")
     else:

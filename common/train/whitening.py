@@ -9,13 +9,15 @@ bound evenly (measured on the digits at epsilon 8: docs/results.md).
 The covariance comes from images that cost nothing to the privacy budget, never from a hospital's
 patches:
 
-- the unified model (``train.method`` trains the generator): the received global generator's own
-  images, balanced over the classes. The generator learns from real patches only through the
-  private discriminator, so its images are post-processing of DP outputs;
+- the unified model (``train.method`` trains the generator): half the received global generator's
+  own images, balanced over the classes, and half random-process images, their covariances averaged
+  at equal trace. The generator learns from real patches only through the private discriminator,
+  so its images are post-processing of DP outputs;
 - otherwise (the plain classifier has no trained generator): random-process images, the public
   images the trunk prior learnt from (common/model/prior/random_images.py).
 
-``train.whitening.source`` (auto, the rule above, by default) picks one of the two whatever the method.
+``train.whitening.source`` is ``auto`` (the rule above) by default; ``generator``, ``random_process``
+or ``mixed`` pick a source whatever the method.
 
 The matrix is refreshed each time a trainer is built (every federated round; once in a centralised
 run), from ``train.whitening.seed``: every hospital holding the same global model computes the same
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
     from common.model.unified import UnifiedViTGAN
 
 
-#: ``train.whitening.source``: auto (the generator's images when the training method trains it,
-#: random-process images otherwise), one of the two whatever the method, or mixed (half of each,
+#: ``train.whitening.source``: auto (mixed when the training method trains the generator,
+#: random-process images otherwise), generator or random_process alone, or mixed (half of each,
 #: their covariances averaged at equal trace).
 WHITENING_SOURCES = ("auto", "generator", "random_process", "mixed")
 
@@ -63,15 +65,16 @@ class WhiteningConfig:
             raise ValueError(f"train.whitening.shrinkage must be in (0, 1], got {self.shrinkage}")
 
     def sources(self, trains_generator: bool) -> tuple[str, ...]:
-        """The free images' sources, ``generator`` and/or ``random_process`` (``auto``: the generator
-        when the training method trains one). A generator that is never trained has nothing to give:
-        refused."""
+        """The free images' sources, ``generator`` and/or ``random_process`` (``auto``: both when the
+        training method trains the generator: its images alone, recomputed each round from a generator
+        still poor in the early rounds, cost the synthetic patches 2 points under DP; docs/results.md).
+        A generator that is never trained has nothing to give: refused."""
         if self.source in ("generator", "mixed") and not trains_generator:
             raise ValueError(f"train.whitening.source={self.source} needs a train.method that trains the generator "
                              "(an untrained generator's images carry nothing): use auto or random_process")
-        if self.source == "mixed":
+        if self.source == "mixed" or (self.source == "auto" and trains_generator):
             return ("generator", "random_process")
-        if self.source == "generator" or (self.source == "auto" and trains_generator):
+        if self.source == "generator":
             return ("generator",)
         return ("random_process",)
 
