@@ -185,5 +185,8 @@ def test_the_report_says_the_matrix_is_free_only_where_the_generator_is_private(
     mixed = head_whitening_text({"model": {"classifier_whitening": True}, "privacy": {"scope": "discriminator"},
                                  "train": {"method": "unified", "whitening": {"images": 1000, "source": "mixed"}}})
     assert "500 images of the received global generator and 500 random-process images" in mixed
+    refused = head_whitening_text({"model": {"classifier_whitening": True}, "privacy": {"scope": "discriminator"},
+                                   "train": {"method": "supervised", "whitening": {"source": "generator"}}})
+    assert refused is not None and refused.startswith("none: train.whitening.source=generator needs")
     assert "spends no budget" in mixed
     assert head_whitening_text({"model": {}, "privacy": {"scope": "discriminator"}}) is None

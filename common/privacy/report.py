@@ -36,6 +36,7 @@ from common.privacy.ledger import LedgerError, PrivacyLedger, history_of
 from common.privacy.reference_cost import Recipe, cost_statement, load_reference
 from common.privacy.scopes import SCOPES
 from common.train.methods import training_method
+from common.train.whitening import WhiteningConfig
 
 RANDOMNESS = ("Poisson sampling, noise and real-patch augmentation draw from torch generators seeded afresh from the "
               "OS's CSPRNG for every training attempt, never stored nor sent, so a repeated round never repeats a draw; "
@@ -71,17 +72,17 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
     if not (config.get("model") or {}).get("classifier_whitening"):
         return None
     train = config.get("train") or {}
-    whitening = train.get("whitening") or {}
-    images, source = int(whitening.get("images", 0)), str(whitening.get("source", "auto"))
-    trains_generator = training_method(str(train.get("method", "unified"))).trains_generator
-    if source == "random_process" or (source == "auto" and not trains_generator):
-        return (f"from {images} random-process images (public, no patient data) each round: no patient data, no budget "
-                "spent")
-    if source == "mixed" or (source == "auto" and trains_generator):
-        drawn = (f"from {images // 2} images of the received global generator and {images // 2} random-process images, "
-                 "drawn at the hospital with a public seed each round")
-    else:
-        drawn = f"from {images} images of the received global generator, drawn at the hospital with a public seed each round"
+    whitening = dataclass_from_mapping(WhiteningConfig, train.get("whitening") or {}, "train.whitening")
+    try:
+        sources = whitening.sources(training_method(str(train.get("method", "unified"))).trains_generator)
+    except ValueError as refused:  # the hospitals refused such a run before training: nothing was whitened
+        return f"none: {refused}"
+    each = whitening.images // len(sources)  # as refresh_whitening shares them
+    if "generator" not in sources:
+        return (f"from {whitening.images} random-process images (public, no patient data) each round: no patient data, "
+                "no budget spent")
+    also = f" and {each} random-process images" if "random_process" in sources else ""
+    drawn = f"from {each} images of the received global generator{also}, drawn at the hospital with a public seed each round"
     if (config.get("privacy") or {}).get("scope") != "discriminator":
         return (f"{drawn}: in this scope the generator learns from real patches WITHOUT DP (through the "
                 "discriminator trunk, not covered), so the matrix is no more private than the generator")
