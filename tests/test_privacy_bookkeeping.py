@@ -16,6 +16,7 @@ from common.privacy.accounting import PrivacyPlan
 from common.privacy.bookkeeping import Bookkeeping
 from common.privacy.budget import private_train_config
 from common.privacy.config import PrivacyConfig, privacy_config
+from common.privacy.report import clipping_text
 from common.privacy.wiring import DiscriminatorAdapter, DPTraining, clip_and_sum, per_sample_gradients
 from common.train import LocalTrainer, TrainConfig
 from common.train.losses import fake_adversarial_terms, labelled_cross_entropy, real_adversarial_terms
@@ -91,6 +92,17 @@ def _assert_matches_torch_func(model: nn.Module) -> None:
     assert list(summed) == names
     for name in names:
         want = torch.einsum("i,i...->...", weights, per_sample[name])
+        torch.testing.assert_close(summed[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    # Part by part (group-wise clipping): each part's norms, and sums with each part's own row weights.
+    assert book.parts() == ["discriminator", "classifier"]
+    by_part = {"discriminator": weights, "classifier": torch.tensor([1.0, -2.0, 0.0, 0.5, 3.0])}
+    for part in book.parts():
+        want = sum(per_sample[n].reshape(5, -1).pow(2).sum(1) for n in names if n.startswith(part + "."))
+        torch.testing.assert_close(book.squared_norms(record, slice(None), part=part), want, rtol=1e-4, atol=1e-9,
+                                   msg=part)
+    summed = book.weighted_sum(record, by_part)
+    for name in names:
+        want = torch.einsum("i,i...->...", by_part[name.split(".", 1)[0]], per_sample[name])
         torch.testing.assert_close(summed[name], want, rtol=1e-4, atol=1e-6, msg=name)
     # The recording left nothing behind: no hook fires outside the pass, no parameter has a gradient.
     assert all(not m._forward_hooks for m in model.modules())
@@ -306,3 +318,70 @@ def test_a_private_step_with_several_views_trains_and_counts_one_dp_step(tiny_cf
         assert "real_loss" in step
     assert dp.steps_total == 2
     assert any(not torch.equal(p, before[n]) for n, p in model.discriminator.named_parameters())
+
+
+def _norm(grads: dict[str, torch.Tensor], part: str | None = None) -> float:
+    return float(torch.sqrt(sum((g ** 2).sum() for n, g in grads.items() if part is None or n.startswith(part + "."))))
+
+
+@pytest.mark.parametrize("freeze_trunk", [True, False])
+def test_clipping_part_by_part_bounds_each_part_and_one_patch_s_whole_change_by_c(tiny_cfg: ModelConfig,
+                                                                                   freeze_trunk: bool) -> None:
+    """privacy.discriminator_clip_share s: one real patch's clipped contribution has its
+    discriminator part at most sqrt(s) C and its head part at most sqrt(1 - s) C, so the whole is at
+    most C (the sensitivity the noise is calibrated to); with large gradients each part sits at its
+    bound. A patch whose adversarial gradient is large keeps the head's share: a flat clip gives the
+    head less. Measured as the sensitivity is defined: the step with and without one patch, no noise."""
+    model = build_model(tiny_cfg, 5, seed=0)
+    torch.manual_seed(8)
+    images, labels = torch.rand(3, 3, 32, 32) * 2 - 1, torch.tensor([1, 4, 2])
+    fake, fake_labels = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 3])
+    clip, share = 0.01, 0.1
+
+    def generated_loss(score: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return fake_adversarial_terms(score, "hinge").mean() + F.cross_entropy(logits, fake_labels)
+
+    def contribution(discriminator_clip_share: float | None) -> dict[str, torch.Tensor]:
+        """The third patch's part of the step: (step with it - step without it) * B."""
+        plan = dataclasses.replace(_plan("discriminator", "bookkeeping", clip=clip, batch=3), freeze_trunk=freeze_trunk,
+                                   discriminator_clip_share=discriminator_clip_share)
+        steps = []
+        for rows in (3, 2):
+            dp = DPTraining(model, plan, seed=0)
+            grads, _ = dp.discriminator_gradient_with_generated(images[:rows], labels[:rows], "hinge", 1.0, 1.0,
+                                                                fake, fake_labels, generated_loss)
+            steps.append(grads)
+        return {n: (steps[0][n] - steps[1][n]) * 3 for n in steps[0]}
+
+    split = contribution(share)
+    assert _norm(split, "discriminator") == pytest.approx(share ** 0.5 * clip, rel=1e-3)
+    assert _norm(split, "classifier") == pytest.approx((1 - share) ** 0.5 * clip, rel=1e-3)
+    assert _norm(split) == pytest.approx(clip, rel=1e-3)  # at most C, and C is reached
+    flat = contribution(None)
+    assert _norm(flat) == pytest.approx(clip, rel=1e-3)
+    assert _norm(flat, "classifier") < 0.9 * _norm(split, "classifier")  # D's large gradient took the head's share
+    assert any(n.startswith("discriminator.trunk.") for n in split) is not freeze_trunk  # the trunk is D's part
+
+
+def test_the_discriminator_clip_share_is_validated() -> None:
+    assert privacy_config({"enabled": True}).discriminator_clip_share is None
+    assert privacy_config({"enabled": True, "scope": "discriminator",
+                           "discriminator_clip_share": 0.25}).discriminator_clip_share == 0.25
+    for bad in ({"discriminator_clip_share": 0.0}, {"discriminator_clip_share": 1.0},
+                {"discriminator_clip_share": True}, {"discriminator_clip_share": "half"},
+                {"discriminator_clip_share": 0.2, "scope": "classifier"},
+                {"discriminator_clip_share": 0.2, "scope": "discriminator", "clipping": "vmap"}):
+        with pytest.raises(ConfigError, match="discriminator_clip_share"):
+            privacy_config({"enabled": True, "scope": "discriminator", **bad} if "scope" not in bad
+                           else {"enabled": True, **bad})
+
+
+def test_the_report_says_how_each_patch_was_clipped() -> None:
+    """The report's clipping row: part by part with the share and C for the unified model; one flat
+    clip for the plain classifier (no adversarial part) and without the share."""
+    split = privacy_config({"enabled": True, "scope": "discriminator", "discriminator_clip_share": 0.1})
+    text = clipping_text(split, {"train": {"method": "unified"}}, 1.0)
+    assert "part by part" in text and "sqrt(0.1) C" in text and "sqrt(0.9) C" in text and "C = 1" in text
+    assert "flat" in clipping_text(split, {"train": {"method": "supervised"}}, 1.0)
+    assert "flat" in clipping_text(privacy_config({"enabled": True, "scope": "discriminator"}),
+                                   {"train": {"method": "unified"}}, 1.0)

@@ -255,6 +255,10 @@ class PrivacyPlan:
     #: scope=discriminator, unified step: the weight of D's adversarial losses (real and generated halves)
     #: against the classification losses inside each clipped per-patch gradient.
     adversarial_weight: float = 0.2
+    #: scope=discriminator, unified step: the share s of C^2 for the discriminator's parameters when the
+    #: real patches' gradients are clipped part by part (D's to sqrt(s) C, the head's to sqrt(1 - s) C;
+    #: each patch's whole gradient still has norm <= C); None: one flat clip to C over both.
+    discriminator_clip_share: float | None = None
     #: scope=discriminator: views per real patch, averaged before clipping (augmentation multiplicity).
     augmentations: int = 1
     #: scope=discriminator: the trunk stays at its (public) initial weights; DP-SGD trains the heads only.
@@ -309,6 +313,7 @@ def build_plan(cfg: PrivacyConfig, num_examples: int, num_labelled: int, batch_s
         max_epsilon=max_epsilon if max_epsilon is not None else (None if cfg.max_epsilon is None else float(cfg.max_epsilon)),
         clipping=cfg.clipping, clip_generated=bool(cfg.clip_generated),
         subspace_dim=cfg.subspace_dim, subspace_history=int(cfg.subspace_history),
-        adversarial_weight=float(cfg.adversarial_weight), augmentations=int(cfg.augmentation_multiplicity),
+        adversarial_weight=float(cfg.adversarial_weight), discriminator_clip_share=cfg.discriminator_clip_share,
+        augmentations=int(cfg.augmentation_multiplicity),
         freeze_trunk=bool(cfg.freeze_trunk),
     )

@@ -27,6 +27,10 @@ gradient, which for a linear-like layer is the ghost norm over the group's token
 
 Every covered parameter must be one of the above; :class:`Bookkeeping` refuses anything else at
 construction, naming the parameter.
+
+Norms and sums can also be taken per *part*: the covered parameters whose names start with a given
+top-level module name (``discriminator``, ``classifier``), for clipping each part of an example's
+gradient to its own bound (group-wise clipping, McMahan et al. 2018).
 """
 
 from __future__ import annotations
@@ -78,6 +82,11 @@ def grouped_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
 def _group_tokens(x: torch.Tensor, group: int) -> torch.Tensor:
     """(R, T, d) token views as (R / group, group * T, d): one example's rows as one token sequence."""
     return x if group == 1 else x.reshape(-1, group * x.shape[1], x.shape[2])
+
+
+def part_of(name: str) -> str:
+    """A covered parameter's part: the top-level module it belongs to (``discriminator.trunk.x`` -> ``discriminator``)."""
+    return name.split(".", 1)[0]
 
 
 def _check_conv(name: str, conv: nn.Conv2d) -> None:
@@ -258,7 +267,7 @@ class Bookkeeping:
             for name, grad in record.broadcast_grads.items():
                 pieces.append(grad.reshape(record.rows, -1))
                 layout.append((name, self._params[name].shape))
-            matrix = torch.cat(pieces, dim=1) if pieces else torch.zeros(record.rows, 0, device=self._device())
+            matrix = torch.cat(pieces, dim=1) if pieces else torch.zeros(record.rows, 0, device=self.device())
             record.packed = matrix, layout
         return record.packed
 
@@ -288,41 +297,77 @@ class Bookkeeping:
             parts[name] = torch.linalg.vector_norm(grad[rows].flatten(1), dim=1).square()
         return parts
 
-    def squared_norms(self, record: RecordedPass, rows: slice, group: int = 1) -> torch.Tensor:
-        """Squared L2 norm of each example's gradient over every covered parameter, for ``rows``; an
-        example is ``group`` consecutive rows (its views), whose gradients sum to its own."""
+    def squared_norms(self, record: RecordedPass, rows: slice, group: int = 1, part: str | None = None) -> torch.Tensor:
+        """Squared L2 norm of each example's gradient over every covered parameter (``part``: over that
+        part's parameters only, see :func:`part_of`), for ``rows``; an example is ``group`` consecutive
+        rows (its views), whose gradients sum to its own."""
         count = len(range(record.rows)[rows])
         if count % group:
             raise ValueError(f"book-keeping clipping: {count} rows are not whole examples of {group} rows each")
-        total = torch.zeros(count // group, device=self._device())
+        if part is not None and part not in self.parts():
+            raise ValueError(f"book-keeping clipping: no covered parameter is in part {part!r} (parts: {self.parts()})")
+        total = torch.zeros(count // group, device=self.device())
         if total.numel() == 0:
             return total
-        total = total + torch.linalg.vector_norm(grouped_rows(self._packed(record)[0][rows], group), dim=1).square()
+        matrix, layout = self._packed(record)
+        if part is not None:
+            matrix = matrix[:, self._part_columns(layout, part)]
+        total = total + torch.linalg.vector_norm(grouped_rows(matrix[rows], group), dim=1).square()
         for name, call in record.calls.items():
-            total = total + self._layer_norms(name, call, rows, packed=True, group=group)
+            if part is None or part_of(name) == part:
+                total = total + self._layer_norms(name, call, rows, packed=True, group=group)
         return total
 
-    def _device(self) -> torch.device:
+    def parts(self) -> list[str]:
+        """The parts of the covered parameters, in ``names`` order."""
+        return list(dict.fromkeys(part_of(n) for n in self.names))
+
+    @staticmethod
+    def _part_columns(layout: list[tuple[str, torch.Size]], part: str) -> torch.Tensor:
+        """The columns of the packed matrix that hold ``part``'s parameters (a boolean mask)."""
+        return torch.cat([torch.full((shape.numel(),), part_of(name) == part, dtype=torch.bool)
+                          for name, shape in layout]) if layout else torch.zeros(0, dtype=torch.bool)
+
+    def device(self) -> torch.device:
+        """The covered parameters' device."""
         return self._params[self.names[0]].device
 
-    def weighted_sum(self, record: RecordedPass, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``sum_r weights[r] * (row r's gradient)`` for every covered parameter, in ``names`` order."""
+    def weighted_sum(self, record: RecordedPass, weights: torch.Tensor | dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        """``sum_r weights[r] * (row r's gradient)`` for every covered parameter, in ``names`` order.
+
+        ``weights`` by part (``{part: (R,)}``, every part of :meth:`parts`): each parameter's sum uses
+        its own part's row weights."""
+        if isinstance(weights, dict):
+            if set(weights) != set(self.parts()):
+                raise ValueError(f"book-keeping clipping: weights given for parts {sorted(weights)}, the covered "
+                                 f"parameters' parts are {sorted(self.parts())}")
+            by_part = weights
+        else:
+            by_part = {part: weights for part in self.parts()}
         out: dict[str, torch.Tensor] = {}
         matrix, layout = self._packed(record)
-        summed = weights @ matrix
-        for (name, shape), piece in zip(layout, summed.split([s.numel() for _, s in layout])):
-            out[name] = piece.reshape(shape)
+        if isinstance(weights, dict):
+            summed_by_part = {part: w @ matrix for part, w in by_part.items()}
+        else:
+            summed = weights @ matrix  # one product when every part has the same row weights
+            summed_by_part = {part: summed for part in by_part}
+        offset = 0
+        for name, shape in layout:
+            out[name] = summed_by_part[part_of(name)][offset:offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
         for module_name, call in record.calls.items():
             sub, own = self._modules[module_name], self.layers[module_name]
+            row_weights = by_part[part_of(module_name)]
             for local, per_row in self._per_row(module_name, call).items():
                 if isinstance(sub, nn.Embedding):
                     grad = torch.zeros_like(sub.weight)
-                    out[own[local]] = grad.index_add_(0, call.inputs.reshape(-1), per_row * weights[:, None])
+                    out[own[local]] = grad.index_add_(0, call.inputs.reshape(-1), per_row * row_weights[:, None])
                 elif not self._packable(sub, local):
-                    out[own[local]] = (weights @ per_row.flatten(1)).reshape(sub.weight.shape)
+                    out[own[local]] = (row_weights @ per_row.flatten(1)).reshape(sub.weight.shape)
             if "weight" in own and own["weight"] not in out:  # ghost layer: (w * g)^T a, one product
                 a, g = self._tokens(module_name, call)
-                g = (g * weights.view(-1, 1, 1)).reshape(-1, g.shape[-1])
+                g = (g * row_weights.view(-1, 1, 1)).reshape(-1, g.shape[-1])
                 out[own["weight"]] = (g.t() @ a.reshape(-1, a.shape[-1])).reshape(sub.weight.shape)
         # A layer the pass did not reach: zero gradient.
         return {name: out[name] if name in out else torch.zeros_like(self._params[name]) for name in self.names}

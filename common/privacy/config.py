@@ -73,6 +73,7 @@ class PrivacyConfig:
     subspace_dim: int | None
     subspace_history: int
     adversarial_weight: float
+    discriminator_clip_share: float | None
     learning_rate: float | None
     augmentation_multiplicity: int
     freeze_trunk: bool
@@ -96,6 +97,13 @@ class PrivacyConfig:
         if isinstance(self.adversarial_weight, bool) or not isinstance(self.adversarial_weight, (int, float)) \
                 or not 0.0 <= float(self.adversarial_weight) <= 1.0:
             raise ValueError(f"adversarial_weight must be a number in [0, 1], got {self.adversarial_weight!r}")
+        share = self.discriminator_clip_share
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+                raise ValueError(f"discriminator_clip_share must be a number in (0, 1) or null, got {share!r}")
+            if self.scope != "discriminator" or self.clipping != "bookkeeping":
+                raise ValueError("discriminator_clip_share needs scope=discriminator and clipping=bookkeeping (it "
+                                 "splits the clipping bound between the discriminator's and the head's parameters)")
         if self.learning_rate is not None and (isinstance(self.learning_rate, bool)
                                                or not isinstance(self.learning_rate, (int, float))
                                                or not math.isfinite(self.learning_rate) or not self.learning_rate > 0):
@@ -146,7 +154,8 @@ def privacy_config(section: Any) -> PrivacyConfig:
         return PrivacyConfig()
     cfg = dataclass_from_mapping(PrivacyConfig, section, "privacy")
     floats = {k: (None if getattr(cfg, k) is None else float(getattr(cfg, k)))
-              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "learning_rate", "centre_radius")}
+              for k in ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "learning_rate", "centre_radius",
+                        "discriminator_clip_share")}
     try:
         return PrivacyConfig(**{**cfg.__dict__, **floats, "max_grad_norm": float(cfg.max_grad_norm),
                                 "count_noise_std": float(cfg.count_noise_std),

@@ -90,6 +90,19 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
             "is post-processing of DP outputs and spends no budget")
 
 
+def clipping_text(cfg: PrivacyConfig, config: dict[str, Any], max_grad_norm: float | None) -> str:
+    """How each real patch's gradient was clipped (``privacy.discriminator_clip_share``): the bound the
+    noise is calibrated to is C either way."""
+    share = cfg.discriminator_clip_share
+    method = str((config.get("train") or {}).get("method", "unified"))
+    if share is None or cfg.scope != "discriminator" or not training_method(method).trains_generator:
+        return "each real patch's gradient clipped to C as one vector (Opacus' flat clipping)"
+    c = f"C = {_fmt(max_grad_norm)}" if max_grad_norm is not None else "C"
+    return (f"part by part: each real patch's gradient on the discriminator's parameters clipped to sqrt({share:g}) C "
+            f"and on the head's to sqrt({1 - share:g}) C ({c}); the parts are disjoint, so the whole has norm <= C, "
+            "the bound the noise is calibrated to")
+
+
 def _finite(value: Any) -> float | None:
     try:
         number = float(value)
@@ -163,6 +176,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "count_release": _count_release(latest),
         "centre_release": _centre_release(latest, cfg, config),
         "head_whitening": head_whitening_text(config),
+        "clipping": clipping_text(cfg, config, _finite(latest.get(protocol.DP_MAX_GRAD_NORM))),
         **_coverage(cfg),
         **_budget(latest, trained, stopped),
         "lifetime": lifetime,
@@ -310,6 +324,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"| mechanism | {site['mechanism']} |",
                   f"| noise multiplier sigma | {_fmt(site['noise_multiplier'])} |",
                   f"| clipping norm C | {_fmt(site['max_grad_norm'])} |",
+                  *([f"| clipping | {site['clipping']} |"] if site.get("clipping") else []),
                   f"| sampling rate q | {_fmt(site['sample_rate'])} (expected batch {_fmt(site['expected_batch'], '.0f')}) |",
                   f"| DP steps per round | {site['steps_per_round']} |",
                   f"| DP steps, this run | {site['steps_total']} |",

@@ -4,7 +4,8 @@ The *real* patches' losses are differentiated for the covered parameters only, t
 adapter modules that hold the model's own sub-modules under their own names (``classifier.*``,
 ``discriminator.*``), so no module is wrapped and the state-dict keys never change (no
 ``_module.`` prefix can reach the server). Each example's gradient is clipped to an L2 norm of at
-most ``max_grad_norm`` (over all covered parameters together, Opacus' flat clipping), the clipped
+most ``max_grad_norm`` (over all covered parameters together, Opacus' flat clipping; in the unified
+step with ``privacy.discriminator_clip_share`` part by part, to bounds whose squares sum to C^2), the clipped
 gradients are summed, Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added and the
 sum is divided by the expected batch size: Opacus' ``DPOptimizer`` arithmetic. ``plan.clipping``
 says how the clipped sum is computed: ``bookkeeping`` (``common/privacy/bookkeeping.py``: norms
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import secrets
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -361,19 +363,43 @@ class DPTraining:
         return self.add_noise(self.clipped_sum(record, rows, group=group)), grouped_rows(losses.detach(), group)
 
     def clipped_sum(self, record: RecordedPass, real_rows: int, other_weight: float = 0.0,
-                    other_bound: float | None = None, group: int = 1) -> dict[str, torch.Tensor]:
+                    other_bound: float | None = None, group: int = 1,
+                    part_bounds: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """Book-keeping: the sum of the first ``real_rows`` rows' gradients, each example (``group``
         consecutive rows: its views) clipped to C as a whole, plus ``other_weight`` times the gradient
         of the remaining rows of ``record``, each of those rows first clipped to ``other_bound`` when
-        it is given (unclipped when None)."""
+        it is given (unclipped when None).
+
+        ``part_bounds`` (:meth:`part_bounds`): each example's gradient clipped part by part instead,
+        part k's parameters to bound C_k (the remaining rows as above)."""
         assert self.bookkeeping is not None
-        norms = self.bookkeeping.squared_norms(record, slice(0, real_rows), group=group).sqrt()
-        factors = clip_factors(norms, self.plan.max_grad_norm).repeat_interleave(group)
-        rest = factors.new_full((record.rows - real_rows,), float(other_weight))
+        rest = torch.full((record.rows - real_rows,), float(other_weight), device=self.bookkeeping.device())
         if other_bound is not None and record.rows > real_rows:
             other = self.bookkeeping.squared_norms(record, slice(real_rows, record.rows)).sqrt()
             rest = rest * clip_factors(other, other_bound)
-        return self.bookkeeping.weighted_sum(record, torch.cat([factors, rest]))
+        real = slice(0, real_rows)
+        if part_bounds is None:
+            norms = self.bookkeeping.squared_norms(record, real, group=group).sqrt()
+            factors = clip_factors(norms, self.plan.max_grad_norm).repeat_interleave(group)
+            return self.bookkeeping.weighted_sum(record, torch.cat([factors, rest]))
+        weights = {}
+        for part, bound in part_bounds.items():
+            norms = self.bookkeeping.squared_norms(record, real, group=group, part=part).sqrt()
+            weights[part] = torch.cat([clip_factors(norms, bound).repeat_interleave(group), rest])
+        return self.bookkeeping.weighted_sum(record, weights)
+
+    def part_bounds(self) -> dict[str, float] | None:
+        """``plan.discriminator_clip_share`` s: the bound of each part of a real patch's gradient, the
+        discriminator's parameters sqrt(s) C and the classifier head's sqrt(1 - s) C. The parts are
+        disjoint, so the squares add to C^2 and the whole clipped gradient has norm <= C, as with one
+        flat clip (the noise is calibrated to C). None: one flat clip."""
+        share = self.plan.discriminator_clip_share
+        if share is None:
+            return None
+        c = self.plan.max_grad_norm
+        bounds = {"discriminator": math.sqrt(share) * c, "classifier": math.sqrt(1.0 - share) * c}
+        assert self.bookkeeping is not None and set(self.bookkeeping.parts()) <= set(bounds)
+        return {part: bounds[part] for part in self.bookkeeping.parts()}
 
     def generated_bound(self, rows: int) -> float | None:
         """The bound on each generated image's D/C gradient (``plan.clip_generated``): C / rows, so the
@@ -421,7 +447,8 @@ class DPTraining:
         # Generated rows weigh B here, so that the division by B in add_noise leaves their (clipped) gradient as is.
         views = self.plan.augmentations
         summed = self.clipped_sum(record, b, other_weight=self.plan.expected_batch,
-                                  other_bound=self.generated_bound(generated.shape[0]), group=views)
+                                  other_bound=self.generated_bound(generated.shape[0]), group=views,
+                                  part_bounds=self.part_bounds())
         return self.add_noise(summed), grouped_rows(real_losses.detach(), views)
 
     # -------------------------------------------------------------- data
