@@ -26,6 +26,6 @@ def test_a_real_image_experiment_shares_every_method_key_with_its_synthetic_twin
 def test_the_digits_dp_experiment_runs_the_synthetic_experiments_dp_recipe() -> None:
     synthetic = set(_composed("privacy_utility")["experiment"]["variants"])
     digits = _composed("privacy_utility_digits")["experiment"]
-    assert {"plain", "unified", "plain_dp8_prior_whitened", "unified_dp8_prior_mixed"} <= set(digits["variants"])
+    assert {"plain", "unified", "plain_dp8_prior_whitened", "unified_dp8_prior_nogen"} <= set(digits["variants"])
     assert set(digits["variants"]) <= synthetic  # the same variant files: one DP recipe for both
     assert digits["settings"] == ["federated"] and digits["steps"] == 500 and digits["rounds"] == 10
