@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import ConfigError, dataclass_from_mapping
+from common.train.methods import training_method
+from common.train.whitening import WhiteningConfig
+
 REFERENCE_FILE = Path(__file__).with_name("reference_costs.json")
 
 #: A reference row is quoted only for a run whose epsilon is within this factor of the row's (either
@@ -26,8 +30,9 @@ MAX_EPSILON_RATIO = 3.0
 
 @dataclass(frozen=True)
 class Recipe:
-    """What a DP run's cost depends on besides epsilon: its method, scope, starting trunk and what
-    its classification head reads."""
+    """What a DP run's cost depends on besides epsilon: its method, scope, starting trunk, what its
+    classification head reads, where the head's whitening comes from and whether the classifier
+    trains on generated images."""
 
     method: str
     scope: str
@@ -36,6 +41,8 @@ class Recipe:
     classifier_grid: int = 0
     classifier_centre: bool = False
     classifier_whitening: bool = False
+    whitening_images: str = ""  # the whitening's image sources joined by "+" ("" without whitening)
+    generated_images: bool = False  # the classifier trained on generated images (train.selection.mode != none)
 
     def describe(self) -> str:
         text = f"train.method={self.method} with privacy.scope={self.scope}"
@@ -48,19 +55,36 @@ class Recipe:
         if self.classifier_centre:
             text += ", the head's input centred by the hospitals' released mean (model.classifier_centre)"
         if self.classifier_whitening:
-            text += ", whitened by free images (model.classifier_whitening)"
+            images = f": {self.whitening_images.replace('+', ' and ')} images" if self.whitening_images else ""
+            text += f", whitened by free images (model.classifier_whitening{images})"
+        if self.generated_images:
+            text += ", the classifier trained on generated images too"
+        elif training_method(self.method).trains_generator:
+            text += ", no generated image trained on (train.selection.mode=none)"
         return text
 
     @classmethod
     def of_run(cls, run: Mapping[str, Any]) -> Recipe:
         """The recipe of a run config (a run folder's, or an experiment variant's); keys a config
         recorded before them lacks take their defaults."""
-        privacy, model = run.get("privacy") or {}, run.get("model") or {}
-        return cls(method=str((run.get("train") or {}).get("method", "unified")), scope=str(privacy["scope"]),
+        privacy, model, train = run.get("privacy") or {}, run.get("model") or {}, run.get("train") or {}
+        method = str(train.get("method", "unified"))
+        trains_generator = training_method(method).trains_generator
+        whitening = bool(model.get("classifier_whitening", False))
+        sources = ""
+        if whitening:
+            try:
+                config = dataclass_from_mapping(WhiteningConfig, train.get("whitening") or {}, "train.whitening")
+                sources = "+".join(config.sources(trains_generator))
+            except (ConfigError, ValueError):  # a config the hospitals refuse: no row can match it
+                sources = "refused"
+        selection = str((train.get("selection") or {}).get("mode", "rule"))
+        return cls(method=method, scope=str(privacy["scope"]),
                    trunk_prior=bool(model.get("trunk_prior")), freeze_trunk=bool(privacy.get("freeze_trunk", False)),
                    classifier_grid=int(model.get("classifier_grid") or 0),
                    classifier_centre=bool(model.get("classifier_centre", False)),
-                   classifier_whitening=bool(model.get("classifier_whitening", False)))
+                   classifier_whitening=whitening, whitening_images=sources,
+                   generated_images=trains_generator and selection != "none")
 
 
 @dataclass(frozen=True)
@@ -78,11 +102,13 @@ class ReferenceCost:
     classifier_grid: int = 0  # model.classifier_grid (rows recorded before it: 0)
     classifier_centre: bool = False  # model.classifier_centre (rows recorded before it: false)
     classifier_whitening: bool = False  # model.classifier_whitening (rows recorded before it: false)
+    whitening_images: str = ""  # train.whitening's sources, "+"-joined (rows recorded before it: "")
+    generated_images: bool = False  # the classifier trained on generated images (see Recipe)
 
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid,
-                      self.classifier_centre, self.classifier_whitening)
+                      self.classifier_centre, self.classifier_whitening, self.whitening_images, self.generated_images)
 
     @property
     def cost_points(self) -> float:
