@@ -142,6 +142,12 @@ def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
     assert dataclasses.replace(generator, source="mixed").sources(True) == (*GEN, *PUBLIC)
     assert dataclasses.replace(generator, source="auto").sources(True) == (*GEN, *PUBLIC)  # auto: mixed for the unified model
     assert dataclasses.replace(generator, source="auto").sources(False) == PUBLIC
+    # refresh_whitening shares the images equally: each source needs 2 for a covariance
+    few = dataclasses.replace(generator, source="mixed", images=3)
+    with pytest.raises(ValueError, match="images=3 gives each of its 2 sources .* 1 image.*>= 4"):
+        few.sources(True)
+    assert dataclasses.replace(few, images=4).sources(True) == (*GEN, *PUBLIC)
+    assert dataclasses.replace(few, source="random_process").sources(True) == PUBLIC  # 3 images, one source
 
 
 def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_path: Path) -> None:

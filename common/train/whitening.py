@@ -68,15 +68,22 @@ class WhiteningConfig:
         """The free images' sources, ``generator`` and/or ``random_process`` (``auto``: both when the
         training method trains the generator: its images alone, recomputed each round from a generator
         still poor in the early rounds, cost the synthetic patches 2 points under DP; docs/results.md).
-        A generator that is never trained has nothing to give: refused."""
+        A generator that is never trained has nothing to give, and fewer than 2 images per source
+        make no covariance: both refused (``ValueError``)."""
         if self.source in ("generator", "mixed") and not trains_generator:
             raise ValueError(f"train.whitening.source={self.source} needs a train.method that trains the generator "
                              "(an untrained generator's images carry nothing): use auto or random_process")
         if self.source == "mixed" or (self.source == "auto" and trains_generator):
-            return ("generator", "random_process")
-        if self.source == "generator":
-            return ("generator",)
-        return ("random_process",)
+            sources: tuple[str, ...] = ("generator", "random_process")
+        elif self.source == "generator":
+            sources = ("generator",)
+        else:
+            sources = ("random_process",)
+        if self.images // len(sources) < 2:  # refresh_whitening shares the images equally
+            raise ValueError(f"train.whitening.images={self.images} gives each of its {len(sources)} sources "
+                             f"({', '.join(sources)}) {self.images // len(sources)} image: a covariance needs at "
+                             f"least 2 per source; set train.whitening.images >= {2 * len(sources)}")
+        return sources
 
 
 def free_images(model: UnifiedViTGAN, source: str, count: int, generator: torch.Generator,
