@@ -332,26 +332,28 @@ class Bookkeeping:
         """The covered parameters' device."""
         return self._params[self.names[0]].device
 
+    def dtype(self) -> torch.dtype:
+        """The covered parameters' dtype."""
+        return self._params[self.names[0]].dtype
+
     def weighted_sum(self, record: RecordedPass, weights: torch.Tensor | dict[str, torch.Tensor]
                      ) -> dict[str, torch.Tensor]:
         """``sum_r weights[r] * (row r's gradient)`` for every covered parameter, in ``names`` order.
 
         ``weights`` by part (``{part: (R,)}``, every part of :meth:`parts`): each parameter's sum uses
         its own part's row weights."""
+        matrix, layout = self._packed(record)
         if isinstance(weights, dict):
             if set(weights) != set(self.parts()):
                 raise ValueError(f"book-keeping clipping: weights given for parts {sorted(weights)}, the covered "
                                  f"parameters' parts are {sorted(self.parts())}")
             by_part = weights
-        else:
-            by_part = {part: weights for part in self.parts()}
-        out: dict[str, torch.Tensor] = {}
-        matrix, layout = self._packed(record)
-        if isinstance(weights, dict):
             summed_by_part = {part: w @ matrix for part, w in by_part.items()}
         else:
+            by_part = {part: weights for part in self.parts()}
             summed = weights @ matrix  # one product when every part has the same row weights
             summed_by_part = {part: summed for part in by_part}
+        out: dict[str, torch.Tensor] = {}
         offset = 0
         for name, shape in layout:
             out[name] = summed_by_part[part_of(name)][offset:offset + shape.numel()].reshape(shape)

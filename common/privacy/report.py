@@ -77,7 +77,7 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
         sources = whitening.sources(training_method(str(train.get("method", "unified"))).trains_generator)
     except ValueError as refused:  # the hospitals refused such a run before training: nothing was whitened
         return f"none: {refused}"
-    each = whitening.images // len(sources)  # as refresh_whitening shares them
+    each = whitening.images_each(sources)
     if "generator" not in sources:
         return (f"from {whitening.images} random-process images (public, no patient data) each round: no patient data, "
                 "no budget spent")

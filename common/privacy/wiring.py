@@ -373,7 +373,8 @@ class DPTraining:
         ``part_bounds`` (:meth:`part_bounds`): each example's gradient clipped part by part instead,
         part k's parameters to bound C_k (the remaining rows as above)."""
         assert self.bookkeeping is not None
-        rest = torch.full((record.rows - real_rows,), float(other_weight), device=self.bookkeeping.device())
+        rest = torch.full((record.rows - real_rows,), float(other_weight), device=self.bookkeeping.device(),
+                          dtype=self.bookkeeping.dtype())
         if other_bound is not None and record.rows > real_rows:
             other = self.bookkeeping.squared_norms(record, slice(real_rows, record.rows)).sqrt()
             rest = rest * clip_factors(other, other_bound)

@@ -79,11 +79,15 @@ class WhiteningConfig:
             sources = ("generator",)
         else:
             sources = ("random_process",)
-        if self.images // len(sources) < 2:  # refresh_whitening shares the images equally
+        if self.images_each(sources) < 2:
             raise ValueError(f"train.whitening.images={self.images} gives each of its {len(sources)} sources "
-                             f"({', '.join(sources)}) {self.images // len(sources)} image: a covariance needs at "
+                             f"({', '.join(sources)}) {self.images_each(sources)} image: a covariance needs at "
                              f"least 2 per source; set train.whitening.images >= {2 * len(sources)}")
         return sources
+
+    def images_each(self, sources: Sequence[str]) -> int:
+        """How many images each of ``sources`` gives: ``images`` shared equally."""
+        return self.images // len(sources)
 
 
 def free_images(model: UnifiedViTGAN, source: str, count: int, generator: torch.Generator,
@@ -124,7 +128,7 @@ def refresh_whitening(model: UnifiedViTGAN, sources: Sequence[str], cfg: Whiteni
     generator = torch.Generator().manual_seed(int(cfg.seed))
     features = []
     for source in sources:
-        images = free_images(model, source, cfg.images // len(sources), generator, chunk)
+        images = free_images(model, source, cfg.images_each(sources), generator, chunk)
         features.append(torch.cat([head.inputs(model.discriminator.trunk(images[i:i + chunk]))
                                    for i in range(0, len(images), chunk)]))
     new = whitening_matrix(features, cfg.shrinkage).to(head.input_whitening.device)
