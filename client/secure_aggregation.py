@@ -55,8 +55,9 @@ def secure_vector(msg: Message, run: Mapping[str, object], trained: Mapping[str,
                   metrics: Mapping[str, float]) -> tuple[ArrayRecord, int]:
     """The vector this hospital contributes to the round's secure sum, and how many groups it clipped.
 
-    For each group the coordinator sent (in its order): the update (trained minus received, float64)
-    clipped to ``federation.secaggplus.update_norm``, times ``min(w, M) / M`` for the group's FedAvg
+    For each group the coordinator sent (in its order): the update (trained minus received, float64),
+    its learnt weights clipped to ``federation.secaggplus.update_norm`` and its derived buffers kept
+    within ``clipping_range`` (``common.secure_aggregation.clip_update``), times ``min(w, M) / M`` for the group's FedAvg
     weight ``w`` from this reply's metrics and its bound ``M`` (``common.secure_aggregation.weight_bound``).
     """
     federation, train = run["federation"], run["train"]
@@ -71,7 +72,7 @@ def secure_vector(msg: Message, run: Mapping[str, object], trained: Mapping[str,
         reference = group_entries(trained, [group])
         received = from_arrayrecord(msg.content.array_records[group], reference, transport)
         update = {k: reference[k].detach().double().numpy() - received[k].double().numpy() for k in reference}
-        updates[group], was_clipped = clip_update(update, secure.update_norm)
+        updates[group], was_clipped = clip_update(update, secure.update_norm, secure.clipping_range)
         clipped += int(was_clipped)
         kind = str(federation["aggregation"][group]["weight"])
         weight = 1.0 if kind == "uniform" else float(metrics[protocol.WEIGHT_KEYS[kind]])

@@ -29,7 +29,8 @@ from common.model import is_derived_state
 #: ``federation.secure_aggregation`` values.
 MODES = ("none", "secaggplus")
 SECAGGPLUS = "secaggplus"
-#: Reply metric: how many of the hospital's groups it clipped to ``secaggplus.update_norm`` this round.
+#: Reply metric: how many of the hospital's groups it scaled this round (``clip_update``: learnt weights beyond
+#: ``secaggplus.update_norm``, derived buffers beyond ``clipping_range``).
 CLIPPED_GROUPS = "secagg/clipped_groups"
 
 
@@ -130,16 +131,26 @@ def neighbour_count(num_shares: int, hospitals: int) -> int:
     return min(shares, hospitals)
 
 
-def clip_update(update: Mapping[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], bool]:
-    """``update`` (float64) scaled so that its L2 norm is at most ``bound``, over the learnt weights
-    and over the derived buffers (``common.model.DERIVED_STATE``) apart: the whitening's change,
-    the same at every hospital, must not shrink the learnt update; whether either part was clipped."""
+def clip_update(update: Mapping[str, np.ndarray], bound: float, entry_bound: float) -> tuple[dict[str, np.ndarray], bool]:
+    """``update`` (float64) with its learnt weights scaled to an L2 norm of at most ``bound`` (the
+    hospital's influence on the sum), and whether anything was scaled.
+
+    The derived buffers (``common.model.DERIVED_STATE``: the head's centre and whitening) are kept
+    apart and are not held to ``bound``: the whitening's change is the same at every hospital and
+    is often ten times ``bound`` (about 47 at the tiny preset in its first round), and the centre
+    is each hospital's one DP release; shrinking either gives the global model a centre and a
+    whitening that no hospital computed, under head weights trained for the true ones. They are
+    only kept inside the quantization's range, ``entry_bound`` per entry (``clipping_range``: what
+    Flower's mod would otherwise clip entry by entry), scaled as a whole if one entry is beyond it.
+    """
     clipped: dict[str, np.ndarray] = {}
     was_clipped = False
-    for derived in (False, True):
-        part = {k: v for k, v in update.items() if is_derived_state(k) == derived}
-        norm = math.sqrt(sum(float(np.sum(np.square(v))) for v in part.values()))
-        scale = 1.0 if norm <= bound else bound / norm
+    learnt = {k: v for k, v in update.items() if not is_derived_state(k)}
+    norm = math.sqrt(sum(float(np.sum(np.square(v))) for v in learnt.values()))
+    derived = {k: v for k, v in update.items() if is_derived_state(k)}
+    largest = max((float(np.max(np.abs(v))) for v in derived.values() if v.size), default=0.0)
+    for part, scale in ((learnt, 1.0 if norm <= bound else bound / norm),
+                        (derived, 1.0 if largest <= entry_bound else entry_bound / largest)):
         was_clipped = was_clipped or scale < 1.0
         clipped.update(part if scale == 1.0 else {k: v * scale for k, v in part.items()})
     return {k: clipped[k] for k in update}, was_clipped

@@ -98,9 +98,14 @@ def recorded_vectors(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[np.ndarr
     return vectors
 
 
-def test_the_secure_aggregate_is_plain_fedavg_of_the_same_replies_up_to_quantization(tmp_path: Path) -> None:
-    _, plain = _run(tmp_path / "plain", PLAIN)
-    grid, secure = _run(tmp_path / "secure", SECURE)
+@pytest.mark.parametrize("model", [[], ["model.classifier_whitening=true", "train.whitening.images=64"]],
+                         ids=["plain-head", "whitened-head"])
+def test_the_secure_aggregate_is_plain_fedavg_of_the_same_replies_up_to_quantization(tmp_path: Path,
+                                                                                     model: list[str]) -> None:
+    """With the whitened head too: its matrix changes by far more than update_norm in the first round
+    (the same change at every hospital), and the secure aggregate must still hold it exactly."""
+    _, plain = _run(tmp_path / "plain", [*PLAIN, *model])
+    grid, secure = _run(tmp_path / "secure", [*SECURE, *model])
     entry = secure["rounds"][0]
     assert entry["aggregated"] is True, entry["failure"]
     assert entry["secure_aggregation"]["participants"] == ["site-0", "site-1", "site-2"]
@@ -194,17 +199,22 @@ def _initial_state(run: dict) -> dict[str, np.ndarray]:
     return {k: v.detach().double().numpy() for k, v in state.items()}
 
 
-def test_a_hospital_clips_its_learnt_update_and_its_derived_buffers_each_to_the_bound() -> None:
-    """The whitening's change (the same at every hospital) must not shrink the learnt update."""
-    update = {"classifier.w": np.array([3.0, 4.0]), "classifier.input_whitening": np.array([30.0, 40.0])}
-    clipped, was = clip_update(update, 5.0)
-    assert was and list(clipped) == list(update)
-    np.testing.assert_allclose(clipped["classifier.w"], [3.0, 4.0])  # within the bound on its own
-    np.testing.assert_allclose(clipped["classifier.input_whitening"], [3.0, 4.0])
-    small, was = clip_update({"classifier.w": np.array([0.3, 0.4]), "classifier.input_whitening": np.array([3.0, 4.0])}, 5.0)
-    assert not was and small["classifier.w"].tolist() == [0.3, 0.4]
-    learnt, was = clip_update({"discriminator.w": np.array([6.0, 8.0])}, 5.0)
+def test_a_hospital_clips_its_learnt_update_to_the_bound_and_its_derived_buffers_only_to_the_quantization_range() -> None:
+    """The whitening's change (the same at every hospital, often far above update_norm) must neither
+    shrink the learnt update nor be shrunk itself; only an entry beyond clipping_range scales it."""
+    update = {"classifier.w": np.array([3.0, 4.0]), "classifier.input_whitening": np.array([3.0, -4.0, 2.0] * 10)}
+    clipped, was = clip_update(update, 5.0, 8.0)  # the whitening's change has norm 30.8, no entry beyond 8
+    assert not was and list(clipped) == list(update)
+    np.testing.assert_array_equal(clipped["classifier.w"], [3.0, 4.0])
+    np.testing.assert_array_equal(clipped["classifier.input_whitening"], update["classifier.input_whitening"])
+    beyond, was = clip_update({"classifier.w": np.array([0.3, 0.4]),
+                               "classifier.input_centre": np.array([16.0, -4.0])}, 5.0, 8.0)
+    assert was and beyond["classifier.w"].tolist() == [0.3, 0.4]
+    assert beyond["classifier.input_centre"].tolist() == pytest.approx([8.0, -2.0])
+    learnt, was = clip_update({"discriminator.w": np.array([6.0, 8.0]), "classifier.centre_ready": np.array([1.0])},
+                              5.0, 8.0)
     assert was and learnt["discriminator.w"].tolist() == pytest.approx([3.0, 4.0])
+    assert learnt["classifier.centre_ready"].tolist() == [1.0]
 
 
 @pytest.mark.parametrize(("override", "named"), [
