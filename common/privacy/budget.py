@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from common import protocol
-from common.privacy.accounting import History, PrivacyPlan, counts_entry, counts_noise_multiplier, epsilon, noisy_counts
+from common.privacy.accounting import History, PrivacyPlan, counts_entry, epsilon, noisy_counts
 from common.privacy.centre import centre_entry
 from common.privacy.config import PrivacyConfig
 from common.privacy.ledger import (
@@ -182,7 +182,7 @@ class SitePrivacy:
         ledger's lock, and ``BudgetExhausted`` raised, with nothing released, if it does not fit."""
         if self.counts is not None:
             return self.counts
-        sigma = counts_noise_multiplier(cfg.count_noise_std)
+        sigma, rate, steps = counts_entry(cfg.count_noise_std)  # the same entry the budget check adds
 
         def guard(content: LedgerContent) -> None:
             self.refresh(content)
@@ -195,7 +195,7 @@ class SitePrivacy:
 
         try:
             attempt = self.ledger.begin(self.dataset, self.description, COUNTS, self.run_id, self.server_round,
-                                        sigma, 1.0, 1, guard=guard, noise_std=float(cfg.count_noise_std))
+                                        sigma, rate, steps, guard=guard, noise_std=float(cfg.count_noise_std))
         except _AlreadyReleased:
             assert self.counts is not None
             return self.counts
