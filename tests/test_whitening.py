@@ -127,6 +127,28 @@ def test_every_trainer_refreshes_the_whitening_and_a_model_without_the_switch_ha
     assert not torch.allclose(alone.classifier.input_whitening, unified, atol=1e-3)
 
 
+def test_the_floor_grows_with_the_dp_noise_and_stays_the_fixed_one_without_dp() -> None:
+    cfg = WhiteningConfig(shrinkage=0.01, noise_shrinkage=0.0012, noise_shrinkage_min=0.003)
+    assert cfg.floor(None) == 0.01  # no DP-SGD: the fixed floor
+    assert cfg.floor(0.5) == cfg.floor(1.3) == 0.003  # weak noise: the lowest floor the rule gives
+    assert cfg.floor(2.46) == pytest.approx(0.0012 * 2.46**3)  # 0.018
+    assert cfg.floor(6.3) == pytest.approx(0.300, abs=1e-3)
+    assert cfg.floor(100.0) == 1.0  # a fraction of the largest eigenvalue: at most 1
+    assert [cfg.floor(s) for s in (1.0, 2.0, 3.0, 4.0, 5.0)] == sorted(cfg.floor(s) for s in (1.0, 2.0, 3.0, 4.0, 5.0))
+    off = dataclasses.replace(cfg, noise_shrinkage=0.0)
+    assert off.floor(6.3) == off.floor(None) == 0.01  # the rule off: the fixed floor under DP too
+    # the floor is the one the matrix is built with: a stronger noise, a flatter (less stretching) matrix
+    features = torch.randn(500, 6, dtype=torch.float64) * torch.tensor([10.0, 3.0, 1.0, 0.3, 0.1, 0.03], dtype=torch.float64)
+    spread = [torch.linalg.eigvalsh(whitening_matrix(features, cfg.floor(s)).double()) for s in (1.0, 6.3)]
+    assert float(spread[0].max() / spread[0].min()) > 3 * float(spread[1].max() / spread[1].min())
+    with pytest.raises(ValueError, match="noise_shrinkage must be >= 0"):
+        WhiteningConfig(noise_shrinkage=-0.1)
+    with pytest.raises(ValueError, match=r"noise_shrinkage_min must be in \(0, 1\]"):
+        WhiteningConfig(noise_shrinkage_min=0.0)
+    with pytest.raises(ValueError, match="noise multiplier >= 0"):
+        cfg.floor(float("nan"))
+
+
 def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
     with pytest.raises(ValueError, match="shrinkage"):
         WhiteningConfig(images=64, shrinkage=0.0, seed=0)
@@ -151,7 +173,7 @@ def test_the_whitening_section_refuses_values_it_cannot_use() -> None:
 
 
 def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_path: Path) -> None:
-    _, summary = _run(tmp_path, ["federation.num_sites=2", "federation.rounds=2", "privacy.noise_multiplier=1.3",
+    _, summary = _run(tmp_path, ["federation.num_sites=2", "federation.rounds=2", "privacy.noise_multiplier=3.0",
                                  "model.classifier_centre=true", "model.classifier_grid=1", "privacy.scope=discriminator",
                                  "privacy.freeze_trunk=true", "model.classifier_whitening=true",
                                  "train.whitening.images=64"])
@@ -169,8 +191,11 @@ def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_p
     run = json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(CLASS_NAMES), seed=0)
     model.load_state_dict(load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors")))
-    refresh_whitening(model, (*GEN, *PUBLIC), WhiteningConfig(images=64, shrinkage=0.01, seed=0))  # auto: mixed
+    cfg = WhiteningConfig(images=64, seed=0)  # auto: mixed; the floor from each hospital's sigma, 3.0
+    refresh_whitening(model, (*GEN, *PUBLIC), cfg, noise_multiplier=3.0)
     assert torch.allclose(model.classifier.input_whitening, whitening, atol=1e-5)
+    refresh_whitening(model, (*GEN, *PUBLIC), cfg)  # the floor without DP: not what the hospitals used
+    assert not torch.allclose(model.classifier.input_whitening, whitening, atol=1e-3)
     report = (tmp_path / "privacy" / "report.md").read_text()
     assert "| head input whitening | from 32 images of the received global generator and 32 random-process" in report
     assert "spends no budget" in report

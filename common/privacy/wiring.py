@@ -225,6 +225,11 @@ class DPTraining:
         self.augment_rng = torch.Generator().manual_seed(base ^ 0x2545F4914F6CDD1D)
 
     @property
+    def noise_multiplier(self) -> float:
+        """The plan's sigma: the noise std is ``sigma * max_grad_norm``."""
+        return float(self.plan.noise_multiplier)
+
+    @property
     def steps_total(self) -> int:
         return total_steps(self.history)
 

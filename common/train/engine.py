@@ -157,7 +157,8 @@ class LocalTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         if model.cfg.classifier_whitening:  # from free images, before any step (common/train/whitening.py)
-            refresh_whitening(model, cfg.whitening.sources(cfg.uses_generator), cfg.whitening)
+            refresh_whitening(model, cfg.whitening.sources(cfg.uses_generator), cfg.whitening,
+                              noise_multiplier=privacy.noise_multiplier if privacy is not None else None)
         self.num_classes = model.num_classes
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:
@@ -555,6 +556,11 @@ class LocalTrainer:
 class Backpropagation:
     """The gradient strategy without DP (``common/train/step_gradients.py``): D's and C's gradients are
     the ordinary gradients of their losses on the real and generated batch."""
+
+    @property
+    def noise_multiplier(self) -> None:
+        """No noise."""
+        return None
 
     def inputs(self, trainer: LocalTrainer, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
         return trainer.device_batch(real, labels)

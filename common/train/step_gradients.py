@@ -74,6 +74,11 @@ class DiscriminatorUpdate:
 class StepGradients(Protocol):
     """The gradient strategy of a trainer's steps (``trainer`` is a ``LocalTrainer``)."""
 
+    @property
+    def noise_multiplier(self) -> float | None:
+        """The DP-SGD noise multiplier sigma of the steps (None: ordinary back-propagation, no noise)."""
+        ...
+
     def inputs(self, trainer: Any, real: torch.Tensor, labels: torch.Tensor) -> RealBatch:
         """The real batch as the step uses it (on the trainer's device)."""
         ...
