@@ -75,8 +75,8 @@ class WhiteningConfig:
         None) or with the noise rule off, ``shrinkage``. Under DP-SGD it grows with the noise: the noise
         is the same in every whitened direction, so the weak directions the whitening stretches carry the
         most noise for their signal, and the floor caps that stretch the way a ridge penalty grows with the
-        noise variance. ``clamp(noise_shrinkage * sigma^3, noise_shrinkage_min, 1)`` matched the best
-        floor on validation at every noise multiplier measured, 0.8 to 6.3 (docs/results.md)."""
+        noise variance. ``clamp(noise_shrinkage * sigma^3, noise_shrinkage_min, 1)``: measured on validation
+        at noise multipliers 0.8 to 6.3, on fresh seeds wherever it differs from the fixed floor (docs/results.md)."""
         if noise_multiplier is None or float(self.noise_shrinkage) == 0.0:
             return float(self.shrinkage)
         if not float(noise_multiplier) >= 0.0:
