@@ -191,14 +191,52 @@ def test_a_private_run_whitens_from_its_generator_at_no_cost_to_the_budget(tmp_p
     run = json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())
     model = build_model(dataclass_from_mapping(ModelConfig, run["model"], "model"), len(CLASS_NAMES), seed=0)
     model.load_state_dict(load_file(str(tmp_path / "checkpoints" / "round-0001.safetensors")))
-    cfg = WhiteningConfig(images=64, seed=0)  # auto: mixed; the floor from each hospital's sigma, 3.0
-    refresh_whitening(model, (*GEN, *PUBLIC), cfg, noise_multiplier=3.0)
-    assert torch.allclose(model.classifier.input_whitening, whitening, atol=1e-5)
-    refresh_whitening(model, (*GEN, *PUBLIC), cfg)  # the floor without DP: not what the hospitals used
-    assert not torch.allclose(model.classifier.input_whitening, whitening, atol=1e-3)
+    # auto: mixed. The hospitals trained in the floor their sigma (3.0) sets and sent their heads
+    # expressed in the matrix at the fixed floor, the one every hospital computes alike.
+    matrices = refresh_whitening(model, (*GEN, *PUBLIC), WhiteningConfig(images=64, seed=0), noise_multiplier=3.0)
+    assert torch.allclose(matrices.shared, whitening, atol=1e-5)
+    assert not torch.allclose(matrices.local, whitening, atol=1e-3)
     report = (tmp_path / "privacy" / "report.md").read_text()
     assert "| head input whitening | from 32 images of the received global generator and 32 random-process" in report
     assert "spends no budget" in report
+
+
+def test_each_hospital_trains_in_its_own_floor_and_sends_its_head_in_the_shared_one(tmp_path: Path) -> None:
+    common = ["federation.num_sites=2", "federation.rounds=1", "privacy.noise_multiplier=3.0", "model.classifier_grid=1",
+              "privacy.scope=discriminator", "privacy.freeze_trunk=true", "model.classifier_whitening=true",
+              "train.whitening.images=64", "privacy.seed=0"]  # seeded noise: the same draws in both runs
+    heads = {}
+    for name, rule in (("own", []), ("fixed", ["train.whitening.noise_shrinkage=0"])):
+        _run(tmp_path / name, [*common, *rule])
+        heads[name] = load_file(str(tmp_path / name / "checkpoints" / "round-0001.safetensors"))
+    # the same coordinates leave the hospitals either way (the matrix at the fixed floor) ...
+    assert torch.equal(heads["own"]["classifier.input_whitening"], heads["fixed"]["classifier.input_whitening"])
+    # ... but the steps were taken in another matrix, so the same noise moved the head elsewhere
+    assert not torch.allclose(heads["own"]["classifier.head.weight"], heads["fixed"]["classifier.head.weight"], atol=1e-4)
+
+
+def test_a_round_switches_to_the_hospital_s_matrix_for_its_steps_and_back(tiny_cfg: ModelConfig) -> None:
+    model = _model(tiny_cfg)
+    trainer = LocalTrainer(model, dataclasses.replace(TrainConfig(), method="supervised", whitening=SMALL), seed=0)
+    shared = model.classifier.input_whitening.clone()
+    assert trainer.whitenings is not None and torch.equal(trainer.whitenings.shared, shared)
+    assert trainer.whitenings.local is trainer.whitenings.shared  # no DP: one matrix, nothing switches
+    noisy = _model(tiny_cfg)
+    matrices = refresh_whitening(noisy, PUBLIC, SMALL, noise_multiplier=6.3)
+    local = matrices.local
+    assert not torch.allclose(local, matrices.shared, atol=1e-3)
+    assert torch.equal(noisy.classifier.input_whitening, matrices.shared)  # a refresh leaves the head ready to leave
+    trainer.whitenings = dataclasses.replace(trainer.whitenings, local=local)
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    labels = torch.arange(8) % 3
+    with torch.no_grad():
+        before = model.classify(images)
+    seen: list[torch.Tensor] = []
+    trainer.train_round([(images, labels)], steps=2,
+                        progress=lambda *_: seen.append(model.classifier.input_whitening.clone()))
+    assert len(seen) == 2 and all(torch.equal(m, local) for m in seen)  # the steps: the hospital's own floor
+    assert torch.equal(model.classifier.input_whitening, shared)  # after: the shared one, ready to leave
+    assert not torch.allclose(model.classify(images), before, atol=1e-4)  # it did train
 
 
 def test_the_report_says_the_matrix_is_free_only_where_the_generator_is_private() -> None:

@@ -56,7 +56,7 @@ from common.train.step_gradients import (
 )
 from common.train.transfer import host_rows, to_device, to_floats
 from common.train.weighting import DynamicLossWeighting
-from common.train.whitening import refresh_whitening
+from common.train.whitening import HeadWhitenings, express_head_in, refresh_whitening
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -156,9 +156,12 @@ class LocalTrainer:
         self.model = model.to(device)
         self.cfg = cfg
         self.device = torch.device(device)
-        if model.cfg.classifier_whitening:  # from free images, before any step (common/train/whitening.py)
-            refresh_whitening(model, cfg.whitening.sources(cfg.uses_generator), cfg.whitening,
-                              noise_multiplier=privacy.noise_multiplier if privacy is not None else None)
+        # The head's whitening from free images, before any step (common/train/whitening.py): outside
+        # train_round the head is in the matrix every hospital shares, inside it in the hospital's own.
+        self.whitenings: HeadWhitenings | None = None
+        if model.cfg.classifier_whitening:
+            self.whitenings = refresh_whitening(model, cfg.whitening.sources(cfg.uses_generator), cfg.whitening,
+                                                noise_multiplier=privacy.noise_multiplier if privacy is not None else None)
         self.num_classes = model.num_classes
         self.class_names = tuple(class_names) if class_names else tuple(str(k) for k in range(self.num_classes))
         if len(self.class_names) != self.num_classes:
@@ -454,6 +457,9 @@ class LocalTrainer:
         steps = self.cfg.local_steps if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        own_whitening = self.whitenings is not None and self.whitenings.local is not self.whitenings.shared
+        if own_whitening:  # the steps in the floor the hospital's noise sets; the same function
+            express_head_in(self.model, self.whitenings.local)
         self.model.train()
         self.selector.reset_counters()
         self.pseudo.reset_counters()
@@ -484,6 +490,8 @@ class LocalTrainer:
                 progress(index + 1, steps, result)
         if average is not None:
             average.apply()
+        if own_whitening:  # back in the matrix every hospital shares, before the head may leave
+            express_head_in(self.model, self.whitenings.shared)
         seconds = time.perf_counter() - start
         return RoundMetrics(
             steps=steps,

@@ -20,9 +20,13 @@ patches:
 or ``mixed`` pick a source whatever the method.
 
 The matrix is refreshed each time a trainer is built (every federated round; once in a centralised
-run), from ``train.whitening.seed``: every hospital holding the same global model computes the same
-matrix, so FedAvg averages heads expressed in the same coordinates. The head's weight is rewritten
-at each refresh so that the model's function does not change (``W A = W' A'``).
+run), from ``train.whitening.seed``. Its eigenvalue floor is a share of the largest eigenvalue; under
+DP-SGD it grows with the hospital's noise multiplier (``WhiteningConfig.floor``). Hospitals of
+different sizes calibrate different noise for one epsilon, so each trains in its own matrix
+(``HeadWhitenings.local``) and expresses its head, before it leaves, in the matrix at the fixed floor
+(``shared``), which every hospital holding the same global model computes alike: FedAvg averages heads
+expressed in the same coordinates. Each change of matrix rewrites the head's weight so that the
+model's function does not change (``W A = W' A'``).
 """
 
 from __future__ import annotations
@@ -140,12 +144,37 @@ def whitening_matrix(features: torch.Tensor | Sequence[torch.Tensor], shrinkage:
     return (inverse_root * scale).float()
 
 
+@dataclass(frozen=True)
+class HeadWhitenings:
+    """The two matrices of one refresh. ``shared``: at the fixed floor (``shrinkage``), the same at every
+    hospital holding the same global model; the head is expressed in it whenever it may leave the
+    hospital, so FedAvg averages heads in the same coordinates. ``local``: at the floor the hospital's
+    own noise multiplier sets (``WhiteningConfig.floor``); its training steps use it. Hospitals of
+    different sizes calibrate different noise for one epsilon, so their ``local`` matrices differ.
+    Without DP, or where the two floors agree, ``local`` is ``shared`` (the same tensor) and nothing switches."""
+
+    shared: torch.Tensor
+    local: torch.Tensor
+
+
+@torch.no_grad()
+def express_head_in(model: UnifiedViTGAN, whitening: torch.Tensor) -> None:
+    """Set the head's ``input_whitening`` to ``whitening``, rewriting the head's weight so that the
+    model computes the same function as before (``W A = W' A'``, both matrices symmetric)."""
+    head = model.classifier
+    old = head.input_whitening
+    new = whitening.to(old.device)
+    weight = head.head.weight
+    weight.copy_(torch.linalg.solve(new.double(), (weight.double() @ old.double()).T).T.to(weight.dtype))
+    old.copy_(new)
+
+
 @torch.no_grad()
 def refresh_whitening(model: UnifiedViTGAN, sources: Sequence[str], cfg: WhiteningConfig, chunk: int = 250,
-                      noise_multiplier: float | None = None) -> None:
-    """Set the head's ``input_whitening`` from free images (``cfg.images``, shared equally by the
-    ``sources``), rewriting the head's weight so that the model computes the same function as before.
-    ``noise_multiplier``: the hospital's DP-SGD sigma, which sets the eigenvalue floor (``cfg.floor``)."""
+                      noise_multiplier: float | None = None) -> HeadWhitenings:
+    """Compute the head's whitening from free images (``cfg.images``, shared equally by the ``sources``)
+    and express the head in the ``shared`` matrix (the model's function does not change). ``noise_multiplier``:
+    the hospital's DP-SGD sigma, which sets the ``local`` matrix's floor (``cfg.floor``)."""
     head = model.classifier
     generator = torch.Generator().manual_seed(int(cfg.seed))
     features = []
@@ -153,9 +182,8 @@ def refresh_whitening(model: UnifiedViTGAN, sources: Sequence[str], cfg: Whiteni
         images = free_images(model, source, cfg.images_each(sources), generator, chunk)
         features.append(torch.cat([head.inputs(model.discriminator.trunk(images[i:i + chunk]))
                                    for i in range(0, len(images), chunk)]))
-    new = whitening_matrix(features, cfg.floor(noise_multiplier)).to(head.input_whitening.device)
-    old = head.input_whitening
-    weight = head.head.weight
-    # logits = W (A x) + b = W' (A' x) + b  with  W' = W A A'^-1 (A, A' symmetric)
-    weight.copy_(torch.linalg.solve(new.double(), (weight.double() @ old.double()).T).T.to(weight.dtype))
-    old.copy_(new)
+    shared = whitening_matrix(features, cfg.shrinkage).to(head.input_whitening.device)
+    floor = cfg.floor(noise_multiplier)
+    local = shared if floor == float(cfg.shrinkage) else whitening_matrix(features, floor).to(shared.device)
+    express_head_in(model, shared)
+    return HeadWhitenings(shared=shared, local=local)
