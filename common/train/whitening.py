@@ -56,7 +56,7 @@ class WhiteningConfig:
     """``conf/train/*.yaml``: ``whitening`` (read only with ``model.classifier_whitening``)."""
 
     images: int  # free images per refresh
-    shrinkage: float  # eigenvalue floor without DP-SGD, a fraction of the largest eigenvalue
+    shrinkage: float  # eigenvalue floor without DP-SGD (a fraction of the largest eigenvalue), and the shared matrix's
     noise_shrinkage: float  # under DP-SGD: floor = clamp(noise_shrinkage * sigma^3, noise_shrinkage_min, 1); 0: off
     noise_shrinkage_min: float  # the lowest floor the noise rule gives
     seed: int  # of the free images: public randomness, the same at every hospital
