@@ -129,19 +129,28 @@ def whitening_matrix(features: torch.Tensor | Sequence[torch.Tensor], shrinkage:
     """The symmetric ``(Sigma + s lambda_max I)^(-1/2)`` of ``features`` (rows), scaled so that the
     mean norm of the centred rows is unchanged (the clipping bound keeps its meaning). Several sets:
     each centred on its own mean, Sigma the mean of their covariances scaled to equal trace."""
+    (matrix,) = whitening_matrices(features, (shrinkage,))
+    return matrix
+
+
+def whitening_matrices(features: torch.Tensor | Sequence[torch.Tensor], shrinkages: Sequence[float]) -> list[torch.Tensor]:
+    """:func:`whitening_matrix` at each of ``shrinkages``, from one covariance and one eigendecomposition."""
     sets = [features] if isinstance(features, torch.Tensor) else list(features)
     centred = [f.double() - f.double().mean(0) for f in sets]
     covariances = [c.T @ c / len(c) for c in centred]
     covariance = sum(c / c.trace().clamp(min=1e-300) for c in covariances) / len(covariances)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues = eigenvalues.clamp(min=0.0)
-    floor = shrinkage * float(eigenvalues.max())
-    if floor <= 0.0:
-        raise ValueError("the free images' features do not vary: no whitening can be derived from them")
-    inverse_root = eigenvectors @ torch.diag((eigenvalues + floor).rsqrt()) @ eigenvectors.T
     rows = torch.cat(centred)
-    scale = rows.norm(dim=1).mean() / (rows @ inverse_root).norm(dim=1).mean()
-    return (inverse_root * scale).float()
+    matrices = []
+    for shrinkage in shrinkages:
+        floor = shrinkage * float(eigenvalues.max())
+        if floor <= 0.0:
+            raise ValueError("the free images' features do not vary: no whitening can be derived from them")
+        inverse_root = eigenvectors @ torch.diag((eigenvalues + floor).rsqrt()) @ eigenvectors.T
+        scale = rows.norm(dim=1).mean() / (rows @ inverse_root).norm(dim=1).mean()
+        matrices.append((inverse_root * scale).float())
+    return matrices
 
 
 @dataclass(frozen=True)
@@ -182,8 +191,9 @@ def refresh_whitening(model: UnifiedViTGAN, sources: Sequence[str], cfg: Whiteni
         images = free_images(model, source, cfg.images_each(sources), generator, chunk)
         features.append(torch.cat([head.inputs(model.discriminator.trunk(images[i:i + chunk]))
                                    for i in range(0, len(images), chunk)]))
-    shared = whitening_matrix(features, cfg.shrinkage).to(head.input_whitening.device)
     floor = cfg.floor(noise_multiplier)
-    local = shared if floor == float(cfg.shrinkage) else whitening_matrix(features, floor).to(shared.device)
+    floors = (float(cfg.shrinkage),) if floor == float(cfg.shrinkage) else (float(cfg.shrinkage), floor)
+    matrices = [m.to(head.input_whitening.device) for m in whitening_matrices(features, floors)]
+    shared, local = matrices[0], matrices[-1]  # one tensor where the two floors agree
     express_head_in(model, shared)
     return HeadWhitenings(shared=shared, local=local)
