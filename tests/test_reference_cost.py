@@ -12,8 +12,14 @@ import pytest
 
 from common.config import compose_config, plain_config
 from common.privacy.reference_cost import Recipe, ReferenceCost, cost_statement, load_reference, nearest_cost
+from simulations.experiments.config import experiment_config
 from simulations.experiments.reference_costs import main as reference_main
 from simulations.experiments.reference_costs import reference_rows
+from simulations.experiments.runner import variant_run
+from simulations.experiments.variants import load_variant
+
+#: conf/train/default.yaml's whitening floor rule, as a recipe names it
+DEFAULT_FLOOR = "clamp(0.0012 sigma^3, 0.01, 1) under DP-SGD, shared 0.01"
 
 ROWS = [ReferenceCost("unified", "discriminator", 1.1, 0.40, 0.74, 3),
         ReferenceCost("unified", "discriminator", 3.0, 0.50, 0.74, 3),
@@ -66,7 +72,8 @@ def test_a_run_from_the_trunk_prior_is_quoted_its_own_recipe_never_the_one_from_
     # a whitened head is its own recipe: the centred one's rows do not stand in for it
     centred = Recipe("supervised", "discriminator", trunk_prior=True, freeze_trunk=True, classifier_grid=2,
                      classifier_centre=True)
-    whitened = dataclasses.replace(centred, classifier_whitening=True, whitening_images="random_process")
+    whitened = dataclasses.replace(centred, classifier_whitening=True, whitening_images="random_process",
+                                   whitening_floor=DEFAULT_FLOOR)
     rows = [ReferenceCost(**dataclasses.asdict(centred), epsilon=8.0, accuracy=0.7, accuracy_without_dp=0.6, seeds=3)]
     assert nearest_cost(rows, centred, 8.0) == rows[0] and nearest_cost(rows, whitened, 8.0) is None
     rows.append(ReferenceCost(**dataclasses.asdict(whitened), epsilon=8.0, accuracy=0.8, accuracy_without_dp=0.6,
@@ -160,3 +167,42 @@ def test_the_shipped_reference_covers_both_methods_in_the_end_to_end_scope() -> 
     assert reference is not None and reference["source"]
     pairs = {(r.method, r.scope) for r in reference["rows"]}
     assert {("unified", "discriminator"), ("supervised", "discriminator")} <= pairs
+
+
+def test_the_whitening_floor_rule_is_part_of_the_recipe() -> None:
+    """A run whose whitening floor is not the measured rule (the rule off, or other settings) is told its
+    cost was not measured instead of being quoted the rule's; a row recorded before the key carries no
+    rule and is quoted to no whitened run."""
+    run = {"train": {"method": "supervised", "whitening": {"source": "auto"}},
+           "model": {"trunk_prior": "p.safetensors", "classifier_grid": 2, "classifier_centre": True,
+                     "classifier_whitening": True},
+           "privacy": {"scope": "discriminator", "freeze_trunk": True}}
+    rule = Recipe.of_run(run)
+    assert rule.whitening_floor == DEFAULT_FLOOR
+    rows = [ReferenceCost(**dataclasses.asdict(rule), epsilon=8.0, accuracy=0.79, accuracy_without_dp=0.72, seeds=3)]
+    assert nearest_cost(rows, rule, 8.0) == rows[0]
+    assert f"at the eigenvalue floor {DEFAULT_FLOOR} (train.whitening)" in cost_statement(
+        {"source": "s", "rows": rows}, rule, 8.0)
+    run["train"]["whitening"]["noise_shrinkage"] = 0.0
+    fixed = Recipe.of_run(run)
+    assert fixed.whitening_floor == "0.01" and nearest_cost(rows, fixed, 8.0) is None
+    assert "at the eigenvalue floor 0.01 (train.whitening)" in cost_statement({"source": "s", "rows": rows}, fixed, 8.0)
+    run["train"]["whitening"].update(noise_shrinkage=0.0012, noise_shrinkage_min=0.003)
+    assert nearest_cost(rows, Recipe.of_run(run), 8.0) is None
+    before_the_key = dataclasses.replace(rows[0], whitening_floor="")
+    assert nearest_cost([before_the_key], rule, 8.0) is None
+    del run["model"]["classifier_whitening"]  # no whitening: no floor in the recipe
+    assert Recipe.of_run(run).whitening_floor == ""
+
+
+@pytest.mark.parametrize("variant", ["plain_dp8_prior_whitened", "unified_dp8_prior_nogen", "plain_dp3_prior_whitened",
+                                     "unified_dp3_prior_nogen", "plain_dp1_prior_whitened", "unified_dp1_prior_nogen"])
+def test_the_shipped_reference_quotes_the_reference_experiment_s_own_whitened_variants(variant: str) -> None:
+    """Each recipe of experiment=privacy_utility's table has its shipped row, floor rule included."""
+    config = plain_config(compose_config(["experiment=privacy_utility"], config_name="experiments"))
+    base = {k: v for k, v in config.items() if k != "experiment"}
+    run = variant_run(base, experiment_config(config["experiment"]), load_variant(variant), 0)
+    epsilon = float(run["privacy"]["target_epsilon"])
+    row = nearest_cost(load_reference()["rows"], Recipe.of_run(run), epsilon)
+    assert row is not None and row.whitening_floor == DEFAULT_FLOOR
+    assert max(row.epsilon / epsilon, epsilon / row.epsilon) < 1.2

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common import protocol
 from common.config import dataclass_from_mapping
 from common.data.synthetic import CLASS_NAMES
 from common.model import ModelConfig, build_model
 from common.model.unified import UnifiedViTGAN
 from common.privacy.ledger import CENTRE, PrivacyLedger
-from common.privacy.report import head_whitening_text
+from common.privacy.report import build_report, head_whitening_floor, head_whitening_text, render_markdown
 from common.train.config import TrainConfig
 from common.train.engine import LocalTrainer
 from common.train.whitening import WhiteningConfig, refresh_whitening, whitening_matrix
@@ -259,3 +260,47 @@ def test_the_report_says_the_matrix_is_free_only_where_the_generator_is_private(
     assert refused is not None and refused.startswith("none: train.whitening.source=generator needs")
     assert "spends no budget" in mixed
     assert head_whitening_text({"model": {}, "privacy": {"scope": "discriminator"}}) is None
+
+
+def test_the_report_names_each_hospital_s_whitening_floor_and_the_shared_one() -> None:
+    """The report says which floor the hospital's steps used (from the noise its DP steps used) and in
+    which matrix the head left: how to reproduce the run."""
+    config = {"model": {"classifier_whitening": True}, "train": {"whitening": {"images": 1000}}}
+    noisy = head_whitening_floor(config, 2.46)
+    assert noisy["floor"] == pytest.approx(0.0012 * 2.46 ** 3) and noisy["shared_floor"] == 0.01
+    assert noisy["rule"] == "clamp(0.0012 sigma^3, 0.01, 1) under DP-SGD, shared 0.01"
+    calm = head_whitening_floor(config, 1.17)
+    assert calm["floor"] == 0.01
+    assert head_whitening_floor(config, None)["floor"] == 0.01
+    assert head_whitening_floor({"model": {}, "train": {}}, 2.46) is None
+    config["train"]["whitening"]["noise_shrinkage"] = 0.0
+    assert head_whitening_floor(config, 6.3) == {"rule": "0.01", "noise_multiplier": 6.3, "floor": 0.01,
+                                                 "shared_floor": 0.01}
+
+
+def test_a_private_run_s_report_states_the_floor_its_hospitals_used(tmp_path: Path) -> None:
+    """Two hospitals of one private run, whitened: report.json and report.md carry each one's floor at
+    the noise multiplier it reported."""
+    config = {"model": {"classifier_whitening": True}, "train": {"whitening": {"images": 1000}}}
+    text = render_markdown(_report_with_floors(config, tmp_path))
+    assert "| head whitening's eigenvalue floor | 0.0179 of the largest eigenvalue in its training steps (at this " \
+           "hospital's noise multiplier 2.46" in text
+    assert "the head leaves written in the shared matrix, floor 0.01 |" in text
+    assert "0.01 of the largest eigenvalue in its training steps (at this hospital's noise multiplier 1.17" in text
+    assert "; the head leaves in the same matrix |" in text
+
+
+def _report_with_floors(config: dict, run_dir: Path) -> dict:
+    """build_report of a one-round private run whose two hospitals reported noise 2.46 and 1.17."""
+    def site(sigma: float) -> dict:
+        return {"train": {protocol.DP_EPSILON: 3.0, protocol.DP_DELTA: 1e-5, protocol.DP_NOISE_MULTIPLIER: sigma,
+                          protocol.DP_SAMPLE_RATE: 0.05, protocol.DP_MAX_GRAD_NORM: 1.0, protocol.DP_STEPS_TOTAL: 50,
+                          protocol.DP_HISTORY_NOISE: [sigma], protocol.DP_HISTORY_RATE: [0.05],
+                          protocol.DP_HISTORY_STEPS: [50]}}
+    full = {**config, "privacy": {"enabled": True, "scope": "discriminator"}}
+    (run_dir / "summary.json").write_text(json.dumps({"config": full, "rounds": [
+        {"round": 1, "sites": {"site-0": site(2.46), "site-1": site(1.17)}}]}))
+    report = build_report(run_dir)
+    assert report["sites"]["site-0"]["head_whitening_floor"]["floor"] == pytest.approx(0.0012 * 2.46 ** 3)
+    assert report["sites"]["site-1"]["head_whitening_floor"]["floor"] == 0.01
+    return report

@@ -43,6 +43,7 @@ class Recipe:
     classifier_whitening: bool = False
     whitening_images: str = ""  # the whitening's image sources joined by "+" ("" without whitening)
     generated_images: bool = False  # the classifier trained on generated images (train.selection.mode != none)
+    whitening_floor: str = ""  # the whitening's eigenvalue floor rule (WhiteningConfig.floor_rule; "" without whitening)
 
     def describe(self) -> str:
         text = f"train.method={self.method} with privacy.scope={self.scope}"
@@ -57,6 +58,8 @@ class Recipe:
         if self.classifier_whitening:
             images = f": {self.whitening_images.replace('+', ' and ')} images" if self.whitening_images else ""
             text += f", whitened by free images (model.classifier_whitening{images})"
+            if self.whitening_floor:
+                text += f" at the eigenvalue floor {self.whitening_floor} (train.whitening)"
         if self.generated_images:
             text += ", the classifier trained on generated images too"
         elif training_method(self.method).trains_generator:
@@ -71,20 +74,21 @@ class Recipe:
         method = str(train.get("method", "unified"))
         trains_generator = training_method(method).trains_generator
         whitening = bool(model.get("classifier_whitening", False))
-        sources = ""
+        sources = floor = ""
         if whitening:
             try:
                 config = dataclass_from_mapping(WhiteningConfig, train.get("whitening") or {}, "train.whitening")
                 sources = "+".join(config.sources(trains_generator))
+                floor = config.floor_rule()
             except (ConfigError, ValueError):  # a config the hospitals refuse: no row can match it
-                sources = "refused"
+                sources = floor = "refused"
         selection = str((train.get("selection") or {}).get("mode", "rule"))
         return cls(method=method, scope=str(privacy["scope"]),
                    trunk_prior=bool(model.get("trunk_prior")), freeze_trunk=bool(privacy.get("freeze_trunk", False)),
                    classifier_grid=int(model.get("classifier_grid") or 0),
                    classifier_centre=bool(model.get("classifier_centre", False)),
                    classifier_whitening=whitening, whitening_images=sources,
-                   generated_images=trains_generator and selection != "none")
+                   generated_images=trains_generator and selection != "none", whitening_floor=floor)
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,13 @@ class ReferenceCost:
     classifier_whitening: bool = False  # model.classifier_whitening (rows recorded before it: false)
     whitening_images: str = ""  # train.whitening's sources, "+"-joined (rows recorded before it: "")
     generated_images: bool = False  # the classifier trained on generated images (see Recipe)
+    whitening_floor: str = ""  # train.whitening's floor rule (rows recorded before it: "", quoted to no whitened run)
 
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid,
-                      self.classifier_centre, self.classifier_whitening, self.whitening_images, self.generated_images)
+                      self.classifier_centre, self.classifier_whitening, self.whitening_images, self.generated_images,
+                      self.whitening_floor)
 
     @property
     def cost_points(self) -> float:

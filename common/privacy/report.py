@@ -90,6 +90,30 @@ def head_whitening_text(config: dict[str, Any]) -> str | None:
             "is post-processing of DP outputs and spends no budget")
 
 
+def head_whitening_floor(config: dict[str, Any], noise_multiplier: float | None) -> dict[str, Any] | None:
+    """The eigenvalue floor of the head's whitening at this hospital (None: model.classifier_whitening is
+    off): its own, from the noise multiplier its DP steps used, which its training steps read, and the
+    shared one every hospital writes its head in before it leaves. Not a privacy quantity (the matrix
+    is made of free images either way); it tells how to reproduce the run."""
+    if not (config.get("model") or {}).get("classifier_whitening"):
+        return None
+    train = config.get("train") or {}
+    whitening = dataclass_from_mapping(WhiteningConfig, train.get("whitening") or {}, "train.whitening")
+    return {"rule": whitening.floor_rule(), "noise_multiplier": noise_multiplier,
+            "floor": whitening.floor(noise_multiplier), "shared_floor": float(whitening.shrinkage)}
+
+
+def _floor_text(floor: dict[str, Any]) -> str:
+    """The report's line for ``head_whitening_floor``."""
+    at = ("without DP-SGD noise" if floor["noise_multiplier"] is None
+          else f"at this hospital's noise multiplier {_fmt(floor['noise_multiplier'])}")
+    own = (f"{floor['floor']:.3g} of the largest eigenvalue in its training steps ({at}; train.whitening: "
+           f"{floor['rule']})")
+    if floor["floor"] == floor["shared_floor"]:
+        return own + "; the head leaves in the same matrix"
+    return own + f"; the head leaves written in the shared matrix, floor {floor['shared_floor']:.3g}"
+
+
 def clipping_text(cfg: PrivacyConfig, config: dict[str, Any], max_grad_norm: float | None) -> str:
     """How each real patch's gradient was clipped (``privacy.discriminator_clip_share``): the bound the
     noise is calibrated to is C either way."""
@@ -176,6 +200,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "count_release": _count_release(latest),
         "centre_release": _centre_release(latest, cfg, config),
         "head_whitening": head_whitening_text(config),
+        "head_whitening_floor": head_whitening_floor(config, _finite(latest.get(protocol.DP_NOISE_MULTIPLIER))),
         "clipping": clipping_text(cfg, config, _finite(latest.get(protocol.DP_MAX_GRAD_NORM))),
         **_coverage(cfg),
         **_budget(latest, trained, stopped),
@@ -339,6 +364,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"| count release | {_count_text(site['count_release'])} |",
                   *([f"| head centre release | {_centre_text(site['centre_release'])} |"] if site.get("centre_release") else []),
                   *([f"| head input whitening | {site['head_whitening']} |"] if site.get("head_whitening") else []),
+                  *([f"| head whitening's eigenvalue floor | {_floor_text(site['head_whitening_floor'])} |"]
+                    if site.get("head_whitening_floor") else []),
                   f"| sampling | {site['sampling']} |",
                   f"| budget stop triggered | {_budget_stop_text(site)} |",
                   ""]

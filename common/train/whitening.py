@@ -88,6 +88,14 @@ class WhiteningConfig:
         rule = float(self.noise_shrinkage) * float(noise_multiplier) ** 3
         return min(1.0, max(float(self.noise_shrinkage_min), rule))
 
+    def floor_rule(self) -> str:
+        """The floor rule in one line, the same for equal settings: what a reference cost's recipe and the
+        privacy report name (the shared matrix's floor is ``shrinkage`` either way)."""
+        if float(self.noise_shrinkage) == 0.0:
+            return f"{float(self.shrinkage):g}"
+        return (f"clamp({float(self.noise_shrinkage):g} sigma^3, {float(self.noise_shrinkage_min):g}, 1) under DP-SGD, "
+                f"shared {float(self.shrinkage):g}")
+
     def sources(self, trains_generator: bool) -> tuple[str, ...]:
         """The free images' sources, ``generator`` and/or ``random_process`` (``auto``: both when the
         training method trains the generator: its images alone, recomputed each round from a generator
