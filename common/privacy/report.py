@@ -67,12 +67,20 @@ def _centre_release(metrics: dict[str, Any], cfg: PrivacyConfig, config: dict[st
             "radius": radius, "noise_std": None if sigma is None else sigma * radius}
 
 
-def head_whitening_text(config: dict[str, Any]) -> str | None:
-    """Where the head's whitening came from (None: model.classifier_whitening is off): no budget is spent on it."""
+def _head_whitening(config: dict[str, Any]) -> WhiteningConfig | None:
+    """The run's ``train.whitening`` (None: model.classifier_whitening is off)."""
     if not (config.get("model") or {}).get("classifier_whitening"):
         return None
+    return dataclass_from_mapping(WhiteningConfig, (config.get("train") or {}).get("whitening") or {},
+                                  "train.whitening")
+
+
+def head_whitening_text(config: dict[str, Any]) -> str | None:
+    """Where the head's whitening came from (None: model.classifier_whitening is off): no budget is spent on it."""
+    whitening = _head_whitening(config)
+    if whitening is None:
+        return None
     train = config.get("train") or {}
-    whitening = dataclass_from_mapping(WhiteningConfig, train.get("whitening") or {}, "train.whitening")
     try:
         sources = whitening.sources(training_method(str(train.get("method", "unified"))).trains_generator)
     except ValueError as refused:  # the hospitals refused such a run before training: nothing was whitened
@@ -95,10 +103,9 @@ def head_whitening_floor(config: dict[str, Any], noise_multiplier: float | None)
     off): its own, from the noise multiplier its DP steps used, which its training steps read, and the
     shared one every hospital writes its head in before it leaves. Not a privacy quantity (the matrix
     is made of free images either way); it tells how to reproduce the run."""
-    if not (config.get("model") or {}).get("classifier_whitening"):
+    whitening = _head_whitening(config)
+    if whitening is None:
         return None
-    train = config.get("train") or {}
-    whitening = dataclass_from_mapping(WhiteningConfig, train.get("whitening") or {}, "train.whitening")
     return {"rule": whitening.floor_rule(), "noise_multiplier": noise_multiplier,
             "floor": whitening.floor(noise_multiplier), "shared_floor": float(whitening.shrinkage)}
 
