@@ -110,8 +110,8 @@ def test_a_frozen_trunk_never_moves_and_the_noise_covers_the_heads_alone(tiny_cf
 def test_a_frozen_trunk_is_refused_outside_the_end_to_end_scope_and_said_in_the_report() -> None:
     with pytest.raises(ValueError, match="freeze_trunk needs scope=discriminator"):
         PrivacyConfig(enabled=True, scope="classifier", freeze_trunk=True)
-    frozen = _coverage(PrivacyConfig(enabled=True, scope="discriminator", freeze_trunk=True), {})
-    trained = _coverage(PrivacyConfig(enabled=True, scope="discriminator"), {})
+    frozen = _coverage(PrivacyConfig(enabled=True, scope="discriminator", freeze_trunk=True))
+    trained = _coverage(PrivacyConfig(enabled=True, scope="discriminator"))
     assert frozen["covered"]["discriminator"].startswith("the trunk is frozen at its initial weights")
     assert "frozen" not in trained["covered"]["discriminator"]
     assert frozen["end_to_end_guarantee"] and frozen["covered_groups"] == trained["covered_groups"]

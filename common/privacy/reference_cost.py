@@ -44,7 +44,6 @@ class Recipe:
     whitening_images: str = ""  # the whitening's image sources joined by "+" ("" without whitening)
     generated_images: bool = False  # the classifier trained on generated images (train.selection.mode != none)
     whitening_floor: str = ""  # the whitening's eigenvalue floor rule (WhiteningConfig.floor_rule; "" without whitening)
-    trunk_adaptation: int = 0  # train.trunk_adaptation.steps: the frozen trunk's SimCLR steps a round on generated images
 
     def describe(self) -> str:
         text = f"train.method={self.method} with privacy.scope={self.scope}"
@@ -61,9 +60,6 @@ class Recipe:
             text += f", whitened by free images (model.classifier_whitening{images})"
             if self.whitening_floor:
                 text += f" at the eigenvalue floor {self.whitening_floor} (train.whitening)"
-        if self.trunk_adaptation:
-            text += (f", the frozen trunk adapted by {self.trunk_adaptation} SimCLR steps a round on generated images "
-                     "(train.trunk_adaptation)")
         if self.generated_images:
             text += ", the classifier trained on generated images too"
         elif training_method(self.method).trains_generator:
@@ -92,8 +88,7 @@ class Recipe:
                    classifier_grid=int(model.get("classifier_grid") or 0),
                    classifier_centre=bool(model.get("classifier_centre", False)),
                    classifier_whitening=whitening, whitening_images=sources,
-                   generated_images=trains_generator and selection != "none", whitening_floor=floor,
-                   trunk_adaptation=int((train.get("trunk_adaptation") or {}).get("steps", 0) or 0))
+                   generated_images=trains_generator and selection != "none", whitening_floor=floor)
 
 
 @dataclass(frozen=True)
@@ -114,13 +109,12 @@ class ReferenceCost:
     whitening_images: str = ""  # train.whitening's sources, "+"-joined (rows recorded before it: "")
     generated_images: bool = False  # the classifier trained on generated images (see Recipe)
     whitening_floor: str = ""  # train.whitening's floor rule (rows recorded before it: "", quoted to no whitened run)
-    trunk_adaptation: int = 0  # train.trunk_adaptation.steps (rows recorded before it: 0, off)
 
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.method, self.scope, self.trunk_prior, self.freeze_trunk, self.classifier_grid,
                       self.classifier_centre, self.classifier_whitening, self.whitening_images, self.generated_images,
-                      self.whitening_floor, self.trunk_adaptation)
+                      self.whitening_floor)
 
     @property
     def cost_points(self) -> float:

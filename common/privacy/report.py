@@ -209,7 +209,7 @@ def site_report(name: str, trained: list[tuple[int, dict[str, Any]]], stopped: l
         "head_whitening": head_whitening_text(config),
         "head_whitening_floor": head_whitening_floor(config, _finite(latest.get(protocol.DP_NOISE_MULTIPLIER))),
         "clipping": clipping_text(cfg, config, _finite(latest.get(protocol.DP_MAX_GRAD_NORM))),
-        **_coverage(cfg, config),
+        **_coverage(cfg),
         **_budget(latest, trained, stopped),
         "lifetime": lifetime,
     }
@@ -251,28 +251,14 @@ FROZEN_TRUNK = ("the trunk is frozen at its initial weights (a seeded random ini
                 "learnt from random-process images without any patient data): no real patch's gradient reaches it, "
                 "so it reveals nothing about them; DP-SGD on the adversarial head and class projection for the real "
                 "patches' gradients")
-#: The same with train.trunk_adaptation: the trunk moves, but only on images of the received global generator.
-ADAPTED_TRUNK = ("no real patch's gradient reaches the trunk: it starts at its initial weights (a seeded random "
-                 "initialisation, or model.trunk_prior's, learnt from random-process images without any patient data) "
-                 "and moves only by train.trunk_adaptation's SimCLR steps on images of the received global generator, "
-                 "at the start of each round, from a public seed; the generator learns from patches only through the "
-                 "private discriminator, so the trunk is post-processing of DP outputs and adds no epsilon (the head "
-                 "centre moves with the generated images' mean feature, also free); DP-SGD on the adversarial head "
-                 "and class projection for the real patches' gradients")
 
 
-def _trunk_adapted(config: dict[str, Any]) -> bool:
-    """Whether the run's ``train.trunk_adaptation`` took steps."""
-    adaptation = (config.get("train") or {}).get("trunk_adaptation") or {}
-    return int(adaptation.get("steps", 0) or 0) > 0
-
-
-def _coverage(cfg: PrivacyConfig, config: dict[str, Any]) -> dict[str, Any]:
+def _coverage(cfg: PrivacyConfig) -> dict[str, Any]:
     """What the scope covers and leaves out, in plain words (``common.privacy.scopes``)."""
     scope = SCOPES[cfg.scope]
     covered = dict(scope.covered)
     if cfg.freeze_trunk:
-        covered["discriminator"] = ADAPTED_TRUNK if _trunk_adapted(config) else FROZEN_TRUNK
+        covered["discriminator"] = FROZEN_TRUNK
     return {
         "covered_groups": list(scope.covered),
         "covered": covered,

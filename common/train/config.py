@@ -19,7 +19,6 @@ from common.train.host_memory import HOST_MEMORY_POLICIES
 from common.train.losses import ADVERSARIAL_LOSSES
 from common.train.methods import training_method
 from common.train.selection import SelectionConfig
-from common.train.trunk_adaptation import TrunkAdaptationConfig
 from common.train.weighting import WeightingConfig
 from common.train.whitening import WhiteningConfig
 
@@ -159,7 +158,6 @@ class TrainConfig:
     optim: OptimConfig
     adversarial_trunk: AdversarialTrunkConfig
     whitening: WhiteningConfig  # of the head's input, with model.classifier_whitening
-    trunk_adaptation: TrunkAdaptationConfig  # the frozen trunk's SimCLR steps on generated images (DP, frozen trunk)
     gan_signals: GanSignalsConfig  # whether the GAN's signals reach C, from the run's passes over its labels
     fit_gate: FitGateConfig  # generated images reach C as it fits its labelled patches
     augment: AugmentConfig  # DiffAugment on D's inputs (and FixMatch's strong view)

@@ -55,7 +55,6 @@ from common.train.step_gradients import (
     StepGradients,
 )
 from common.train.transfer import host_rows, to_device, to_floats
-from common.train.trunk_adaptation import adapt_trunk
 from common.train.weighting import DynamicLossWeighting
 from common.train.whitening import HeadWhitenings, express_head_in, refresh_whitening
 
@@ -159,9 +158,6 @@ class LocalTrainer:
         self.device = torch.device(device)
         # The head's whitening from free images, before any step (common/train/whitening.py): outside
         # train_round the head is in the matrix every hospital shares, inside it in the hospital's own.
-        self.adaptation_loss: float | None = None
-        if cfg.trunk_adaptation.enabled:  # first: the whitening and the head read the adapted trunk
-            self.adaptation_loss = self._adapt_trunk(model, cfg, privacy)
         self.whitenings: HeadWhitenings | None = None
         if model.cfg.classifier_whitening:
             self.whitenings = refresh_whitening(model, cfg.whitening.sources(cfg.uses_generator), cfg.whitening,
@@ -519,20 +515,6 @@ class LocalTrainer:
         if self.opt_trunk_classifier is not None:
             named.append(("opt_trunk_classifier", self.opt_trunk_classifier))
         return named
-
-    @staticmethod
-    def _adapt_trunk(model: UnifiedViTGAN, cfg: TrainConfig, privacy: StepGradients | None) -> float:
-        """``train.trunk_adaptation``: the frozen trunk's SimCLR steps on the received generator's images
-        (common/train/trunk_adaptation.py); only where DP-SGD keeps the trunk frozen and a generator is trained."""
-        frozen = privacy is not None and not any(p.requires_grad for p in model.discriminator.trunk.parameters())
-        if not frozen:
-            raise ValueError("train.trunk_adaptation.steps > 0 needs DP-SGD with a frozen trunk (privacy.enabled=true, "
-                             "privacy.scope=discriminator, privacy.freeze_trunk=true): elsewhere the trunk learns "
-                             "from the patches anyway; set train.trunk_adaptation.steps=0")
-        if not cfg.uses_generator:
-            raise ValueError(f"train.trunk_adaptation needs a train.method that trains the generator, not "
-                             f"{cfg.method!r}: its images are what the trunk adapts on")
-        return adapt_trunk(model, cfg.trunk_adaptation)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All local state as named CPU tensors (never includes the model's weights)."""
