@@ -228,3 +228,41 @@ def test_the_spent_epsilon_is_the_largest_any_hospital_reported(tmp_path) -> Non
     assert spent_epsilon(tmp_path) == 2.9
     (tmp_path / "summary.json").write_text(json.dumps({"rounds": [{"round": 1, "sites": {"a": {"train": {}}}}]}))
     assert spent_epsilon(tmp_path) is None
+
+
+def _prior_file(path: Path, seed: int) -> Path:
+    from safetensors.torch import save_file
+
+    from common.config import CONF_DIR, dataclass_from_mapping, load_yaml
+    from common.model import ModelConfig
+    from common.model.discriminator import ViTTrunk
+
+    torch.manual_seed(seed)
+    trunk = ViTTrunk(dataclass_from_mapping(ModelConfig, load_yaml(CONF_DIR / "model" / "tiny.yaml"), "model"))
+    save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(path))
+    return path
+
+
+def test_results_name_the_trunk_prior_file_and_refuse_runs_from_another_prior_or_machine(tmp_path: Path) -> None:
+    # A prior is rebuilt on each machine with other weights, and one commit gives other figures on another
+    # CPU: a results.json records both and refuses to mix runs from another of either into one table.
+    import hashlib
+
+    prior = _prior_file(tmp_path / "prior.safetensors", seed=0)
+    overrides = ["experiment.variants=[plain]", "experiment.seeds=[0]", "experiment.settings=[centralized]",
+                 f"model.trunk_prior={prior}", "experiment.steps=10", "experiment.eval_every=10"]
+    folder = tmp_path / "run"
+    run_experiment(_run(overrides), folder, "test")
+    meta = json.loads((folder / "results.json").read_text())["meta"]
+    assert meta["trunk_priors"] == {str(prior): hashlib.sha256(prior.read_bytes()).hexdigest()}
+    assert f"SHA-256 {meta['trunk_priors'][str(prior)][:16]}" in (folder / "results.md").read_text()
+    run_experiment(_run(overrides), folder, "test")  # the same prior and machine: resumes (nothing left to do)
+    _prior_file(prior, seed=1)  # rebuilt: other weights at the same path
+    with pytest.raises(ConfigError, match="another trunk prior file: .*prior.safetensors had SHA-256"):
+        run_experiment(_run(overrides), folder, "test")
+    _prior_file(prior, seed=0)
+    results = json.loads((folder / "results.json").read_text())
+    results["meta"]["machine"] = "x86_64, Some Other CPU, 2 CPU cores"
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ConfigError, match="runs made on another machine .*Some Other CPU"):
+        run_experiment(_run(overrides), folder, "test")

@@ -3,15 +3,19 @@
 The same commit gives bit-identical results on one machine and install, but not always across
 them (floating-point kernels differ by release and by instruction set): one federated run gave a
 seed's test balanced accuracy 0.718 in one session and 0.714 in a later one, at the same commit
-(docs/results.md). Each results.json records both, so a figure can be traced to where it came from.
+(docs/results.md). Each results.json records both, and the hash of each trunk prior file its variants
+start from (a prior is rebuilt on each machine), so a figure can be traced to where it came from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,3 +52,25 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trunk_prior_hashes(runs: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """``model.trunk_prior`` path -> the SHA-256 of that file, for each distinct prior the run configs
+    ``runs`` start from (``missing`` where there is no such file). A prior is rebuilt per machine
+    (`fedvitgan prior`) and its weights differ between machines, so a figure depends on which file."""
+    hashes: dict[str, str] = {}
+    for run in runs:
+        prior = (run.get("model") or {}).get("trunk_prior")
+        if prior and str(prior) not in hashes:
+            path = Path(str(prior)).expanduser()
+            hashes[str(prior)] = file_sha256(path) if path.is_file() else "missing"
+    return hashes

@@ -39,7 +39,7 @@ from common.run_config import run_config  # noqa: E402
 from common.train import run_train_config  # noqa: E402
 from simulations.commands import run_hydra_main  # noqa: E402
 from simulations.experiments.config import ExperimentConfig, experiment_config  # noqa: E402
-from simulations.experiments.environment import machine_description, package_versions  # noqa: E402
+from simulations.experiments.environment import machine_description, package_versions, trunk_prior_hashes  # noqa: E402
 from simulations.experiments.inprocess import TEST_PREDICTIONS, CurvePoint  # noqa: E402
 from simulations.experiments.paired import predictions_path  # noqa: E402
 from simulations.experiments.procedures import Job, procedure  # noqa: E402
@@ -121,7 +121,8 @@ def _results_header(results: dict[str, Any]) -> str:
     return (f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
             + (f"Packages: {packages}  \n" if packages else "")
             + f"Date: {meta['date']}, commit {meta['commit']}  \n"
-            f"Budget: {meta['steps']} local steps per hospital (federated: {meta['rounds']} rounds), "
+            + "".join(f"Trunk prior: `{p}`, SHA-256 {h[:16]}  \n" for p, h in meta.get("trunk_priors", {}).items())
+            + f"Budget: {meta['steps']} local steps per hospital (federated: {meta['rounds']} rounds), "
             f"seeds {meta['seeds']}. `seconds` is training time on this machine (local: all hospitals one after "
             f"another; federated: whole rounds, with the federation's own overhead).")
 
@@ -162,6 +163,24 @@ def write_outputs(folder: Path, results: dict[str, Any]) -> None:
     plot_privacy_utility(results, folder / "privacy_utility.png")
 
 
+def check_same_origin(path: Path, saved: dict[str, Any], machine: str, priors: dict[str, str]) -> None:
+    """Refuse to add runs to ``path`` from another machine or another trunk prior file than its recorded
+    runs came from: one commit gives other figures on another CPU, and a prior rebuilt elsewhere has other
+    weights, so one table would compare those as well as its variants (results written before a key was
+    recorded are not checked on it)."""
+    if saved.get("machine") not in (None, machine):
+        raise ConfigError(f"{path} holds runs made on another machine ({saved['machine']}; this one: {machine}): "
+                          "figures from two machines do not compare; use a new folder (hydra.run.dir=...)")
+    recorded = saved.get("trunk_priors")
+    if recorded is None:
+        return
+    changed = {p: (recorded.get(p), h) for p, h in priors.items() if recorded.get(p, h) != h}
+    if changed:
+        prior, (before, now) = next(iter(changed.items()))
+        raise ConfigError(f"{path} holds runs made from another trunk prior file: {prior} had SHA-256 {before}, now "
+                          f"{now} (rebuilt?); use a new folder (hydra.run.dir=...)")
+
+
 def check_private_settings(base: dict[str, Any], exp: ExperimentConfig) -> None:
     """Refuse a variant with DP-SGD (privacy.enabled) in the centralized or local setting: those train
     in this process without the hospitals' DP machinery, so the run would be reported as private
@@ -190,6 +209,8 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "results.json"
     results: dict[str, Any] = {"config": run, "variants": list(exp.variants), "runs": []}
+    priors = trunk_prior_hashes(variant_run(base, exp, load_variant(name), exp.seeds[0]) for name in exp.variants)
+    machine = machine_description()
     if path.is_file():
         saved = json.loads(path.read_text())
         if {k: v for k, v in saved.get("config", {}).items() if k != "experiment"} != base:
@@ -197,11 +218,12 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
         if saved.get("meta", {}).get("training_seed_offset", 0) != exp.training_seed_offset:
             raise ConfigError(f"{path} was written with another experiment.training_seed_offset; use a new folder "
                               f"(hydra.run.dir=...)")
+        check_same_origin(path, saved.get("meta", {}), machine, priors)
         results["runs"] = saved.get("runs", [])
-    results["meta"] = {"command": command, "machine": machine_description(), "packages": package_versions(),
+    results["meta"] = {"command": command, "machine": machine, "packages": package_versions(),
                        "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "steps": exp.steps,
                        "rounds": exp.rounds, "seeds": list(exp.seeds),
-                       "training_seed_offset": exp.training_seed_offset}
+                       "training_seed_offset": exp.training_seed_offset, "trunk_priors": priors}
     done = {(r["setting"], r["variant"], r["seed"]) for r in results["runs"]}
     todo = [job for job in exp.jobs() if job not in done]
     total, finished = len(exp.jobs()), len(done)
