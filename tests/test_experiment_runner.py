@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -246,8 +247,6 @@ def _prior_file(path: Path, seed: int) -> Path:
 def test_results_name_the_trunk_prior_file_and_refuse_runs_from_another_prior_or_machine(tmp_path: Path) -> None:
     # A prior is rebuilt on each machine with other weights, and one commit gives other figures on another
     # CPU: a results.json records both and refuses to mix runs from another of either into one table.
-    import hashlib
-
     prior = _prior_file(tmp_path / "prior.safetensors", seed=0)
     overrides = ["experiment.variants=[plain]", "experiment.seeds=[0]", "experiment.settings=[centralized]",
                  f"model.trunk_prior={prior}", "experiment.steps=10", "experiment.eval_every=10"]
@@ -266,3 +265,17 @@ def test_results_name_the_trunk_prior_file_and_refuse_runs_from_another_prior_or
     (folder / "results.json").write_text(json.dumps(results))
     with pytest.raises(ConfigError, match="runs made on another machine .*Some Other CPU"):
         run_experiment(_run(overrides), folder, "test")
+
+
+def test_a_resumed_experiment_keeps_naming_the_prior_its_earlier_runs_started_from(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the variant names its prior relative to the working directory
+    (tmp_path / "priors").mkdir()
+    prior = _prior_file(tmp_path / "priors" / "tiny.safetensors", seed=0)
+    base = ["experiment.seeds=[0]", "experiment.settings=[centralized]", "experiment.steps=10",
+            "experiment.eval_every=10"]
+    run_experiment(_run([*base, "experiment.variants=[plain_prior]"]), tmp_path / "run", "test")
+    run_experiment(_run([*base, "experiment.variants=[plain]"]), tmp_path / "run", "test")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["variant"] for r in results["runs"]] == ["plain_prior", "plain"]
+    assert results["meta"]["trunk_priors"] == {"priors/tiny.safetensors": hashlib.sha256(prior.read_bytes()).hexdigest()}

@@ -219,6 +219,7 @@ def run_experiment(run: dict[str, Any], folder: Path, command: str) -> dict[str,
             raise ConfigError(f"{path} was written with another experiment.training_seed_offset; use a new folder "
                               f"(hydra.run.dir=...)")
         check_same_origin(path, saved.get("meta", {}), machine, priors)
+        priors = {**(saved.get("meta", {}).get("trunk_priors") or {}), **priors}  # the earlier runs' priors stay named
         results["runs"] = saved.get("runs", [])
     results["meta"] = {"command": command, "machine": machine, "packages": package_versions(),
                        "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "steps": exp.steps,
