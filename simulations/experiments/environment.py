@@ -9,7 +9,6 @@ start from (a prior is rebuilt on each machine), so a figure can be traced to wh
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from simulations.data_fetch import sha256_file
 
 #: The packages whose numerics or behaviour an experiment's figures depend on.
 PACKAGES = ("torch", "numpy", "timm", "opacus", "flwr", "scikit-learn")
@@ -54,15 +55,6 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return versions
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def trunk_prior_hashes(runs: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """``model.trunk_prior`` path -> the SHA-256 of that file, for each distinct prior the run configs
     ``runs`` start from (``missing`` where there is no such file). A prior is rebuilt per machine
@@ -72,5 +64,5 @@ def trunk_prior_hashes(runs: Iterable[Mapping[str, Any]]) -> dict[str, str]:
         prior = (run.get("model") or {}).get("trunk_prior")
         if prior and str(prior) not in hashes:
             path = Path(str(prior)).expanduser()
-            hashes[str(prior)] = file_sha256(path) if path.is_file() else "missing"
+            hashes[str(prior)] = sha256_file(path) if path.is_file() else "missing"
     return hashes

@@ -174,11 +174,10 @@ def check_same_origin(path: Path, saved: dict[str, Any], machine: str, priors: d
     recorded = saved.get("trunk_priors")
     if recorded is None:
         return
-    changed = {p: (recorded.get(p), h) for p, h in priors.items() if recorded.get(p, h) != h}
-    if changed:
-        prior, (before, now) = next(iter(changed.items()))
-        raise ConfigError(f"{path} holds runs made from another trunk prior file: {prior} had SHA-256 {before}, now "
-                          f"{now} (rebuilt?); use a new folder (hydra.run.dir=...)")
+    for prior, now in priors.items():
+        if recorded.get(prior, now) != now:
+            raise ConfigError(f"{path} holds runs made from another trunk prior file: {prior} had SHA-256 "
+                              f"{recorded[prior]}, now {now} (rebuilt?); use a new folder (hydra.run.dir=...)")
 
 
 def check_private_settings(base: dict[str, Any], exp: ExperimentConfig) -> None:
