@@ -217,6 +217,24 @@ def test_the_privacy_utility_plot_has_one_line_per_dp_family_beside_each_variant
     assert not (tmp_path / "none.png").exists()
 
 
+def test_the_privacy_utility_plot_shows_the_tables_mean_of_the_last_evaluations() -> None:
+    from simulations.experiments.report import privacy_utility_series
+
+    def run(variant: str, seed: int, curve: list[float], epsilon: float | None) -> dict:
+        return {"variant": variant, "setting": "federated", "seed": seed, "balanced_accuracy": curve[-1],
+                "epsilon": epsilon, "curve": [{"step": 50 * (i + 1), "test_balanced_accuracy": a}
+                                              for i, a in enumerate(curve)]}
+
+    runs = [run("plain", 0, [0.1, 0.9, 0.8, 0.7], None), run("plain_dp8", 0, [0.2, 0.6, 0.5, 0.4], 8.0),
+            {"variant": "plain_dp8", "setting": "federated", "seed": 1, "balanced_accuracy": 0.3, "epsilon": 8.0}]
+    series = privacy_utility_series({"runs": runs})["federated"]
+    assert series["no_dp"]["plain"] == pytest.approx(0.8)  # (0.9 + 0.8 + 0.7) / 3, not the last point 0.7
+    (_, mean, _), = series["families"]["plain"]
+    assert mean == pytest.approx((0.5 + 0.3) / 2)  # seed 1 has no curve: its final figure stands
+    two = privacy_utility_series({"runs": runs, "config": {"experiment": {"last_evaluations": 2}}})["federated"]
+    assert two["no_dp"]["plain"] == pytest.approx(0.75)
+
+
 def test_the_spent_epsilon_is_the_largest_any_hospital_reported(tmp_path) -> None:  # noqa: ANN001
     import json
 

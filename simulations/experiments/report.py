@@ -95,7 +95,15 @@ DP_VARIANT = re.compile(r"^(?P<twin>.+?)_dp(?P<target>\d*)(?P<suffix>.*)$")
 def privacy_utility_series(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per setting with DP runs: ``{"families": {family: [(epsilon, mean, std), ...] by epsilon},
     "no_dp": {twin: mean}}``. A family is a DP variant's twin plus its suffix (``unified``,
-    ``unified_head``); epsilon is the mean over seeds of the largest any hospital reported."""
+    ``unified_head``); epsilon is the mean over seeds of the largest any hospital reported. Accuracy is
+    the privacy table's: each run's mean test balanced accuracy over its last ``last_evaluations``
+    evaluation points (its final figure for a run recorded without a curve), then mean +- std of seeds."""
+    count = _last_evaluations_count(results)
+
+    def accuracy(run: Mapping[str, Any]) -> float:
+        last = last_evaluations_mean(run, count)
+        return float(run["balanced_accuracy"]) if last is None else last
+
     series: dict[str, dict[str, Any]] = {}
     for setting, variants in group_runs(results.get("runs", [])).items():
         families: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
@@ -106,18 +114,20 @@ def privacy_utility_series(results: dict[str, Any]) -> dict[str, dict[str, Any]]
             if match is None or not epsilons:
                 continue
             twins.add(match["twin"])
-            mean, std = _mean_std([r["balanced_accuracy"] for r in runs])
+            mean, std = _mean_std([accuracy(r) for r in runs])
             families[match["twin"] + match["suffix"]].append((float(np.mean(epsilons)), mean, std))
         if families:
-            no_dp = {t: _mean_std([r["balanced_accuracy"] for r in variants[t]])[0] for t in sorted(twins) if t in variants}
+            no_dp = {t: _mean_std([accuracy(r) for r in variants[t]])[0] for t in sorted(twins) if t in variants}
             series[setting] = {"families": {f: sorted(points) for f, points in sorted(families.items())}, "no_dp": no_dp}
     return series
 
 
 def plot_privacy_utility(results: dict[str, Any], path: Path | str) -> Path | None:
-    """``privacy_utility.png``: test balanced accuracy (mean +- std over seeds) against epsilon (log
-    scale), one line per DP family, each variant without DP as a dashed line; None without DP runs."""
+    """``privacy_utility.png``: test balanced accuracy (the privacy table's mean of each run's last
+    evaluations, mean +- std over seeds) against epsilon (log scale), one line per DP family, each
+    variant without DP as a dashed line; None without DP runs."""
     series = privacy_utility_series(results)
+    count = _last_evaluations_count(results)
     if not series:
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(6.5 * len(series), 4.2), squeeze=False)
@@ -136,7 +146,7 @@ def plot_privacy_utility(results: dict[str, Any], path: Path | str) -> Path | No
                         linestyle="-" if family == twin else ":")
         ax.set_xscale("log")
         ax.set_xlabel("epsilon per hospital (log scale)")
-        ax.set_ylabel("test balanced accuracy")
+        ax.set_ylabel(f"test balanced accuracy (mean of the last {count} evaluations)")
         ax.set_title(f"{setting}: accuracy against privacy budget")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")  # lower right hid the low DP points of the digits
